@@ -1,0 +1,33 @@
+"""jaxquant: 1-4 bit quantization of language models in JAX.
+
+The public API, re-exported by name; nothing is defined here.
+"""
+
+from jaxquant import ops, select
+from jaxquant.qarray import (
+    AdditiveQuantized,
+    ScalarQuantized,
+    dequantize,
+    is_quantized,
+    merge,
+    split,
+    tree_bits,
+)
+from jaxquant.recipes import AQLM, GPTQ, RTN, recipe_from_dict, recipe_to_dict
+
+__all__ = [
+    "AQLM",
+    "GPTQ",
+    "RTN",
+    "AdditiveQuantized",
+    "ScalarQuantized",
+    "dequantize",
+    "is_quantized",
+    "merge",
+    "ops",
+    "recipe_from_dict",
+    "recipe_to_dict",
+    "select",
+    "split",
+    "tree_bits",
+]

@@ -1,0 +1,358 @@
+"""Quantized array types: the leaves that replace dense weights in a parameter tree.
+
+Each type is a registered pytree dataclass: its arrays are children (so ``jax.jit``,
+``jax.tree.map`` and optax see them) and its configuration is static metadata (so it
+is part of the tree structure and survives ``jit`` untouched).
+
+Storage layout is always ``(d_out, d_in)`` internally, as in the AQLM reference, so
+that Hugging Face AQLM checkpoints map onto it by renaming. The one place that knows
+about Flax's ``(d_in, d_out)`` kernel convention is the static ``layout`` field:
+``decode()`` returns the array in the layout of the leaf it replaced, so
+``dequantize(quantize(tree))`` has the structure and shapes of ``tree``.
+
+Bits per weight are counted honestly: integer codes at their nominal (packed) width,
+every continuous array (scales, zero points, codebooks) at its dtype's real width.
+``resident_bytes`` reports what the arrays occupy in memory right now, where codes of
+fewer than 8 bits still take a byte each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Layout = Literal["out_in", "in_out"]
+_LAYOUTS = ("out_in", "in_out")
+
+
+def _static(default: Any = dataclasses.MISSING) -> Any:
+    return dataclasses.field(default=default, metadata=dict(static=True))
+
+
+def _smallest_uint(bits: int) -> np.dtype:
+    """The narrowest unsigned integer dtype that holds ``bits``-bit codes."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if bits <= np.iinfo(dtype).bits:
+            return np.dtype(dtype)
+    raise ValueError(f"codes of {bits} bits do not fit in 32 bits")
+
+
+def code_dtype(bits: int) -> np.dtype:
+    """Public helper: the storage dtype used for codes of ``bits`` bits."""
+    return _smallest_uint(bits)
+
+
+def _to_leaf_layout(w_out_in: jax.Array, layout: Layout) -> jax.Array:
+    return w_out_in if layout == "out_in" else w_out_in.T
+
+
+def _array_bits(x: Any) -> int:
+    return 0 if x is None else int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize * 8
+
+
+def _nbytes(x: Any) -> int:
+    return 0 if x is None else int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ScalarQuantized:
+    """Uniform (scalar) quantization with per-group scale and optional zero point.
+
+    ``W[o, i] ≈ (codes[o, i] - zero[o, g(i)]) * scale[o, g(i)]`` with ``g(i) = i //
+    group_size``. Symmetric quantization has no stored zero point: the grid is centred
+    on zero, ``zero = (2**bits - 1) / 2``, so 2-bit codes decode to ``{±0.5, ±1.5}·s``.
+
+    Attributes:
+        codes: unsigned integer codes, ``[d_out, d_in]`` (one per weight).
+        scales: ``[d_out, d_in // group_size]`` step sizes.
+        zeros: ``[d_out, d_in // group_size]`` zero points in code units, or ``None``
+            for symmetric quantization.
+        bits: bits per code (1..8).
+        group_size: input columns sharing one scale (``d_in`` for per-channel).
+        shape: shape of the dense leaf this array stands for.
+        layout: ``"out_in"`` (PyTorch ``weight``) or ``"in_out"`` (Flax ``kernel``).
+    """
+
+    codes: jax.Array
+    scales: jax.Array
+    zeros: jax.Array | None
+    bits: int = _static()
+    group_size: int = _static()
+    shape: tuple[int, int] = _static()
+    layout: Layout = _static("out_in")
+
+    @property
+    def d_out(self) -> int:
+        return self.shape[0] if self.layout == "out_in" else self.shape[1]
+
+    @property
+    def d_in(self) -> int:
+        return self.shape[1] if self.layout == "out_in" else self.shape[0]
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zeros is None
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.scales.dtype
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def decode_out_in(self, dtype: Any = jnp.float32) -> jax.Array:
+        """Dense weight in the storage layout ``(d_out, d_in)``."""
+        n_groups = self.scales.shape[-1]
+        codes = self.codes.astype(jnp.float32).reshape(self.d_out, n_groups, self.group_size)
+        if self.zeros is None:
+            zeros = jnp.float32((2**self.bits - 1) / 2)
+        else:
+            zeros = self.zeros.astype(jnp.float32)[..., None]
+        w = (codes - zeros) * self.scales.astype(jnp.float32)[..., None]
+        return w.reshape(self.d_out, self.d_in).astype(dtype)
+
+    def decode(self, dtype: Any = jnp.float32) -> jax.Array:
+        """Dense weight with the shape and layout of the leaf it replaced."""
+        return _to_leaf_layout(self.decode_out_in(dtype), self.layout)
+
+    @property
+    def storage_bits(self) -> int:
+        """Total bits stored: packed codes, scales and zero points."""
+        return int(np.prod(self.codes.shape)) * self.bits + _array_bits(self.scales) + _array_bits(
+            self.zeros
+        )
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.storage_bits / (self.d_out * self.d_in)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes the arrays occupy in memory now (codes unpacked, one byte each)."""
+        return _nbytes(self.codes) + _nbytes(self.scales) + _nbytes(self.zeros)
+
+    @property
+    def scheme(self) -> str:
+        kind = "sym" if self.symmetric else "asym"
+        return f"int{self.bits} {kind} g{self.group_size}"
+
+    def __repr__(self) -> str:
+        return _describe(self)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AdditiveQuantized:
+    """Additive multi-codebook quantization (AQLM layout).
+
+    The weight is cut into tiles of ``out_group_size × in_group_size``; each tile is the
+    sum of ``M`` codewords, one from each codebook, times a per-output-group scale:
+    ``W[tile(o, i)] ≈ scales[o] * Σ_m codebooks[m, codes[o, i, m]]``.
+
+    Attributes:
+        codes: ``[d_out / og, d_in / ig, M]`` codebook indices (uint8 for B ≤ 8,
+            uint16 for B ≤ 16).
+        codebooks: ``[M, 2**B, og, ig]`` codewords.
+        scales: ``[d_out / og, 1, 1, 1]`` per-output-group scales.
+        codebook_bits: ``B``, bits per code.
+        shape: shape of the dense leaf this array stands for.
+        layout: ``"out_in"`` (PyTorch ``weight``) or ``"in_out"`` (Flax ``kernel``).
+    """
+
+    codes: jax.Array
+    codebooks: jax.Array
+    scales: jax.Array
+    codebook_bits: int = _static()
+    shape: tuple[int, int] = _static()
+    layout: Layout = _static("out_in")
+
+    @property
+    def num_codebooks(self) -> int:
+        return self.codebooks.shape[0]
+
+    @property
+    def out_group_size(self) -> int:
+        return self.codebooks.shape[2]
+
+    @property
+    def in_group_size(self) -> int:
+        return self.codebooks.shape[3]
+
+    @property
+    def d_out(self) -> int:
+        return self.shape[0] if self.layout == "out_in" else self.shape[1]
+
+    @property
+    def d_in(self) -> int:
+        return self.shape[1] if self.layout == "out_in" else self.shape[0]
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.codebooks.dtype
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def decode_out_in(self, dtype: Any = jnp.float32) -> jax.Array:
+        """Dense weight in the storage layout ``(d_out, d_in)``."""
+        return decode_additive(self.codes, self.codebooks, self.scales).astype(dtype)
+
+    def decode(self, dtype: Any = jnp.float32) -> jax.Array:
+        """Dense weight with the shape and layout of the leaf it replaced."""
+        return _to_leaf_layout(self.decode_out_in(dtype), self.layout)
+
+    @property
+    def storage_bits(self) -> int:
+        """Total bits stored: codes at B bits each, codebooks and scales at their dtype."""
+        return (
+            int(np.prod(self.codes.shape)) * self.codebook_bits
+            + _array_bits(self.codebooks)
+            + _array_bits(self.scales)
+        )
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.storage_bits / (self.d_out * self.d_in)
+
+    @property
+    def resident_bytes(self) -> int:
+        return _nbytes(self.codes) + _nbytes(self.codebooks) + _nbytes(self.scales)
+
+    @property
+    def scheme(self) -> str:
+        og, ig = self.out_group_size, self.in_group_size
+        groups = f"g{ig}" if og == 1 else f"g{og}x{ig}"
+        return f"aqlm {self.num_codebooks}x{self.codebook_bits} {groups}"
+
+    def __repr__(self) -> str:
+        return _describe(self)
+
+
+QuantizedArray = ScalarQuantized | AdditiveQuantized
+QUANTIZED_TYPES = (ScalarQuantized, AdditiveQuantized)
+
+
+def decode_additive(codes: jax.Array, codebooks: jax.Array, scales: jax.Array) -> jax.Array:
+    """Decode AQLM codes to a dense ``(d_out, d_in)`` float32 weight.
+
+    Args:
+        codes: ``[n_out_groups, n_in_groups, M]`` integer codes.
+        codebooks: ``[M, 2**B, og, ig]``.
+        scales: ``[n_out_groups, 1, 1, 1]``.
+
+    Returns:
+        ``[n_out_groups * og, n_in_groups * ig]`` float32 weight.
+    """
+    n_out_groups, n_in_groups, num_codebooks = codes.shape
+    _, _, og, ig = codebooks.shape
+    idx = codes.astype(jnp.int32)
+    tiles = jnp.zeros((n_out_groups, n_in_groups, og, ig), jnp.float32)
+    for m in range(num_codebooks):  # M is small and static: an unrolled sum of gathers
+        tiles = tiles + codebooks[m].astype(jnp.float32)[idx[..., m]]
+    tiles = tiles * scales.astype(jnp.float32)
+    # [o_groups, i_groups, og, ig] -> [o_groups, og, i_groups, ig] -> (d_out, d_in)
+    return tiles.transpose(0, 2, 1, 3).reshape(n_out_groups * og, n_in_groups * ig)
+
+
+def is_quantized(x: Any) -> bool:
+    """True for a quantized array leaf."""
+    return isinstance(x, QUANTIZED_TYPES)
+
+
+def dequantize(tree: Any, dtype: Any = None) -> Any:
+    """Replace every quantized array in ``tree`` by its dense decoding.
+
+    Args:
+        tree: any pytree (NNX state, Linen params, dict) possibly holding quantized arrays.
+        dtype: dtype of the decoded arrays; float32 when ``None``.
+
+    Returns:
+        A tree of the same structure with plain arrays where quantized ones were.
+    """
+    dtype = jnp.float32 if dtype is None else dtype
+    return jax.tree.map(
+        lambda x: x.decode(dtype) if is_quantized(x) else x, tree, is_leaf=is_quantized
+    )
+
+
+def _is_continuous(x: Any) -> bool:
+    return jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+
+
+def split(tree: Any) -> tuple[Any, Any]:
+    """Split a tree into its continuous (float) and discrete (integer) parts.
+
+    Both outputs have the structure of ``tree`` with ``None`` where the other part's
+    leaves are, so optax can be handed the continuous part directly (``None`` is an
+    empty subtree to every optax transform) and ``merge`` puts them back together.
+
+    Returns:
+        ``(continuous, discrete)``.
+    """
+    continuous = jax.tree.map(lambda x: x if _is_continuous(x) else None, tree)
+    discrete = jax.tree.map(lambda x: None if _is_continuous(x) else x, tree)
+    return continuous, discrete
+
+
+def merge(continuous: Any, discrete: Any) -> Any:
+    """Inverse of ``split``: take each leaf from whichever part holds it."""
+
+    def pick(a: Any, b: Any) -> Any:
+        return b if a is None else a
+
+    return jax.tree.map(pick, continuous, discrete, is_leaf=lambda x: x is None)
+
+
+def tree_bits(tree: Any) -> dict[str, float]:
+    """Honest size accounting of a whole tree.
+
+    Returns:
+        ``{"quantized_weights", "quantized_bits", "bits_per_weight", "other_params",
+        "other_bits", "total_bytes"}``: bits per weight over the quantized leaves, and the
+        total stored bytes including every dense leaf at its dtype.
+    """
+    leaves = jax.tree.leaves(tree, is_leaf=is_quantized)
+    q_weights = q_bits = other_params = other_bits = 0
+    for leaf in leaves:
+        if is_quantized(leaf):
+            q_weights += leaf.d_out * leaf.d_in
+            q_bits += leaf.storage_bits
+        elif hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+            other_params += int(np.prod(leaf.shape))
+            other_bits += _array_bits(leaf)
+    return {
+        "quantized_weights": q_weights,
+        "quantized_bits": q_bits,
+        "bits_per_weight": q_bits / q_weights if q_weights else float("nan"),
+        "other_params": other_params,
+        "other_bits": other_bits,
+        "total_bytes": math.ceil((q_bits + other_bits) / 8),
+    }
+
+
+def _describe(q: QuantizedArray) -> str:
+    # Arrays are summarised, never printed: a repr of a 4096x4096 layer must stay one line.
+    return (
+        f"{type(q).__name__}({q.scheme}, shape={tuple(q.shape)}, layout={q.layout}, "
+        f"{q.bits_per_weight:.3f} bits/weight, dtype={jnp.dtype(q.dtype).name})"
+    )
+
+
+def map_quantized(fn: Callable[[QuantizedArray], Any], tree: Any) -> Any:
+    """Apply ``fn`` to every quantized array of ``tree``, leaving other leaves alone."""
+    return jax.tree.map(lambda x: fn(x) if is_quantized(x) else x, tree, is_leaf=is_quantized)
+
+
+def check_layout(layout: str) -> Layout:
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout={layout!r} must be one of {_LAYOUTS}")
+    return layout  # type: ignore[return-value]

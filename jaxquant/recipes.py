@@ -1,0 +1,198 @@
+"""Frozen, validated quantization recipes.
+
+A recipe is a small immutable description of *how* to quantize a weight. Recipes are
+validated when constructed, so a bad configuration fails where it is written rather than
+deep inside a compiled search. ``recipe_from_dict`` builds one from JSON/TOML-like data
+and names any unknown field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+_PARAM_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}={value!r} must be an int")
+    if value < lo or (hi is not None and value > hi):
+        bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name}={value} must be {bounds}")
+
+
+def _check_float(name: str, value: Any, lo: float, hi: float | None = None, *, open_lo: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name}={value!r} must be a number")
+    bad_lo = value <= lo if open_lo else value < lo
+    if bad_lo or (hi is not None and value > hi):
+        sign = ">" if open_lo else ">="
+        bounds = f"{sign} {lo}" if hi is None else f"in {'(' if open_lo else '['}{lo}, {hi}]"
+        raise ValueError(f"{name}={value} must be {bounds}")
+
+
+def _check_group_size(value: Any) -> None:
+    if value is not None:
+        _check_int("group_size", value, 1)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} must be one of {choices}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RTN:
+    """Round-to-nearest scalar quantization.
+
+    Attributes:
+        bits: bits per code, 1..8.
+        group_size: input columns sharing a scale; ``None`` means one group per row.
+        symmetric: centred grid without a stored zero point.
+        clip_search: shrink each group's range to the clipping ratio that minimises its
+            squared rounding error instead of using the plain min/max.
+        param_dtype: storage dtype of scales and zero points (counted in bits/weight).
+    """
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
+    clip_search: bool = False
+    param_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        _check_int("bits", self.bits, 1, 8)
+        _check_group_size(self.group_size)
+        _check_choice("param_dtype", self.param_dtype, _PARAM_DTYPES)
+
+    @property
+    def name(self) -> str:
+        return f"rtn-{self.bits}bit-g{self.group_size or 'row'}"
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTQ:
+    """GPTQ (Frantar et al., 2023): error-compensating column-by-column rounding.
+
+    Attributes:
+        bits: bits per code, 1..8.
+        group_size: input columns sharing a scale; ``None`` means one group per row.
+        symmetric: centred grid without a stored zero point.
+        act_order: process columns by decreasing ``diag(XᵀX)``. With groups, group
+            parameters are fixed up front from the original column order ("static
+            groups") so the stored layout stays contiguous.
+        damp: relative damping added to ``diag(XᵀX)`` (fraction of its mean).
+        block_size: columns per lazy-batch block.
+        clip_search: search each group's clipping range (as in ``RTN``).
+        param_dtype: storage dtype of scales and zero points.
+    """
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
+    act_order: bool = True
+    damp: float = 0.01
+    block_size: int = 128
+    clip_search: bool = False
+    param_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        _check_int("bits", self.bits, 1, 8)
+        _check_group_size(self.group_size)
+        _check_float("damp", self.damp, 0.0, open_lo=True)
+        _check_int("block_size", self.block_size, 1)
+        _check_choice("param_dtype", self.param_dtype, _PARAM_DTYPES)
+
+    @property
+    def name(self) -> str:
+        return f"gptq-{self.bits}bit-g{self.group_size or 'row'}"
+
+
+@dataclasses.dataclass(frozen=True)
+class AQLM:
+    """Additive quantization of language models (Egiazarian et al., 2024).
+
+    Attributes:
+        num_codebooks: ``M``, codewords summed per group.
+        codebook_bits: ``B``; each codebook holds ``2**B`` codewords (1..16).
+        group_size: input group size ``g`` (weights per codeword along ``d_in``).
+        out_group_size: output rows per codeword tile (≥ 1).
+        beam_size: beam width of the code search.
+        max_rounds: upper bound on (beam search, codebook update) rounds.
+        tolerance: stop when a round improves the relative error by less than this
+            fraction.
+        adam_steps: Adam steps on codebooks and scales per round.
+        lr: Adam learning rate.
+        b1, b2: Adam moments (the paper's recipe uses β1 = 0, β2 = 0.95).
+        kmeans_iters: Lloyd iterations per codebook in the residual k-means init.
+        kmeans_max_points: subsample at most this many groups for k-means.
+        chunk_rows: output groups processed at once in beam search (memory bound).
+        param_dtype: storage dtype of codebooks and scales.
+    """
+
+    num_codebooks: int = 2
+    codebook_bits: int = 8
+    group_size: int = 8
+    out_group_size: int = 1
+    beam_size: int = 8
+    max_rounds: int = 20
+    tolerance: float = 0.01
+    adam_steps: int = 100
+    lr: float = 1e-4
+    b1: float = 0.0
+    b2: float = 0.95
+    kmeans_iters: int = 20
+    kmeans_max_points: int = 65536
+    chunk_rows: int = 1024
+    param_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        _check_int("num_codebooks", self.num_codebooks, 1)
+        _check_int("codebook_bits", self.codebook_bits, 1, 16)
+        _check_int("group_size", self.group_size, 1)
+        _check_int("out_group_size", self.out_group_size, 1)
+        _check_int("beam_size", self.beam_size, 1)
+        _check_int("max_rounds", self.max_rounds, 0)
+        _check_float("tolerance", self.tolerance, 0.0)
+        _check_int("adam_steps", self.adam_steps, 0)
+        _check_float("lr", self.lr, 0.0, open_lo=True)
+        _check_float("b1", self.b1, 0.0, 1.0)
+        _check_float("b2", self.b2, 0.0, 1.0)
+        _check_int("kmeans_iters", self.kmeans_iters, 0)
+        _check_int("kmeans_max_points", self.kmeans_max_points, 1)
+        _check_int("chunk_rows", self.chunk_rows, 1)
+        _check_choice("param_dtype", self.param_dtype, _PARAM_DTYPES)
+
+    @property
+    def name(self) -> str:
+        return f"aqlm-{self.num_codebooks}x{self.codebook_bits}-g{self.group_size}"
+
+
+Recipe = RTN | GPTQ | AQLM
+RECIPE_TYPES: dict[str, type] = {"rtn": RTN, "gptq": GPTQ, "aqlm": AQLM}
+
+
+def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    """Build a recipe from plain data, e.g. ``{"method": "gptq", "bits": 3}``.
+
+    Raises:
+        ValueError: unknown method.
+        TypeError: unknown fields (all of them are named, with the allowed ones).
+    """
+    data = dict(data)
+    method = str(data.pop("method", "")).lower()
+    if method not in RECIPE_TYPES:
+        raise ValueError(f"method={method!r} must be one of {sorted(RECIPE_TYPES)}")
+    cls = RECIPE_TYPES[method]
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise TypeError(f"unknown {cls.__name__} fields {unknown}; allowed: {sorted(allowed)}")
+    return cls(**data)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """Inverse of ``recipe_from_dict``."""
+    method = next(k for k, v in RECIPE_TYPES.items() if isinstance(recipe, v))
+    return {"method": method, **dataclasses.asdict(recipe)}

@@ -1,0 +1,28 @@
+"""Test configuration: 4 fake CPU devices, strict dtype promotion, float32 by default.
+
+The device count must be fixed before JAX initialises its backends, so it is set at
+import time of this conftest, before any test module imports jax.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+NUM_DEVICES = 4
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+def pytest_sessionstart(session):  # noqa: ARG001
+    assert jax.device_count() == NUM_DEVICES, f"expected {NUM_DEVICES} CPU devices, got {jax.devices()}"
