@@ -4,6 +4,8 @@ The public API, re-exported by name; nothing is defined here.
 """
 
 from jaxquant import ops, select
+from jaxquant.calibrate import calibrate
+from jaxquant.finetune.pv import decoded_value_and_grad, pv_tuning
 from jaxquant.qarray import (
     AdditiveQuantized,
     ScalarQuantized,
@@ -13,6 +15,7 @@ from jaxquant.qarray import (
     split,
     tree_bits,
 )
+from jaxquant.quantize import quantize, quantize_weight
 from jaxquant.recipes import AQLM, GPTQ, RTN, recipe_from_dict, recipe_to_dict
 
 __all__ = [
@@ -21,10 +24,15 @@ __all__ = [
     "RTN",
     "AdditiveQuantized",
     "ScalarQuantized",
+    "calibrate",
+    "decoded_value_and_grad",
     "dequantize",
     "is_quantized",
     "merge",
     "ops",
+    "pv_tuning",
+    "quantize",
+    "quantize_weight",
     "recipe_from_dict",
     "recipe_to_dict",
     "select",

@@ -37,6 +37,11 @@ def _check_group_size(value: Any) -> None:
         _check_int("group_size", value, 1)
 
 
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}={value!r} must be a bool")
+
+
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} must be one of {choices}")
@@ -64,6 +69,8 @@ class RTN:
     def __post_init__(self) -> None:
         _check_int("bits", self.bits, 1, 8)
         _check_group_size(self.group_size)
+        _check_bool("symmetric", self.symmetric)
+        _check_bool("clip_search", self.clip_search)
         _check_choice("param_dtype", self.param_dtype, _PARAM_DTYPES)
 
     @property
@@ -102,6 +109,9 @@ class GPTQ:
         _check_group_size(self.group_size)
         _check_float("damp", self.damp, 0.0, open_lo=True)
         _check_int("block_size", self.block_size, 1)
+        _check_bool("symmetric", self.symmetric)
+        _check_bool("act_order", self.act_order)
+        _check_bool("clip_search", self.clip_search)
         _check_choice("param_dtype", self.param_dtype, _PARAM_DTYPES)
 
     @property

@@ -120,9 +120,14 @@ def resolve_recipes(
             "the selector matched no leaf of the tree; leaves are: "
             + ", ".join(p for p, _ in flatten_with_paths(tree)[:20])
         )
+    if isinstance(recipe, dict | list | tuple) and not recipe:
+        raise ValueError(f"recipe={recipe!r} is an empty recipe map; give a recipe or (pattern, recipe) pairs")
     if isinstance(recipe, dict):
         pairs = list(recipe.items())
-    elif isinstance(recipe, list | tuple) and recipe and isinstance(recipe[0], tuple):
+    elif isinstance(recipe, list | tuple):
+        bad = [item for item in recipe if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str))]
+        if bad:
+            raise TypeError(f"recipe map entries must be (pattern, recipe) pairs, got {bad[:3]}")
         pairs = list(recipe)
     else:
         return {p: recipe for p in paths}

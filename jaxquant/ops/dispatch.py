@@ -6,6 +6,15 @@ axis. A quantized ``w`` carries its own layout (see ``jaxquant.qarray``) and is 
 to ``(d_out, d_in)`` storage order, then contracted on its input axis, which needs no
 transpose of the weight.
 
+Quantized weights go to the first eligible implementation of ``IMPLEMENTATIONS``
+(Pallas on GPU/TPU, the native CPU lookup-table kernel ``cpu_ffi`` — an XLA FFI custom
+call compiled at first use, skipped when no compiler is available —, the XLA
+lookup-table kernel, the XLA tile-wise decode that always works). Each raises ``NotImplementedError`` when it cannot run the call (config,
+backend, batch rows); the choice is made in Python at trace time from
+``jax.default_backend()``, so compiled code carries exactly one implementation.
+Batches of more than ``DECODE_BATCH_ROWS`` rows go to the tile-wise decode and a
+dense product, where decoding once is amortised over the rows.
+
 Calibration needs the input of every linear layer. Rather than each model exposing
 hooks, ``record_matmul_inputs`` installs a recorder for the duration of a trace; every
 ``matmul`` call then hands ``(x, w)`` to it. The recorder runs at trace time only, so
@@ -15,6 +24,7 @@ it costs nothing in compiled code that does not use it.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,7 +33,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxquant.qarray import is_quantized
+from jaxquant.ops import cpu_ffi, xla
+from jaxquant.qarray import AdditiveQuantized, is_quantized
+
+# Above this many rows of x, decoding a tile once and using a dense product beats
+# per-row lookups (the LUT work grows with rows, the decode does not).
+DECODE_BATCH_ROWS = 16
 
 _local = threading.local()
 
@@ -46,9 +61,88 @@ def _dense_matmul(x: jax.Array, w: jax.Array, precision: Any = None) -> jax.Arra
     return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
 
 
-def _decode_then_matmul(x: jax.Array, w: Any) -> jax.Array:
-    w_out_in = w.decode_out_in(x.dtype)
-    return lax.dot_general(x, w_out_in, (((x.ndim - 1,), (1,)), ((), ())))
+Impl = Callable[[jax.Array, Any], jax.Array]
+
+
+def _require_small_batch(x: jax.Array, name: str) -> None:
+    if x.shape[0] > DECODE_BATCH_ROWS:
+        raise NotImplementedError(f"{name}: {x.shape[0]} rows > DECODE_BATCH_ROWS={DECODE_BATCH_ROWS}")
+
+
+def _pallas_gpu(x: jax.Array, w: Any) -> jax.Array:
+    if jax.default_backend() != "gpu":
+        raise NotImplementedError("pallas_gpu: backend is not gpu")
+    if not isinstance(w, AdditiveQuantized):
+        raise NotImplementedError("pallas_gpu: AdditiveQuantized only")
+    _require_small_batch(x, "pallas_gpu")
+    import pallas_kernels  # only on GPU: the dispatcher must not need Pallas elsewhere
+
+    if not pallas_kernels.gpu_eligible(w.codes.shape, w.codebooks.shape):
+        raise NotImplementedError(f"pallas_gpu: unsupported {w!r}")
+    return pallas_kernels.aqlm_matmul_gpu(x, w.codes, w.codebooks, w.scales)
+
+
+def _pallas_tpu(x: jax.Array, w: Any) -> jax.Array:
+    if jax.default_backend() != "tpu":
+        raise NotImplementedError("pallas_tpu: backend is not tpu")
+    if not isinstance(w, AdditiveQuantized):
+        raise NotImplementedError("pallas_tpu: AdditiveQuantized only")
+    _require_small_batch(x, "pallas_tpu")
+    import pallas_kernels
+
+    if not pallas_kernels.tpu_eligible(w.codes.shape, w.codebooks.shape):
+        raise NotImplementedError(f"pallas_tpu: unsupported {w!r}")
+    return pallas_kernels.aqlm_matmul_tpu(x, w.codes, w.codebooks, w.scales)
+
+
+def _cpu_ffi(x: jax.Array, w: Any) -> jax.Array:
+    _require_small_batch(x, "cpu_ffi")
+    return cpu_ffi.lut_matmul_ffi(x, w)
+
+
+def _xla_lut(x: jax.Array, w: Any) -> jax.Array:
+    _require_small_batch(x, "xla_lut")
+    return xla.lut_matmul(x, w)
+
+
+# Tried in this order; the last one accepts every quantized array.
+IMPLEMENTATIONS: dict[str, Impl] = {
+    "pallas_gpu": _pallas_gpu,
+    "pallas_tpu": _pallas_tpu,
+    "cpu_ffi": _cpu_ffi,
+    "xla_lut": _xla_lut,
+    "xla_decode": xla.decode_matmul,
+    "reference": xla.reference_matmul,
+}
+_AUTO_ORDER = ("pallas_gpu", "pallas_tpu", "cpu_ffi", "xla_lut", "xla_decode")
+
+
+def _run_quantized(x2: jax.Array, w: Any, impl: str | None) -> tuple[str, jax.Array]:
+    if impl is not None:
+        if impl not in IMPLEMENTATIONS:
+            raise ValueError(f"impl={impl!r} is not one of {sorted(IMPLEMENTATIONS)}")
+        return impl, IMPLEMENTATIONS[impl](x2, w)
+    reasons = []
+    for name in _AUTO_ORDER:
+        try:
+            return name, IMPLEMENTATIONS[name](x2, w)
+        except NotImplementedError as e:
+            reasons.append(f"{name}: {e}")
+    raise NotImplementedError("no implementation accepted the call:\n" + "\n".join(reasons))
+
+
+def select_impl(x: jax.Array, w: Any) -> str:
+    """Name of the implementation ``matmul(x, w)`` uses (traced abstractly, no compute)."""
+    x2 = jax.ShapeDtypeStruct((int(math.prod(x.shape[:-1])), x.shape[-1]), x.dtype)
+    chosen: list[str] = []
+
+    def probe(x2: jax.Array, w: Any) -> jax.Array:
+        name, y = _run_quantized(x2, w, None)
+        chosen.append(name)
+        return y
+
+    jax.eval_shape(probe, x2, w)
+    return chosen[0]
 
 
 def matmul(x: jax.Array, w: Any, *, impl: str | None = None) -> jax.Array:
@@ -57,7 +151,8 @@ def matmul(x: jax.Array, w: Any, *, impl: str | None = None) -> jax.Array:
     Args:
         x: ``[..., d_in]`` activations.
         w: dense ``(d_in, d_out)`` kernel or a ``ScalarQuantized``/``AdditiveQuantized``.
-        impl: force an implementation by name (quantized weights only).
+        impl: force an implementation by name (quantized weights only), one of
+            ``IMPLEMENTATIONS``; it raises ``NotImplementedError`` if ineligible.
 
     Returns:
         ``[..., d_out]`` in ``x``'s dtype.
@@ -68,7 +163,11 @@ def matmul(x: jax.Array, w: Any, *, impl: str | None = None) -> jax.Array:
     if is_quantized(w):
         if x.shape[-1] != w.d_in:
             raise ValueError(f"matmul: x has {x.shape[-1]} features but the weight expects d_in={w.d_in}")
-        return _decode_then_matmul(x, w)
+        lead = x.shape[:-1]
+        _, y = _run_quantized(x.reshape(int(math.prod(lead)), w.d_in), w, impl)
+        return y.reshape(*lead, w.d_out).astype(x.dtype)
+    # A dense kernel has one implementation; ``impl`` is accepted and ignored so that a
+    # model can pass the same ``impl`` to every matmul, quantized or not.
     w = jnp.asarray(w)
     if w.ndim != 2 or x.shape[-1] != w.shape[0]:
         raise ValueError(f"matmul: x of shape {x.shape} does not contract with kernel of shape {w.shape}")

@@ -1,0 +1,206 @@
+"""Quantize one layer and report error, bits, time and memory as JSON.
+
+A contract other checks rely on::
+
+    python benchmarks/quantize_layer.py --problem FILE.npz|synthetic --method {rtn,gptq,aqlm}
+        [--bits B] [--group-size G] [--num-codebooks M] [--codebook-bits K] [--beam-size S]
+        [--out-group-size O] [--seed N] [--shape DOUTxDIN --tokens T] --out RESULT.json
+
+``FILE.npz`` holds ``W`` float32 ``(out, in)`` and ``X`` float32 ``(tokens, in)``;
+``synthetic`` is the shared problem of DESIGN.md; ``--shape``/``--tokens`` build a
+random problem of that size instead (for timing). The method runs twice in the same
+process: ``seconds`` is the first run (compilation included), ``seconds_warm`` the
+second (new key). ``rel_output_error`` is ``||(W−Ŵ)Xᵀ||²_F / ||WXᵀ||²_F`` in float64
+for the first run. ``XᵀX`` (normalised by the token count) is computed once, before
+either run, and timed separately as ``seconds_xtx``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxquant as jq
+from jaxquant.problems import load_problem, make_random_problem, relative_output_error
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--problem", default="synthetic", help="FILE.npz or 'synthetic'")
+    p.add_argument("--method", required=True, choices=("rtn", "gptq", "aqlm"))
+    p.add_argument("--bits", type=int, default=None, help="RTN/GPTQ bits per code")
+    p.add_argument("--group-size", type=int, default=None, help="input group size (0: one group per row for RTN/GPTQ)")
+    p.add_argument("--symmetric", action="store_true", help="RTN/GPTQ symmetric grid")
+    p.add_argument("--clip-search", action="store_true", help="RTN/GPTQ clipping-ratio search")
+    p.add_argument("--no-act-order", action="store_true", help="GPTQ in natural column order")
+    p.add_argument("--damp", type=float, default=None, help="GPTQ relative damping")
+    p.add_argument("--block-size", type=int, default=None, help="GPTQ lazy-batch block size")
+    p.add_argument("--num-codebooks", type=int, default=None)
+    p.add_argument("--codebook-bits", type=int, default=None)
+    p.add_argument("--beam-size", type=int, default=None)
+    p.add_argument("--out-group-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape", default=None, help="DOUTxDIN: a random problem of this size")
+    p.add_argument("--tokens", type=int, default=None, help="calibration tokens of the random problem")
+    p.add_argument("--out", required=True, help="RESULT.json")
+    args = p.parse_args(argv)
+    if (args.shape is None) != (args.tokens is None):
+        p.error("--shape and --tokens go together")
+    return args
+
+
+def build_recipe(args: argparse.Namespace) -> Any:
+    """The recipe the command line describes (unset options keep the recipe defaults)."""
+    fields: dict[str, Any] = {"method": args.method}
+
+    def put(name: str, value: Any) -> None:
+        if value is not None:
+            fields[name] = value
+
+    if args.method in ("rtn", "gptq"):
+        put("bits", args.bits)
+        if args.group_size is not None:
+            fields["group_size"] = None if args.group_size == 0 else args.group_size
+        fields["symmetric"] = args.symmetric
+        fields["clip_search"] = args.clip_search
+        if args.method == "gptq":
+            fields["act_order"] = not args.no_act_order
+            put("damp", args.damp)
+            put("block_size", args.block_size)
+    else:
+        put("group_size", args.group_size)
+        put("num_codebooks", args.num_codebooks)
+        put("codebook_bits", args.codebook_bits)
+        put("beam_size", args.beam_size)
+        put("out_group_size", args.out_group_size)
+    return jq.recipe_from_dict(fields)
+
+
+def _problem(args: argparse.Namespace) -> tuple[str, np.ndarray, np.ndarray]:
+    if args.shape is not None:
+        try:
+            d_out, d_in = (int(s) for s in args.shape.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--shape={args.shape!r} must look like 4096x4096") from None
+        w, x = make_random_problem(d_out, d_in, args.tokens, seed=args.seed)
+        return f"random {d_out}x{d_in}, {args.tokens} tokens", w, x
+    w, x = load_problem(args.problem)
+    return str(args.problem), w, x
+
+
+def _versions() -> dict[str, str]:
+    import jaxlib
+
+    return {
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "jaxquant": getattr(jq, "__version__", "0.1.0"),
+    }
+
+
+def _machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "jax_backend": jax.default_backend(),
+        "jax_devices": [str(d) for d in jax.devices()],
+    }
+
+
+def _peak_rss_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def _timed_run(w: jax.Array, xtx: jax.Array, recipe: Any, key: jax.Array) -> tuple[Any, float]:
+    start = time.perf_counter()
+    q = jq.quantize_weight(w, xtx, recipe, key, layout="out_in", path="problem/W")
+    jax.block_until_ready(jax.tree.leaves(q))
+    return q, time.perf_counter() - start
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    """Write atomically: a temporary file in the target folder, then rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _parse_args(argv)
+    recipe = build_recipe(args)
+    name, w_np, x_np = _problem(args)
+
+    w = jnp.asarray(w_np)
+    start = time.perf_counter()
+    x = jnp.asarray(x_np)
+    xtx = jax.jit(lambda x: (x.T @ x) / jnp.float32(x.shape[0]))(x)
+    xtx = jax.block_until_ready(xtx)
+    seconds_xtx = time.perf_counter() - start
+    del x
+
+    q, seconds = _timed_run(w, xtx, recipe, jax.random.key(args.seed))
+    w_hat = np.asarray(q.decode_out_in(jnp.float32))
+    q2, seconds_warm = _timed_run(w, xtx, recipe, jax.random.key(args.seed + 1))
+    w_hat2 = np.asarray(q2.decode_out_in(jnp.float32))
+    del q2
+    rss = _peak_rss_mb()
+
+    err = relative_output_error(w_np, w_hat, x_np)
+    err2 = relative_output_error(w_np, w_hat2, x_np)
+    result = {
+        "method": args.method,
+        "config": jq.recipe_to_dict(recipe),
+        "problem": {"name": name, "d_out": int(w_np.shape[0]), "d_in": int(w_np.shape[1]), "tokens": int(x_np.shape[0])},
+        "scheme": q.scheme,
+        "bits_per_weight": float(q.bits_per_weight),
+        "rel_output_error": float(err),
+        "rel_output_error_warm": float(err2),
+        "seconds": seconds,
+        "seconds_warm": seconds_warm,
+        "seconds_compile_estimate": max(seconds - seconds_warm, 0.0),
+        "seconds_xtx": seconds_xtx,
+        "peak_rss_mb": rss,
+        "seed": args.seed,
+        "versions": _versions(),
+        "machine": _machine(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", "benchmarks/quantize_layer.py", *(sys.argv[1:] if argv is None else argv)]),
+    }
+    _write_json(args.out, result)
+    header = f"{'method':<6} {'scheme':<16} {'problem':<34} {'bits/w':>7} {'rel_err':>9} {'s':>8} {'s_warm':>8} {'rss_MB':>8}"
+    row = (
+        f"{args.method:<6} {q.scheme:<16} {name[:34]:<34} {q.bits_per_weight:>7.3f} {err:>9.5f} "
+        f"{seconds:>8.2f} {seconds_warm:>8.2f} {rss:>8.0f}"
+    )
+    print(header)
+    print(row)
+    return result
+
+
+if __name__ == "__main__":
+    main()

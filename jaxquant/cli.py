@@ -1,0 +1,216 @@
+"""The ``jaxquant`` command.
+
+Subcommands are registered in ``COMMANDS``: each is a ``Command`` holding a name, a help
+line, a function that adds its arguments to an ``argparse`` parser, and a function that
+runs it from the parsed arguments and returns an exit status. Adding ``quantize``,
+``finetune`` or ``export`` means writing those two functions (here or in another module)
+and appending one ``Command`` (or calling ``register``).
+
+Errors a user can cause (bad paths, bad settings, bad files) print one line,
+``jaxquant: error: ...``, and exit with status 1; ``--debug`` shows the traceback.
+Heavy imports (JAX, transformers) happen inside the run functions so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+# Exception types that mean "the input was bad", reported as one line.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, FileNotFoundError, NotADirectoryError,
+                                                  PermissionError, OSError, KeyError)
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A subcommand: ``configure(parser)`` adds arguments, ``run(args) -> exit status``."""
+
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: list[Command] = []
+
+
+def register(command: Command) -> Command:
+    """Add a subcommand (names must be unique)."""
+    if any(c.name == command.name for c in COMMANDS):
+        raise ValueError(f"subcommand {command.name!r} is already registered")
+    COMMANDS.append(command)
+    return command
+
+
+def _dtype(name: str) -> Any:
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    choices = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if name not in choices:
+        raise ValueError(f"--dtype {name!r} must be one of {sorted(choices)}")
+    return choices[name]
+
+
+# ----------------------------------------------------------------------------- quickstart
+
+
+def _configure_quickstart(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fast", action="store_true", help="tiny model and few steps (under a minute)")
+    p.add_argument("--out", default="quickstart-results", help="directory for results.json and the plot")
+    p.add_argument("--cache-dir", default=None, help="model cache (default: ~/.cache/jaxquant)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _run_quickstart(args: argparse.Namespace) -> int:
+    from jaxquant.quickstart import run_quickstart  # noqa: PLC0415
+
+    run_quickstart(fast=args.fast, out_dir=args.out, cache_dir=args.cache_dir, progress=not args.no_progress)
+    return 0
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def _configure_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", help="Hugging Face model directory (config.json, safetensors, tokenizer)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import jax  # noqa: PLC0415
+
+    from jaxquant.data import load_tokenizer  # noqa: PLC0415
+    from jaxquant.models import from_pretrained, generate  # noqa: PLC0415
+
+    dtype = _dtype(args.dtype)
+    tokenizer = load_tokenizer(args.model_dir)
+    model = from_pretrained(args.model_dir, dtype=dtype)
+    prompt = tokenizer.encode(args.prompt, add_bos=True)
+    if not prompt:
+        raise ValueError("--prompt is empty")
+    new = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   key=jax.random.PRNGKey(args.seed))
+    print(args.prompt + tokenizer.decode(new))
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def _configure_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", help="Hugging Face model directory (config.json, safetensors, tokenizer)")
+    p.add_argument("--text", required=True, help="a UTF-8 text file, or 'builtin' for the built-in corpus")
+    p.add_argument("--split", default="validation", help="built-in corpus split: train, validation or test")
+    p.add_argument("--seqlen", type=int, default=None, help="window length (default: the model's context, <= 2048)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from jaxquant.data import load_tokenizer, read_text  # noqa: PLC0415
+    from jaxquant.eval import perplexity  # noqa: PLC0415
+    from jaxquant.models import from_pretrained, functional  # noqa: PLC0415
+
+    dtype = _dtype(args.dtype)
+    tokenizer = load_tokenizer(args.model_dir)
+    model = from_pretrained(args.model_dir, dtype=dtype)
+    context = model.config.max_position_embeddings
+    seqlen = min(context, 2048) if args.seqlen is None else args.seqlen
+    if seqlen > context:
+        raise ValueError(f"--seqlen {seqlen} exceeds the model's context of {context} tokens")
+    text = read_text(args.text, split=args.split)
+    tokens = tokenizer.encode(text)
+    apply_fn, params = functional(model)
+    ppl = perplexity(apply_fn, params, tokens, seqlen, batch_size=args.batch_size)
+    windows = len(tokens) // seqlen
+    print(f"perplexity {ppl:.4f} over {windows * (seqlen - 1)} predicted tokens "
+          f"({windows} windows of {seqlen}, {len(tokens)} tokens in the text)")
+    return 0
+
+
+register(Command("quickstart", "train a small model offline, quantize it every way, compare",
+                 _configure_quickstart, _run_quickstart))
+register(Command("generate", "continue a prompt with a model", _configure_generate, _run_generate))
+register(Command("eval", "perplexity of a model on a text", _configure_eval, _run_eval))
+
+
+def _configure_quantize(p: argparse.ArgumentParser) -> None:
+    from jaxquant.pipeline.command import configure  # noqa: PLC0415
+
+    configure(p)
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    from jaxquant.pipeline.command import run  # noqa: PLC0415
+
+    return run(args)
+
+
+register(Command("quantize", "quantize a model block by block (resumable)", _configure_quantize, _run_quantize))
+
+
+def _configure_finetune(p: argparse.ArgumentParser) -> None:
+    from jaxquant.finetune.cli import configure  # noqa: PLC0415
+
+    configure(p)
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from jaxquant.finetune.cli import run  # noqa: PLC0415
+
+    return run(args)
+
+
+register(Command("finetune", "PV-Tuning of a quantized model against its teacher (resumable)",
+                 _configure_finetune, _run_finetune))
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every registered subcommand."""
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a subcommand's absent --debug must not overwrite one given before it.
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback on errors")
+    parser = argparse.ArgumentParser(prog="jaxquant", description="1-4 bit quantization of language models in JAX",
+                                     parents=[common])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help, description=command.help, parents=[common])
+        command.configure(p)
+        p.set_defaults(_run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``jaxquant`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("jaxquant: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        print(f"jaxquant: error: {message.splitlines()[0] if message else type(e).__name__}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""``jaxquant finetune QUANT_DIR --teacher MODEL_DIR --steps N --out OUT [--resume]``.
+
+Global PV-Tuning (or straight-through, ``--mode ste``) of a quantized model against its
+full-precision teacher by KL distillation on random training windows.
+
+``QUANT_DIR`` is a quantized-model directory (what ``jaxquant quantize`` writes:
+``config.json``, tokenizer files, ``params/`` checkpoint). ``OUT`` receives the same
+layout (so ``jaxquant eval``-style loading and ``jaxquant export`` read it), plus
+``finetune.json`` (settings and the validation-perplexity history) and ``resume/``, an
+orbax checkpoint of the quantized parameters, the tuner state and the step, written
+every ``--save-every`` steps (atomically: ``jaxquant.io.save``). ``--resume`` continues
+from it, replaying the data stream to the same position.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from typing import Any
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``jaxquant finetune``."""
+    p.add_argument("quant_dir", help="quantized model directory (config.json + jaxquant checkpoint)")
+    p.add_argument("--teacher", required=True, help="full-precision Hugging Face model directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    p.add_argument("--mode", default="pv", choices=["pv", "ste"], help="PV-Tuning or straight-through")
+    p.add_argument("--p-lr", type=float, default=1e-4, help="Adam learning rate of the P step")
+    p.add_argument("--v-lr", type=float, default=1e-4, help="Adam learning rate of the straight-through buffers")
+    p.add_argument("--update-fraction", type=float, default=0.01, help="groups re-encoded per V step")
+    p.add_argument("--trust-ratio", type=float, default=None, help="bound on |dW|/|W| per layer per V step")
+    p.add_argument("--every", type=int, default=1, help="V step every this many steps")
+    p.add_argument("--beam-size", type=int, default=8)
+    p.add_argument("--text", default="builtin", help="training text file, or 'builtin'")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--micro-batches", type=int, default=1, help="gradient accumulation steps per batch")
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--eval-every", type=int, default=50, help="validation perplexity every N steps (0: end only)")
+    p.add_argument("--eval-windows", type=int, default=32)
+    p.add_argument("--save-every", type=int, default=100, help="resume checkpoint every N steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/resume")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _check(args: argparse.Namespace) -> None:
+    for name in ("steps", "batch_size", "micro_batches", "seqlen", "eval_windows", "save_every", "every",
+                 "beam_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive")
+    if args.eval_every < 0:
+        raise ValueError(f"--eval-every {args.eval_every} must be >= 0")
+    if args.batch_size % args.micro_batches:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by --micro-batches {args.micro_batches}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``jaxquant finetune``; returns the exit status."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    import optax  # noqa: PLC0415
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    from jaxquant import io  # noqa: PLC0415
+    from jaxquant.data import eval_windows, load_tokenizer, random_batches, read_text  # noqa: PLC0415
+    from jaxquant.eval import perplexity  # noqa: PLC0415
+    from jaxquant.finetune import losses, pv  # noqa: PLC0415
+    from jaxquant.io.hf_aqlm import load_quantized_dir  # noqa: PLC0415
+    from jaxquant.models import from_pretrained, functional  # noqa: PLC0415
+    from jaxquant.pipeline.command import _copy_model_files  # noqa: PLC0415
+    from jaxquant.pipeline.rundir import atomic_write_json  # noqa: PLC0415
+    from jaxquant.qarray import dequantize, tree_bits  # noqa: PLC0415
+
+    _check(args)
+    config, qparams = load_quantized_dir(args.quant_dir)
+    teacher = from_pretrained(args.teacher)
+    if teacher.config.hidden_size != config.hidden_size or teacher.config.num_layers != config.num_layers:
+        raise ValueError(f"--teacher {args.teacher!r} has a different architecture from {args.quant_dir!r}")
+    apply_fn, teacher_params = functional(teacher)
+    if jax.tree.structure(dequantize(qparams)) != jax.tree.structure(teacher_params):
+        raise ValueError(f"the parameters in {args.quant_dir!r} do not match the teacher's structure")
+    if args.seqlen + 1 > config.max_position_embeddings:
+        raise ValueError(f"--seqlen {args.seqlen} exceeds the model's context of {config.max_position_embeddings}")
+    tokenizer = load_tokenizer(args.teacher)
+    train_ids = tokenizer.encode(read_text(args.text, split="train"))
+    val_ids = tokenizer.encode(read_text(args.text, split="validation"))
+    val = eval_windows(val_ids, args.seqlen)[: args.eval_windows].reshape(-1)
+
+    tuner = pv.pv_tuning(optax.adam(args.p_lr), optax.adam(args.v_lr), update_fraction=args.update_fraction,
+                         trust_ratio=args.trust_ratio, every=args.every, beam_size=args.beam_size, mode=args.mode)
+    state = tuner.init(qparams)
+    start, history = 0, []
+    resume_dir = os.path.join(args.out, "resume")
+    history_file = os.path.join(args.out, "history.json")
+    if args.resume and io.is_checkpoint(resume_dir):
+        saved = io.load(resume_dir)
+        template = jax.tree_util.tree_structure(state)
+        leaves = list(saved["tuner"])
+        if len(leaves) != template.num_leaves:
+            raise ValueError(f"{resume_dir}: tuner state has {len(leaves)} arrays, expected {template.num_leaves} "
+                             "(different settings?)")
+        state = jax.tree_util.tree_unflatten(template, [jnp.asarray(x) for x in leaves])
+        qparams, start = saved["params"], int(saved["step"])
+        with open(history_file) as f:  # written before the checkpoint: may run ahead of it
+            history = [h for h in json.load(f) if h["step"] <= start]
+    elif args.resume:
+        raise FileNotFoundError(f"--resume: no checkpoint at {resume_dir}")
+    os.makedirs(args.out, exist_ok=True)
+
+    mesh = losses.data_mesh()
+    n_dev = mesh.shape["data"]
+    shard = args.batch_size % n_dev == 0 and n_dev > 1
+    if shard:  # parameters and tuner state replicated, batches split: GSPMD data parallelism
+        qparams, state, teacher_params = losses.replicate((qparams, state, teacher_params), mesh)
+
+    @jax.jit
+    def step(qparams: Any, state: Any, teacher_params: Any, tokens: jax.Array) -> tuple[Any, Any, jax.Array]:
+        # The teacher is an argument, not a closure: closed-over arrays become HLO constants.
+        vg = pv.decoded_value_and_grad(losses.distillation_loss(apply_fn, apply_fn, teacher_params))
+        loss, grads = losses.accumulate_gradients(vg, qparams, tokens, num_micro=args.micro_batches)
+        qparams, state = tuner.update(grads, state, qparams)
+        return qparams, state, loss
+
+    def val_ppl(qp: Any) -> float:
+        return perplexity(apply_fn, dequantize(qp), val, args.seqlen)
+
+    def save_resume(i: int) -> None:
+        atomic_write_json(history_file, history)
+        io.save(resume_dir, {"params": qparams, "tuner": list(jax.tree_util.tree_leaves(state)), "step": i},
+                overwrite=True, checksum=False)
+
+    if not history:
+        history.append({"step": 0, "val_ppl": val_ppl(qparams)})
+    batches = random_batches(train_ids, args.batch_size, args.seqlen - 1, seed=args.seed)
+    for _ in range(start):  # replay the stream so a resumed run sees the same batches
+        next(batches)
+    bar = tqdm(range(start, args.steps), desc=f"finetune ({args.mode})", disable=args.no_progress,
+               initial=start, total=args.steps)
+    loss = float("nan")
+    for i in bar:
+        tokens = jnp.asarray(next(batches))
+        if shard:
+            tokens = losses.shard_batch(tokens, mesh)
+        qparams, state, loss_arr = step(qparams, state, teacher_params, tokens)
+        loss = float(loss_arr)
+        if not math.isfinite(loss):
+            raise ValueError(f"the KL loss became {loss} at step {i + 1} (learning rate too high?)")
+        done = i + 1
+        if args.eval_every and done % args.eval_every == 0 and done != args.steps:
+            history.append({"step": done, "val_ppl": val_ppl(qparams), "kl": loss})
+            bar.set_postfix(kl=f"{loss:.4f}", val_ppl=f"{history[-1]['val_ppl']:.3f}")
+        if done % args.save_every == 0 and done != args.steps:
+            save_resume(done)
+    if not history or history[-1]["step"] != args.steps:
+        history.append({"step": args.steps, "val_ppl": val_ppl(qparams), "kl": loss})
+    io.save(os.path.join(args.out, "params"), qparams, overwrite=True)
+    save_resume(args.steps)
+    _copy_model_files(args.teacher, args.out)
+    teacher_ppl = perplexity(apply_fn, teacher_params, val, args.seqlen)
+    report = {"quant_dir": os.path.abspath(args.quant_dir), "teacher": os.path.abspath(args.teacher),
+              "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+              "bits_per_weight": tree_bits(qparams)["bits_per_weight"], "teacher_val_ppl": teacher_ppl,
+              "history": history}
+    atomic_write_json(os.path.join(args.out, "finetune.json"), report)
+    first, last = history[0]["val_ppl"], history[-1]["val_ppl"]
+    print(f"validation perplexity {first:.4f} -> {last:.4f} after {args.steps} {args.mode} steps "
+          f"(teacher {teacher_ppl:.4f}, {report['bits_per_weight']:.3f} bits/weight); wrote {args.out}")
+    return 0
+
+
+__all__ = ["configure", "run"]

@@ -1,0 +1,438 @@
+"""PV-Tuning (Malinovskii et al., 2024) as an optax-style transform over quantized trees.
+
+A quantized weight has a continuous part (codebooks, scales, zero points) and a
+discrete part (codes). PV-Tuning alternates two steps from one gradient of the loss
+with respect to the *decoded* weights ``∂L/∂Ŵ``:
+
+- **P step**: the gradient is pulled back through ``decode`` (a ``jax.vjp``) onto the
+  continuous parameters, and ``p_optimizer`` (any optax transform) updates them; the
+  other continuous leaves of the tree (norms, embeddings, ...) are updated by the same
+  optimizer with their own gradients. Codes never change in the P step.
+- **V step**: a dense *straight-through buffer* per quantized layer starts at the
+  decoded weight and follows ``v_optimizer`` on ``∂L/∂Ŵ`` every step. Every ``every``
+  steps, the ``update_fraction`` of the layer's groups whose buffer moved furthest from
+  the current decoded value are re-encoded toward the buffer (squared error), by beam
+  search for additive (AQLM) arrays and by rounding for scalar arrays. A group keeps
+  its old codes unless the new ones are strictly closer to the buffer, and with
+  ``trust_ratio`` the changes are accepted in order of selection only while
+  ``‖ΔŴ‖_F ≤ trust_ratio · ‖Ŵ‖_F`` for the layer. Codes outside the selected subset
+  never change.
+
+``mode="ste"`` is the straight-through baseline with the same object: each V step
+re-encodes *every* group from its buffer (no subspace selection, no trust ratio).
+
+Everything in ``update`` has static shapes (the number of selected groups is fixed
+from the fraction and the layer's shape at trace time), so one compilation serves
+every step; the V step runs under ``lax.cond``.
+
+The "group" is the unit of codes: an ``og × ig`` tile (all its ``M`` codes) for
+``AdditiveQuantized``, a single weight for ``ScalarQuantized``.
+
+Mixed precision: the tuner keeps a float32 master copy of the continuous part in its
+state (codebooks are often stored in float16, where small optimizer steps round away)
+and writes it, cast to each leaf's dtype, into the returned tree. Change the tree only
+through ``update`` while tuning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxquant.methods.aqlm.beam_search import flat_codebooks, search_group, tile_sums
+from jaxquant.qarray import AdditiveQuantized, ScalarQuantized, dequantize, is_quantized, merge, split
+from jaxquant.select import path_to_str
+
+Mode = Literal["pv", "ste"]
+
+
+class PVState(NamedTuple):
+    """State of ``pv_tuning``: a pytree, so it can be jit-carried and checkpointed.
+
+    Attributes:
+        count: int32 number of ``update`` calls so far.
+        master: float32 copy of the continuous part of the tree (``split(qtree)[0]``).
+        p_state: ``p_optimizer`` state over ``master``.
+        buffers: ``{leaf path: (d_out, d_in) float32}`` straight-through buffers, one per
+            quantized leaf, in storage layout.
+        v_state: ``v_optimizer`` state over ``buffers``.
+    """
+
+    count: jax.Array
+    master: Any
+    p_state: Any
+    buffers: dict[str, jax.Array]
+    v_state: Any
+
+
+class PVTuning(NamedTuple):
+    """An ``init``/``update`` pair (the shape of an optax ``GradientTransformation``).
+
+    ``update(grads, state, qtree) -> (new_qtree, new_state)``: ``grads`` has the
+    structure of ``dequantize(qtree)`` (see ``decoded_value_and_grad``).
+    """
+
+    init: Callable[[Any], PVState]
+    update: Callable[[Any, PVState, Any], tuple[Any, PVState]]
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+def decoded_value_and_grad(
+    loss_fn: Callable[..., Any], *, has_aux: bool = False
+) -> Callable[..., tuple[Any, Any]]:
+    """``jax.value_and_grad`` of ``loss_fn`` with respect to the decoded weights.
+
+    Args:
+        loss_fn: ``loss_fn(params, *args, **kwargs) -> scalar`` (or ``(scalar, aux)``
+            with ``has_aux``), where ``params`` is a dense parameter tree of the model.
+        has_aux: as in ``jax.value_and_grad``.
+
+    Returns:
+        ``f(qtree, *args, **kwargs) -> (value, grads)`` where the loss is evaluated at
+        ``dequantize(qtree)`` and ``grads`` has that dense tree's structure: the input
+        ``pv_tuning(...).update`` expects.
+    """
+    vg = jax.value_and_grad(loss_fn, has_aux=has_aux)
+
+    def wrapped(qtree: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        return vg(dequantize(qtree), *args, **kwargs)
+
+    return wrapped
+
+
+def _pull_back(q: Any, g: jax.Array) -> Any:
+    """Cotangent of ``q.decode()`` pulled back to ``q``'s continuous part (codes ``None``)."""
+    cont, disc = split(q)
+    _, vjp = jax.vjp(lambda c: merge(c, disc).decode(jnp.float32), cont)
+    (ct,) = vjp(g.astype(jnp.float32))
+    return ct
+
+
+def continuous_grads(grads: Any, qtree: Any) -> Any:
+    """Gradients w.r.t. the decoded tree turned into gradients of ``split(qtree)[0]``.
+
+    Quantized leaves get the pull-back of their dense gradient through ``decode``; other
+    floating leaves keep their gradient; everything else becomes ``None``.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(qtree, is_leaf=is_quantized)
+    g_leaves = treedef.flatten_up_to(grads)
+    out = []
+    for leaf, g in zip(leaves, g_leaves, strict=True):
+        if is_quantized(leaf):
+            out.append(_pull_back(leaf, g))
+        elif g is not None and jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact):
+            out.append(g)
+        else:
+            out.append(None)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# ----------------------------------------------------------------------------- re-encoding
+
+
+def _groups_additive(w_out_in: jax.Array, og: int, ig: int) -> jax.Array:
+    """``(d_out, d_in) -> [n_groups, ig*og]``, group ``o*n_ig + j``, tile in (ig, og) order.
+
+    The order matches ``codes.reshape(n_groups, M)`` and the tiles of
+    ``beam_search.flat_codebooks``.
+    """
+    d_out, d_in = w_out_in.shape
+    n_og, n_ig = d_out // og, d_in // ig
+    return w_out_in.reshape(n_og, og, n_ig, ig).transpose(0, 2, 3, 1).reshape(n_og * n_ig, ig * og)
+
+
+def num_selected(n_groups: int, fraction: float) -> int:
+    """Groups re-encoded per V step: ``ceil(fraction · n_groups)``, at least 1 (static)."""
+    return max(1, min(n_groups, math.ceil(fraction * n_groups - 1e-9)))
+
+
+def _accept(better: jax.Array, delta_sq: jax.Array, w_sq: jax.Array, trust_ratio: float | None) -> jax.Array:
+    """Which candidate changes to keep: strictly better ones and, with a trust ratio, in
+    selection order each one that still fits ``Σ ‖Δ‖² ≤ (trust_ratio · ‖Ŵ‖)²`` (greedy)."""
+    if trust_ratio is None:
+        return better
+    bound = jnp.float32(trust_ratio) ** 2 * w_sq
+
+    def admit(total: jax.Array, cand: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        ok, d = cand
+        ok = ok & (total + d <= bound)
+        return total + jnp.where(ok, d, jnp.float32(0.0)), ok
+
+    # Sequential over the (few) selected groups: a greedy knapsack in selection order.
+    _, keep = jax.lax.scan(admit, jnp.float32(0.0), (better, delta_sq.astype(jnp.float32)))
+    return keep
+
+
+def reencode_additive(
+    q: AdditiveQuantized,
+    target: jax.Array,
+    idx: jax.Array,
+    *,
+    beam_size: int,
+    trust_ratio: float | None = None,
+) -> AdditiveQuantized:
+    """Re-encode the groups ``idx`` of ``q`` toward ``target`` by beam search.
+
+    Each selected tile gets the codes minimising ``‖s·Σ_m a_m - target_tile‖²`` found by
+    a beam search that starts from its current codes (``beam_search.search_group`` with
+    an identity metric); a tile keeps its old codes unless the new ones are strictly
+    better, and ``trust_ratio`` bounds the layer's total change (see the module doc).
+
+    Args:
+        q: the quantized array (its current codebooks and scales are used).
+        target: ``(d_out, d_in)`` float32 dense target in storage layout.
+        idx: ``[k]`` int32 distinct group indices (``o_group * n_in_groups + in_group``).
+        beam_size: beam width.
+        trust_ratio: optional bound on ``‖ΔŴ‖_F / ‖Ŵ‖_F``.
+
+    Returns:
+        ``q`` with new codes for (a subset of) the groups ``idx``.
+    """
+    m, k_book, og, ig = q.codebooks.shape
+    d = og * ig
+    n_ig = q.d_in // ig
+    codes_flat = q.codes.reshape(-1, m)
+    books_t = flat_codebooks(q.codebooks.astype(jnp.float32))  # [M, D, K]
+    t = _groups_additive(target.astype(jnp.float32), og, ig)[idx].T  # [D, k]
+    s = q.scales.astype(jnp.float32).reshape(-1)[idx // n_ig]  # [k]
+    cur = codes_flat[idx].T.astype(jnp.int32)  # [M, k]
+    cur_sum = tile_sums(books_t, cur)
+    q_terms = jnp.sum(books_t * books_t, axis=1)  # [M, K]: ‖a‖², the Gram terms for G = I
+    order = jnp.arange(m, dtype=jnp.int32)
+    new, new_sum = search_group(t, s, cur, cur_sum, books_t, q_terms, jnp.eye(d, dtype=jnp.float32), order,
+                                min(beam_size, k_book))
+    err_new = jnp.sum((s * new_sum - t) ** 2, axis=0)
+    err_cur = jnp.sum((s * cur_sum - t) ** 2, axis=0)
+    delta_sq = jnp.sum((s * (new_sum - cur_sum)) ** 2, axis=0)
+    w_sq = jnp.sum(q.decode_out_in(jnp.float32) ** 2)
+    keep = _accept(err_new < err_cur, delta_sq, w_sq, trust_ratio)
+    chosen = jnp.where(keep[None], new, cur).T.astype(q.codes.dtype)
+    codes = codes_flat.at[idx].set(chosen, unique_indices=True).reshape(q.codes.shape)
+    return dataclasses.replace(q, codes=codes)
+
+
+def _scalar_zero(q: ScalarQuantized) -> jax.Array:
+    """Zero points per weight ``(d_out, d_in)`` float32."""
+    if q.zeros is None:
+        return jnp.full((q.d_out, q.d_in), (2**q.bits - 1) / 2, jnp.float32)
+    return jnp.repeat(q.zeros.astype(jnp.float32), q.group_size, axis=1)
+
+
+def reencode_scalar(
+    q: ScalarQuantized, target: jax.Array, idx: jax.Array, *, trust_ratio: float | None = None
+) -> ScalarQuantized:
+    """Re-encode the weights ``idx`` (flat ``o * d_in + i``) of ``q`` toward ``target``
+    by rounding to the nearest grid point (exact for a scalar grid)."""
+    scale = jnp.repeat(q.scales.astype(jnp.float32), q.group_size, axis=1).reshape(-1)[idx]
+    zero = _scalar_zero(q).reshape(-1)[idx]
+    t = target.astype(jnp.float32).reshape(-1)[idx]
+    cur = q.codes.reshape(-1)[idx]
+    top = jnp.float32(2**q.bits - 1)
+    safe = jnp.where(scale == 0, jnp.float32(1), scale)  # a zero scale has one grid point
+    new = jnp.clip(jnp.round(t / safe + zero), 0, top)
+    new = jnp.where(scale == 0, cur.astype(jnp.float32), new)
+    dec_new = (new - zero) * scale
+    dec_cur = (cur.astype(jnp.float32) - zero) * scale
+    better = (dec_new - t) ** 2 < (dec_cur - t) ** 2
+    w_sq = jnp.sum(q.decode_out_in(jnp.float32) ** 2)
+    keep = _accept(better, (dec_new - dec_cur) ** 2, w_sq, trust_ratio)
+    chosen = jnp.where(keep, new.astype(q.codes.dtype), cur)
+    codes = q.codes.reshape(-1).at[idx].set(chosen, unique_indices=True).reshape(q.codes.shape)
+    return dataclasses.replace(q, codes=codes)
+
+
+def group_distances(q: Any, target: jax.Array) -> jax.Array:
+    """Squared distance per group between ``target`` and ``q``'s decoding: ``[n_groups]``."""
+    diff = target.astype(jnp.float32) - q.decode_out_in(jnp.float32)
+    if isinstance(q, AdditiveQuantized):
+        return jnp.sum(_groups_additive(diff, q.out_group_size, q.in_group_size) ** 2, axis=1)
+    return (diff * diff).reshape(-1)
+
+
+def num_groups(q: Any) -> int:
+    """Number of code groups of a quantized array (tiles for AQLM, weights for scalar)."""
+    if isinstance(q, AdditiveQuantized):
+        return (q.d_out // q.out_group_size) * (q.d_in // q.in_group_size)
+    return q.d_out * q.d_in
+
+
+def v_step_leaf(
+    q: Any,
+    buffer: jax.Array,
+    *,
+    mode: Mode,
+    update_fraction: float,
+    trust_ratio: float | None,
+    beam_size: int,
+) -> Any:
+    """One V step on one quantized array: select groups, re-encode them toward ``buffer``."""
+    n = num_groups(q)
+    if mode == "ste":
+        idx = jnp.arange(n, dtype=jnp.int32)
+        trust_ratio = None
+    else:
+        # top_k: descending distance, so the trust region keeps the furthest-moved first.
+        _, idx = jax.lax.top_k(group_distances(q, buffer), num_selected(n, update_fraction))
+        idx = idx.astype(jnp.int32)
+    if isinstance(q, AdditiveQuantized):
+        return reencode_additive(q, buffer, idx, beam_size=beam_size, trust_ratio=trust_ratio)
+    if isinstance(q, ScalarQuantized):
+        return reencode_scalar(q, buffer, idx, trust_ratio=trust_ratio)
+    raise TypeError(f"no V step for quantized array type {type(q).__name__}")
+
+
+# ----------------------------------------------------------------------------- the transform
+
+
+def _quantized_paths(qtree: Any) -> tuple[list[Any], Any, list[str]]:
+    flat, treedef = jax.tree_util.tree_flatten_with_path(qtree, is_leaf=is_quantized)
+    return [leaf for _, leaf in flat], treedef, [path_to_str(p) for p, _ in flat]
+
+
+def _check_args(update_fraction: float, trust_ratio: float | None, every: int, beam_size: int, mode: str,
+                buffer_decay: float) -> None:
+    if mode not in ("pv", "ste"):
+        raise ValueError(f"mode={mode!r} must be 'pv' or 'ste'")
+    if isinstance(update_fraction, bool) or not 0.0 < float(update_fraction) <= 1.0:
+        raise ValueError(f"update_fraction={update_fraction!r} must be in (0, 1]")
+    if trust_ratio is not None and not float(trust_ratio) > 0.0:
+        raise ValueError(f"trust_ratio={trust_ratio!r} must be positive or None")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every={every!r} must be an integer >= 1")
+    if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
+        raise ValueError(f"beam_size={beam_size!r} must be an integer >= 1")
+    if not 0.0 <= float(buffer_decay) <= 1.0:
+        raise ValueError(f"buffer_decay={buffer_decay!r} must be in [0, 1]")
+
+
+def pv_tuning(
+    p_optimizer: optax.GradientTransformation,
+    v_optimizer: optax.GradientTransformation,
+    *,
+    update_fraction: float = 0.01,
+    trust_ratio: float | None = None,
+    every: int = 1,
+    beam_size: int = 8,
+    mode: Mode = "pv",
+    buffer_decay: float = 0.0,
+) -> PVTuning:
+    """PV-Tuning of a tree holding quantized arrays (see the module docstring).
+
+    Args:
+        p_optimizer: optax transform for the continuous part (P step), applied every step.
+        v_optimizer: optax transform for the straight-through buffers, applied every step.
+        update_fraction: fraction of each layer's groups re-encoded per V step ("pv").
+        trust_ratio: optional per-layer bound on ``‖ΔŴ‖_F / ‖Ŵ‖_F`` per V step ("pv").
+        every: run the V step (code re-encoding) every this many updates.
+        beam_size: beam width of the re-encoding search (AQLM arrays).
+        mode: ``"pv"`` (subspace V step) or ``"ste"`` (re-encode every group).
+        buffer_decay: after each V step, pull the buffers toward the decoded weights:
+            ``b ← Ŵ + (1 - buffer_decay)(b - Ŵ)`` (0 keeps them, 1 resets them).
+
+    Returns:
+        A ``PVTuning`` ``(init, update)`` pair of pure, jit-compatible functions.
+
+    Example:
+        >>> tuner = pv_tuning(optax.adam(1e-4), optax.adam(1e-4), update_fraction=0.01)
+        >>> state = tuner.init(qparams)
+        >>> loss, grads = decoded_value_and_grad(loss_fn)(qparams, batch)
+        >>> qparams, state = tuner.update(grads, state, qparams)
+    """
+    _check_args(update_fraction, trust_ratio, every, beam_size, mode, buffer_decay)
+
+    def init(qtree: Any) -> PVState:
+        leaves, _, paths = _quantized_paths(qtree)
+        quantized = [i for i, leaf in enumerate(leaves) if is_quantized(leaf)]
+        if not quantized:
+            raise ValueError("pv_tuning: the tree holds no quantized arrays")
+        for i in quantized:
+            if not isinstance(leaves[i], AdditiveQuantized | ScalarQuantized):
+                raise TypeError(f"pv_tuning: unsupported quantized array {type(leaves[i]).__name__} at {paths[i]}")
+        continuous, _ = split(qtree)
+        master = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), continuous)
+        buffers = {paths[i]: leaves[i].decode_out_in(jnp.float32) for i in quantized}
+        return PVState(
+            count=jnp.zeros((), jnp.int32),
+            master=master,
+            p_state=p_optimizer.init(master),
+            buffers=buffers,
+            v_state=v_optimizer.init(buffers),
+        )
+
+    def update(grads: Any, state: PVState, qtree: Any) -> tuple[Any, PVState]:
+        leaves, treedef, paths = _quantized_paths(qtree)
+        try:
+            g_leaves = treedef.flatten_up_to(grads)
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                "pv_tuning.update: grads must have the structure of dequantize(qtree) "
+                f"(use decoded_value_and_grad): {e}"
+            ) from e
+
+        # P step: optax on the float32 master copy of the continuous part.
+        p_grads = jax.tree.map(lambda g: g.astype(jnp.float32), continuous_grads(grads, qtree))
+        # optax's bias corrections mix Python floats with int32 counts, which strict dtype
+        # promotion rejects; the user's optimizers run under standard promotion.
+        with jax.numpy_dtype_promotion("standard"):
+            p_updates, p_state = p_optimizer.update(p_grads, state.p_state, state.master)
+        master = optax.apply_updates(state.master, p_updates)
+        continuous, discrete = split(qtree)
+        continuous = jax.tree.map(lambda m, c: m.astype(c.dtype), master, continuous)
+        qtree = merge(continuous, discrete)
+        leaves = jax.tree_util.tree_leaves(qtree, is_leaf=is_quantized)
+
+        # Straight-through buffers follow the dense gradient every step.
+        v_grads = {}
+        for leaf, g, path in zip(leaves, g_leaves, paths, strict=True):
+            if is_quantized(leaf):
+                g = jnp.asarray(g, jnp.float32)
+                v_grads[path] = g if leaf.layout == "out_in" else g.T
+        with jax.numpy_dtype_promotion("standard"):
+            v_updates, v_state = v_optimizer.update(v_grads, state.v_state, state.buffers)
+        buffers = optax.apply_updates(state.buffers, v_updates)
+
+        # V step: re-encode codes toward the buffers every `every` updates.
+        quantized = {path: leaf for leaf, path in zip(leaves, paths, strict=True) if is_quantized(leaf)}
+
+        def v_step(args: tuple[dict[str, Any], dict[str, jax.Array]]) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+            qs, bufs = args
+            new_qs = {
+                p: v_step_leaf(q, bufs[p], mode=mode, update_fraction=update_fraction, trust_ratio=trust_ratio,
+                               beam_size=beam_size)
+                for p, q in qs.items()
+            }
+            if buffer_decay:
+                keep = jnp.float32(1.0 - buffer_decay)
+                bufs = {p: (dec := new_qs[p].decode_out_in(jnp.float32)) + keep * (bufs[p] - dec) for p in bufs}
+            return new_qs, bufs
+
+        do_v = (state.count + 1) % every == 0
+        quantized, buffers = jax.lax.cond(do_v, v_step, lambda a: a, (quantized, buffers))
+        out = [quantized[p] if is_quantized(leaf) else leaf for leaf, p in zip(leaves, paths, strict=True)]
+        new_state = PVState(count=state.count + 1, master=master, p_state=p_state, buffers=buffers, v_state=v_state)
+        return jax.tree_util.tree_unflatten(treedef, out), new_state
+
+    return PVTuning(init=init, update=update)
+
+
+__all__ = [
+    "PVState",
+    "PVTuning",
+    "continuous_grads",
+    "decoded_value_and_grad",
+    "group_distances",
+    "num_groups",
+    "num_selected",
+    "pv_tuning",
+    "reencode_additive",
+    "reencode_scalar",
+    "v_step_leaf",
+]

@@ -1,0 +1,632 @@
+"""The Hugging Face AQLM format: export quantized models to it and import them from it.
+
+A Hugging Face AQLM model directory (what ``transformers`` loads through the ``aqlm``
+package, and what published AQLM checkpoints look like) holds:
+
+* ``config.json`` with ``quantization_config = {"quant_method": "aqlm",
+  "nbits_per_codebook": B, "num_codebooks": M, "in_group_size": ig, "out_group_size":
+  og, "linear_weights_not_to_quantize": [...]}`` — one configuration for every
+  quantized layer;
+* safetensors where each quantized linear module ``<m>`` has ``<m>.codes``
+  ``[d_out/og, d_in/ig, M]`` (int8 for B ≤ 8, int16 for B ≤ 16), ``<m>.codebooks``
+  ``[M, 2^B, og, ig]`` (float16) and ``<m>.scales`` ``[d_out/og, 1, 1, 1]`` (float16),
+  plus ``<m>.bias`` if any; every other tensor is stored as usual;
+* the tokenizer files.
+
+Codes are unsigned code indices packed into signed integers exactly as the reference
+does (``aqlm.utils.pack_int_data``): a value ``v ≥ 2^(B-1)`` is stored as ``v - 2^B``;
+readers recover it as ``stored mod 2^B``. For B = 8 and 16 this is the two's-complement
+reinterpretation of the unsigned bits.
+
+``linear_weights_not_to_quantize``: older readers (transformers < 4.5x, the AQLM repo's
+converter) compare ``<module>.weight`` strings; transformers 5.x matches entries
+against *module* names, so a list holding only ``"lm_head.weight"`` makes it quantize
+the head (NaN logits). Export therefore lists both ``"<module>"`` and
+``"<module>.weight"`` for every unquantized 2-D weight; import accepts either form.
+
+Layouts: ``AdditiveQuantized`` stores codes in ``(d_out, d_in)`` order whatever its
+``layout``, which is the AQLM order, so codes, codebooks and scales cross this boundary
+untouched; only dense linear weights are transposed between Flax ``(d_in, d_out)``
+kernels and PyTorch ``(d_out, d_in)`` weights, through the models' name table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxquant.qarray import AdditiveQuantized, code_dtype, is_quantized
+
+QUANT_METHOD = "aqlm"
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_PARTS = ("codes", "codebooks", "scales")
+# Files a Hugging Face model directory may carry beside its weights that travel with an
+# export (tokenizers of every flavour, generation defaults, chat templates).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "jaxquant_tokenizer.json",  # jaxquant's byte-level tokenizer, for models trained by quickstart
+)
+
+
+# ----------------------------------------------------------------------------- format
+
+
+@dataclasses.dataclass(frozen=True)
+class AqlmFormat:
+    """The one AQLM configuration a Hugging Face AQLM checkpoint applies to all its layers."""
+
+    nbits_per_codebook: int
+    num_codebooks: int
+    in_group_size: int
+    out_group_size: int
+
+    @classmethod
+    def of(cls, q: AdditiveQuantized) -> AqlmFormat:
+        return cls(q.codebook_bits, q.num_codebooks, q.in_group_size, q.out_group_size)
+
+    @classmethod
+    def from_config(cls, qc: Mapping[str, Any], source: str = "config") -> AqlmFormat:
+        if qc.get("quant_method") != QUANT_METHOD:
+            raise ValueError(f"{source}: quantization_config.quant_method={qc.get('quant_method')!r}, expected 'aqlm'")
+        try:
+            # transformers' AqlmConfig defaults, for configs that leave fields out.
+            fmt = cls(
+                int(qc.get("nbits_per_codebook", 16)),
+                int(qc.get("num_codebooks", 1)),
+                int(qc.get("in_group_size", 8)),
+                int(qc.get("out_group_size", 1)),
+            )
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: malformed AQLM quantization_config {dict(qc)}: {e}") from None
+        if not 1 <= fmt.nbits_per_codebook <= 16:
+            raise ValueError(f"{source}: nbits_per_codebook={fmt.nbits_per_codebook} must be in 1..16")
+        for name in ("num_codebooks", "in_group_size", "out_group_size"):
+            if getattr(fmt, name) < 1:
+                raise ValueError(f"{source}: {name}={getattr(fmt, name)} must be ≥ 1")
+        return fmt
+
+
+def stored_code_dtype(bits: int) -> np.dtype:
+    """Signed integer dtype the reference stores ``bits``-bit codes in (int8 / int16)."""
+    if not 1 <= bits <= 16:
+        raise ValueError(f"codebook bits={bits} must be in 1..16 for the AQLM format")
+    return np.dtype(np.int8 if bits <= 8 else np.int16)
+
+
+def pack_codes(codes: Any, bits: int) -> np.ndarray:
+    """Unsigned codes -> the reference's signed storage (``aqlm.utils.pack_int_data``).
+
+    Raises:
+        ValueError: a code is negative or ≥ ``2**bits``.
+    """
+    c = np.asarray(codes).astype(np.int64)
+    if c.size and (c.min() < 0 or c.max() >= 2**bits):
+        raise ValueError(f"codes range over [{c.min()}, {c.max()}], outside [0, {2**bits}) for bits={bits}")
+    c = np.where(c >= 2 ** (bits - 1), c - 2**bits, c)
+    return c.astype(stored_code_dtype(bits))
+
+
+def unpack_codes(stored: Any, bits: int) -> np.ndarray:
+    """The reference's signed storage -> unsigned codes in jaxquant's code dtype."""
+    return (np.asarray(stored).astype(np.int64) % (2**bits)).astype(code_dtype(bits))
+
+
+def _to_float16(x: Any, what: str) -> np.ndarray:
+    host = np.asarray(jax.device_get(x))
+    with np.errstate(over="ignore"):  # overflow is detected and reported just below
+        out = host.astype(np.float16)
+    if not np.all(np.isfinite(out)) and np.all(np.isfinite(host.astype(np.float32))):
+        raise ValueError(f"{what} overflows float16 (max |value| {np.abs(host.astype(np.float32)).max():.4g})")
+    return out
+
+
+def layer_tensors(module: str, q: AdditiveQuantized, *, float_dtype: Any = np.float16) -> dict[str, np.ndarray]:
+    """``{<module>.codes, <module>.codebooks, <module>.scales}`` for one quantized layer."""
+    n_out, n_in, m = q.codes.shape
+    if (n_out * q.out_group_size, n_in * q.in_group_size) != (q.d_out, q.d_in) or m != q.num_codebooks:
+        raise ValueError(
+            f"{module}: codes {tuple(q.codes.shape)} and codebooks {tuple(q.codebooks.shape)} do not tile "
+            f"(d_out, d_in)=({q.d_out}, {q.d_in})"
+        )
+    if np.dtype(float_dtype) == np.float16:
+        codebooks = _to_float16(q.codebooks, f"{module}.codebooks")
+        scales = _to_float16(q.scales, f"{module}.scales")
+    else:
+        codebooks = np.asarray(jax.device_get(q.codebooks)).astype(float_dtype)
+        scales = np.asarray(jax.device_get(q.scales)).astype(float_dtype)
+    return {
+        f"{module}.codes": pack_codes(jax.device_get(q.codes), q.codebook_bits),
+        f"{module}.codebooks": codebooks,
+        f"{module}.scales": scales.reshape(n_out, 1, 1, 1),
+    }
+
+
+def additive_from_tensors(
+    module: str,
+    codes: np.ndarray,
+    codebooks: np.ndarray,
+    scales: np.ndarray,
+    fmt: AqlmFormat,
+    *,
+    layout: str = "out_in",
+) -> AdditiveQuantized:
+    """Rebuild an ``AdditiveQuantized`` from one layer's stored tensors.
+
+    Codebooks and scales keep their stored dtype (float16 in published checkpoints), so
+    export -> import is bit-identical.
+
+    Raises:
+        ValueError: shapes disagree with each other or with ``fmt`` (names the module).
+    """
+    m, k, og, ig = fmt.num_codebooks, 2**fmt.nbits_per_codebook, fmt.out_group_size, fmt.in_group_size
+    if codebooks.shape != (m, k, og, ig):
+        raise ValueError(f"{module}.codebooks has shape {tuple(codebooks.shape)}, the config implies {(m, k, og, ig)}")
+    if codes.ndim != 3 or codes.shape[2] != m:
+        raise ValueError(f"{module}.codes has shape {tuple(codes.shape)}, expected [d_out/{og}, d_in/{ig}, {m}]")
+    n_out, n_in, _ = codes.shape
+    if scales.size != n_out:
+        raise ValueError(f"{module}.scales has shape {tuple(scales.shape)}, expected [{n_out}, 1, 1, 1]")
+    if not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"{module}.codes has dtype {codes.dtype}, expected an integer type")
+    d_out, d_in = n_out * og, n_in * ig
+    return AdditiveQuantized(
+        codes=jnp.asarray(unpack_codes(codes, fmt.nbits_per_codebook)),
+        codebooks=jnp.asarray(codebooks),
+        scales=jnp.asarray(scales.reshape(n_out, 1, 1, 1)),
+        codebook_bits=fmt.nbits_per_codebook,
+        shape=(d_out, d_in) if layout == "out_in" else (d_in, d_out),
+        layout=layout,  # type: ignore[arg-type]
+    )
+
+
+def not_quantized_entries(modules: Iterable[str]) -> list[str]:
+    """``linear_weights_not_to_quantize`` for old and new readers: each module and its weight."""
+    out: set[str] = set()
+    for m in modules:
+        m = m[: -len(".weight")] if m.endswith(".weight") else m
+        out.update((m, f"{m}.weight"))
+    return sorted(out)
+
+
+def modules_not_quantized(entries: Iterable[str] | None) -> set[str]:
+    """Module names from a ``linear_weights_not_to_quantize`` list in either form."""
+    return {e[: -len(".weight")] if e.endswith(".weight") else e for e in entries or ()}
+
+
+def quantization_config(fmt: AqlmFormat, not_quantized: Iterable[str]) -> dict[str, Any]:
+    """The ``quantization_config`` entry of ``config.json``."""
+    return {
+        "quant_method": QUANT_METHOD,
+        "nbits_per_codebook": fmt.nbits_per_codebook,
+        "num_codebooks": fmt.num_codebooks,
+        "in_group_size": fmt.in_group_size,
+        "out_group_size": fmt.out_group_size,
+        "linear_weights_not_to_quantize": not_quantized_entries(not_quantized),
+    }
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _staging_dir(path: str) -> str:
+    parent, name = os.path.split(path)
+    return os.path.join(parent, f".{name}.jaxquant-partial")
+
+
+def _commit_dir(staging: str, path: str, overwrite: bool) -> None:
+    if os.path.exists(path):
+        if not overwrite:  # checked up front too; re-checked in case it appeared meanwhile
+            raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+        trash = f"{staging}-old-{uuid.uuid4().hex}"
+        os.replace(path, trash)
+        os.replace(staging, path)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, path)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _shards(tensors: Mapping[str, np.ndarray], max_bytes: int | None) -> list[list[str]]:
+    names = sorted(tensors)
+    if max_bytes is None:
+        return [names]
+    shards: list[list[str]] = [[]]
+    size = 0
+    for n in names:
+        if shards[-1] and size + tensors[n].nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(n)
+        size += tensors[n].nbytes
+    return shards
+
+
+def write_hf_aqlm(
+    out_dir: str | os.PathLike,
+    tensors: Mapping[str, Any],
+    config: Mapping[str, Any],
+    *,
+    extra_not_quantized: Iterable[str] = (),
+    tokenizer_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int | None = None,
+) -> str:
+    """Write a Hugging Face AQLM model directory from Hugging Face-named tensors.
+
+    Args:
+        out_dir: directory to create (written in a staging directory, then renamed).
+        tensors: ``{hf weight name: array | AdditiveQuantized}``. Dense arrays are in
+            PyTorch layout (``(d_out, d_in)`` for linear weights); a quantized entry
+            named ``<module>.weight`` becomes ``<module>.codes/.codebooks/.scales``.
+        config: the model's ``config.json`` dictionary (``quantization_config`` is set).
+        extra_not_quantized: further modules to list as unquantized (e.g. a tied
+            ``lm_head`` that has no tensor of its own).
+        tokenizer_dir: copy the tokenizer files found there.
+        overwrite: replace an existing ``out_dir``.
+        max_shard_bytes: split the weights into shards with an index; ``None`` = one file.
+
+    Returns:
+        The absolute output directory.
+
+    Raises:
+        ValueError: no quantized layer, layers with different AQLM configurations
+            (Hugging Face AQLM has one per model), or a quantized entry not named
+            ``*.weight``.
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is false.
+    """
+    from jaxquant.models.loading import write_safetensors  # noqa: PLC0415 - keeps io importable alone
+
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"export: {out_dir} already exists (pass overwrite=True to replace it)")
+    formats: dict[AqlmFormat, list[str]] = {}
+    flat: dict[str, np.ndarray] = {}
+    not_quantized = set(extra_not_quantized)
+    for name, x in tensors.items():
+        if isinstance(x, AdditiveQuantized):
+            if not name.endswith(".weight"):
+                raise ValueError(f"export: quantized tensor {name!r} must be a linear '<module>.weight'")
+            module = name[: -len(".weight")]
+            formats.setdefault(AqlmFormat.of(x), []).append(module)
+            flat.update(layer_tensors(module, x))
+        elif is_quantized(x):
+            raise TypeError(
+                f"export: {name} is a {type(x).__name__}; the Hugging Face AQLM format holds only "
+                "AdditiveQuantized layers (dequantize the others first)"
+            )
+        else:
+            arr = np.asarray(jax.device_get(x))
+            flat[name] = arr
+            if arr.ndim == 2 and name.endswith(".weight"):
+                not_quantized.add(name[: -len(".weight")])
+    if not formats:
+        raise ValueError("export: no AdditiveQuantized layer to export in the AQLM format")
+    if len(formats) > 1:
+        detail = "; ".join(f"{f}: {mods[:3]}" for f, mods in formats.items())
+        raise ValueError(f"export: the AQLM format has one configuration per model, found {len(formats)}: {detail}")
+    (fmt,) = formats
+    cfg = dict(config)
+    cfg["quantization_config"] = quantization_config(fmt, not_quantized)
+
+    staging = _staging_dir(out_dir)
+    if os.path.exists(staging):
+        shutil.rmtree(staging)
+    os.makedirs(staging)
+    try:
+        shards = _shards(flat, max_shard_bytes)
+        if len(shards) == 1:
+            write_safetensors(os.path.join(staging, SINGLE_FILE), flat)
+        else:
+            weight_map = {}
+            for k, names in enumerate(shards):
+                fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+                write_safetensors(os.path.join(staging, fname), {n: flat[n] for n in names})
+                weight_map.update(dict.fromkeys(names, fname))
+            total = int(sum(a.nbytes for a in flat.values()))
+            _write_json(os.path.join(staging, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
+        if tokenizer_dir is not None:
+            for fname in TOKENIZER_FILES:
+                src = os.path.join(os.fspath(tokenizer_dir), fname)
+                if os.path.isfile(src):
+                    shutil.copyfile(src, os.path.join(staging, fname))
+        # config.json last: it is what marks a Hugging Face model directory as complete.
+        _write_json(os.path.join(staging, CONFIG_FILE), cfg)
+        _commit_dir(staging, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """``config.json`` of a model directory as a dict."""
+    path = os.path.join(os.fspath(model_dir), CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {CONFIG_FILE} in model directory {os.fspath(model_dir)!r}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def is_hf_aqlm(model_dir: str | os.PathLike) -> bool:
+    """True when ``model_dir``'s ``config.json`` declares ``quant_method = "aqlm"``."""
+    try:
+        cfg = read_config(model_dir)
+    except (FileNotFoundError, ValueError):
+        return False
+    qc = cfg.get("quantization_config")
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
+def read_hf_aqlm(model_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read a Hugging Face AQLM directory into Hugging Face-named tensors.
+
+    Returns:
+        ``(config, tensors)``: the ``config.json`` dict and ``{hf weight name: array |
+        AdditiveQuantized}``, where each quantized module ``<m>`` appears once as
+        ``<m>.weight`` holding an ``AdditiveQuantized`` with ``layout="out_in"``.
+
+    Raises:
+        ValueError: not an AQLM config; a module with some but not all of codes,
+            codebooks and scales; a module both quantized and listed as not quantized;
+            shapes inconsistent with the config.
+    """
+    from jaxquant.models.loading import read_checkpoint_tensors  # noqa: PLC0415
+
+    model_dir = os.fspath(model_dir)
+    cfg = read_config(model_dir)
+    qc = cfg.get("quantization_config")
+    if not isinstance(qc, dict):
+        raise ValueError(f"{model_dir}/{CONFIG_FILE} has no quantization_config: not an AQLM checkpoint")
+    fmt = AqlmFormat.from_config(qc, source=f"{model_dir}/{CONFIG_FILE}")
+    skip = modules_not_quantized(qc.get("linear_weights_not_to_quantize"))
+    raw = read_checkpoint_tensors(model_dir)
+    modules: dict[str, dict[str, np.ndarray]] = {}
+    out: dict[str, Any] = {}
+    for name, arr in raw.items():
+        module, _, part = name.rpartition(".")
+        if part in _PARTS:
+            modules.setdefault(module, {})[part] = arr
+        else:
+            out[name] = arr
+    for module, parts in sorted(modules.items()):
+        missing = [p for p in _PARTS if p not in parts]
+        if missing:
+            raise ValueError(f"{model_dir}: quantized module {module} lacks {[f'{module}.{p}' for p in missing]}")
+        if module in skip:
+            raise ValueError(
+                f"{model_dir}: {module} has AQLM codes but linear_weights_not_to_quantize lists it as unquantized"
+            )
+        if f"{module}.weight" in out:
+            raise ValueError(f"{model_dir}: {module} has both a dense weight and AQLM codes")
+        out[f"{module}.weight"] = additive_from_tensors(
+            module, parts["codes"], parts["codebooks"], parts["scales"], fmt
+        )
+    return cfg, out
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _nnx_params(model_or_state: Any) -> dict[str, Any]:
+    from jaxquant.select import flatten_with_paths  # noqa: PLC0415
+
+    state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state
+    return dict(flatten_with_paths(state))
+
+
+def hf_tensors_from_state(state: Any) -> dict[str, Any]:
+    """Hugging Face-named tensors from an NNX model or state with quantized kernels.
+
+    Dense linear kernels are transposed to PyTorch ``(d_out, d_in)``; quantized
+    kernels are passed through (their codes are already in ``(d_out, d_in)`` order).
+    """
+    from jaxquant.models.loading import nnx_to_hf_name  # noqa: PLC0415
+
+    out: dict[str, Any] = {}
+    for path, leaf in _nnx_params(state).items():
+        hit = nnx_to_hf_name(path)
+        if hit is None:
+            raise ValueError(f"export: parameter {path} has no Hugging Face name in the models' name table")
+        name, transpose = hit
+        if is_quantized(leaf):
+            out[name] = leaf
+        else:
+            arr = np.asarray(jax.device_get(leaf))
+            out[name] = np.ascontiguousarray(arr.T) if transpose else arr
+    return out
+
+
+def export_hf_aqlm(
+    model_or_state: Any,
+    out_dir: str | os.PathLike,
+    *,
+    config: Any = None,
+    tokenizer_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int | None = None,
+) -> str:
+    """Export a jaxquant model with ``AdditiveQuantized`` kernels as a Hugging Face AQLM directory.
+
+    Args:
+        model_or_state: a ``jaxquant.models.LlamaForCausalLM`` or its NNX state (``Param``
+            variables) in which the layers to ship quantized hold ``AdditiveQuantized``
+            arrays, all with one configuration.
+        out_dir: output directory.
+        config: ``ModelConfig`` (or a ``config.json`` dict); taken from the model when
+            omitted. Required with a bare state.
+        tokenizer_dir: directory whose tokenizer files are copied.
+        overwrite: replace an existing ``out_dir``.
+        max_shard_bytes: shard the weights above this size (with an index file).
+
+    Returns:
+        The absolute output directory.
+    """
+    if config is None:
+        config = getattr(model_or_state, "config", None)
+        if config is None:
+            raise ValueError("export_hf_aqlm: pass config= (a ModelConfig or config.json dict) with a bare state")
+    cfg = dict(config) if isinstance(config, Mapping) else config.to_hf_dict()
+    tensors = hf_tensors_from_state(model_or_state)
+    dense = [np.asarray(t).dtype for t in tensors.values() if not is_quantized(t)]
+    if dense and not isinstance(config, Mapping):
+        cfg["dtype"] = np.dtype(dense[0]).name  # what transformers' dtype="auto" then uses
+    extra = []
+    if cfg.get("tie_word_embeddings") and "lm_head.weight" not in tensors:
+        extra.append("lm_head")  # the tied head is a Linear in transformers: keep it dense
+    return write_hf_aqlm(
+        out_dir,
+        tensors,
+        cfg,
+        extra_not_quantized=extra,
+        tokenizer_dir=tokenizer_dir,
+        overwrite=overwrite,
+        max_shard_bytes=max_shard_bytes,
+    )
+
+
+def load_hf_aqlm(model_dir: str | os.PathLike, dtype: Any = jnp.float32) -> Any:
+    """Load a Hugging Face AQLM directory into a ``jaxquant.models.LlamaForCausalLM``.
+
+    Quantized modules become ``AdditiveQuantized`` kernels (``layout="in_out"``, the Flax
+    kernel convention of the model; codes, codebooks and scales exactly as stored);
+    every other tensor is loaded as ``from_pretrained`` would (cast to ``dtype``).
+
+    Raises:
+        ValueError: unsupported architecture, a tensor the model does not have, a
+            missing tensor, or a shape disagreeing with the config (names the tensor).
+    """
+    from jaxquant.models.config import load_config  # noqa: PLC0415
+    from jaxquant.models.llama import LlamaForCausalLM  # noqa: PLC0415
+    from jaxquant.models.loading import hf_to_nnx_name, nnx_to_hf_name  # noqa: PLC0415
+    from jaxquant.select import path_to_str  # noqa: PLC0415
+
+    model_dir = os.fspath(model_dir)
+    config = load_config(model_dir)
+    _, tensors = read_hf_aqlm(model_dir)
+    model = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    state = nnx.state(model, nnx.Param)
+    expected = _nnx_params(state)
+    mapped: dict[str, Any] = {}
+    extra = []
+    for name, x in tensors.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        hit = hf_to_nnx_name(name)
+        if hit is None or hit[0] not in expected:
+            extra.append(name)
+            continue
+        path, transpose = hit
+        want = tuple(expected[path].shape)
+        if isinstance(x, AdditiveQuantized):
+            if not transpose:
+                raise ValueError(f"{model_dir}: {name} is quantized but is not a linear weight")
+            x = dataclasses.replace(x, shape=(x.d_in, x.d_out), layout="in_out")
+            got = x.shape
+        else:
+            x = x.T if transpose else x
+            got = tuple(x.shape)
+        if got != want:
+            shown = (got[::-1], want[::-1]) if transpose else (got, want)
+            raise ValueError(f"{model_dir}: tensor {name} has shape {shown[0]}, the config implies {shown[1]}")
+        mapped[path] = x
+    if extra:
+        raise ValueError(f"{model_dir} has tensors the {config.architecture} model does not use: {sorted(extra)[:8]}")
+    missing = [nnx_to_hf_name(p)[0] for p in expected if p not in mapped]
+    if missing:
+        raise ValueError(f"{model_dir} is missing tensors: {missing[:8]}")
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+    leaves = []
+    for p, _ in flat:
+        x = mapped[path_to_str(p)]
+        leaves.append(x if is_quantized(x) else jnp.asarray(x, dtype=dtype))
+    nnx.update(model, jax.tree_util.tree_unflatten(treedef, leaves))
+    return model
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+_CHECKPOINT_CANDIDATES = ("params", "checkpoint", "quantized", ".")
+
+
+def load_quantized_dir(quant_dir: str | os.PathLike) -> tuple[Any, Any]:
+    """Read a jaxquant quantized-model directory: ``(ModelConfig, params state)``.
+
+    The directory holds the model's Hugging Face ``config.json`` (and tokenizer files)
+    and a ``jaxquant.io.save`` checkpoint of the model's NNX ``Param`` state, in
+    ``params/`` (or ``checkpoint/``, ``quantized/``, or the directory itself).
+    """
+    from jaxquant.io.checkpoint import is_checkpoint, load  # noqa: PLC0415
+    from jaxquant.models.config import load_config  # noqa: PLC0415
+
+    quant_dir = os.fspath(quant_dir)
+    config = load_config(quant_dir)
+    for sub in _CHECKPOINT_CANDIDATES:
+        path = os.path.normpath(os.path.join(quant_dir, sub))
+        if is_checkpoint(path):
+            return config, load(path)
+    raise FileNotFoundError(
+        f"no jaxquant checkpoint in {quant_dir!r} (looked in {', '.join(_CHECKPOINT_CANDIDATES)})"
+    )
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``jaxquant export`` (for the CLI to attach to its subparser)."""
+    parser.add_argument("quant_dir", help="quantized model directory (config.json + jaxquant checkpoint)")
+    parser.add_argument("--format", default="hf-aqlm", choices=["hf-aqlm"], help="output format")
+    parser.add_argument("--out", required=True, help="output model directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--max-shard-mb", type=int, default=None, help="shard the safetensors above this size")
+
+
+def export_command(args: argparse.Namespace) -> int:
+    """``jaxquant export QUANT_DIR --format hf-aqlm --out DIR``: returns the exit status."""
+    fmt = getattr(args, "format", "hf-aqlm")
+    if fmt != "hf-aqlm":
+        raise ValueError(f"export: --format {fmt!r} is not supported (only 'hf-aqlm')")
+    config, state = load_quantized_dir(args.quant_dir)
+    shard_mb = getattr(args, "max_shard_mb", None)
+    out = export_hf_aqlm(
+        state,
+        args.out,
+        config=config,
+        tokenizer_dir=args.quant_dir,
+        overwrite=bool(getattr(args, "overwrite", False)),
+        max_shard_bytes=None if shard_mb is None else int(shard_mb) * 2**20,
+    )
+    leaves = jax.tree.leaves(state, is_leaf=is_quantized)
+    n_q = sum(1 for t in leaves if is_quantized(t))
+    print(f"exported {n_q} AQLM layers and {len(leaves) - n_q} dense tensors to {out}")
+    return 0

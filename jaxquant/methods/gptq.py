@@ -1,0 +1,303 @@
+"""GPTQ (Frantar et al., 2023) as one jit-compiled blocked column loop.
+
+Columns of ``W`` are rounded one at a time; the rounding error of each column is
+spread over the columns not yet rounded through the upper Cholesky factor ``U`` of
+``H⁻¹`` (``H = XᵀX + λI``), which minimises the layer's output error given the choices
+made so far. The loop is the "lazy batch" form: inside a block of ``B`` columns the
+updates are rank-1 and touch only the block; the rest of the matrix receives the
+whole block's error at once as one ``(n × B) @ (B × d_out)`` matmul. Everything runs
+under ``jax.jit`` with ``lax.fori_loop`` over blocks and columns, so one compiled
+program serves every call with the same shapes and recipe.
+
+Conventions (the reference implementation's):
+- Dead inputs (``diag(H) == 0``: the input never fires) get ``H[i, i] = 1`` and their
+  weight column is zeroed, since it cannot affect the output.
+- Damping ``λ = damp · mean(diag(H))``.
+- ``act_order`` processes columns by decreasing ``diag(H)``. With groups, the grids are
+  then fitted up front on the original ``W`` ("static groups") so that groups stay
+  contiguous in the stored layout. Without ``act_order``, each group's grid is fitted
+  when the loop reaches the group's first column, on the error-updated weights (the
+  reference behaviour); the block size is rounded to a multiple of the group size so
+  a group never straddles two blocks. Per-row grids (``group_size=None``) are always
+  fitted up front.
+
+A damped ``XᵀX`` that is still not positive definite (only possible for statistics that
+are not a Gram matrix, or overflow) raises a ``ValueError`` naming the leaf path; no
+silent retry.
+
+``H`` is inverted through a single Cholesky factorisation of the index-reversed ``H``:
+if ``P H P = L Lᵀ`` (``P`` reverses indices) then ``H⁻¹ = UᵀU`` with
+``U = P L⁻¹ P`` upper triangular — the factor GPTQ needs, without forming ``H⁻¹``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxquant.methods import _grid
+from jaxquant.qarray import ScalarQuantized
+from jaxquant.recipes import GPTQ
+
+
+def hessian_factor(h: jax.Array) -> jax.Array:
+    """Upper-triangular ``V`` with ``V Vᵀ = h`` (NaN when ``h`` is not positive definite).
+
+    ``V = P L P`` for the Cholesky factor ``L`` of the index-reversed ``P h P``; then
+    ``U = V⁻¹`` is GPTQ's upper Cholesky factor of ``h⁻¹`` (``UᵀU = h⁻¹``).
+    """
+    return jnp.linalg.cholesky(h[::-1, ::-1])[::-1, ::-1]
+
+
+def effective_block_size(block_size: int, group_size: int, d_in: int, dynamic_groups: bool) -> int:
+    """Block size actually used: a multiple of the group size when groups are fitted in-loop."""
+    if dynamic_groups:
+        return group_size * max(1, block_size // group_size)
+    return max(1, min(block_size, d_in))
+
+
+# Rows per inner sub-block of the column loop: its rank-1 updates stay in cache.
+_SUB_BLOCK = 16
+
+_STATIC_ARGNAMES = ("bits", "group_size", "symmetric", "act_order", "block_size", "clip_search", "param_dtype")
+
+
+def _gptq_impl(
+    w: jax.Array,
+    h: jax.Array,
+    damp: jax.Array,
+    *,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    act_order: bool,
+    block_size: int,
+    clip_search: bool,
+    param_dtype: str,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Core GPTQ. Returns ``(codes, scale, zero, ok)``; ``ok`` is False when the damped H is not PD."""
+    dt = w.dtype
+    d_out, d_in = w.shape
+    g = group_size
+    n_groups = d_in // g
+    fit = functools.partial(_grid.fit_grid, bits=bits, symmetric=symmetric, param_dtype=param_dtype, clip_search=clip_search)
+
+    h = h.astype(dt)
+    dead = jnp.diagonal(h) == 0.0
+    h = h + jnp.diag(dead.astype(dt))
+    w = jnp.where(dead[None, :], 0.0, w)
+
+    dynamic_groups = not act_order and g < d_in
+    if not dynamic_groups:
+        scale0, zero0 = fit(w.reshape(d_out, n_groups, g))  # [d_out, n_groups]
+    else:
+        scale0 = jnp.zeros((d_out, n_groups), dt)
+        zero0 = jnp.zeros((d_out, n_groups), dt)
+
+    if act_order:
+        perm = jnp.argsort(-jnp.diagonal(h), stable=True)
+        w = w[:, perm]
+        h = h[perm][:, perm]
+    else:
+        perm = jnp.arange(d_in)
+
+    h = h + (damp.astype(dt) * jnp.mean(jnp.diagonal(h))) * jnp.eye(d_in, dtype=dt)
+    v = hessian_factor(h)  # upper, V Vᵀ = H, so U = V⁻¹ is GPTQ's factor of H⁻¹
+    ok = jnp.all(jnp.isfinite(v))
+    v = jnp.where(ok, v, jnp.eye(d_in, dtype=dt))  # keep the loop NaN-free; the caller raises
+
+    bsz = effective_block_size(block_size, g, d_in, dynamic_groups)
+    n_blocks = -(-d_in // bsz)
+    n = n_blocks * bsz
+    pad = n - d_in
+    # Work on Wᵀ so that a column of W is a contiguous row. Padding columns have zero
+    # weight and an identity factor: they are decoupled from the real columns.
+    wt = jnp.pad(w.T, ((0, pad), (0, 0)))
+    v = jnp.pad(v, ((0, pad), (0, pad))) + jnp.diag(
+        jnp.concatenate([jnp.zeros((d_in,), dt), jnp.ones((pad,), dt)])
+    )
+    gidx = jnp.pad(perm // g, (0, pad))  # group of each processed column (static grids)
+    extra_groups = pad // g if dynamic_groups else 0
+    scale_t = jnp.pad(scale0.T, ((0, extra_groups), (0, 0)))  # [groups, d_out]
+    zero_t = jnp.pad(zero0.T, ((0, extra_groups), (0, 0)))
+    codes_t = jnp.zeros((n, d_out), dt)
+    # Dᵀ = (W - Q)ᵀ of the blocks done so far (zero for the rest). With W - Q = E U
+    # (E the scaled errors of the column loop) we get E = D V, and the weights of block
+    # b as the column loop would find them are W_b + D_{<b} V_{<b,b} U_bb: a
+    # left-looking update that needs V (one Cholesky) and only the small diagonal
+    # blocks U_bb = V_bb⁻¹, never the whole of H⁻¹.
+    dt_done = jnp.zeros((n, d_out), dt)
+    # All diagonal blocks U_bb = V_bb⁻¹ in one batched triangular solve, before the loop.
+    v_diag = jnp.diagonal(v.reshape(n_blocks, bsz, n_blocks, bsz), axis1=0, axis2=2).transpose(2, 0, 1)
+    u_diag = jax.scipy.linalg.solve_triangular(
+        v_diag, jnp.broadcast_to(jnp.eye(bsz, dtype=dt), v_diag.shape), lower=False
+    )
+
+    def columns(w1, q1, c1, u1, start, count, params):
+        """Round rows ``[start, start + count)`` of the block ``w1`` one at a time.
+
+        Two-level lazy batching: the rank-1 updates run on a small sub-block (``sb``
+        rows, cache-resident), and the rest of the block gets each sub-block's errors
+        as one ``(B × sb) @ (sb × d_out)`` matmul. ``params(row)`` gives the grid.
+        """
+        sb = math.gcd(count, _SUB_BLOCK)
+
+        def sub(j, carry):
+            w1, q1, c1 = carry
+            r0 = start + j * sb
+            ws = jax.lax.dynamic_slice_in_dim(w1, r0, sb, axis=0)
+            us = jax.lax.dynamic_slice(u1, (r0, r0), (sb, sb))
+
+            def col(i, inner):
+                ws, es, qs, cs = inner
+                s, z = params(r0 + i)
+                x = ws[i]
+                code = _grid.quantize_codes(x, s, z, bits)
+                q = _grid.dequantize_codes(code, s, z)
+                err = (x - q) / us[i, i]
+                # us is upper triangular: row i is zero left of i, so only rows >= i move.
+                ws = ws - us[i][:, None] * err[None, :]
+                return ws, es.at[i].set(err), qs.at[i].set(q), cs.at[i].set(code)
+
+            zeros = jnp.zeros((sb, d_out), dt)
+            _, es, qs, cs = jax.lax.fori_loop(0, sb, col, (ws, zeros, zeros, zeros))
+            # Rows before the sub-block have zero coefficients (U is upper triangular);
+            # the sub-block's own rows change too but are done (their q is stored).
+            w1 = w1 - jax.lax.dynamic_slice_in_dim(u1, r0, sb, axis=0).T @ es
+            q1 = jax.lax.dynamic_update_slice_in_dim(q1, qs, r0, axis=0)
+            c1 = jax.lax.dynamic_update_slice_in_dim(c1, cs, r0, axis=0)
+            return w1, q1, c1
+
+        return jax.lax.fori_loop(0, count // sb, sub, (w1, q1, c1))
+
+    # The left-looking sum runs over chunks of `chunk` blocks: bigger matmuls. Chunks
+    # that reach into block b or later add zero (D is zero there until written).
+    chunk_blocks = next(c for c in (4, 2, 1) if n_blocks % c == 0)
+    chunk = chunk_blocks * bsz
+
+    def block(b: jax.Array, state):
+        codes_t, dt_done, scale_t, zero_t = state
+        i1 = b * bsz
+        w_orig = jax.lax.dynamic_slice_in_dim(wt, i1, bsz, axis=0)
+        v_cols = jax.lax.dynamic_slice_in_dim(v, i1, bsz, axis=1)  # [n, bsz]
+
+        def accumulate(k, acc):
+            vk = jax.lax.dynamic_slice_in_dim(v_cols, k * chunk, chunk, axis=0)
+            dk = jax.lax.dynamic_slice_in_dim(dt_done, k * chunk, chunk, axis=0)
+            return acc + vk.T @ dk
+
+        n_chunks = (i1 + chunk - 1) // chunk
+        acc = jax.lax.fori_loop(0, n_chunks, accumulate, jnp.zeros((bsz, d_out), dt))
+        u1 = u_diag[b]
+        w1 = w_orig + u1.T @ acc
+        q1 = jnp.zeros((bsz, d_out), dt)
+        c1 = jnp.zeros((bsz, d_out), dt)
+        if dynamic_groups:
+
+            def group(k, inner):
+                (w1, q1, c1), scale_t, zero_t = inner
+                s, z = fit(jax.lax.dynamic_slice_in_dim(w1, k * g, g, axis=0).T)  # [d_out]
+                gi = i1 // g + k
+                scale_t = jax.lax.dynamic_update_index_in_dim(scale_t, s, gi, axis=0)
+                zero_t = jax.lax.dynamic_update_index_in_dim(zero_t, z, gi, axis=0)
+                carry = columns(w1, q1, c1, u1, k * g, g, lambda row: (s, z))
+                return carry, scale_t, zero_t
+
+            (w1, q1, c1), scale_t, zero_t = jax.lax.fori_loop(
+                0, bsz // g, group, ((w1, q1, c1), scale_t, zero_t)
+            )
+        else:
+
+            def params(row):
+                gi = gidx[i1 + row]
+                return scale_t[gi], zero_t[gi]
+
+            w1, q1, c1 = columns(w1, q1, c1, u1, 0, bsz, params)
+        dt_done = jax.lax.dynamic_update_slice_in_dim(dt_done, w_orig - q1, i1, axis=0)
+        codes_t = jax.lax.dynamic_update_slice_in_dim(codes_t, c1, i1, axis=0)
+        return codes_t, dt_done, scale_t, zero_t
+
+    codes_t, _, scale_t, zero_t = jax.lax.fori_loop(0, n_blocks, block, (codes_t, dt_done, scale_t, zero_t))
+    codes = codes_t[:d_in].T
+    if act_order:
+        codes = codes[:, jnp.argsort(perm)]
+    return codes, scale_t[:n_groups].T, zero_t[:n_groups].T, ok
+
+
+# One compiled program per (shapes, dtype, recipe fields); damping is traced.
+_gptq = jax.jit(_gptq_impl, static_argnames=_STATIC_ARGNAMES)
+
+
+def quantize_gptq(
+    w: jax.Array,
+    xtx: Any,
+    recipe: GPTQ,
+    key: jax.Array,
+    *,
+    layout: str = "out_in",
+    path: str = "",
+) -> ScalarQuantized:
+    """GPTQ quantization of one weight.
+
+    Args:
+        w: ``(d_out, d_in)`` float weight (storage order).
+        xtx: ``(d_in, d_in)`` input second moment ``XᵀX`` (any positive scale).
+        recipe: the ``GPTQ`` recipe.
+        key: ignored (GPTQ is deterministic).
+        layout: layout of the leaf the result replaces.
+        path: leaf path, for error messages.
+
+    Returns:
+        The ``ScalarQuantized`` weight.
+
+    Raises:
+        ValueError: missing or mis-shaped ``xtx``, a group size that does not divide
+            ``d_in``, or ``xtx`` not positive definite after damping.
+    """
+    del key
+    where = path or "<weight>"
+    w = jnp.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"GPTQ expects a 2-D weight, got shape {w.shape} at {where}")
+    d_out, d_in = w.shape
+    if xtx is None:
+        raise ValueError(f"GPTQ needs XᵀX statistics but none were given for {where}")
+    xtx = jnp.asarray(xtx)
+    if xtx.shape != (d_in, d_in):
+        raise ValueError(f"XᵀX has shape {tuple(xtx.shape)}, expected ({d_in}, {d_in}) for the weight at {where}")
+    group_size = _grid.effective_group_size(recipe.group_size, d_in)
+    if d_in % group_size:
+        raise ValueError(f"d_in={d_in} is not divisible by group_size={group_size} at {where}")
+    dt = jnp.float64 if w.dtype == jnp.float64 else jnp.float32
+    codes, scale, zero, ok = _gptq(
+        w.astype(dt),
+        xtx.astype(dt),
+        jnp.asarray(recipe.damp, dt),
+        bits=recipe.bits,
+        group_size=group_size,
+        symmetric=recipe.symmetric,
+        act_order=recipe.act_order,
+        block_size=recipe.block_size,
+        clip_search=recipe.clip_search,
+        param_dtype=recipe.param_dtype,
+    )
+    if not bool(ok):
+        raise ValueError(
+            f"XᵀX at {where} is not positive definite even after damping with damp={recipe.damp} "
+            "(a fraction of its mean diagonal); the statistics are not a valid Gram matrix, or "
+            "increase GPTQ(damp=...)"
+        )
+    return _grid.to_scalar_quantized(
+        codes,
+        scale,
+        zero,
+        bits=recipe.bits,
+        group_size=group_size,
+        symmetric=recipe.symmetric,
+        param_dtype=recipe.param_dtype,
+        layout=layout,
+    )

@@ -1,0 +1,78 @@
+"""Round-to-nearest: fit a uniform grid per group and round every weight to it."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxquant.methods import _grid
+from jaxquant.qarray import ScalarQuantized
+from jaxquant.recipes import RTN
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "symmetric", "clip_search", "param_dtype"))
+def _rtn(
+    w: jax.Array, *, bits: int, group_size: int, symmetric: bool, clip_search: bool, param_dtype: str
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    d_out, d_in = w.shape
+    scale, zero = _grid.fit_grouped(
+        w, bits, group_size, symmetric=symmetric, param_dtype=param_dtype, clip_search=clip_search
+    )
+    groups = w.reshape(d_out, d_in // group_size, group_size)
+    codes = _grid.quantize_codes(groups, scale[..., None], zero[..., None], bits)
+    return codes.reshape(d_out, d_in), scale, zero
+
+
+def quantize_rtn(
+    w: jax.Array,
+    xtx: Any,
+    recipe: RTN,
+    key: jax.Array,
+    *,
+    layout: str = "out_in",
+    path: str = "",
+) -> ScalarQuantized:
+    """Round-to-nearest quantization of one weight.
+
+    Args:
+        w: ``(d_out, d_in)`` float weight (storage order).
+        xtx: ignored (RTN is data-free); accepted for the common method signature.
+        recipe: the ``RTN`` recipe.
+        key: ignored (RTN is deterministic).
+        layout: layout of the leaf the result replaces.
+        path: leaf path, for error messages.
+
+    Returns:
+        The ``ScalarQuantized`` weight.
+    """
+    del xtx, key
+    w = jnp.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"RTN expects a 2-D weight, got shape {w.shape} at {path or '<weight>'}")
+    d_in = w.shape[1]
+    group_size = _grid.effective_group_size(recipe.group_size, d_in)
+    if d_in % group_size:
+        raise ValueError(f"d_in={d_in} is not divisible by group_size={group_size} at {path or '<weight>'}")
+    if w.dtype != jnp.float64:  # float64 is kept (x64 tests); everything else computes in float32
+        w = w.astype(jnp.float32)
+    codes, scale, zero = _rtn(
+        w,
+        bits=recipe.bits,
+        group_size=group_size,
+        symmetric=recipe.symmetric,
+        clip_search=recipe.clip_search,
+        param_dtype=recipe.param_dtype,
+    )
+    return _grid.to_scalar_quantized(
+        codes,
+        scale,
+        zero,
+        bits=recipe.bits,
+        group_size=group_size,
+        symmetric=recipe.symmetric,
+        param_dtype=recipe.param_dtype,
+        layout=layout,
+    )

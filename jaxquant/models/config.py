@@ -1,0 +1,284 @@
+"""Model configuration: one frozen dataclass for the Llama family, built from Hugging Face configs.
+
+transformers is used for configuration files only (``AutoConfig`` parses and upgrades
+``config.json``, e.g. legacy ``rope_scaling`` into ``rope_parameters``); the model code is
+jaxquant's own. The three supported families differ in a few switches:
+
+* Llama: optional ``attention_bias`` (q/k/v/o) and ``mlp_bias``; RoPE scaling ``llama3``
+  or ``linear``.
+* Mistral: a sliding attention window on every layer.
+* Qwen2: bias on q/k/v (not o); a sliding window only on layers listed as
+  ``sliding_attention`` in ``layer_types``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+_SUPPORTED_ROPE = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama-family decoder.
+
+    Attributes:
+        architecture: ``"llama"``, ``"mistral"`` or ``"qwen2"`` (HF ``model_type``).
+        vocab_size: number of token ids.
+        hidden_size: model width ``d``.
+        intermediate_size: SwiGLU hidden width.
+        num_layers: decoder blocks.
+        num_heads: query heads.
+        num_kv_heads: key/value heads (grouped-query attention when fewer than heads).
+        head_dim: width of one head.
+        rms_norm_eps: epsilon inside RMSNorm.
+        rope_theta: RoPE base.
+        rope_scaling: ``None`` or a dict with ``rope_type`` in ``("linear", "llama3")``
+            and that type's parameters (kept as sorted ``(key, value)`` pairs so the
+            config stays hashable, as jit static arguments must be; see ``rope``).
+        max_position_embeddings: the context length the model supports.
+        tie_word_embeddings: output head shares the embedding matrix.
+        qkv_bias: q/k/v projections carry a bias.
+        o_bias: the output projection carries a bias.
+        mlp_bias: gate/up/down projections carry a bias.
+        sliding_windows: per layer, the attention window in tokens or ``None`` (full).
+        bos_token_id: id prepended by tokenizers that use one, or ``None``.
+        eos_token_id: end-of-sequence id(s), or ``None``.
+    """
+
+    architecture: str = "llama"
+    vocab_size: int = 256
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int = 64
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | tuple[tuple[str, Any], ...] | None = None
+    max_position_embeddings: int = 256
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_windows: tuple[int | None, ...] | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"architecture={self.architecture!r} is not supported; jaxquant supports {SUPPORTED_ARCHITECTURES}"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive int")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.rope_scaling is not None:
+            object.__setattr__(self, "rope_scaling", tuple(sorted(dict(self.rope_scaling).items())))
+            kind = self.rope.get("rope_type", "default")
+            if kind not in _SUPPORTED_ROPE:
+                raise ValueError(f"rope_type={kind!r} is not supported; jaxquant supports {_SUPPORTED_ROPE}")
+        if self.sliding_windows is not None:
+            if len(self.sliding_windows) != self.num_layers:
+                raise ValueError(
+                    f"sliding_windows has {len(self.sliding_windows)} entries for num_layers={self.num_layers}"
+                )
+            object.__setattr__(self, "sliding_windows", tuple(self.sliding_windows))
+
+    @property
+    def rope(self) -> dict[str, Any]:
+        """The RoPE scaling parameters as a dict (empty when unscaled)."""
+        return dict(self.rope_scaling or ())
+
+    def window(self, layer: int) -> int | None:
+        """Attention window of ``layer`` in tokens, ``None`` for full causal attention."""
+        return None if self.sliding_windows is None else self.sliding_windows[layer]
+
+    def num_params(self) -> int:
+        """Number of parameters of the model this config describes."""
+        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0) + (d if self.o_bias else 0)
+        mlp = 3 * d * f + ((2 * f + d) if self.mlp_bias else 0)
+        per_layer = attn + mlp + 2 * d
+        head = 0 if self.tie_word_embeddings else d * v
+        return v * d + self.num_layers * per_layer + d + head
+
+    def inv_freq(self) -> np.ndarray:
+        """RoPE inverse frequencies ``[head_dim // 2]`` in float32, scaling applied."""
+        dim = self.head_dim
+        # float32 like the reference implementation, so positions rotate identically.
+        exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+        inv = (np.float32(1.0) / (np.float32(self.rope_theta) ** exponent)).astype(np.float32)
+        scaling = self.rope
+        kind = scaling.get("rope_type", "default")
+        if kind == "linear":
+            inv = inv / np.float32(scaling["factor"])
+        elif kind == "llama3":
+            inv = _llama3_inv_freq(inv, scaling)
+        return inv.astype(np.float32)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A ``config.json`` dictionary that transformers reads back to the same model."""
+        names = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling:
+            rope = {**self.rope, "rope_theta": self.rope_theta}
+        out: dict[str, Any] = {
+            "architectures": [names[self.architecture]],
+            "model_type": self.architecture,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": rope,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "dtype": "float32",
+        }
+        if self.architecture == "llama":
+            out["attention_bias"] = self.qkv_bias
+            out["mlp_bias"] = self.mlp_bias
+        windows = {w for w in (self.sliding_windows or ()) if w is not None}
+        if self.architecture == "mistral":
+            out["sliding_window"] = next(iter(windows)) if windows else None
+        if self.architecture == "qwen2":
+            out["use_sliding_window"] = bool(windows)
+            out["sliding_window"] = next(iter(windows)) if windows else None
+            out["layer_types"] = [
+                "full_attention" if self.window(i) is None else "sliding_attention" for i in range(self.num_layers)
+            ]
+        return out
+
+
+def _llama3_inv_freq(inv: np.ndarray, p: dict[str, Any]) -> np.ndarray:
+    # Llama 3.1 frequency-dependent scaling: long wavelengths are divided by `factor`,
+    # short ones kept, and the band between interpolated smoothly.
+    factor = float(p["factor"])
+    low, high = float(p["low_freq_factor"]), float(p["high_freq_factor"])
+    old_len = float(p["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _get(hf: Any, name: str, default: Any = None) -> Any:
+    return getattr(hf, name, default) if not isinstance(hf, dict) else hf.get(name, default)
+
+
+def config_from_hf(hf: Any) -> ModelConfig:
+    """Build a ``ModelConfig`` from a transformers config object or its ``to_dict()``.
+
+    Raises:
+        ValueError: unsupported ``model_type``, activation or RoPE type.
+    """
+    arch = _get(hf, "model_type")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        archs = _get(hf, "architectures")
+        raise ValueError(
+            f"unsupported architecture: model_type={arch!r} (architectures={archs}); "
+            f"jaxquant supports {SUPPORTED_ARCHITECTURES}"
+        )
+    act = _get(hf, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ValueError(f"hidden_act={act!r} is not supported (only silu/SwiGLU)")
+    hidden = int(_get(hf, "hidden_size"))
+    heads = int(_get(hf, "num_attention_heads"))
+    head_dim = _get(hf, "head_dim") or hidden // heads
+    rope = _get(hf, "rope_parameters") or _get(hf, "rope_scaling") or {}
+    rope = dict(rope)
+    theta = float(rope.pop("rope_theta", None) or _get(hf, "rope_theta", 10000.0) or 10000.0)
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in _SUPPORTED_ROPE:
+        raise ValueError(f"rope_type={kind!r} is not supported; jaxquant supports {_SUPPORTED_ROPE}")
+    scaling = None if kind == "default" else {**{k: v for k, v in rope.items() if k != "type"}, "rope_type": kind}
+    if _get(hf, "partial_rotary_factor", 1.0) not in (None, 1.0):
+        raise ValueError("partial_rotary_factor != 1 is not supported")
+    layers = int(_get(hf, "num_hidden_layers"))
+    window = _get(hf, "sliding_window")
+    windows: tuple[int | None, ...] | None = None
+    if arch == "mistral" and window:
+        windows = (int(window),) * layers
+    elif arch == "qwen2" and window and _get(hf, "use_sliding_window", False):
+        types = _get(hf, "layer_types") or []
+        if types:
+            windows = tuple(int(window) if t == "sliding_attention" else None for t in types)
+        else:
+            first = int(_get(hf, "max_window_layers", layers))
+            windows = tuple(int(window) if i >= first else None for i in range(layers))
+    if windows is not None and all(w is None for w in windows):
+        windows = None
+    bias = bool(_get(hf, "attention_bias", False))
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=int(_get(hf, "vocab_size")),
+        hidden_size=hidden,
+        intermediate_size=int(_get(hf, "intermediate_size")),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=int(_get(hf, "num_key_value_heads") or heads),
+        head_dim=int(head_dim),
+        rms_norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=int(_get(hf, "max_position_embeddings", 2048)),
+        tie_word_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
+        qkv_bias=True if arch == "qwen2" else bias,
+        o_bias=bias if arch == "llama" else False,
+        mlp_bias=bool(_get(hf, "mlp_bias", False)) if arch == "llama" else False,
+        sliding_windows=windows,
+        bos_token_id=_get(hf, "bos_token_id"),
+        eos_token_id=_get(hf, "eos_token_id"),
+    )
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    """Read ``config.json`` from a model directory through transformers' ``AutoConfig``.
+
+    Raises:
+        FileNotFoundError: no ``config.json`` in ``path``.
+        ValueError: the file is not valid JSON or names an unsupported architecture.
+    """
+    path = os.fspath(path)
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"no config.json in model directory {path!r}")
+    try:
+        with open(cfg_file, encoding="utf-8") as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
+    if raw.get("model_type") not in SUPPORTED_ARCHITECTURES:
+        # Check before AutoConfig, whose own message for unknown types is long and generic.
+        config_from_hf(raw)
+    from transformers import AutoConfig  # noqa: PLC0415 - heavy import, needed only here
+
+    hf = AutoConfig.from_pretrained(path, local_files_only=True)
+    return config_from_hf(hf)

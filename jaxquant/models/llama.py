@@ -1,0 +1,251 @@
+"""A Llama-family decoder in Flax NNX: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Numerics follow the Hugging Face reference (norms and softmax in float32, rotary tables
+in float32 cast to the activation dtype) so that logits agree to float32 rounding.
+
+Every linear layer computes through ``jaxquant.ops.matmul(x, kernel)`` with a Flax
+``(d_in, d_out)`` kernel stored in a parameter named ``kernel``. The module never looks
+at the kernel itself (no ``.shape``/``.astype``), so a quantized array put in its place
+with ``nnx.update`` (or ``nnx.merge``) runs unchanged, and calibration that records
+``matmul`` inputs sees every linear layer.
+
+Parameter paths (NNX state): ``embed/embedding``, ``layers/{i}/input_norm/scale``,
+``layers/{i}/attn/{q,k,v,o}_proj/{kernel,bias}``, ``layers/{i}/post_attn_norm/scale``,
+``layers/{i}/mlp/{gate,up,down}_proj/kernel``, ``final_norm/scale``, ``lm_head/kernel``
+(absent when the head is tied to the embedding).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxquant import ops
+from jaxquant.models.config import ModelConfig
+
+# Per layer (keys, values), each [batch, cache_len, num_kv_heads, head_dim].
+KVCache = tuple[tuple[jax.Array, jax.Array], ...]
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any, std: float = 0.02) -> jax.Array:
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel (+ bias)`` through ``ops.matmul``; kernel is ``(d_in, d_out)``."""
+
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype: Any, rngs: nnx.Rngs) -> None:
+        self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), dtype))
+        self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = ops.matmul(x, self.kernel.get_value())
+        if self.bias is not None:
+            y = y + self.bias.get_value().astype(y.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm computed in float32, scaled in the input dtype (as HF does)."""
+
+    def __init__(self, dim: int, eps: float, dtype: Any) -> None:
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + jnp.float32(self.eps))
+        return self.scale.get_value() * h.astype(x.dtype)
+
+
+def rotary_tables(inv_freq: np.ndarray, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``cos``/``sin`` tables ``[T, head_dim]`` (float32) for integer ``positions [T]``."""
+    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq, jnp.float32)[None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate ``x [B, T, H, hd]`` by position (the half-split convention of HF Llama)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos = cos.astype(x.dtype)[None, :, None, :]
+    sin = sin.astype(x.dtype)[None, :, None, :]
+    return x * cos + rotated * sin
+
+
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
+    """``[T, S]`` boolean mask: causal, and within ``window`` tokens when one is set.
+
+    A query at position ``p`` sees keys at ``p - window < k <= p`` (the HF convention: a
+    window of ``w`` tokens including the query's own).
+    """
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask = mask & (k_pos[None, :] > q_pos[:, None] - window)
+    return mask
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with rotary positions and an optional sliding window."""
+
+    def __init__(self, cfg: ModelConfig, window: int | None, *, dtype: Any, rngs: nnx.Rngs) -> None:
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = Linear(d, cfg.num_heads * hd, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(cfg.num_heads * hd, d, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.window = window
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        q_pos: jax.Array,
+        cache: tuple[jax.Array, jax.Array] | None,
+        start: jax.Array | int,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        b, t, _ = x.shape
+        kv, hd = self.num_kv_heads, self.head_dim
+        groups = self.num_heads // kv
+        q = apply_rotary(self.q_proj(x).reshape(b, t, self.num_heads, hd), cos, sin)
+        k = apply_rotary(self.k_proj(x).reshape(b, t, kv, hd), cos, sin)
+        v = self.v_proj(x).reshape(b, t, kv, hd)
+        if cache is None:
+            keys, values, k_pos = k, v, q_pos
+        else:
+            # Write this chunk at `start`; slots past the newest token hold stale or zero
+            # entries that the causal mask hides until a later step overwrites them.
+            index = (0, start, 0, 0)
+            keys = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), index)
+            values = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), index)
+            cache = (keys, values)
+            k_pos = jnp.arange(keys.shape[1], dtype=jnp.int32)
+        q = q.reshape(b, t, kv, groups, hd)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, keys.astype(q.dtype)).astype(jnp.float32)
+        scores = scores * jnp.float32(hd**-0.5)
+        mask = attention_mask(q_pos, k_pos, self.window)
+        scores = jnp.where(mask[None, None, None], scores, jnp.float32(-jnp.inf))
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, values.astype(x.dtype)).reshape(b, t, self.num_heads * hd)
+        return self.o_proj(out), cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: Any, rngs: nnx.Rngs) -> None:
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(d, f, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(d, f, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(f, d, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm residual block: attention then MLP."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype: Any, rngs: nnx.Rngs) -> None:
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.attn = Attention(cfg, cfg.window(layer), dtype=dtype, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, q_pos, cache, start):  # noqa: ANN001, ANN204 - see Attention
+        h, cache = self.attn(self.input_norm(x), cos, sin, q_pos, cache, start)
+        x = x + h
+        return x + self.mlp(self.post_attn_norm(x)), cache
+
+
+class Embedding(nnx.Module):
+    """Token embedding table ``[vocab, d]``."""
+
+    def __init__(self, vocab: int, dim: int, *, dtype: Any, rngs: nnx.Rngs) -> None:
+        self.embedding = nnx.Param(_normal(rngs, (vocab, dim), dtype))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding.get_value(), tokens, axis=0)
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Llama / Mistral / Qwen2 decoder with a language-model head.
+
+    ``model(tokens)`` returns logits ``[B, T, vocab]``; ``model.forward(tokens, cache,
+    start)`` additionally reads and writes a KV cache (see ``init_cache``).
+    """
+
+    def __init__(self, config: ModelConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs | None = None) -> None:
+        rngs = nnx.Rngs(0) if rngs is None else rngs
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.embed = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(config, i, dtype=dtype, rngs=rngs) for i in range(config.num_layers)])
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+        )
+
+    def init_cache(self, batch: int, length: int, dtype: Any = None) -> KVCache:
+        """Zeroed KV cache for ``batch`` sequences of up to ``length`` tokens."""
+        cfg = self.config
+        dtype = self.dtype if dtype is None else dtype
+        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+        return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
+
+    def forward(
+        self, tokens: jax.Array, cache: KVCache | None = None, start: jax.Array | int = 0
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Logits for ``tokens [B, T]`` placed at positions ``start .. start+T-1``.
+
+        Args:
+            tokens: integer token ids ``[B, T]``.
+            cache: per-layer KV cache from ``init_cache`` (or a previous call), or ``None``
+                to attend within ``tokens`` only.
+            start: position of ``tokens[:, 0]`` (and the cache slot it is written to).
+
+        Returns:
+            ``(logits [B, T, vocab] in the model dtype, updated cache or None)``.
+        """
+        t = tokens.shape[1]
+        q_pos = jnp.asarray(start, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
+        # Recomputed from the static config at trace time: a constant, never a parameter.
+        cos, sin = rotary_tables(self.config.inv_freq(), q_pos)
+        x = self.embed(tokens)
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            x, c = layer(x, cos, sin, q_pos, None if cache is None else cache[i], start)
+            new_cache.append(c)
+        x = self.final_norm(x)
+        if self.lm_head is None:
+            logits = jnp.einsum("btd,vd->btv", x, self.embed.embedding.get_value().astype(x.dtype))
+        else:
+            logits = self.lm_head(x)
+        return logits, (None if cache is None else tuple(new_cache))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """Logits ``[B, T, vocab]`` for token ids ``[B, T]`` (no cache)."""
+        return self.forward(tokens)[0]
+
+
+def functional(model: LlamaForCausalLM) -> tuple[Any, nnx.State]:
+    """Split ``model`` into a pure ``apply_fn(params, tokens) -> logits`` and its ``params``.
+
+    ``params`` is the NNX state; any tree of the same structure (e.g. with quantized
+    kernels from ``jaxquant.quantize``) can be passed to ``apply_fn`` instead.
+    """
+    graphdef, params = nnx.split(model)
+
+    def apply_fn(params: Any, tokens: jax.Array) -> jax.Array:
+        return nnx.merge(graphdef, params)(tokens)
+
+    return apply_fn, params

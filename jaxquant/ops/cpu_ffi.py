@@ -1,0 +1,481 @@
+"""A native CPU lookup-table GEMV for additive quantization, as an XLA FFI custom call.
+
+Why native code. The LUT product is ``y[r, o] = scale[o] · Σ_c T[r, c, codes[o, c]]``: one
+table lookup and one add per code. XLA:CPU cannot fuse a gather into the reduction that
+consumes it, so every gathered float makes a round trip through memory (about 1 ns per
+element), which leaves the pure-XLA kernel at or below the dense float32 product for large
+layers. A few dozen lines of C++ do the lookup with AVX-512 gathers (16 lookups per
+instruction, summed in registers), read the uint8 codes exactly once, and run on XLA's own
+intra-op thread pool, so nothing is materialised but the table.
+
+How it is built. The C++ source below is compiled with the machine's C++ compiler
+(``-O3 -march=native``) at first use into the user cache directory (one file per source,
+compiler flags, jaxlib version and CPU, written under a temporary name and renamed), loaded
+with ``ctypes`` and registered with ``jax.ffi.register_ffi_target``. When no compiler is
+found or the build fails, ``available()`` is False, ``lut_matmul_ffi`` raises
+``NotImplementedError`` and the dispatcher falls through to the XLA implementation. Set
+``JAXQUANT_NO_FFI=1`` to disable it.
+
+Eligibility: CPU backend, ``AdditiveQuantized`` with ``out_group_size == 1`` and
+``2**B ≤ 256`` (uint8 codes), any ``M`` and ``in_group_size``, any number of rows.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant.qarray import AdditiveQuantized
+
+TARGET_NAME = "jaxquant_aq_lut_f32"
+DECODE_TARGET_NAME = "jaxquant_aq_decode_f32"
+
+# Bytes of the lookup table gathered from per cache-blocking step (kept in L1), and output
+# rows per unit of work handed to a thread (their codes stay in L2 across steps).
+COL_BLOCK_BYTES = 32 * 1024
+BLOCK_ROWS = 256
+_SOURCE = r"""
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// T layout: [n_codes][R][K] floats, T[c][r][k] = x[r, group(c)] . codebook[m(c)][k].
+void BuildTable(const float* x, const float* cb, float* T, int64_t R, int64_t d_in,
+                int64_t M, int64_t K, int64_t ig, int64_t c0, int64_t c1) {
+  // cbT[m][g][k]: codeword element g of every codeword k, contiguous in k so the
+  // inner loop is a K-wide vector FMA.
+  std::vector<float> cbT(M * ig * K);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t g = 0; g < ig; ++g) cbT[(m * ig + g) * K + k] = cb[(m * K + k) * ig + g];
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t j = c / M, m = c % M;
+    for (int64_t r = 0; r < R; ++r) {
+      float* t = T + (c * R + r) * K;
+      const float* xr = x + r * d_in + j * ig;
+      for (int64_t k = 0; k < K; ++k) t[k] = 0.f;
+      for (int64_t g = 0; g < ig; ++g) {
+        const float xv = xr[g];
+        const float* w = cbT.data() + (m * ig + g) * K;
+        for (int64_t k = 0; k < K; ++k) t[k] += xv * w[k];
+      }
+    }
+  }
+}
+
+// Adds, for output rows [o0, o1), code columns [c0, c1) and the RB rows of x starting at
+// r0, the looked-up T[c][r][codes[o][c]] into part. With AVX-512, part holds 16 partial
+// sums per (row, x row) (reduced once at the end, not per column block); without, one.
+constexpr int kLanes =
+#if defined(__AVX512F__)
+    16;
+#else
+    1;
+#endif
+
+template <int RB>
+void GatherRows(const uint8_t* codes, const float* T, float* part, int64_t o0, int64_t o1,
+                int64_t c0, int64_t c1, int64_t n_codes, int64_t R, int64_t K, int64_t r0) {
+  const int64_t stride = R * K;  // floats between consecutive code columns of T
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint8_t* cr = codes + o * n_codes;
+    float* p = part + ((o - o0) * R + r0) * kLanes;
+    int64_t c = c0;
+#if defined(__AVX512F__)
+    const __m512i lane = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(static_cast<int>(stride)));
+    __m512 acc[RB], acc2[RB];
+    for (int i = 0; i < RB; ++i) {
+      acc[i] = _mm512_loadu_ps(p + i * 16);
+      acc2[i] = _mm512_setzero_ps();
+    }
+    // Two independent accumulators per row hide the add latency behind the gathers.
+    for (; c + 32 <= c1; c += 32) {
+      const __m512i ia = _mm512_add_epi32(
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cr + c))), lane);
+      const __m512i ib = _mm512_add_epi32(
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cr + c + 16))), lane);
+      const float* ta = T + c * stride + r0 * K;
+      const float* tb = ta + 16 * stride;
+      for (int i = 0; i < RB; ++i) {
+        acc[i] = _mm512_add_ps(acc[i], _mm512_i32gather_ps(ia, ta + i * K, 4));
+        acc2[i] = _mm512_add_ps(acc2[i], _mm512_i32gather_ps(ib, tb + i * K, 4));
+      }
+    }
+    for (; c + 16 <= c1; c += 16) {
+      const __m512i ia = _mm512_add_epi32(
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cr + c))), lane);
+      const float* ta = T + c * stride + r0 * K;
+      for (int i = 0; i < RB; ++i) acc[i] = _mm512_add_ps(acc[i], _mm512_i32gather_ps(ia, ta + i * K, 4));
+    }
+    for (int i = 0; i < RB; ++i) _mm512_storeu_ps(p + i * 16, _mm512_add_ps(acc[i], acc2[i]));
+#endif
+    for (; c < c1; ++c) {
+      const float* t = T + c * stride + r0 * K + cr[c];
+      for (int i = 0; i < RB; ++i) p[i * kLanes] += t[i * K];
+    }
+  }
+}
+
+struct Problem {
+  const uint8_t* codes;
+  const float* T;
+  const float* scales;
+  float* y;
+  int64_t d_out, n_codes, R, K, col_block;
+};
+
+// One block of output rows, cache-blocked over code columns so that the slice of T
+// being gathered from stays in L1 while every row of the block uses it (the block's
+// codes stay in L2 across column blocks).
+void RunBlock(const Problem& p, int64_t o0, int64_t o1) {
+  std::vector<float> part((o1 - o0) * p.R * kLanes, 0.f);
+  for (int64_t c0 = 0; c0 < p.n_codes; c0 += p.col_block) {
+    const int64_t c1 = std::min(p.n_codes, c0 + p.col_block);
+    int64_t r = 0;
+    for (; r + 4 <= p.R; r += 4) GatherRows<4>(p.codes, p.T, part.data(), o0, o1, c0, c1, p.n_codes, p.R, p.K, r);
+    for (; r < p.R; ++r) GatherRows<1>(p.codes, p.T, part.data(), o0, o1, c0, c1, p.n_codes, p.R, p.K, r);
+  }
+  for (int64_t o = o0; o < o1; ++o)
+    for (int64_t r = 0; r < p.R; ++r) {
+      const float* q = part.data() + ((o - o0) * p.R + r) * kLanes;
+      float s = 0.f;
+      for (int l = 0; l < kLanes; ++l) s += q[l];
+      p.y[r * p.d_out + o] = s * p.scales[o];
+    }
+}
+
+// Work shared by the caller and the pool tasks: blocks are claimed from an atomic
+// counter, so a task the pool never starts costs nothing (the caller takes its blocks)
+// and the caller only waits for blocks that were actually claimed.
+struct Shared {
+  Problem p;
+  int64_t block_rows, n_blocks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  void Work() {
+    for (int64_t b; (b = next.fetch_add(1)) < n_blocks;) {
+      const int64_t o0 = b * block_rows;
+      RunBlock(p, o0, std::min(p.d_out, o0 + block_rows));
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error AqLutImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
+                     ffi::Buffer<ffi::F32> codebooks, ffi::Buffer<ffi::F32> scales,
+                     ffi::ResultBuffer<ffi::F32> y, int64_t col_block_bytes, int64_t block_rows) {
+  const auto xd = x.dimensions(), cd = codes.dimensions(), bd = codebooks.dimensions();
+  if (xd.size() != 2 || cd.size() != 3 || bd.size() != 4 || bd[2] != 1)
+    return ffi::Error::InvalidArgument("aq_lut: bad ranks");
+  const int64_t R = xd[0], d_in = xd[1], d_out = cd[0], n_groups = cd[1], M = cd[2];
+  const int64_t K = bd[1], ig = bd[3];
+  if (bd[0] != M || n_groups * ig != d_in || K > 256 || scales.element_count() != d_out)
+    return ffi::Error::InvalidArgument("aq_lut: inconsistent shapes");
+  const int64_t n_codes = n_groups * M;
+  // The table lives in a per-thread buffer reused across calls: an XLA output buffer
+  // would be freshly mapped (page faults) on every call.
+  thread_local std::vector<float> table;
+  if (static_cast<int64_t>(table.size()) < n_codes * R * K) table.resize(n_codes * R * K);
+  float* T = table.data();
+  BuildTable(x.typed_data(), codebooks.typed_data(), T, R, d_in, M, K, ig, 0, n_codes);
+  if (d_out == 0 || R == 0) return ffi::Error::Success();
+
+  auto sh = std::make_shared<Shared>();
+  // Column block: as many code columns (a multiple of 16) as fit in col_block_bytes of T.
+  const int64_t col_block = std::max<int64_t>(16, col_block_bytes / (R * K * 4) / 16 * 16);
+  sh->p = Problem{codes.typed_data(), T, scales.typed_data(), y->typed_data(), d_out, n_codes, R, K, col_block};
+  sh->block_rows = std::max<int64_t>(1, block_rows);
+  sh->n_blocks = (d_out + sh->block_rows - 1) / sh->block_rows;
+  const int64_t n_tasks = std::min<int64_t>(pool.num_threads(), sh->n_blocks - 1);
+  for (int64_t t = 0; t < n_tasks; ++t) pool.Schedule([sh] { sh->Work(); });
+  sh->Work();
+  while (sh->done.load(std::memory_order_acquire) < sh->n_blocks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+// Decode output groups [g0, g0 + n) of an additive-quantized weight to float32
+// [n * og, d_in]: W[g*og + a, j*ig + b] = scale[g] * sum_m codebooks[m, codes[g, j, m], a, b].
+// CW (codeword size og*ig) as a template constant lets the compiler keep a codeword in
+// registers and vectorise; CW == 0 is the runtime-sized fallback.
+template <typename C, int CW>
+void DecodeTile(const C* __restrict codes, const float* __restrict cb, const float* __restrict scales,
+                float* __restrict out, int64_t g0, int64_t n, int64_t n_in, int64_t M, int64_t K,
+                int64_t og, int64_t ig) {
+  const int64_t d_in = n_in * ig, cw = CW > 0 ? CW : og * ig;
+  float tmp[CW > 0 ? CW : 1];
+  std::vector<float> dyn(CW > 0 ? 0 : cw);
+  float* __restrict t = CW > 0 ? tmp : dyn.data();
+  for (int64_t g = 0; g < n; ++g) {
+    const C* cg = codes + (g0 + g) * n_in * M;
+    const float s = scales[g0 + g];
+    for (int64_t j = 0; j < n_in; ++j) {
+      const float* w0 = cb + static_cast<int64_t>(cg[j * M]) * cw;
+      for (int64_t e = 0; e < cw; ++e) t[e] = w0[e];
+      for (int64_t m = 1; m < M; ++m) {
+        const float* wm = cb + (m * K + static_cast<int64_t>(cg[j * M + m])) * cw;
+        for (int64_t e = 0; e < cw; ++e) t[e] += wm[e];
+      }
+      for (int64_t a = 0; a < og; ++a) {
+        float* o = out + (g * og + a) * d_in + j * ig;
+        for (int64_t b = 0; b < ig; ++b) o[b] = t[a * ig + b] * s;
+      }
+    }
+  }
+}
+
+#if defined(__AVX__)
+// ig % 8 == 0: each 8-float slice of a codeword is one AVX register (7x faster than the
+// scalar loop, which the compiler does not keep in registers).
+template <typename C>
+void DecodeTile8(const C* __restrict codes, const float* __restrict cb, const float* __restrict scales,
+                 float* __restrict out, int64_t g0, int64_t n, int64_t n_in, int64_t M, int64_t K,
+                 int64_t og, int64_t ig) {
+  const int64_t d_in = n_in * ig, cw = og * ig;
+  for (int64_t g = 0; g < n; ++g) {
+    const C* cg = codes + (g0 + g) * n_in * M;
+    const __m256 s = _mm256_set1_ps(scales[g0 + g]);
+    for (int64_t j = 0; j < n_in; ++j)
+      for (int64_t e = 0; e < cw; e += 8) {
+        __m256 t = _mm256_loadu_ps(cb + static_cast<int64_t>(cg[j * M]) * cw + e);
+        for (int64_t m = 1; m < M; ++m)
+          t = _mm256_add_ps(t, _mm256_loadu_ps(cb + (m * K + static_cast<int64_t>(cg[j * M + m])) * cw + e));
+        _mm256_storeu_ps(out + (g * og + e / ig) * d_in + j * ig + e % ig, _mm256_mul_ps(t, s));
+      }
+  }
+}
+#endif
+
+template <typename C>
+void Decode(const C* codes, const float* cb, const float* scales, float* out, int64_t g0, int64_t n,
+            int64_t n_in, int64_t M, int64_t K, int64_t og, int64_t ig) {
+#if defined(__AVX__)
+  if (ig % 8 == 0) return DecodeTile8<C>(codes, cb, scales, out, g0, n, n_in, M, K, og, ig);
+#endif
+  return DecodeTile<C, 0>(codes, cb, scales, out, g0, n, n_in, M, K, og, ig);
+}
+
+ffi::Error AqDecodeImpl(ffi::AnyBuffer codes, ffi::Buffer<ffi::F32> codebooks,
+                        ffi::Buffer<ffi::F32> scales, ffi::Buffer<ffi::S32> start,
+                        ffi::ResultBuffer<ffi::F32> out) {
+  const auto cd = codes.dimensions(), bd = codebooks.dimensions(), od = out->dimensions();
+  if (cd.size() != 3 || bd.size() != 4 || od.size() != 2) return ffi::Error::InvalidArgument("aq_decode: bad ranks");
+  const int64_t n_g = cd[0], n_in = cd[1], M = cd[2], K = bd[1], og = bd[2], ig = bd[3];
+  const int64_t n = od[0] / og, g0 = start.typed_data()[0];
+  if (bd[0] != M || od[1] != n_in * ig || od[0] % og != 0 || g0 < 0 || g0 + n > n_g)
+    return ffi::Error::InvalidArgument("aq_decode: inconsistent shapes or start out of range");
+  if (codes.element_type() == ffi::DataType::U8)
+    Decode(codes.typed_data<uint8_t>(), codebooks.typed_data(), scales.typed_data(), out->typed_data(), g0, n, n_in, M, K, og, ig);
+  else if (codes.element_type() == ffi::DataType::U16)
+    Decode(codes.typed_data<uint16_t>(), codebooks.typed_data(), scales.typed_data(), out->typed_data(), g0, n, n_in, M, K, og, ig);
+  else
+    return ffi::Error::InvalidArgument("aq_decode: codes must be uint8 or uint16");
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantAqLutF32, AqLutImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("col_block_bytes")
+                                  .Attr<int64_t>("block_rows"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantAqDecodeF32, AqDecodeImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+"""
+
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "jaxquant" / "ffi"
+
+
+def _cpu_id() -> str:
+    # -march=native code must not be reused on another CPU sharing the cache directory.
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags") or line.startswith("Features"):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() + platform.machine()
+
+
+def _build() -> ctypes.CDLL:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    import jaxlib
+
+    key = hashlib.sha256(
+        "\0".join([_SOURCE, *_FLAGS, cxx, jaxlib.__version__, _cpu_id()]).encode()
+    ).hexdigest()[:16]
+    out = _cache_dir() / f"aq_lut_{key}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            src = Path(tmp) / "aq_lut.cc"
+            src.write_text(_SOURCE)
+            so = Path(tmp) / "aq_lut.so"
+            cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(src), "-o", str(so)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if proc.returncode != 0:
+                raise RuntimeError(f"compiling the FFI kernel failed:\n{proc.stderr[-4000:]}")
+            os.replace(so, out)  # atomic: a concurrent builder never sees a half-written file
+    return ctypes.CDLL(str(out))
+
+
+def available() -> bool:
+    """Build (once) and register the kernel; False when disabled or it cannot be built."""
+    with _lock:
+        if "ok" not in _state:
+            if os.environ.get("JAXQUANT_NO_FFI", "") not in ("", "0"):
+                _state.update(ok=False, error="disabled by JAXQUANT_NO_FFI")
+            else:
+                try:
+                    lib = _build()
+                    jax.ffi.register_ffi_target(
+                        TARGET_NAME, jax.ffi.pycapsule(lib.JaxquantAqLutF32), platform="cpu"
+                    )
+                    jax.ffi.register_ffi_target(
+                        DECODE_TARGET_NAME, jax.ffi.pycapsule(lib.JaxquantAqDecodeF32), platform="cpu"
+                    )
+                    _state.update(ok=True, lib=lib)
+                except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as e:
+                    _state.update(ok=False, error=str(e))
+        return bool(_state["ok"])
+
+
+def unavailable_reason() -> str | None:
+    """Why ``available()`` is False (None when it is True or was not asked yet)."""
+    return _state.get("error")
+
+
+def ffi_eligible(w: Any) -> bool:
+    """True when the native kernel can run ``w`` (ignoring backend and build)."""
+    return (
+        isinstance(w, AdditiveQuantized)
+        and w.out_group_size == 1
+        and w.codebooks.shape[1] <= 256
+        and np.dtype(w.codes.dtype) == np.uint8
+    )
+
+
+def lut_matmul_ffi(
+    x: jax.Array,
+    w: AdditiveQuantized,
+    *,
+    col_block_bytes: int = COL_BLOCK_BYTES,
+    block_rows: int = BLOCK_ROWS,
+) -> jax.Array:
+    """``x @ W`` for ``x: [rows, d_in]`` through the native LUT kernel; float32 ``[rows, d_out]``.
+
+    Raises:
+        NotImplementedError: not on the CPU backend, ``w`` not eligible (see
+            ``ffi_eligible``), or the kernel could not be built.
+        ValueError: ``x`` is not ``[rows, d_in]``.
+    """
+    if jax.default_backend() != "cpu":
+        raise NotImplementedError("cpu_ffi: backend is not cpu")
+    if not ffi_eligible(w):
+        raise NotImplementedError(f"cpu_ffi: needs AdditiveQuantized with uint8 codes and og == 1, got {w!r}")
+    if x.ndim != 2 or x.shape[1] != w.d_in:
+        raise ValueError(f"x must be [rows, d_in={w.d_in}], got shape {x.shape}")
+    if not available():
+        raise NotImplementedError(f"cpu_ffi: kernel unavailable ({unavailable_reason()})")
+    rows, d_out = x.shape[0], w.codes.shape[0]
+    out_type = jax.ShapeDtypeStruct((rows, d_out), jnp.float32)
+    return jax.ffi.ffi_call(TARGET_NAME, out_type)(
+        x.astype(jnp.float32),
+        w.codes,
+        w.codebooks.astype(jnp.float32),
+        w.scales.astype(jnp.float32).reshape(d_out),
+        col_block_bytes=np.int64(col_block_bytes),
+        block_rows=np.int64(block_rows),
+    )
+
+
+def decode_rows_ffi(w: AdditiveQuantized, start_group: jax.Array, n_groups: int) -> jax.Array:
+    """Decode output groups ``[start_group, start_group + n_groups)`` of ``w`` natively.
+
+    The XLA:CPU gather of codeword rows costs several ns per element (a 4096×4096 2×8
+    weight took ~100 ms to decode); this is a plain loop over the codes instead.
+
+    Args:
+        w: ``AdditiveQuantized`` with uint8 or uint16 codes (any ``M``, ``og``, ``ig``).
+        start_group: int32 scalar (may be traced), the first output group.
+        n_groups: static number of output groups.
+
+    Returns:
+        float32 ``[n_groups · og, d_in]`` in storage order ``(d_out, d_in)``.
+
+    Raises:
+        NotImplementedError: not on the CPU backend, codes not uint8/uint16, or the kernel
+            could not be built.
+    """
+    if jax.default_backend() != "cpu":
+        raise NotImplementedError("cpu_ffi: backend is not cpu")
+    if not isinstance(w, AdditiveQuantized) or np.dtype(w.codes.dtype) not in (np.uint8, np.uint16):
+        raise NotImplementedError(f"cpu_ffi decode: needs AdditiveQuantized with uint8/uint16 codes, got {w!r}")
+    if not available():
+        raise NotImplementedError(f"cpu_ffi: kernel unavailable ({unavailable_reason()})")
+    out_type = jax.ShapeDtypeStruct((n_groups * w.out_group_size, w.d_in), jnp.float32)
+    return jax.ffi.ffi_call(DECODE_TARGET_NAME, out_type)(
+        w.codes,
+        w.codebooks.astype(jnp.float32),
+        w.scales.astype(jnp.float32).reshape(w.codes.shape[0]),
+        jnp.asarray(start_group, jnp.int32).reshape(1),
+    )
+
+
+__all__ = [
+    "DECODE_TARGET_NAME",
+    "TARGET_NAME",
+    "available",
+    "decode_rows_ffi",
+    "ffi_eligible",
+    "lut_matmul_ffi",
+    "unavailable_reason",
+]

@@ -1,0 +1,131 @@
+"""``jaxquant quantize MODEL_DIR --recipe ... --calib ... --out OUT_DIR [--resume]``.
+
+The output directory holds, besides the run's state and logs (``run.json``,
+``layers.jsonl``, ``summary.json``; see ``jaxquant.pipeline.rundir``), a loadable
+quantized model: ``config.json`` and the tokenizer files of ``MODEL_DIR`` plus
+``params/``, a ``jaxquant.io.save`` checkpoint of the model's NNX state with quantized
+kernels (``jaxquant.io.hf_aqlm.load_quantized_dir`` reads it; ``jaxquant export``
+converts AQLM runs to the Hugging Face format).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+_TOKENIZER_FILES = ("jaxquant_tokenizer.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                    "vocab.json", "merges.txt", "special_tokens_map.json", "generation_config.json")
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``jaxquant quantize``."""
+    p.add_argument("model_dir", help="Hugging Face model directory (config.json, safetensors, tokenizer)")
+    p.add_argument("--recipe", required=True,
+                   help="a name (rtn-4, gptq-3, gptq-2-g64, aqlm-2x8, aqlm-1x16, aqlm-1x8-g4, ...) or a .json/.toml file")
+    p.add_argument("--calib", required=True, help="calibration text file, or 'builtin' (the built-in corpus, train split)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--out", required=True, help="output directory (new, empty, or this run's for --resume)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (or start it)")
+    p.add_argument("--finetune", action="store_true", help="fine-tune each block after quantizing it")
+    p.add_argument("--finetune-lr", type=float, default=1e-4)
+    p.add_argument("--finetune-epochs", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward pass")
+    p.add_argument("--offload", action="store_true", help="keep activations in memory-mapped files in --out")
+    p.add_argument("--eval", default=None,
+                   help="text file or 'builtin' (validation split) to report perplexity on; default: builtin "
+                        "when --calib builtin, else none ('none' disables)")
+    p.add_argument("--eval-windows", type=int, default=16, help="evaluation windows of --seqlen tokens")
+    p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _copy_model_files(model_dir: str, out: str) -> None:
+    from jaxquant.pipeline.rundir import atomic_write_bytes  # noqa: PLC0415
+
+    for name in ("config.json", *_TOKENIZER_FILES):
+        src = os.path.join(model_dir, name)
+        if os.path.isfile(src):
+            with open(src, "rb") as f:
+                atomic_write_bytes(os.path.join(out, name), f.read())
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``jaxquant quantize``; returns the exit status."""
+    import jax  # noqa: PLC0415
+
+    from jaxquant.cli import _dtype  # noqa: PLC0415
+    from jaxquant.data import calibration_windows, eval_windows, load_tokenizer, read_text  # noqa: PLC0415
+    from jaxquant.eval import perplexity  # noqa: PLC0415
+    from jaxquant.finetune.block import BlockFinetuneConfig  # noqa: PLC0415
+    from jaxquant.models import from_pretrained  # noqa: PLC0415
+    from jaxquant.pipeline.blocks import ComposedApply, LlamaBlocks  # noqa: PLC0415
+    from jaxquant.pipeline.rundir import SUMMARY_FILE, atomic_write_json  # noqa: PLC0415
+    from jaxquant.pipeline.run import quantize_model  # noqa: PLC0415
+    from jaxquant.recipes_named import resolve_recipe_arg  # noqa: PLC0415
+
+    recipe = resolve_recipe_arg(args.recipe)
+    for name in ("nsamples", "seqlen", "batch_size", "eval_windows"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive")
+    model = from_pretrained(args.model_dir, dtype=_dtype(args.dtype))
+    context = model.config.max_position_embeddings
+    if args.seqlen > context:
+        raise ValueError(f"--seqlen {args.seqlen} exceeds the model's context of {context} tokens")
+    tokenizer = load_tokenizer(args.model_dir)
+    text = read_text(args.calib, split="train")
+    ids = tokenizer.encode(text)
+    if len(ids) < args.nsamples * args.seqlen:
+        raise ValueError(
+            f"calibration text {args.calib!r} has {len(ids)} tokens, fewer than --nsamples {args.nsamples} x "
+            f"--seqlen {args.seqlen} = {args.nsamples * args.seqlen}"
+        )
+    tokens = calibration_windows(ids, args.nsamples, args.seqlen, seed=args.seed)
+    finetune = BlockFinetuneConfig(lr=args.finetune_lr, max_epochs=args.finetune_epochs) if args.finetune else None
+    result = quantize_model(model, tokens, recipe, key=jax.random.key(args.seed), finetune=finetune,
+                            out_dir=args.out, resume=args.resume, progress=not args.no_progress,
+                            batch_size=args.batch_size, offload=args.offload)
+    summary = dict(result.summary)
+
+    eval_source = args.eval if args.eval is not None else ("builtin" if args.calib == "builtin" else "none")
+    if eval_source != "none":
+        windows = eval_windows(tokenizer.encode(read_text(eval_source, split="validation")), args.seqlen)
+        windows = windows[: args.eval_windows].reshape(-1)
+        blockwise = LlamaBlocks(model)
+        apply = ComposedApply(blockwise)
+        summary["perplexity"] = {
+            "text": eval_source,
+            "windows": int(len(windows) // args.seqlen),
+            "seqlen": args.seqlen,
+            "full_precision": perplexity(apply, blockwise.params, windows, args.seqlen),
+            "quantized": perplexity(apply, result.params, windows, args.seqlen),
+        }
+    summary["recipe"] = args.recipe
+    atomic_write_json(os.path.join(args.out, SUMMARY_FILE), summary)
+    _copy_model_files(args.model_dir, args.out)
+    _print_summary(summary, args.out)
+    return 0
+
+
+def _print_summary(s: dict[str, Any], out: str) -> None:
+    lines = [
+        f"quantized {s['layers']} layers in {s['blocks']} blocks ({s['recipe']}) in {s['quantize_seconds']:.1f} s",
+        f"bits per weight {s['bits_per_weight']:.3f} (codes + codebooks/scales, quantized layers); "
+        f"model size {s['total_bytes'] / 2**20:.2f} MiB",
+        f"mean layer relative error {s['mean_layer_rel_error']:.4g}"
+        + ("" if s.get("mean_layer_rel_error_finetuned") is None
+           else f" ({s['mean_layer_rel_error_finetuned']:.4g} after fine-tuning)"),
+    ]
+    ppl = s.get("perplexity")
+    if ppl:
+        lines.append(f"perplexity on {ppl['text']} ({ppl['windows']} x {ppl['seqlen']} tokens): "
+                     f"{ppl['full_precision']:.4f} full precision -> {ppl['quantized']:.4f} quantized")
+    lines.append(f"output: {out} (params/, config.json, layers.jsonl, summary.json)")
+    print("\n".join(lines))
+    print(json.dumps({"bits_per_weight": s["bits_per_weight"], "seconds": s["quantize_seconds"]}))
+
+
+__all__ = ["configure", "run"]

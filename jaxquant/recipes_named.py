@@ -1,0 +1,169 @@
+"""Recipes by name (``gptq-3``, ``aqlm-2x8``, ...) and from JSON/TOML recipe files.
+
+Names follow one grammar, so every common case has a name without a table to keep in
+step with the recipe classes:
+
+* ``rtn-{bits}[-g{group}]`` and ``gptq-{bits}[-g{group}]``: scalar quantization, groups
+  of 128 input columns unless ``-g`` says otherwise (``-grow``: one group per row);
+* ``aqlm-{M}x{B}[-g{group}]``: ``M`` codebooks of ``2**B`` codewords over groups of 8
+  input columns unless ``-g`` says otherwise (``aqlm-2x8`` and ``aqlm-1x16`` are the
+  paper's 2-bit configurations; ``aqlm-1x8-g4`` is 2 code bits with a tiny codebook).
+
+A recipe file (``.json`` or ``.toml``) holds one key, ``recipe``: a single recipe
+(a table with ``method`` and fields, or a name), or a list of ``[pattern, recipe]``
+pairs where the first pattern that matches a layer's path decides::
+
+    {"recipe": [["attn", {"method": "gptq", "bits": 4}], ["mlp", "aqlm-2x8"]]}
+
+    # TOML, the same thing
+    [[recipe]]
+    pattern = "attn"
+    method = "gptq"
+    bits = 4
+    [[recipe]]
+    pattern = "mlp"
+    name = "aqlm-2x8"
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from typing import Any
+
+from jaxquant.recipes import AQLM, GPTQ, RTN, Recipe, recipe_from_dict, recipe_to_dict
+
+RecipeSpec = Recipe | list[tuple[str, Recipe]]
+
+_SCALAR = re.compile(r"^(rtn|gptq)-(\d+)(?:-g(\d+|row))?$")
+_AQLM = re.compile(r"^aqlm-(\d+)x(\d+)(?:-g(\d+))?$")
+EXAMPLE_NAMES = ("rtn-4", "rtn-3", "rtn-2", "gptq-4", "gptq-3", "gptq-2", "aqlm-2x8", "aqlm-1x16",
+                 "aqlm-1x8", "aqlm-1x8-g4", "gptq-2-g64")
+
+
+def named_recipe(name: str) -> Recipe:
+    """The recipe a name stands for (see the module docstring for the grammar).
+
+    Raises:
+        ValueError: the name does not follow the grammar, or its numbers are out of range
+            (the message lists example names).
+    """
+    key = name.strip().lower()
+    m = _SCALAR.match(key)
+    if m:
+        method, bits, group = m.groups()
+        group_size = 128 if group is None else (None if group == "row" else int(group))
+        cls = RTN if method == "rtn" else GPTQ
+        return cls(bits=int(bits), group_size=group_size)
+    m = _AQLM.match(key)
+    if m:
+        num, bits, group = m.groups()
+        return AQLM(num_codebooks=int(num), codebook_bits=int(bits), group_size=8 if group is None else int(group))
+    raise ValueError(
+        f"recipe name {name!r} is not known; names look like {', '.join(EXAMPLE_NAMES)} "
+        "(or pass a .json/.toml recipe file)"
+    )
+
+
+def _one(value: Any, where: str) -> Recipe:
+    if isinstance(value, str):
+        return named_recipe(value)
+    if isinstance(value, dict):
+        value = dict(value)
+        if "name" in value:
+            name = value.pop("name")
+            if value:
+                raise TypeError(f"{where}: a recipe given by name={name!r} takes no other fields, got {sorted(value)}")
+            return named_recipe(name)
+        return recipe_from_dict(value)
+    raise TypeError(f"{where}: a recipe must be a name or a table with 'method', got {type(value).__name__}")
+
+
+def parse_recipe(data: Any, where: str = "recipe") -> RecipeSpec:
+    """Build a recipe (or ``[(pattern, recipe)]`` list) from plain data.
+
+    Accepts a name, a ``{"method": ...}`` table, a list of ``[pattern, recipe]`` pairs,
+    or a list of tables each with a ``pattern`` key.
+
+    Raises:
+        ValueError / TypeError: naming the entry that is wrong.
+    """
+    if isinstance(data, str | dict):
+        return _one(data, where)
+    if not isinstance(data, list) or not data:
+        raise TypeError(f"{where} must be a name, a table, or a non-empty list of [pattern, recipe] pairs")
+    out: list[tuple[str, Recipe]] = []
+    for i, entry in enumerate(data):
+        at = f"{where}[{i}]"
+        if isinstance(entry, dict):
+            entry = dict(entry)
+            if "pattern" not in entry:
+                raise TypeError(f"{at}: a table in a recipe list needs a 'pattern' key")
+            pattern = entry.pop("pattern")
+            recipe = _one(entry, at)
+        elif isinstance(entry, list | tuple) and len(entry) == 2:
+            pattern, recipe = entry[0], _one(entry[1], at)
+        else:
+            raise TypeError(f"{at} must be [pattern, recipe] or a table with 'pattern', got {entry!r}")
+        if not isinstance(pattern, str) or not pattern:
+            raise TypeError(f"{at}: pattern must be a non-empty string, got {pattern!r}")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"{at}: pattern {pattern!r} is not a valid regular expression ({e})") from None
+        out.append((pattern, recipe))
+    return out
+
+
+def load_recipe_file(path: str | os.PathLike) -> RecipeSpec:
+    """Read a ``.json`` or ``.toml`` recipe file (see the module docstring).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unknown extension, unparsable file, or no ``recipe`` key.
+    """
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".json", ".toml"):
+        raise ValueError(f"recipe file {path!r} must end in .json or .toml")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        data = json.loads(raw) if ext == ".json" else tomllib.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"recipe file {path!r} is not valid {ext[1:].upper()}: {e}") from None
+    if not isinstance(data, dict) or "recipe" not in data:
+        raise ValueError(f"recipe file {path!r} must hold a top-level 'recipe' key")
+    unknown = sorted(set(data) - {"recipe"})
+    if unknown:
+        raise ValueError(f"recipe file {path!r} has unknown top-level keys {unknown} (only 'recipe')")
+    return parse_recipe(data["recipe"], where=f"{os.path.basename(path)}: recipe")
+
+
+def resolve_recipe_arg(value: str) -> RecipeSpec:
+    """A ``--recipe`` argument: a recipe file if it names an existing file, else a name."""
+    if os.path.isfile(value) or value.lower().endswith((".json", ".toml")):
+        return load_recipe_file(value)
+    return named_recipe(value)
+
+
+def recipe_spec_to_data(spec: Any) -> Any:
+    """Plain (JSON) data for a recipe or a ``[(pattern, recipe)]`` list / ``{pattern: recipe}`` map."""
+    if isinstance(spec, dict):
+        spec = list(spec.items())
+    if isinstance(spec, list | tuple):
+        return [[pattern, recipe_to_dict(r)] for pattern, r in spec]
+    return recipe_to_dict(spec)
+
+
+__all__ = [
+    "EXAMPLE_NAMES",
+    "RecipeSpec",
+    "load_recipe_file",
+    "named_recipe",
+    "parse_recipe",
+    "recipe_spec_to_data",
+    "resolve_recipe_arg",
+]

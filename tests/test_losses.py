@@ -1,0 +1,100 @@
+"""KL distillation loss, gradient accumulation and data-parallel batches."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxquant.finetune import losses
+
+
+def _kl_reference(s: np.ndarray, t: np.ndarray, mask: np.ndarray | None) -> float:
+    s = s.astype(np.float64)
+    t = t.astype(np.float64)
+    ls = s - np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1, keepdims=True)) - s.max(-1, keepdims=True)
+    lt = t - np.log(np.exp(t - t.max(-1, keepdims=True)).sum(-1, keepdims=True)) - t.max(-1, keepdims=True)
+    kl = (np.exp(lt) * (lt - ls)).sum(-1)
+    if mask is None:
+        return float(kl.mean())
+    return float((kl * mask).sum() / max(mask.sum(), 1))
+
+
+def test_kl_matches_reference_and_mask(rng):
+    s = rng.standard_normal((3, 5, 11)).astype(np.float32)
+    t = rng.standard_normal((3, 5, 11)).astype(np.float32)
+    mask = rng.random((3, 5)) < 0.6
+    got = losses.kl_divergence(jnp.asarray(s), jnp.asarray(t), jnp.asarray(mask))
+    np.testing.assert_allclose(float(got), _kl_reference(s, t, mask), rtol=1e-5)
+    np.testing.assert_allclose(float(losses.kl_divergence(jnp.asarray(s), jnp.asarray(t))),
+                               _kl_reference(s, t, None), rtol=1e-5)
+    assert float(losses.kl_divergence(jnp.asarray(s), jnp.asarray(s))) == pytest.approx(0.0, abs=1e-6)
+    assert float(losses.kl_divergence(jnp.asarray(s), jnp.asarray(t), jnp.zeros((3, 5), bool))) == 0.0
+
+
+def test_kl_bfloat16_inputs_and_no_teacher_gradient(rng):
+    s = jnp.asarray(rng.standard_normal((2, 4, 7)), jnp.bfloat16)
+    t = jnp.asarray(rng.standard_normal((2, 4, 7)), jnp.bfloat16)
+    out = losses.kl_divergence(s, t)
+    assert out.dtype == jnp.float32 and np.isfinite(float(out))
+    g = jax.grad(lambda t: losses.kl_divergence(s.astype(jnp.float32), t))(t.astype(jnp.float32))
+    assert float(jnp.max(jnp.abs(g))) == 0.0
+
+
+def test_kl_bad_shapes():
+    with pytest.raises(ValueError, match="teacher_logits shape"):
+        losses.kl_divergence(jnp.zeros((2, 3, 4), jnp.float32), jnp.zeros((2, 3, 5), jnp.float32))
+    with pytest.raises(ValueError, match="mask shape"):
+        losses.kl_divergence(jnp.zeros((2, 3, 4), jnp.float32), jnp.zeros((2, 3, 4), jnp.float32),
+                             jnp.ones((3, 2), bool))
+
+
+def _toy(rng):
+    params = {"w": jnp.asarray(rng.standard_normal((6, 9)) * 0.3, jnp.float32)}
+    teacher = {"w": jnp.asarray(rng.standard_normal((6, 9)) * 0.3, jnp.float32)}
+    emb = jnp.asarray(rng.standard_normal((9, 6)), jnp.float32)
+
+    def apply(p, tokens):
+        return emb[tokens] @ p["w"]
+
+    tokens = jnp.asarray(rng.integers(0, 9, (8, 5)), jnp.int32)
+    return params, teacher, apply, tokens
+
+
+def test_cached_teacher_logits_equal_on_the_fly(rng):
+    params, teacher, apply, tokens = _toy(rng)
+    loss = losses.distillation_loss(apply, apply, teacher)
+    cached = losses.distillation_loss(apply)
+    a = loss(params, tokens)
+    b = cached(params, tokens, teacher_logits=apply(teacher, tokens))
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+    with pytest.raises(ValueError, match="teacher"):
+        cached(params, tokens)
+
+
+def test_gradient_accumulation_equals_full_batch(rng):
+    params, teacher, apply, tokens = _toy(rng)
+    vg = jax.value_and_grad(losses.distillation_loss(apply, apply, teacher))
+    full = vg(params, tokens)
+    acc = jax.jit(lambda p, t: losses.accumulate_gradients(vg, p, t, num_micro=4))(params, tokens)
+    chex.assert_trees_all_close(acc, full, rtol=1e-5, atol=1e-7)
+    mask = jnp.ones(tokens.shape, bool)
+    acc_m = losses.accumulate_gradients(vg, params, tokens, mask, num_micro=2)
+    chex.assert_trees_all_close(acc_m, full, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="divisible"):
+        losses.accumulate_gradients(vg, params, tokens, num_micro=3)
+
+
+def test_data_parallel_batch_gives_same_loss_and_grads(rng):
+    params, teacher, apply, tokens = _toy(rng)
+    vg = jax.jit(jax.value_and_grad(losses.distillation_loss(apply, apply, teacher)))
+    mesh = losses.data_mesh()
+    assert mesh.shape["data"] == jax.device_count() == 4
+    sharded = losses.shard_batch(tokens, mesh)
+    assert len(sharded.sharding.device_set) == 4
+    got = vg(losses.replicate(params, mesh), sharded)
+    chex.assert_trees_all_close(got, vg(params, tokens), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="not divisible"):
+        losses.shard_batch(tokens[:6], mesh)

@@ -1,0 +1,167 @@
+"""The NNX Llama decoder: components against simple references, cache, quantized drop-in."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxquant as jq
+from jaxquant.models import LlamaForCausalLM, ModelConfig, config_from_hf, functional
+from jaxquant.models.llama import apply_rotary, attention_mask, rotary_tables
+
+TINY = ModelConfig(hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                   max_position_embeddings=64, vocab_size=50)
+
+
+def _tokens(rng, b=2, t=12, vocab=50):
+    return jnp.asarray(rng.integers(0, vocab, (b, t)), jnp.int32)
+
+
+def test_rotary_matches_complex_rotation(rng):
+    # Reference: pair dimension j with j + hd/2 as a complex number and rotate it by pos * f_j.
+    hd = 8
+    inv = TINY.inv_freq()
+    x = rng.standard_normal((1, 5, 2, hd)).astype(np.float32)
+    pos = np.arange(3, 8)
+    cos, sin = rotary_tables(inv, jnp.asarray(pos))
+    got = np.asarray(apply_rotary(jnp.asarray(x), cos, sin))
+    z = x[..., : hd // 2] + 1j * x[..., hd // 2 :]
+    z = z * np.exp(1j * pos[None, :, None, None] * inv[None, None, None, :])
+    want = np.concatenate([z.real, z.imag], axis=-1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_llama3_rope_scaling_changes_only_low_frequencies():
+    scaled = ModelConfig(head_dim=64, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})
+    plain = ModelConfig(head_dim=64, rope_theta=500000.0)
+    a, b = scaled.inv_freq(), plain.inv_freq()
+    wavelen = 2 * np.pi / b
+    np.testing.assert_array_equal(a[wavelen < 64 / 4], b[wavelen < 64 / 4])  # high frequencies kept
+    np.testing.assert_allclose(a[wavelen > 64], b[wavelen > 64] / 8, rtol=1e-6)  # low ones divided
+    assert ((a < b) | (a == b)).all()
+
+
+def test_attention_mask_sliding_window():
+    m = np.asarray(attention_mask(jnp.arange(6), jnp.arange(6), window=3))
+    want = np.array([[k <= q and k > q - 3 for k in range(6)] for q in range(6)])
+    np.testing.assert_array_equal(m, want)
+    assert np.asarray(attention_mask(jnp.arange(6), jnp.arange(6), None)).sum() == 21
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads(rng):
+    gqa = LlamaForCausalLM(TINY, rngs=nnx.Rngs(1))
+    mha_cfg = ModelConfig(**{**TINY.__dict__, "num_kv_heads": 4})
+    mha = LlamaForCausalLM(mha_cfg, rngs=nnx.Rngs(1))
+    state = nnx.state(gqa)
+    mstate = nnx.state(mha)
+    hd = TINY.head_dim
+    for i in range(TINY.num_layers):
+        for name in ("k_proj", "v_proj"):
+            k = np.asarray(state["layers"][i]["attn"][name]["kernel"].get_value())  # (d, 2*hd)
+            heads = k.reshape(-1, 2, hd)
+            rep = np.repeat(heads, 2, axis=1).reshape(-1, 4 * hd)  # kv head j serves q heads 2j, 2j+1
+            mstate["layers"][i]["attn"][name]["kernel"].set_value(jnp.asarray(rep))
+    for path in ("embed", "lm_head", "final_norm"):
+        mstate[path] = state[path]
+    for i in range(TINY.num_layers):
+        for part in ("input_norm", "post_attn_norm", "mlp"):
+            mstate["layers"][i][part] = state["layers"][i][part]
+        for name in ("q_proj", "o_proj"):
+            mstate["layers"][i]["attn"][name] = state["layers"][i]["attn"][name]
+    nnx.update(mha, mstate)
+    tokens = _tokens(rng)
+    np.testing.assert_allclose(np.asarray(gqa(tokens)), np.asarray(mha(tokens)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_chunked_cache_forward_matches_full_forward(rng, window):
+    cfg = ModelConfig(**{**TINY.__dict__, "sliding_windows": (window, window)})
+    model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(2))
+    tokens = _tokens(rng, t=11)
+    full = np.asarray(model(tokens))
+    cache = model.init_cache(2, 16)
+    parts = []
+    for start, stop in ((0, 5), (5, 6), (6, 11)):
+        logits, cache = model.forward(tokens[:, start:stop], cache, start)
+        parts.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_tied_head_has_no_lm_head_and_uses_embedding(rng):
+    cfg = ModelConfig(**{**TINY.__dict__, "tie_word_embeddings": True})
+    model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(3))
+    assert model.lm_head is None
+    assert cfg.num_params() == sum(x.size for x in jax.tree.leaves(nnx.state(model)))
+    tokens = _tokens(rng)
+    emb = np.asarray(model.embed.embedding.get_value())
+    # The head is the transposed embedding: zeroing the embedding's last row zeroes that logit.
+    logits = np.asarray(model(tokens))
+    assert logits.shape == (2, 12, 50)
+    model.embed.embedding.set_value(jnp.asarray(emb).at[-1].set(0.0))
+    tokens_safe = jnp.where(tokens == 49, 0, tokens)
+    np.testing.assert_array_equal(np.asarray(model(tokens_safe))[..., -1], 0.0)
+
+
+def test_num_params_untied():
+    model = LlamaForCausalLM(TINY)
+    assert TINY.num_params() == sum(x.size for x in jax.tree.leaves(nnx.state(model)))
+
+
+def test_quantized_state_drops_in_via_update(rng):
+    model = LlamaForCausalLM(TINY, rngs=nnx.Rngs(4))
+    tokens = _tokens(rng)
+    apply_fn, params = functional(model)
+    q = jq.quantize(params, None, jq.RTN(bits=3, group_size=16))
+    selected = jq.select.selected_paths(params)
+    assert len(selected) == 7 * TINY.num_layers  # embedding, head and norms are skipped
+    want = np.asarray(apply_fn(jq.dequantize(q), tokens))
+    nnx.update(model, q)
+    assert jq.is_quantized(model.layers[0].mlp.up_proj.kernel.get_value())
+    got = np.asarray(model(tokens))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(jax.jit(apply_fn)(q, tokens)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_calibrate_sees_every_linear_layer(rng):
+    model = LlamaForCausalLM(TINY, rngs=nnx.Rngs(5))
+    apply_fn, params = functional(model)
+    batches = [_tokens(rng, b=4, t=8) for _ in range(2)]
+    stats = jq.calibrate(apply_fn, params, batches)
+    assert sorted(stats) == jq.select.selected_paths(params)
+    # q/k/v share one input (the normed residual): identical statistics, 64 tokens each.
+    s = stats["layers/0/attn/q_proj/kernel"]
+    assert int(s.count) == 64
+    np.testing.assert_array_equal(np.asarray(s.xtx), np.asarray(stats["layers/0/attn/v_proj/kernel"].xtx))
+
+
+def test_bfloat16_model_close_to_float32(rng):
+    f32 = LlamaForCausalLM(TINY, rngs=nnx.Rngs(6))
+    bf16 = LlamaForCausalLM(TINY, dtype=jnp.bfloat16, rngs=nnx.Rngs(6))
+    nnx.update(bf16, jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(f32)))
+    tokens = _tokens(rng)
+    a = np.asarray(f32(tokens))
+    b = bf16(tokens)
+    assert b.dtype == jnp.bfloat16
+    b = np.asarray(b.astype(jnp.float32))
+    assert np.linalg.norm(a - b) / np.linalg.norm(a) < 2e-2
+
+
+def test_config_validation_errors():
+    with pytest.raises(ValueError, match="num_kv_heads=3"):
+        ModelConfig(num_heads=4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="rope_type='yarn'"):
+        ModelConfig(rope_scaling={"rope_type": "yarn", "factor": 2.0})
+    with pytest.raises(ValueError, match="unsupported architecture: model_type='gpt2'"):
+        config_from_hf({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+    with pytest.raises(ValueError, match="sliding_windows has 1 entries"):
+        ModelConfig(num_layers=2, sliding_windows=(4,))
+
+
+def test_config_hf_dict_round_trip():
+    cfg = ModelConfig(architecture="qwen2", qkv_bias=True, num_layers=3, sliding_windows=(None, 8, 8),
+                      rope_scaling={"rope_type": "linear", "factor": 2.0})
+    assert config_from_hf(cfg.to_hf_dict()) == cfg
+    hash(cfg)  # jit static arguments need it

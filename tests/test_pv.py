@@ -1,0 +1,276 @@
+"""PV-Tuning transform: V-step subspace and trust region, P step, STE mode, no retrace."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxquant.finetune import pv
+from jaxquant.qarray import AdditiveQuantized, ScalarQuantized, dequantize
+
+
+def make_additive(w_out_in: jax.Array, m: int, b: int, g: int, seed: int = 0, layout: str = "out_in",
+                  og: int = 1) -> AdditiveQuantized:
+    """A small AQLM array fit to ``w`` by sampling codewords from its tiles and encoding."""
+    d_out, d_in = w_out_in.shape
+    rng = np.random.default_rng(seed)
+    tiles = np.asarray(w_out_in).reshape(d_out // og, og, d_in // g, g).transpose(0, 2, 1, 3).reshape(-1, og, g)
+    books = tiles[rng.integers(0, len(tiles), size=(m, 2**b))] / m
+    codes = jnp.asarray(rng.integers(0, 2**b, size=(d_out // og, d_in // g, m)), jnp.uint8)
+    shape = (d_out, d_in) if layout == "out_in" else (d_in, d_out)
+    q = AdditiveQuantized(codes, jnp.asarray(books, jnp.float32), jnp.ones((d_out // og, 1, 1, 1), jnp.float32),
+                          b, shape, layout)
+    idx = jnp.arange(pv.num_groups(q), dtype=jnp.int32)
+    for _ in range(2):
+        q = _reencode(q, w_out_in, idx)
+    return q
+
+
+_reencode = jax.jit(lambda q, w, idx: pv.reencode_additive(q, w, idx, beam_size=4))
+
+
+def changed_groups(a: AdditiveQuantized, b: AdditiveQuantized) -> np.ndarray:
+    return np.asarray(jnp.any(a.codes != b.codes, axis=-1)).reshape(-1)
+
+
+def mse_problem(seed: int = 0, layout: str = "out_in"):
+    key = jax.random.key(seed)
+    w = jax.random.normal(key, (32, 48), jnp.float32) / 7.0
+    q = make_additive(w, 2, 4, 4, seed=seed, layout=layout)
+    x = jax.random.normal(jax.random.key(seed + 1), (64, 48), jnp.float32)
+    y = x @ w.T
+    params = {"w": q, "b": jnp.zeros((32,), jnp.float32)}
+
+    def loss_fn(p, x, y):
+        wt = p["w"] if layout == "out_in" else p["w"].T
+        return jnp.mean((x @ wt.T + p["b"] - y) ** 2)
+
+    return params, loss_fn, x, y
+
+
+def make_step(tuner, loss_fn):
+    @jax.jit
+    def step(params, state, x, y):
+        loss, grads = pv.decoded_value_and_grad(loss_fn)(params, x, y)
+        params, state = tuner.update(grads, state, params)
+        return params, state, loss
+
+    return step
+
+
+# ----------------------------------------------------------------------------- re-encoding
+
+
+def test_reencode_single_codebook_is_exact_nearest(rng):
+    """With M = 1 the beam search is exhaustive: it must return the nearest scaled codeword."""
+    books = jnp.asarray(rng.standard_normal((1, 16, 1, 4)), jnp.float32)
+    scales = jnp.asarray(rng.uniform(0.5, 2.0, (8, 1, 1, 1)), jnp.float32)
+    codes = jnp.asarray(rng.integers(0, 16, (8, 6, 1)), jnp.uint8)
+    q = AdditiveQuantized(codes, books, scales, 4, (8, 24))
+    target = jnp.asarray(rng.standard_normal((8, 24)), jnp.float32)
+    out = jax.jit(lambda q, t: pv.reencode_additive(q, t, jnp.arange(48, dtype=jnp.int32), beam_size=2))(q, target)
+    # Reference: brute force over the 16 codewords for every tile.
+    t = np.asarray(target).reshape(8, 6, 4)
+    cand = np.asarray(scales).reshape(8, 1, 1, 1) * np.asarray(books)[0, :, 0][None, None]  # [8, 1, 16, 4]
+    err = ((t[:, :, None, :] - cand) ** 2).sum(-1)
+    ref = err.argmin(-1)
+    np.testing.assert_array_equal(np.asarray(out.codes)[..., 0], ref)
+
+
+def test_reencode_subset_only_touches_subset_and_never_worsens(rng):
+    w = jnp.asarray(rng.standard_normal((16, 32)) / 5, jnp.float32)
+    q = make_additive(w, 2, 4, 4, og=2)
+    target = w + jnp.asarray(rng.standard_normal((16, 32)) * 0.05, jnp.float32)
+    idx = jnp.asarray([0, 5, 9, 30, 31], jnp.int32)
+    out = _reencode(q, target, idx)
+    changed = np.flatnonzero(changed_groups(q, out))
+    assert set(changed.tolist()) <= set(np.asarray(idx).tolist())
+    dist = jax.jit(pv.group_distances)
+    before = np.asarray(dist(q, target))
+    after = np.asarray(dist(out, target))
+    assert np.all(after <= before + 1e-6)
+    assert after[changed].sum() < before[changed].sum() or len(changed) == 0
+
+
+def test_reencode_scalar_matches_rounding(rng):
+    codes = jnp.asarray(rng.integers(0, 4, (4, 16)), jnp.uint8)
+    scales = jnp.asarray(rng.uniform(0.1, 0.3, (4, 2)), jnp.float32)
+    zeros = jnp.asarray(rng.uniform(0.5, 2.5, (4, 2)), jnp.float32)
+    q = ScalarQuantized(codes, scales, zeros, 2, 8, (4, 16))
+    target = jnp.asarray(rng.standard_normal((4, 16)) * 0.3, jnp.float32)
+    out = jax.jit(lambda q, t: pv.reencode_scalar(q, t, jnp.arange(64, dtype=jnp.int32)))(q, target)
+    s = np.repeat(np.asarray(scales), 8, 1)
+    z = np.repeat(np.asarray(zeros), 8, 1)
+    ref = np.clip(np.round(np.asarray(target) / s + z), 0, 3)
+    # Where rounding ties the old code, either is fine; elsewhere the nearest grid point.
+    dec = lambda c: (c - z) * s  # noqa: E731
+    np.testing.assert_allclose(np.abs(dec(np.asarray(out.codes, np.float64)) - np.asarray(target)),
+                               np.abs(dec(ref) - np.asarray(target)), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- V step
+
+
+@pytest.mark.parametrize("fraction", [0.02, 0.1])
+def test_v_step_changes_at_most_fraction(fraction):
+    params, loss_fn, x, y = mse_problem()
+    n = pv.num_groups(params["w"])
+    k = pv.num_selected(n, fraction)
+    # A frozen P step isolates the V step; a large buffer step makes many groups want to move.
+    tuner = pv.pv_tuning(optax.sgd(0.0), optax.sgd(20.0), update_fraction=fraction)
+    state = tuner.init(params)
+    step = make_step(tuner, loss_fn)
+    total = 0
+    for _ in range(4):
+        new, state, _ = step(params, state, x, y)
+        changed = changed_groups(params["w"], new["w"])
+        assert changed.sum() <= k, (changed.sum(), k)
+        total += changed.sum()
+        params = new
+    assert total > 0  # the V step did act
+
+
+def test_v_step_changes_only_furthest_moved_groups():
+    params, loss_fn, x, y = mse_problem()
+    tuner = pv.pv_tuning(optax.sgd(0.0), optax.sgd(20.0), update_fraction=0.05)
+    state = tuner.init(params)
+    _, grads = pv.decoded_value_and_grad(loss_fn)(params, x, y)
+    buffer = state.buffers["w"] - 20.0 * grads["w"]
+    k = pv.num_selected(pv.num_groups(params["w"]), 0.05)
+    top = set(np.argsort(-np.asarray(pv.group_distances(params["w"], buffer)))[:k].tolist())
+    new, _ = jax.jit(tuner.update)(grads, state, params)
+    changed = set(np.flatnonzero(changed_groups(params["w"], new["w"])).tolist())
+    assert changed and changed <= top
+
+
+@pytest.mark.parametrize("trust_ratio", [0.02, 0.05])
+def test_trust_ratio_bounds_the_change(trust_ratio):
+    params, loss_fn, x, y = mse_problem()
+    free = pv.pv_tuning(optax.sgd(0.0), optax.sgd(50.0), update_fraction=0.5)
+    bound = pv.pv_tuning(optax.sgd(0.0), optax.sgd(50.0), update_fraction=0.5, trust_ratio=trust_ratio)
+    w0 = params["w"].decode_out_in()
+    norm0 = float(jnp.linalg.norm(w0))
+    _, grads = pv.decoded_value_and_grad(loss_fn)(params, x, y)
+    unbounded, _ = jax.jit(free.update)(grads, free.init(params), params)
+    bounded, _ = jax.jit(bound.update)(grads, bound.init(params), params)
+    free_ratio = float(jnp.linalg.norm(unbounded["w"].decode_out_in() - w0)) / norm0
+    ratio = float(jnp.linalg.norm(bounded["w"].decode_out_in() - w0)) / norm0
+    assert free_ratio > trust_ratio  # the bound is active in this test
+    assert ratio <= trust_ratio * (1 + 1e-5)
+    assert changed_groups(params["w"], bounded["w"]).sum() >= 1
+
+
+def test_p_step_alone_leaves_codes_unchanged():
+    params, loss_fn, x, y = mse_problem()
+    tuner = pv.pv_tuning(optax.adam(1e-2), optax.adam(1e-2), every=1000)
+    state = tuner.init(params)
+    step = make_step(tuner, loss_fn)
+    codes0, books0 = params["w"].codes, params["w"].codebooks
+    losses = []
+    for _ in range(10):
+        params, state, loss = step(params, state, x, y)
+        losses.append(float(loss))
+    np.testing.assert_array_equal(np.asarray(params["w"].codes), np.asarray(codes0))
+    assert float(jnp.max(jnp.abs(params["w"].codebooks - books0))) > 1e-3
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_p_gradients_match_autodiff_through_decode():
+    params, loss_fn, x, y = mse_problem(layout="in_out")
+    _, grads = pv.decoded_value_and_grad(loss_fn)(params, x, y)
+    got = pv.continuous_grads(grads, params)
+
+    def direct(books, scales, b):
+        q = params["w"]
+        q = AdditiveQuantized(q.codes, books, scales, q.codebook_bits, q.shape, q.layout)
+        return loss_fn({"w": q.decode(), "b": b}, x, y)
+
+    ref = jax.grad(direct, argnums=(0, 1, 2))(params["w"].codebooks, params["w"].scales, params["b"])
+    chex.assert_trees_all_close((got["w"].codebooks, got["w"].scales, got["b"]), ref, rtol=1e-5, atol=1e-7)
+    assert got["w"].codes is None
+
+
+def test_ste_mode_reencodes_every_group_from_buffer(rng):
+    w = jnp.asarray(rng.standard_normal((8, 16)) / 4, jnp.float32)
+    books = jnp.asarray(rng.standard_normal((1, 16, 1, 4)) / 4, jnp.float32)
+    q = AdditiveQuantized(jnp.zeros((8, 4, 1), jnp.uint8), books, jnp.ones((8, 1, 1, 1), jnp.float32), 4, (8, 16))
+    params = {"w": q}
+    grads = {"w": jnp.asarray(rng.standard_normal((8, 16)), jnp.float32)}
+    tuner = pv.pv_tuning(optax.sgd(0.0), optax.sgd(0.3), mode="ste")
+    state = tuner.init(params)
+    new, state = jax.jit(tuner.update)(grads, state, params)
+    buffer = q.decode_out_in() - 0.3 * grads["w"]
+    np.testing.assert_allclose(np.asarray(state.buffers["w"]), np.asarray(buffer), atol=1e-6)
+    ref = jax.jit(lambda q, b: pv.reencode_additive(q, b, jnp.arange(32, dtype=jnp.int32), beam_size=8))(q, buffer)
+    np.testing.assert_array_equal(np.asarray(new["w"].codes), np.asarray(ref.codes))
+    assert changed_groups(q, new["w"]).sum() > 16  # far more than any 1% subspace
+    del w
+
+
+def test_scalar_v_step_changes_at_most_fraction(rng):
+    codes = jnp.asarray(rng.integers(0, 4, (16, 32)), jnp.uint8)
+    q = ScalarQuantized(codes, jnp.full((16, 2), 0.1, jnp.float32), None, 2, 16, (32, 16), "in_out")
+    params = {"k": q}
+    grads = {"k": jnp.asarray(rng.standard_normal((32, 16)), jnp.float32)}
+    tuner = pv.pv_tuning(optax.sgd(0.0), optax.sgd(1.0), update_fraction=0.05)
+    new, _ = jax.jit(tuner.update)(grads, tuner.init(params), params)
+    n_changed = int(jnp.sum(new["k"].codes != codes))
+    assert 0 < n_changed <= pv.num_selected(512, 0.05)
+
+
+def test_every_and_no_retrace():
+    params, loss_fn, x, y = mse_problem()
+    tuner = pv.pv_tuning(optax.adam(1e-3), optax.adam(1e-2), update_fraction=0.05, every=2)
+    state = tuner.init(params)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(params, state, x, y):
+        loss, grads = pv.decoded_value_and_grad(loss_fn)(params, x, y)
+        params, state = tuner.update(grads, state, params)
+        return params, state, loss
+
+    changes = []
+    for _ in range(6):
+        new, state, _ = step(params, state, x, y)
+        changes.append(int(changed_groups(params["w"], new["w"]).sum()))
+        params = new
+    assert int(state.count) == 6
+    assert changes[0] == changes[2] == changes[4] == 0  # V step on updates 2, 4, 6 only
+    assert sum(changes) > 0
+
+
+def test_dtypes_preserved_and_master_is_float32():
+    params, loss_fn, x, y = mse_problem()
+    q = params["w"]
+    params = {"w": AdditiveQuantized(q.codes, q.codebooks.astype(jnp.float16), q.scales.astype(jnp.float16),
+                                     q.codebook_bits, q.shape), "b": params["b"]}
+    tuner = pv.pv_tuning(optax.adam(1e-3), optax.adam(1e-3))
+    state = tuner.init(params)
+    assert state.master["w"].codebooks.dtype == jnp.float32
+    new, state, _ = make_step(tuner, loss_fn)(params, state, x, y)
+    assert new["w"].codebooks.dtype == jnp.float16 and new["w"].codes.dtype == jnp.uint8
+    assert jax.tree.structure(new) == jax.tree.structure(params)
+
+
+def test_bad_arguments():
+    for kwargs in (dict(update_fraction=0.0), dict(update_fraction=1.5), dict(trust_ratio=0.0), dict(every=0),
+                   dict(mode="both"), dict(beam_size=0), dict(buffer_decay=2.0)):
+        with pytest.raises(ValueError):
+            pv.pv_tuning(optax.sgd(0.1), optax.sgd(0.1), **kwargs)
+    tuner = pv.pv_tuning(optax.sgd(0.1), optax.sgd(0.1))
+    with pytest.raises(ValueError, match="no quantized"):
+        tuner.init({"w": jnp.zeros((4, 4), jnp.float32)})
+    params, _, _, _ = mse_problem()
+    with pytest.raises(ValueError, match="structure"):
+        tuner.update({"x": jnp.zeros(3, jnp.float32)}, tuner.init(params), params)
+
+
+def test_dequantize_tree_matches_grads_structure():
+    params, loss_fn, x, y = mse_problem()
+    _, grads = pv.decoded_value_and_grad(loss_fn)(params, x, y)
+    assert jax.tree.structure(grads) == jax.tree.structure(dequantize(params))

@@ -1,0 +1,73 @@
+"""``jaxquant finetune``: runs, writes a loadable quantized model, and resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxquant as jq
+from jaxquant import io
+from jaxquant.cli import main
+from jaxquant.data import BYTE_TOKENIZER_FILE
+from jaxquant.io.hf_aqlm import load_quantized_dir
+from jaxquant.models import LlamaForCausalLM, ModelConfig, functional, save_pretrained
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pvcli")
+    cfg = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16,
+                      max_position_embeddings=64, vocab_size=256)
+    model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    teacher = str(root / "teacher")
+    save_pretrained(model, teacher)
+    with open(os.path.join(teacher, BYTE_TOKENIZER_FILE), "w") as f:
+        json.dump({"type": "bytes"}, f)
+    _, params = functional(model)
+    quant = str(root / "quant")
+    os.makedirs(quant)
+    for name in ("config.json", BYTE_TOKENIZER_FILE):
+        with open(os.path.join(teacher, name)) as src, open(os.path.join(quant, name), "w") as dst:
+            dst.write(src.read())
+    io.save(os.path.join(quant, "params"), jq.quantize(params, None, jq.RTN(bits=2, group_size=16,
+                                                                           param_dtype="float32")))
+    return root, teacher, quant
+
+
+def _args(quant, teacher, out, steps, *extra):
+    return ["finetune", quant, "--teacher", teacher, "--out", out, "--steps", str(steps), "--batch-size", "4",
+            "--seqlen", "32", "--eval-every", "2", "--eval-windows", "4", "--save-every", "2", "--no-progress",
+            "--p-lr", "1e-3", "--v-lr", "1e-3", "--update-fraction", "0.05", *extra]
+
+
+def test_finetune_writes_model_and_resumes(dirs, capsys):
+    root, teacher, quant = dirs
+    full, part = str(root / "full"), str(root / "part")
+    assert main(_args(quant, teacher, full, 4)) == 0
+    report = json.load(open(os.path.join(full, "finetune.json")))
+    steps = [h["step"] for h in report["history"]]
+    assert steps == [0, 2, 4]
+    assert all(np.isfinite(h["val_ppl"]) for h in report["history"])
+    config, tuned = load_quantized_dir(full)
+    assert config.hidden_size == 32
+    assert jax.tree.structure(tuned) == jax.tree.structure(load_quantized_dir(quant)[1])
+    # 2 steps, then resume to 4: the same parameters as the uninterrupted run.
+    assert main(_args(quant, teacher, part, 2)) == 0
+    assert main(_args(quant, teacher, part, 4, "--resume")) == 0
+    _, resumed = load_quantized_dir(part)
+    for a, b in zip(jax.tree.leaves(tuned), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert "validation perplexity" in capsys.readouterr().out
+
+
+def test_finetune_bad_arguments(dirs, capsys):
+    root, teacher, quant = dirs
+    assert main(_args(quant, teacher, str(root / "bad"), 0)) == 1
+    assert "--steps 0 must be positive" in capsys.readouterr().err
+    assert main(_args(quant, teacher, str(root / "bad2"), 2, "--resume")) == 1
+    assert "no checkpoint" in capsys.readouterr().err
