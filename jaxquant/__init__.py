@@ -3,7 +3,7 @@
 The public API, re-exported by name; nothing is defined here.
 """
 
-from jaxquant import ops, select
+from jaxquant import io, models, ops, pipeline, select
 from jaxquant.calibrate import calibrate
 from jaxquant.finetune.pv import decoded_value_and_grad, pv_tuning
 from jaxquant.qarray import (
@@ -29,7 +29,10 @@ __all__ = [
     "dequantize",
     "is_quantized",
     "merge",
+    "io",
+    "models",
     "ops",
+    "pipeline",
     "pv_tuning",
     "quantize",
     "quantize_weight",

@@ -173,6 +173,21 @@ register(Command("finetune", "PV-Tuning of a quantized model against its teacher
                  _configure_finetune, _run_finetune))
 
 
+def _configure_export(p: argparse.ArgumentParser) -> None:
+    from jaxquant.io.hf_aqlm import add_export_arguments  # noqa: PLC0415
+
+    add_export_arguments(p)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from jaxquant.io.hf_aqlm import export_command  # noqa: PLC0415
+
+    return export_command(args)
+
+
+register(Command("export", "write a quantized model in the Hugging Face AQLM format", _configure_export, _run_export))
+
+
 # ----------------------------------------------------------------------------- main
 
 

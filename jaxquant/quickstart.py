@@ -76,7 +76,7 @@ DEFAULT = QuickstartConfig(
 FAST = QuickstartConfig(
     model=ModelConfig(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=4,
                       head_dim=16, max_position_embeddings=128, vocab_size=256),
-    train=TrainConfig(steps=60, batch_size=8, seqlen=128, warmup_steps=6),
+    train=TrainConfig(steps=120, batch_size=8, seqlen=128, warmup_steps=10),
     eval_seqlen=128,
     calib_windows=32,
     calib_seqlen=128,

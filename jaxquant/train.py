@@ -93,7 +93,10 @@ def make_train_step(graphdef: Any, optimizer: optax.GradientTransformation) -> C
 
     def step(params: Any, opt_state: Any, batch: jax.Array) -> tuple[Any, Any, jax.Array]:
         loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
+        # optax's Adam bias correction raises a Python float to an int32 step count, which
+        # strict dtype promotion (used in our tests) rejects; allow it for the update only.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
     return jax.jit(step, donate_argnums=(0, 1))

@@ -84,17 +84,15 @@ def test_beam_search_never_increases_objective(rng, beam_size, og):
 
 @pytest.mark.parametrize("d_in", [2, 4])
 def test_wide_beam_finds_exhaustive_optimum(rng, d_in):
-    """M=2, 2^B=4, g=2, 3 rows: a wide beam equals brute force over all code tuples.
+    """M=2, 2^B=4, g=2, 3 rows: a wide full-row beam equals brute force over all code tuples.
 
-    With two groups, XᵀX is made block-diagonal so groups decouple and the per-group
-    search is globally exact.
+    With ``K^(M·n_ig - 1)`` hypotheses the last step scores every code tuple of the row
+    (the beam holds every prefix), so the search is exact for any XᵀX.
     """
     m, k, ig, rows = 2, 4, 2, 3
     w, h, codebooks, codes, scales = _search_np_inputs(rng, rows, 1, d_in, m, k, ig)
-    if d_in > ig:
-        h = h * np.kron(np.eye(d_in // ig), np.ones((ig, ig))).astype(np.float32)
-    new, _ = _search(w, h, codebooks, codes, scales, beam_size=k * k)
     n_ig = d_in // ig
+    new, _ = _search(w, h, codebooks, codes, scales, beam_size=k ** (m * n_ig - 1))
     for r in range(rows):
         best, best_codes = np.inf, None
         for combo in itertools.product(range(k), repeat=m * n_ig):

@@ -363,3 +363,33 @@ def test_transformers_aqlm_1x16_int16_codes_logits_match(tmp_path, rng):
     assert tm.model.layers[1].self_attn.q_proj.codes.dtype.__str__() == "torch.int16"
     assert np.all(np.isfinite(ref))
     assert _rel(ours_exported, ref) < 1e-5
+
+
+# ----------------------------------------------------------------------------- from_pretrained
+
+
+def test_from_pretrained_loads_hf_aqlm_directory(tmp_path, rng):
+    from jaxquant.models import from_pretrained
+
+    model = LlamaForCausalLM(_tiny_config(), rngs=nnx.Rngs(0))
+    quantized = _quantize_linears(model, rng)
+    out = hf_aqlm.export_hf_aqlm(model, tmp_path / "aqlm")
+    loaded = from_pretrained(out)
+    state = dict(flatten_with_paths(nnx.state(loaded, nnx.Param)))
+    for path, q in quantized.items():
+        assert isinstance(state[path], AdditiveQuantized), path
+        np.testing.assert_array_equal(np.asarray(state[path].codes), np.asarray(q.codes))
+    np.testing.assert_array_equal(_logits(loaded, _tokens()), _logits(model, _tokens()))
+
+
+def test_from_pretrained_loads_quantize_output_directory(tmp_path, rng):
+    from jaxquant.models import from_pretrained
+
+    model = LlamaForCausalLM(_tiny_config(), rngs=nnx.Rngs(0))
+    save_pretrained(model, tmp_path / "run")  # config.json (the weights are not used)
+    _quantize_linears(model, rng)
+    jio.save(tmp_path / "run" / "params", nnx.state(model, nnx.Param))
+    loaded = from_pretrained(tmp_path / "run")
+    kernels = [leaf for path, leaf in flatten_with_paths(nnx.state(loaded)) if path.startswith("layers/") and path.endswith("kernel")]
+    assert kernels and all(isinstance(k, AdditiveQuantized) for k in kernels)
+    np.testing.assert_array_equal(_logits(loaded, _tokens()), _logits(model, _tokens()))

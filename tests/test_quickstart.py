@@ -14,7 +14,7 @@ from jaxquant.train import TrainConfig
 TINY = qs.QuickstartConfig(
     model=ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16,
                       max_position_embeddings=64, vocab_size=256),
-    train=TrainConfig(steps=30, batch_size=4, seqlen=64, warmup_steps=3, peak_lr=1e-2),
+    train=TrainConfig(steps=80, batch_size=8, seqlen=64, warmup_steps=8, peak_lr=1e-2),
     eval_seqlen=64, calib_windows=8, calib_seqlen=64, calib_batch=4,
 )
 METHODS = tuple(m for m in qs.METHODS if m.label in ("fp32", "RTN 4-bit", "RTN 2-bit", "GPTQ 2-bit"))
@@ -60,7 +60,7 @@ def test_model_is_cached_in_hf_format(run):
     lines = []
     model, again_dir, record = qs.train_or_load(TINY, cache_dir=str(cache), progress=False, log=lines.append)
     assert again_dir == model_dir and lines[0].startswith("Using the cached model")
-    assert record["steps"] == 30 and len(record["losses"]) == 30
+    assert record["steps"] == 80 and len(record["losses"]) == 80
     assert record["losses"][-1] < record["losses"][0]
 
 

@@ -3,9 +3,10 @@
 Columns of ``W`` are rounded one at a time; the rounding error of each column is
 spread over the columns not yet rounded through the upper Cholesky factor ``U`` of
 ``H⁻¹`` (``H = XᵀX + λI``), which minimises the layer's output error given the choices
-made so far. The loop is the "lazy batch" form: inside a block of ``B`` columns the
-updates are rank-1 and touch only the block; the rest of the matrix receives the
-whole block's error at once as one ``(n × B) @ (B × d_out)`` matmul. Everything runs
+made so far. The loop is the "lazy batch" form, on two levels: the rank-1 updates
+touch only a 16-column sub-block (cache-resident); the rest of the ``B``-column block
+receives each sub-block's errors as one matmul; and each block starts from a
+left-looking update built from the finished blocks' errors (matmuls). Everything runs
 under ``jax.jit`` with ``lax.fori_loop`` over blocks and columns, so one compiled
 program serves every call with the same shapes and recipe.
 
@@ -25,9 +26,14 @@ A damped ``XᵀX`` that is still not positive definite (only possible for statis
 are not a Gram matrix, or overflow) raises a ``ValueError`` naming the leaf path; no
 silent retry.
 
-``H`` is inverted through a single Cholesky factorisation of the index-reversed ``H``:
-if ``P H P = L Lᵀ`` (``P`` reverses indices) then ``H⁻¹ = UᵀU`` with
-``U = P L⁻¹ P`` upper triangular — the factor GPTQ needs, without forming ``H⁻¹``.
+``H⁻¹`` is never formed. One Cholesky factorisation of the index-reversed ``H``,
+``P H P = L Lᵀ`` (``P`` reverses indices), gives ``H = V Vᵀ`` with ``V = P L P`` upper
+triangular, and ``U = V⁻¹`` is exactly the reference's upper Cholesky factor of
+``H⁻¹``. Since ``W − Q = E U`` (``E`` the scaled column errors), block ``b`` starts from
+``W_b + (W − Q)_{<b} V_{<b,b} U_bb``: it needs ``V`` and the small diagonal blocks
+``U_bb = V_bb⁻¹`` only. This replaces the reference's Cholesky + inverse + Cholesky
+(about ``7n³/3`` flops for ``n = d_in``) by one Cholesky (``n³/3``), and the block
+updates touch only the triangle (``d_out · n²`` flops in all).
 """
 
 from __future__ import annotations

@@ -291,10 +291,20 @@ def from_pretrained(
     Returns:
         The model with the checkpoint's weights.
 
+    Quantized directories load too, with quantized kernels in place: a Hugging Face AQLM
+    directory (``quantization_config.quant_method == "aqlm"``, e.g. from ``jaxquant
+    export`` or a published AQLM model) and a ``jaxquant quantize`` output directory
+    (``config.json`` beside a ``params/`` checkpoint). Those formats belong to
+    ``jaxquant.io``, which is imported only when such a directory is met.
+
     Raises:
         FileNotFoundError: missing config or weights.
         ValueError: unsupported architecture, corrupt file, missing/extra/mis-shaped tensor.
     """
+    if config is None:
+        quantized = _load_quantized_model(path, dtype)
+        if quantized is not None:
+            return quantized
     config = load_config(path) if config is None else config
     # Build the module abstractly: random initialisation of a large model would cost
     # seconds and memory only to be overwritten.
@@ -302,6 +312,20 @@ def from_pretrained(
     tensors = read_checkpoint_tensors(path)
     state = state_from_tensors(model, tensors, dtype=dtype, source=f"checkpoint {os.fspath(path)}")
     nnx.update(model, state)
+    return model
+
+
+def _load_quantized_model(path: str | os.PathLike, dtype: Any) -> LlamaForCausalLM | None:
+    """The model of a quantized directory (HF AQLM or jaxquant run), or ``None`` for a dense one."""
+    from jaxquant.io import checkpoint, hf_aqlm  # noqa: PLC0415 - io sits above models; lazy by design
+
+    if hf_aqlm.is_hf_aqlm(path):
+        return hf_aqlm.load_hf_aqlm(path, dtype)
+    if not any(checkpoint.is_checkpoint(os.path.join(path, sub)) for sub in ("params", "checkpoint", "quantized")):
+        return None
+    config, params = hf_aqlm.load_quantized_dir(path)
+    model = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    nnx.update(model, params)
     return model
 
 

@@ -32,9 +32,11 @@ from jaxquant.qarray import AdditiveQuantized, check_layout, code_dtype
 from jaxquant.recipes import AQLM
 
 _AXIS = "rows"
-# Beam-search score matrices hold (beam × 2^B × rows) floats; keep them cache-sized (about
-# 2 MB): the selection passes over them are memory-bound.
+# Beam-search score matrices hold (beam × codeword block × rows) keys; keep them
+# cache-sized (about 2 MB): the selection passes over them are memory-bound. The beam's
+# per-hypothesis products (ŵ - w)H hold (d_in × og × beam × rows) floats: at most 16 MB.
 _SCORE_ELEMENTS = 1 << 19
+_STATE_ELEMENTS = 1 << 22
 
 
 def _validate(w: Any, xtx: Any, recipe: Any, path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -222,7 +224,12 @@ def quantize_aqlm(
 
     devices = list(jax.devices()) if devices is None else list(devices)
     mesh = Mesh(np.asarray(devices), (_AXIS,))
-    chunk_cap = min(recipe.chunk_rows, max(1, _SCORE_ELEMENTS // (k * min(recipe.beam_size, k))))
+    block = bs.codeword_block(k, recipe.beam_size)
+    chunk_cap = min(
+        recipe.chunk_rows,
+        max(1, _SCORE_ELEMENTS // (block * recipe.beam_size)),
+        max(1, _STATE_ELEMENTS // (d_in * og * recipe.beam_size)),
+    )
     padded_rows, chunk = _layout_rows(n_rows, len(devices), chunk_cap)
 
     # All random choices are drawn on the host from the key (see search_orders).
