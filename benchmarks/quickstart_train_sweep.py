@@ -35,7 +35,7 @@ def _parse(s: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--set", action="append", default=[""])
+    p.add_argument("--set", action="append", default=None)
     p.add_argument("--out", default="benchmarks/results/quickstart_train_sweep.json")
     args = p.parse_args()
     tok = ByteTokenizer()
@@ -43,8 +43,19 @@ def main() -> None:
     train_ids = np.asarray(tok.encode(parts["train"]), np.int32)
     val_ids = np.asarray(tok.encode(parts["validation"]), np.int32)
     runs = []
-    for s in args.set:
+    for s in args.set or [""]:
         over = _parse(s)
+        init_std = over.pop("init_std", None)
+        if init_std is not None:  # experiment: a different initial weight scale (std), all matrices
+            import jaxquant.models.llama as llama  # noqa: PLC0415
+
+            base = llama._normal.__wrapped__ if hasattr(llama._normal, "__wrapped__") else llama._normal
+
+            def patched(rngs, shape, dtype, std=0.02, _base=base, _s=init_std):  # noqa: ANN001, ANN202
+                return _base(rngs, shape, dtype, std=_s)
+
+            patched.__wrapped__ = base
+            llama._normal = patched
         cfg = dataclasses.replace(DEFAULT.train, steps=args.steps, **over)
         t0 = time.perf_counter()
         model, losses = train(DEFAULT.model, train_ids, cfg, progress=False)

@@ -10,8 +10,17 @@
    (``jaxquant.tree_bits``), size, validation perplexity and seconds;
 4. prints one table and writes ``results.json`` and ``perplexity_vs_bits.png``.
 
-A method is one line of ``METHODS``: a label and a function from the layer facts
-(the group size that divides every layer) to a recipe.
+A method is one line of ``METHODS``: a label, a function from the layer facts (the
+group size that divides every layer) to a recipe, and a kind:
+
+- ``"oneshot"``: ``jaxquant.quantize`` of every linear layer from the full-precision
+  model's ``XᵀX`` (RTN, GPTQ, AQLM);
+- ``"blocks"`` / ``"blocks+ft"``: ``jaxquant.pipeline.quantize_model``, block by block on
+  the inputs of the already-quantized blocks, without / with block fine-tuning;
+- ``"pv"`` / ``"ste"``: global KL distillation to the full-precision model with
+  ``jaxquant.pv_tuning`` (PV-Tuning, or the straight-through baseline) for
+  ``QuickstartConfig.tune.steps`` steps, starting from the ``"blocks+ft"`` result of the
+  same recipe (computed once per run and shared by the rows that start from it).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import tempfile
 import time
@@ -33,15 +43,60 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant import recipes
-from jaxquant.data import ByteTokenizer, BYTE_TOKENIZER_FILE, builtin_corpus, calibration_windows, split_text
+from jaxquant.data import (
+    BYTE_TOKENIZER_FILE,
+    ByteTokenizer,
+    builtin_corpus,
+    calibration_windows,
+    random_batches,
+    split_text,
+)
 from jaxquant.eval import perplexity, unigram_perplexity
+from jaxquant.finetune.block import BlockFinetuneConfig
 from jaxquant.models.config import ModelConfig
 from jaxquant.models.llama import LlamaForCausalLM, functional
 from jaxquant.models.loading import from_pretrained, save_pretrained
 from jaxquant.qarray import tree_bits
 from jaxquant.train import TrainConfig, train
 
-_FORMAT_VERSION = 1  # bump when training code changes what a config produces
+_FORMAT_VERSION = 2  # bump when training code changes what a config produces
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneConfig:
+    """Global fine-tuning (PV-Tuning and its straight-through baseline) of the quickstart rows.
+
+    Both modes see the same batches (same ``seed``) for the same number of ``steps``.
+
+    Attributes:
+        steps: optimizer steps.
+        batch_size: training windows per step.
+        seqlen: tokens per window.
+        p_lr: Adam learning rate of the continuous parameters (P step).
+        v_lr: Adam learning rate of the straight-through buffers.
+        update_fraction: fraction of each layer's code groups re-encoded per V step (PV).
+        every: V step every this many steps.
+        beam_size: beam width of the re-encoding search.
+        seed: data-order seed.
+    """
+
+    steps: int = 100
+    batch_size: int = 8
+    seqlen: int = 256
+    p_lr: float = 1e-4
+    v_lr: float = 1e-4
+    update_fraction: float = 0.01
+    every: int = 1
+    beam_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seqlen", "every", "beam_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive int")
+        if self.seqlen < 2:
+            raise ValueError(f"seqlen={self.seqlen} must be >= 2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +110,10 @@ class QuickstartConfig:
         calib_windows: number of random training windows for calibration.
         calib_seqlen: tokens per calibration window.
         calib_batch: windows per calibration batch.
+        block_finetune: block fine-tuning settings of the ``"blocks+ft"`` rows.
+        tune: global fine-tuning settings of the ``"pv"``/``"ste"`` rows.
+        aqlm_overrides: ``(field, value)`` pairs replaced in every AQLM recipe (the fast
+            settings use fewer rounds and a narrower beam).
     """
 
     model: ModelConfig
@@ -63,6 +122,18 @@ class QuickstartConfig:
     calib_windows: int = 128
     calib_seqlen: int = 256
     calib_batch: int = 16
+    block_finetune: BlockFinetuneConfig = BlockFinetuneConfig(lr=1e-4, max_epochs=10)
+    tune: TuneConfig = TuneConfig()
+    aqlm_overrides: tuple[tuple[str, Any], ...] = ()
+
+    def recipe(self, method: Method, group: int) -> Any:
+        """``method``'s recipe for layers whose groups of ``group`` divide every ``d_in``."""
+        if method.make_recipe is None:
+            raise ValueError(f"Method {method.label!r} has no recipe")
+        recipe = method.make_recipe(group)
+        if isinstance(recipe, recipes.AQLM) and self.aqlm_overrides:
+            recipe = dataclasses.replace(recipe, **dict(self.aqlm_overrides))
+        return recipe
 
 
 # Measured on a 2-core machine: 1.84 M parameters, 400 steps ≈ 3 minutes, validation
@@ -81,19 +152,43 @@ FAST = QuickstartConfig(
     calib_windows=32,
     calib_seqlen=128,
     calib_batch=8,
+    block_finetune=BlockFinetuneConfig(lr=1e-4, max_epochs=3),
+    tune=TuneConfig(steps=10, batch_size=4, seqlen=128, beam_size=4),
+    aqlm_overrides=(("max_rounds", 2), ("adam_steps", 20), ("beam_size", 2), ("kmeans_iters", 10)),
 )
+
+KINDS = ("oneshot", "blocks", "blocks+ft", "pv", "ste")
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """One row of the comparison: a label and the recipe built for the model's layers."""
+    """One row of the comparison.
+
+    Attributes:
+        label: the row's name in the table.
+        make_recipe: group size -> recipe; ``None`` for the unquantized model.
+        kind: how the recipe is applied (one of ``KINDS``; see the module docstring).
+    """
 
     label: str
-    make_recipe: Callable[[int], Any] | None  # group size -> recipe; None = unquantized
+    make_recipe: Callable[[int], Any] | None
+    kind: str = "oneshot"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"Method {self.label!r}: kind={self.kind!r} must be one of {KINDS}")
+        if self.make_recipe is None and self.kind != "oneshot":
+            raise ValueError(f"Method {self.label!r}: kind={self.kind!r} needs a recipe")
 
 
-# One line per method. AQLM rows join here, e.g.
-#     Method("AQLM 1x8 g4", lambda g: recipes.AQLM(num_codebooks=1, codebook_bits=8, group_size=4)),
+def _aqlm(m: int, b: int, g: int) -> Callable[[int], recipes.AQLM]:
+    # AQLM's group is its own (codeword length), not the scalar methods' group of 128.
+    return lambda _group: recipes.AQLM(num_codebooks=m, codebook_bits=b, group_size=g)
+
+
+# One line per method. On the default model (d = 256) 1x8 g4 costs 2 code bits + 0.13 of
+# codebooks + 0.05 of row scales ≈ 2.2 bits/weight: the AQLM rows to compare with 2-bit
+# GPTQ g128 (2.25).
 METHODS: tuple[Method, ...] = (
     Method("fp32", None),
     Method("RTN 4-bit", lambda g: recipes.RTN(bits=4, group_size=g)),
@@ -102,6 +197,12 @@ METHODS: tuple[Method, ...] = (
     Method("GPTQ 4-bit", lambda g: recipes.GPTQ(bits=4, group_size=g)),
     Method("GPTQ 3-bit", lambda g: recipes.GPTQ(bits=3, group_size=g)),
     Method("GPTQ 2-bit", lambda g: recipes.GPTQ(bits=2, group_size=g)),
+    Method("AQLM 1x8 g4", _aqlm(1, 8, 4)),
+    Method("AQLM 2x8 g8", _aqlm(2, 8, 8)),
+    Method("AQLM-blk 1x8 g4", _aqlm(1, 8, 4), "blocks"),
+    Method("AQLM+FT 1x8 g4", _aqlm(1, 8, 4), "blocks+ft"),
+    Method("STE 1x8 g4", _aqlm(1, 8, 4), "ste"),
+    Method("PV 1x8 g4", _aqlm(1, 8, 4), "pv"),
 )
 
 
@@ -236,12 +337,92 @@ def plot_results(rows: list[dict[str, Any]], path: str, title: str = "") -> None
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The results as a fixed-width text table."""
-    head = f"{'method':<14}{'bits/weight':>12}{'size MB':>10}{'val ppl':>10}{'seconds':>10}"
+    width = max([18] + [len(r["method"]) + 2 for r in rows])
+    head = f"{'method':<{width}}{'bits/weight':>12}{'size MB':>10}{'val ppl':>10}{'seconds':>10}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['method']:<14}{r['bits_per_weight']:>12.3f}{r['size_mb']:>10.3f}"
+        lines.append(f"{r['method']:<{width}}{r['bits_per_weight']:>12.3f}{r['size_mb']:>10.3f}"
                      f"{r['perplexity']:>10.3f}{r['seconds']:>10.2f}")
     return "\n".join(lines)
+
+
+def make_tune_step(apply_fn: Callable[[Any, jax.Array], jax.Array], tuner: Any) -> Callable:
+    """The jit'd distillation step ``(qparams, state, teacher_params, tokens) -> (qparams, state, kl)``.
+
+    The loss is ``KL(teacher ‖ student)`` per next-token distribution
+    (``jaxquant.finetune.losses.distillation_loss``), differentiated with respect to the
+    decoded weights (``decoded_value_and_grad``) and applied by ``tuner.update``. The
+    teacher's parameters are an argument, not a closure: closed-over arrays would be
+    baked into the program as constants.
+    """
+    from jaxquant.finetune import losses, pv  # noqa: PLC0415
+
+    def step(qparams: Any, state: Any, teacher_params: Any, tokens: jax.Array) -> tuple[Any, Any, jax.Array]:
+        vg = pv.decoded_value_and_grad(losses.distillation_loss(apply_fn, apply_fn, teacher_params))
+        loss, grads = vg(qparams, tokens)
+        qparams, state = tuner.update(grads, state, qparams)
+        return qparams, state, loss
+
+    return jax.jit(step)
+
+
+def global_finetune(
+    apply_fn: Callable[[Any, jax.Array], jax.Array],
+    teacher_params: Any,
+    qparams: Any,
+    train_tokens: np.ndarray,
+    cfg: TuneConfig,
+    *,
+    mode: str = "pv",
+    progress: bool = False,
+    desc: str = "",
+) -> tuple[Any, list[float]]:
+    """PV-Tuning (``mode="pv"``) or straight-through (``"ste"``) of ``qparams`` toward the teacher.
+
+    Args:
+        apply_fn: ``apply_fn(params, tokens) -> logits`` of the model (student and teacher).
+        teacher_params: the full-precision parameters.
+        qparams: the quantized parameters to start from.
+        train_tokens: 1-D training token ids (random windows are drawn with ``cfg.seed``,
+            so both modes see the same data).
+        cfg: steps, batch, learning rates, V-step settings.
+        mode: ``"pv"`` or ``"ste"`` (``jaxquant.pv_tuning``'s modes).
+        progress: show a progress bar.
+        desc: progress bar label.
+
+    Returns:
+        ``(tuned qparams, per-step KL losses)``.
+
+    Raises:
+        ValueError: a non-finite loss (learning rate too high).
+    """
+    import optax  # noqa: PLC0415
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    from jaxquant.finetune.pv import pv_tuning  # noqa: PLC0415
+
+    tuner = pv_tuning(optax.adam(cfg.p_lr), optax.adam(cfg.v_lr), update_fraction=cfg.update_fraction,
+                      every=cfg.every, beam_size=cfg.beam_size, mode=mode)
+    state = tuner.init(qparams)
+    step = make_tune_step(apply_fn, tuner)
+    # Windows of `seqlen` tokens: random_batches adds one token for a target we do not need.
+    batches = random_batches(train_tokens, cfg.batch_size, cfg.seqlen - 1, seed=cfg.seed)
+    kls: list[Any] = []
+    for i in tqdm(range(cfg.steps), desc=desc or f"tuning ({mode})", disable=not progress, leave=False):
+        qparams, state, kl = step(qparams, state, teacher_params, jnp.asarray(next(batches)))
+        kls.append(kl)
+        if i % 10 == 9 and not math.isfinite(float(kl)):  # reading synchronises: only now and then
+            raise ValueError(f"the KL loss became {float(kl)} at step {i + 1} (learning rate too high?)")
+    losses = [float(x) for x in kls]
+    if losses and not all(math.isfinite(x) for x in losses):
+        raise ValueError(f"the KL loss became non-finite during {mode} tuning (learning rate too high?)")
+    return qparams, losses
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if platform.system() == "Darwin" else peak / 2**10
 
 
 def run_quickstart(
@@ -269,6 +450,7 @@ def run_quickstart(
         The dictionary written to ``results.json``.
     """
     from jaxquant.calibrate import calibrate  # noqa: PLC0415 - heavy, only the main job needs it
+    from jaxquant.pipeline import quantize_model  # noqa: PLC0415
     from jaxquant.quantize import quantize  # noqa: PLC0415
 
     t_all = time.perf_counter()
@@ -282,37 +464,71 @@ def run_quickstart(
     unigram = unigram_perplexity(train_tokens, val_tokens, 256)
     apply_fn, params = functional(model)
     group = group_size_for(cfg.model)
+    windows = calibration_windows(train_tokens, cfg.calib_windows, cfg.calib_seqlen, seed=0)
 
     stats = None
     calib_seconds = 0.0
+    # Block-sequential results by (kind, recipe): a tuning row starts from its recipe's
+    # "blocks+ft" result, computed once whether or not that row is in `methods`.
+    blockwise: dict[tuple[str, str], tuple[Any, dict[str, Any], float]] = {}
+
+    def block_quantized(recipe: Any, finetune: bool) -> tuple[Any, dict[str, Any], float]:
+        k = ("blocks+ft" if finetune else "blocks", repr(recipe))
+        if k not in blockwise:
+            start = time.perf_counter()
+            res = quantize_model(model, windows, recipe, key=jax.random.key(0),
+                                 finetune=cfg.block_finetune if finetune else None, progress=progress,
+                                 batch_size=cfg.calib_batch)
+            blockwise[k] = (res.params, res.summary, time.perf_counter() - start)
+        return blockwise[k]
+
     rows: list[dict[str, Any]] = []
     for method in methods:
+        extra: dict[str, Any] = {}
         if method.make_recipe is None:
             qparams, seconds, recipe_dict = params, 0.0, None
             bits = 8.0 * jnp.dtype(jax.tree.leaves(params)[0].dtype).itemsize
         else:
-            recipe = method.make_recipe(group)
-            needs_stats = not isinstance(recipe, recipes.RTN)
-            if needs_stats and stats is None:  # calibrate once, on first need
-                c0 = time.perf_counter()
-                windows = calibration_windows(train_tokens, cfg.calib_windows, cfg.calib_seqlen, seed=0)
-                batches = [jnp.asarray(windows[i : i + cfg.calib_batch]) for i in range(0, len(windows), cfg.calib_batch)]
-                stats = calibrate(apply_fn, params, batches)
-                jax.block_until_ready(stats)
-                calib_seconds = time.perf_counter() - c0
-            start = time.perf_counter()
-            qparams = quantize(params, stats if needs_stats else None, recipe, key=jax.random.key(0))
-            jax.block_until_ready(qparams)
-            # Each calibrated row carries the calibration cost a user running it alone would pay.
-            seconds = time.perf_counter() - start + (calib_seconds if needs_stats else 0.0)
-            bits = tree_bits(qparams)["bits_per_weight"]
+            recipe = cfg.recipe(method, group)
             recipe_dict = recipes.recipe_to_dict(recipe)
+            start = time.perf_counter()
+            if method.kind == "oneshot":
+                needs_stats = not isinstance(recipe, recipes.RTN)
+                if needs_stats and stats is None:  # calibrate once, on first need
+                    c0 = time.perf_counter()
+                    batches = [jnp.asarray(windows[i : i + cfg.calib_batch])
+                               for i in range(0, len(windows), cfg.calib_batch)]
+                    stats = calibrate(apply_fn, params, batches)
+                    jax.block_until_ready(stats)
+                    calib_seconds = time.perf_counter() - c0
+                    start = time.perf_counter()
+                qparams = quantize(params, stats if needs_stats else None, recipe, key=jax.random.key(0))
+                jax.block_until_ready(qparams)
+                # Each calibrated row carries the calibration cost a user running it alone would pay.
+                seconds = time.perf_counter() - start + (calib_seconds if needs_stats else 0.0)
+            elif method.kind in ("blocks", "blocks+ft"):
+                qparams, summary, seconds = block_quantized(recipe, method.kind == "blocks+ft")
+                extra["block_rel_errors"] = summary["block_rel_errors"]
+                extra["block_rel_errors_finetuned"] = summary["block_rel_errors_finetuned"]
+            else:  # "pv" / "ste": global distillation from the block fine-tuned start
+                start_params, _, start_seconds = block_quantized(recipe, True)
+                t0 = time.perf_counter()
+                qparams, kls = global_finetune(apply_fn, params, start_params, train_tokens, cfg.tune,
+                                               mode=method.kind, progress=progress, desc=method.label)
+                jax.block_until_ready(qparams)
+                tune_seconds = time.perf_counter() - t0
+                # The row's cost is what a user pays for it alone: the start plus the tuning.
+                seconds = start_seconds + tune_seconds
+                extra["tune"] = {**dataclasses.asdict(cfg.tune), "mode": method.kind, "seconds": round(tune_seconds, 2),
+                                 "kl_first": kls[0], "kl_last10": float(np.mean(kls[-10:]))}
+            bits = tree_bits(qparams)["bits_per_weight"]
         ppl = perplexity(apply_fn, qparams, val_tokens, cfg.eval_seqlen, batch_size=8)
         size_mb = tree_bits(qparams)["total_bytes"] / 1e6
-        row = {"method": method.label, "bits_per_weight": float(bits), "size_mb": size_mb, "perplexity": ppl,
-               "seconds": round(seconds, 3), "recipe": recipe_dict}
+        row = {"method": method.label, "kind": method.kind, "bits_per_weight": float(bits), "size_mb": size_mb,
+               "perplexity": ppl, "seconds": round(seconds, 3), "recipe": recipe_dict,
+               "peak_rss_mb": round(_peak_rss_mb(), 1), **extra}
         rows.append(row)
-        log(f"  {method.label:<12} {bits:6.3f} bits/weight  ppl {ppl:8.3f}  ({seconds:.1f} s)")
+        log(f"  {method.label:<16} {bits:6.3f} bits/weight  ppl {ppl:8.3f}  ({seconds:.1f} s)")
 
     results = {
         "model_dir": model_dir,
@@ -324,12 +540,16 @@ def run_quickstart(
         "eval": {"split": "validation", "seqlen": cfg.eval_seqlen, "tokens": int(val_tokens.size)},
         "unigram_perplexity": unigram,
         "calibration": {"windows": cfg.calib_windows, "seqlen": cfg.calib_seqlen, "seconds": round(calib_seconds, 3)},
+        "block_finetune": dataclasses.asdict(cfg.block_finetune),
+        "tune": dataclasses.asdict(cfg.tune),
         "aqlm_codebook_overhead_bits": {
             "2x8 g8": codebook_overhead(cfg.model, 2, 8, 8),
             "1x8 g4": codebook_overhead(cfg.model, 1, 8, 4),
+            "1x8 g8": codebook_overhead(cfg.model, 1, 8, 8),
             "1x16 g8": codebook_overhead(cfg.model, 1, 16, 8),
         },
         "rows": rows,
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
         "total_seconds": round(time.perf_counter() - t_all, 2),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
                     "backend": jax.default_backend()},
@@ -340,6 +560,8 @@ def run_quickstart(
     log("")
     log(format_table(rows))
     log(f"unigram baseline perplexity: {unigram:.2f}; group size {group}; "
-        f"GPTQ seconds include calibration ({calib_seconds:.1f} s, {cfg.calib_windows} x {cfg.calib_seqlen} tokens)")
+        f"GPTQ/AQLM seconds include calibration ({calib_seconds:.1f} s, {cfg.calib_windows} x {cfg.calib_seqlen} "
+        f"tokens); PV/STE seconds include their AQLM+FT start; {cfg.tune.steps} tuning steps of "
+        f"{cfg.tune.batch_size} x {cfg.tune.seqlen} tokens")
     log(f"results: {os.path.join(out_dir, 'results.json')}, plot: {os.path.join(out_dir, 'perplexity_vs_bits.png')}")
     return results

@@ -135,7 +135,8 @@ class AQLM:
         adam_steps: Adam steps on codebooks and scales per round.
         lr: Adam learning rate.
         b1, b2: Adam moments (the paper's recipe uses β1 = 0, β2 = 0.95).
-        kmeans_iters: Lloyd iterations per codebook in the residual k-means init.
+        kmeans_iters: Lloyd iterations per codebook in the residual k-means init (capped
+            for 2^16-entry codebooks, see ``methods.aqlm.quantize.kmeans_iterations``).
         kmeans_max_points: subsample at most this many groups for k-means.
         chunk_rows: output groups processed at once in beam search (memory bound).
         param_dtype: storage dtype of codebooks and scales.
@@ -152,7 +153,7 @@ class AQLM:
     lr: float = 1e-4
     b1: float = 0.0
     b2: float = 0.95
-    kmeans_iters: int = 20
+    kmeans_iters: int = 60
     kmeans_max_points: int = 65536
     chunk_rows: int = 1024
     param_dtype: str = "float16"

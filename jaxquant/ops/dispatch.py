@@ -37,8 +37,10 @@ from jaxquant.ops import cpu_ffi, xla
 from jaxquant.qarray import AdditiveQuantized, is_quantized
 
 # Above this many rows of x, decoding a tile once and using a dense product beats
-# per-row lookups (the LUT work grows with rows, the decode does not).
-DECODE_BATCH_ROWS = 16
+# per-row lookups (the LUT work grows with rows, the decode does not). Measured on a
+# 2-core x86 machine, 4096x4096 2x8 (benchmarks/generate.py notes): cpu_ffi vs
+# tile-wise decode took 2.8 vs 14.5 ms at 1 row, 18.5 vs 20.5 ms at 4, 108 vs 46 ms at 16.
+DECODE_BATCH_ROWS = 4
 
 _local = threading.local()
 
@@ -95,26 +97,19 @@ def _pallas_tpu(x: jax.Array, w: Any) -> jax.Array:
     return pallas_kernels.aqlm_matmul_tpu(x, w.codes, w.codebooks, w.scales)
 
 
-def _cpu_ffi(x: jax.Array, w: Any) -> jax.Array:
-    _require_small_batch(x, "cpu_ffi")
-    return cpu_ffi.lut_matmul_ffi(x, w)
-
-
-def _xla_lut(x: jax.Array, w: Any) -> jax.Array:
-    _require_small_batch(x, "xla_lut")
-    return xla.lut_matmul(x, w)
-
-
 # Tried in this order; the last one accepts every quantized array.
 IMPLEMENTATIONS: dict[str, Impl] = {
     "pallas_gpu": _pallas_gpu,
     "pallas_tpu": _pallas_tpu,
-    "cpu_ffi": _cpu_ffi,
-    "xla_lut": _xla_lut,
+    "cpu_ffi": cpu_ffi.lut_matmul_ffi,
+    "xla_lut": xla.lut_matmul,
     "xla_decode": xla.decode_matmul,
     "reference": xla.reference_matmul,
 }
 _AUTO_ORDER = ("pallas_gpu", "pallas_tpu", "cpu_ffi", "xla_lut", "xla_decode")
+# Lookup-table kernels are correct at any row count but only the fastest choice for a
+# few rows: automatic selection skips them above DECODE_BATCH_ROWS; ``impl=`` does not.
+_FEW_ROWS_ONLY = frozenset({"cpu_ffi", "xla_lut"})
 
 
 def _run_quantized(x2: jax.Array, w: Any, impl: str | None) -> tuple[str, jax.Array]:
@@ -124,6 +119,9 @@ def _run_quantized(x2: jax.Array, w: Any, impl: str | None) -> tuple[str, jax.Ar
         return impl, IMPLEMENTATIONS[impl](x2, w)
     reasons = []
     for name in _AUTO_ORDER:
+        if name in _FEW_ROWS_ONLY and x2.shape[0] > DECODE_BATCH_ROWS:
+            reasons.append(f"{name}: {x2.shape[0]} rows > DECODE_BATCH_ROWS={DECODE_BATCH_ROWS}")
+            continue
         try:
             return name, IMPLEMENTATIONS[name](x2, w)
         except NotImplementedError as e:

@@ -236,19 +236,46 @@ def min0(x: jax.Array) -> jax.Array:
     return x[0]
 
 
-def smallest_keys(keys: jax.Array, n: int) -> jax.Array:
-    """The ``n`` smallest of unique keys along axis 0, ascending: ``[C, R] -> [n, R]``.
-
-    ``n`` read-only minimum passes over the leading axis (see ``min0``), the ``i``-th
-    over the keys above the ``(i-1)``-th; XLA:CPU runs ``top_k``/``argmin`` over the
-    candidate axis far slower.
-    """
-    # Materialised once: every pass must read the same keys.
-    keys = jax.lax.optimization_barrier(keys)
-    out = [min0(keys)]
+def _passes(keys: jax.Array, n: int) -> jax.Array:
+    """``n`` smallest of unique keys along axis 0 by ``n`` min-reductions, ascending."""
+    keys = jax.lax.optimization_barrier(keys)  # every pass must read the same keys
+    out = [jnp.min(keys, axis=0)]
     for _ in range(1, n):  # n is the beam width: small and static
-        out.append(min0(jnp.where(keys > out[-1][None, :], keys, jnp.int32(_INT32_MAX))))
+        out.append(jnp.min(jnp.where(keys > out[-1][None, :], keys, jnp.int32(_INT32_MAX)), axis=0))
     return jnp.stack(out)
+
+
+_BLOCK = 16
+
+
+def smallest_keys(keys: jax.Array, n: int, bits: int) -> jax.Array:
+    """The ``n`` smallest of unique packed keys along axis 0, ascending: ``[C, R] -> [n, R]``.
+
+    ``n = 1`` is one ``min0``. Otherwise the candidates are cut into blocks of 16: the
+    ``n`` best blocks by their minimum hold the ``n`` best candidates (at most ``n``
+    blocks have a minimum at or below the ``n``-th best key), so ``n`` passes over the
+    block minima and ``n`` over those blocks' members replace ``n`` passes over all
+    candidates. XLA:CPU runs ``top_k``/``argmin`` over the candidate axis far slower.
+
+    Args:
+        keys: ``[C, R]`` int32 from ``pack_keys`` (the low ``bits`` bits are the index).
+        n: how many to keep (static, ``<= C``).
+        bits: index bits of the keys (static).
+    """
+    c, rows = keys.shape
+    if n == 1:
+        return min0(keys)[None]
+    keys = jax.lax.optimization_barrier(keys)  # read twice below: materialise once
+    if c < 4 * n * _BLOCK:
+        return _passes(keys, n)
+    n_blocks = -(-c // _BLOCK)
+    if n_blocks * _BLOCK != c:
+        keys = jnp.concatenate([keys, jnp.full((n_blocks * _BLOCK - c, rows), _INT32_MAX, jnp.int32)])
+    blocks = keys.reshape(n_blocks, _BLOCK, rows)
+    best_blocks = _passes(jnp.min(blocks, axis=1), n)  # their keys name their best member
+    which = (best_blocks & jnp.int32((1 << bits) - 1)) // _BLOCK  # [n, R]
+    members = jnp.take_along_axis(blocks, which[:, None, :], axis=0, mode="promise_in_bounds")
+    return _passes(members.reshape(n * _BLOCK, rows), n)
 
 
 def _pick(x: jax.Array, parent: jax.Array) -> jax.Array:
@@ -306,7 +333,7 @@ def _best_extensions(
 
     if block == k:
         bits = index_bits(k * n_hyp)
-        c = smallest_keys(pack_keys(scores(book_t, q_m), bits), beam_size) & jnp.int32((1 << bits) - 1)
+        c = smallest_keys(pack_keys(scores(book_t, q_m), bits), beam_size, bits) & jnp.int32((1 << bits) - 1)
         return c // n_hyp, c % n_hyp
 
     n_cand = block * n_hyp
@@ -318,7 +345,7 @@ def _best_extensions(
         book_blk = jax.lax.dynamic_slice_in_dim(book_t, i * block, block, axis=1)
         q_blk = jax.lax.dynamic_slice_in_dim(q_m, i * block, block)
         both = jnp.concatenate([scores(book_blk, q_blk), best])  # carried survivors are candidates n_cand + slot
-        keys = smallest_keys(pack_keys(both, bits), beam_size)
+        keys = smallest_keys(pack_keys(both, bits), beam_size, bits)
         c = keys & low
         from_carry = c >= n_cand
         slot = jnp.clip(c - n_cand, 0, beam_size - 1)
