@@ -158,8 +158,10 @@ def decode_matmul(
             is a multiple of the out group); by default about 4 MiB of float32.
         native: decode additive tiles with the native CPU kernel (``cpu_ffi``) when it
             is available. XLA:CPU gathers codeword rows at several ns per element (about
-            100 ms for a 4096×4096 2×8 weight), the native loop at memory speed. ``None``
-            (default) means yes on the CPU backend; ``False`` forces the pure-XLA decode.
+            100 ms for a 4096×4096 2×8 weight), the native loop at memory speed. The
+            native call has no derivative, and fine-tuning differentiates through this
+            path, so the default (``None`` or ``False``) is the differentiable pure-XLA
+            decode; pass ``True`` for inference-only speed.
 
     Returns:
         ``[rows, d_out]`` float32.
@@ -174,7 +176,7 @@ def decode_matmul(
     tile = groups_per_tile * og
     n_tiles = w.d_out // tile
     xf = x.astype(jnp.float32)
-    use_native = jax.default_backend() == "cpu" if native is None else native
+    use_native = bool(native) and jax.default_backend() == "cpu"
 
     def one_tile(i: jax.Array) -> jax.Array:
         wt = _decode_rows_out_in(w, i * tile, tile, use_native)  # [tile, d_in]
