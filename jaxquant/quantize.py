@@ -128,6 +128,7 @@ def quantize_weight(
             )
         if not _all_finite(xtx):
             raise ValueError(f"the statistics (XᵀX) for {path} hold NaN or Inf")
+        xtx = _on_devices_of(xtx, w)
     elif methods.needs_statistics(recipe):
         raise ValueError(f"{type(recipe).__name__} needs XᵀX statistics, but none were given for {path}")
     key = jax.random.key(0) if key is None else key
@@ -135,6 +136,19 @@ def quantize_weight(
     w32 = w_out_in.astype(jnp.float32)
     xtx32 = None if xtx is None else xtx.astype(jnp.float32)
     return fn(w32, xtx32, recipe, key, layout=layout, path=path)
+
+
+def _on_devices_of(xtx: jax.Array, w: jax.Array) -> jax.Array:
+    """``xtx`` moved onto the single device that holds ``w``, when that is where ``w`` is.
+
+    Multi-device calibration returns statistics replicated over its mesh. Quantizing with
+    them there would run the whole search on every replica (wasted work), and on XLA:CPU
+    with forced host devices (jax 0.10) such a replicated GPTQ program was seen to hang.
+    """
+    w_devices = w.devices()
+    if len(w_devices) == 1 and xtx.devices() != w_devices:
+        return jax.device_put(xtx, next(iter(w_devices)))
+    return xtx
 
 
 def quantize(

@@ -206,6 +206,22 @@ def test_one_device_equals_four_devices_and_no_retrace(rng):
     assert len(stats1["up/kernel"].xtx.sharding.device_set) == 1
 
 
+def test_gptq_after_four_device_calibration_runs_where_the_weight_is(rng):
+    # Regression: statistics replicated over 4 forced host devices made GPTQ run replicated,
+    # which hung XLA:CPU after a sharded calibration (the API-tour notebook under CI).
+    model = NNXMLP(nnx.Rngs(0))
+    batches = _batches(rng, 4, (8, 4, D_IN))
+    stats4 = calibrate(model, batches)
+    stats1 = calibrate(model, batches, devices=jax.local_devices()[:1])
+    assert len(stats4["up/kernel"].xtx.sharding.device_set) == 4
+    state = nnx.state(model)
+    recipe = jq.GPTQ(bits=3, group_size=D_IN)
+    q4 = jq.quantize(state, stats4, recipe, where="up/kernel")["up"]["kernel"].get_value()
+    q1 = jq.quantize(state, stats1, recipe, where="up/kernel")["up"]["kernel"].get_value()
+    assert q4.codes.sharding.device_set == state["up"]["kernel"].get_value().sharding.device_set
+    np.testing.assert_array_equal(np.asarray(q4.codes), np.asarray(q1.codes))
+
+
 def test_indivisible_batch_falls_back_with_warning(rng):
     model = NNXMLP(nnx.Rngs(0))
     batches = _batches(rng, 2, (8, D_IN)) + _batches(rng, 1, (6, D_IN))
