@@ -49,23 +49,27 @@ def main() -> None:
     p.add_argument("--fast", action="store_true")
     p.add_argument("--aqlm-only", action="store_true", help="only the AQLM 1x8 g4 one-shot and block rows")
     p.add_argument("--with-1x8g8", action="store_true", help="add AQLM 1x8 g8 (+FT, +PV) rows")
+    p.add_argument("--labels", default=None, help="comma-separated METHODS labels to run (default: all)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     methods = qs.METHODS
     if args.aqlm_only:
         methods = tuple(m for m in qs.METHODS if m.label in ("AQLM 1x8 g4", "AQLM-blk 1x8 g4", "AQLM+FT 1x8 g4"))
+    if args.labels:
+        wanted = args.labels.split(",")
+        methods = tuple(m for m in qs.METHODS if m.label in wanted)
     if args.with_1x8g8:
         methods += (qs.Method("AQLM 1x8 g8", qs._aqlm(1, 8, 8)),
                     qs.Method("AQLM+FT 1x8 g8", qs._aqlm(1, 8, 8), "blocks+ft"),
                     qs.Method("PV 1x8 g8", qs._aqlm(1, 8, 8), "pv"))
-    name = "quickstart_aqlm_only" if args.aqlm_only else "quickstart_claims"
+    name = "quickstart_aqlm_only" if args.aqlm_only else "quickstart_tuning" if args.labels else "quickstart_claims"
     out = args.out or f"benchmarks/results/{name}{'_fast' if args.fast else ''}.json"
     t0 = time.perf_counter()
     res = qs.run_quickstart(fast=args.fast, out_dir=os.path.join("/tmp", name), methods=methods, progress=False)
     res["wall_seconds"] = round(time.perf_counter() - t0, 2)
     res["claims"] = _claims({r["method"]: r for r in res["rows"]})
     res["command"] = "python benchmarks/quickstart_claims.py " + " ".join(
-        a for a, on in (("--fast", args.fast), ("--aqlm-only", args.aqlm_only), ("--with-1x8g8", args.with_1x8g8)) if on)
+        a for a, on in (("--fast", args.fast), ("--aqlm-only", args.aqlm_only), ("--with-1x8g8", args.with_1x8g8)) if on) + (f" --labels '{args.labels}'" if args.labels else "")
     tmp = out + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(res, f, indent=2)

@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/quickstart_train_sweep.py --steps 150 --set peak_lr=3e-3 --set peak_lr=1e-2
 Each ``--set k=v[,k=v]`` is one run of ``jaxquant.train.train`` with the DEFAULT model and
-``TrainConfig`` fields overridden; writes benchmarks/results/quickstart_train_sweep.json.
+``TrainConfig`` fields overridden (e.g. ``peak_lr``, ``init_std``, ``final_lr_ratio``); writes benchmarks/results/quickstart_train_sweep.json.
 """
 
 from __future__ import annotations
@@ -45,17 +45,6 @@ def main() -> None:
     runs = []
     for s in args.set or [""]:
         over = _parse(s)
-        init_std = over.pop("init_std", None)
-        if init_std is not None:  # experiment: a different initial weight scale (std), all matrices
-            import jaxquant.models.llama as llama  # noqa: PLC0415
-
-            base = llama._normal.__wrapped__ if hasattr(llama._normal, "__wrapped__") else llama._normal
-
-            def patched(rngs, shape, dtype, std=0.02, _base=base, _s=init_std):  # noqa: ANN001, ANN202
-                return _base(rngs, shape, dtype, std=_s)
-
-            patched.__wrapped__ = base
-            llama._normal = patched
         cfg = dataclasses.replace(DEFAULT.train, steps=args.steps, **over)
         t0 = time.perf_counter()
         model, losses = train(DEFAULT.model, train_ids, cfg, progress=False)

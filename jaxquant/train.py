@@ -40,6 +40,9 @@ class TrainConfig:
         weight_decay: decoupled weight decay on 2-D parameters.
         clip_norm: global gradient-norm clip.
         seed: initialisation and data-order seed.
+        init_std: standard deviation of the initial weight matrices (embedding, linear
+            kernels, head), redrawn from ``seed``; ``None`` keeps the model's own
+            initialisation (0.02, as in Hugging Face Llama).
     """
 
     steps: int = 400
@@ -53,6 +56,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     clip_norm: float = 1.0
     seed: int = 0
+    init_std: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seqlen"):
@@ -61,6 +65,24 @@ class TrainConfig:
                 raise ValueError(f"{name}={value!r} must be a positive int")
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})")
+        if self.init_std is not None and not self.init_std > 0:
+            raise ValueError(f"init_std={self.init_std!r} must be positive or None")
+
+
+def reinit_matrices(params: Any, std: float, seed: int) -> Any:
+    """``params`` with every 2-D leaf redrawn from ``N(0, std²)`` (its dtype kept), others unchanged.
+
+    Each matrix gets its own key (the seed folded with its position in the tree), so the
+    result depends only on ``seed`` and the tree's structure.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    key = jax.random.key(seed)
+    out = [
+        (jnp.float32(std) * jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)).astype(x.dtype)
+        if x.ndim == 2 else x
+        for i, x in enumerate(leaves)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
@@ -130,6 +152,8 @@ def train(
         raise ValueError(f"token id {int(arr.max())} >= vocab_size={model_config.vocab_size}")
     model = LlamaForCausalLM(model_config, dtype=dtype, rngs=nnx.Rngs(cfg.seed))
     graphdef, params = nnx.split(model)
+    if cfg.init_std is not None:
+        params = reinit_matrices(params, cfg.init_std, cfg.seed)
     optimizer = make_optimizer(cfg)
     opt_state = optimizer.init(params)
     step = make_train_step(graphdef, optimizer)

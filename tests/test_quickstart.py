@@ -1,5 +1,6 @@
 """The quickstart main job: cached training, the comparison table, results.json and plot."""
 
+import dataclasses
 import json
 import os
 
@@ -8,7 +9,7 @@ import pytest
 
 from jaxquant import quickstart as qs
 from jaxquant.data import ByteTokenizer, load_tokenizer
-from jaxquant.models import ModelConfig, from_pretrained, generate
+from jaxquant.models import LlamaForCausalLM, ModelConfig, from_pretrained, generate
 from jaxquant.train import TrainConfig
 
 TINY = qs.QuickstartConfig(
@@ -93,3 +94,139 @@ def test_fast_cli_end_to_end(tmp_path, monkeypatch):
     assert main(["quickstart", "--fast", "--out", str(tmp_path / "out"), "--no-progress"]) == 0
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
     assert [r["method"] for r in rows] == [m.label for m in qs.METHODS]
+
+
+def test_method_kinds_and_recipe_overrides():
+    with pytest.raises(ValueError, match="kind='bogus'"):
+        qs.Method("x", lambda g: None, kind="bogus")
+    with pytest.raises(ValueError, match="needs a recipe"):
+        qs.Method("x", None, kind="pv")
+    labels = [m.label for m in qs.METHODS]
+    assert len(set(labels)) == len(labels)
+    kinds = {m.kind for m in qs.METHODS}
+    assert kinds == set(qs.KINDS)
+    aqlm = next(m for m in qs.METHODS if m.label == "AQLM 1x8 g4")
+    assert qs.DEFAULT.recipe(aqlm, 128).max_rounds == qs.recipes.AQLM().max_rounds
+    fast = qs.FAST.recipe(aqlm, 64)
+    assert (fast.max_rounds, fast.beam_size, fast.group_size, fast.num_codebooks) == (2, 2, 4, 1)
+    # Scalar recipes ignore the AQLM overrides.
+    gptq = next(m for m in qs.METHODS if m.label == "GPTQ 2-bit")
+    assert qs.FAST.recipe(gptq, 64) == qs.recipes.GPTQ(bits=2, group_size=64)
+    # On the default model a 1x8 g4 codebook adds 0.135 bits to the 2 bits of codes.
+    assert qs.codebook_overhead(qs.DEFAULT.model, 1, 8, 4) == pytest.approx(7 * 256 * 4 * 16 / (4 * 256**2 + 3 * 256 * 768))
+
+
+def test_global_finetune_improves_kl_without_retracing(run):
+    import chex
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from jaxquant import quantize, recipes
+    from jaxquant.data import builtin_corpus, split_text
+    from jaxquant.finetune.losses import kl_divergence
+    from jaxquant.finetune.pv import pv_tuning
+    from jaxquant.models import functional
+    from jaxquant.qarray import is_quantized
+
+    model = from_pretrained(run[0]["model_dir"])
+    apply_fn, params = functional(model)
+    qparams = quantize(params, None, recipes.RTN(bits=2, group_size=32))
+    train_ids = np.asarray(ByteTokenizer().encode(split_text(builtin_corpus())["train"]), np.int32)
+    held_out = jnp.asarray(train_ids[:4 * 64].reshape(4, 64))
+
+    def kl(qp):
+        return float(kl_divergence(apply_fn(qp, held_out), apply_fn(params, held_out)))
+
+    cfg = qs.TuneConfig(steps=12, batch_size=4, seqlen=64, p_lr=3e-3, v_lr=3e-3, update_fraction=0.05)
+    before = kl(qparams)
+    tuned, kls = qs.global_finetune(apply_fn, params, qparams, train_ids, cfg, mode="pv")
+    assert len(kls) == 12 and all(np.isfinite(kls))
+    assert kl(tuned) < 0.9 * before
+    # Same steps and data in both modes, but different updates of the codes.
+    ste, ste_kls = qs.global_finetune(apply_fn, params, qparams, train_ids, cfg, mode="ste")
+    assert ste_kls[0] == pytest.approx(kls[0], rel=1e-6)
+    def codes(tree):
+        leaves = jax.tree.leaves(tree, is_leaf=is_quantized)
+        return np.concatenate([np.asarray(x.codes).ravel() for x in leaves if is_quantized(x)])
+
+    changed_pv = np.mean(codes(tuned) != codes(qparams))
+    assert 0 < changed_pv <= 12 * 0.05 + 1e-9  # at most the requested fraction per step
+    assert np.mean(codes(ste) != codes(qparams)) > 0
+
+    # One compilation for every step.
+    tuner = pv_tuning(optax.adam(1e-3), optax.adam(1e-3), update_fraction=0.05)
+    step = qs.make_tune_step(chex.assert_max_traces(apply_fn, n=2), tuner)  # student + teacher per trace
+    state, qp = tuner.init(qparams), qparams
+    for i in range(3):
+        qp, state, _ = step(qp, state, params, jnp.asarray(train_ids[i * 256:(i + 1) * 256].reshape(4, 64)))
+
+
+TINY_AQLM = dataclasses.replace(
+    TINY,
+    block_finetune=qs.BlockFinetuneConfig(lr=1e-3, max_epochs=2),
+    tune=qs.TuneConfig(steps=4, batch_size=4, seqlen=64, beam_size=2),
+    aqlm_overrides=(("max_rounds", 1), ("adam_steps", 5), ("beam_size", 2), ("kmeans_iters", 5)),
+)
+
+
+def test_aqlm_pipeline_and_tuning_rows(run, tmp_path):
+    cache = os.path.dirname(run[0]["model_dir"])
+    labels = ("AQLM 1x8 g4", "AQLM-blk 1x8 g4", "AQLM+FT 1x8 g4", "PV 1x8 g4", "STE 1x8 g4")
+    methods = tuple(m for m in qs.METHODS if m.label in labels)
+    results = qs.run_quickstart(config=TINY_AQLM, out_dir=str(tmp_path), cache_dir=cache, methods=methods,
+                                progress=False, log=lambda _: None)
+    rows = {r["method"]: r for r in results["rows"]}
+    assert set(rows) == set(labels)
+    # The same codes format everywhere: 8 code bits per 4 weights + a 256 x 4 float16 codebook per layer
+    # (d = 32: 4 layers of 32 x 32 + 3 of 32 x 64 or 64 x 32 = 10240 weights) + a float16 scale per row.
+    expected = 2 + (7 * 256 * 4 * 16 + 16 * (4 * 32 + 2 * 64 + 32)) / 10240
+    for r in rows.values():
+        assert r["bits_per_weight"] == pytest.approx(expected)
+        assert np.isfinite(r["perplexity"]) and r["peak_rss_mb"] > 0
+    assert rows["AQLM+FT 1x8 g4"]["block_rel_errors_finetuned"][0] <= rows["AQLM+FT 1x8 g4"]["block_rel_errors"][0]
+    assert rows["AQLM-blk 1x8 g4"]["block_rel_errors_finetuned"] == [None]
+    for label in ("PV 1x8 g4", "STE 1x8 g4"):
+        tune = rows[label]["tune"]
+        assert tune["mode"] == rows[label]["kind"] and tune["steps"] == 4
+        # Tuning rows count the block fine-tuned start they build on.
+        assert rows[label]["seconds"] >= rows["AQLM+FT 1x8 g4"]["seconds"]
+
+
+def test_quantized_quickstart_model_same_greedy_tokens_through_every_implementation(run):
+    """Issue 5's criterion on the trained model: 2x8 AQLM kernels, each CPU implementation forced."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxquant import quantize, recipes
+    from jaxquant.calibrate import calibrate
+    from jaxquant.models.random_quantized import use_matmul_impl
+    from jaxquant.ops import cpu_ffi
+    from jaxquant.qarray import dequantize
+
+    model = from_pretrained(run[0]["model_dir"])
+    tokenizer = ByteTokenizer()
+    text = qs.split_text(qs.builtin_corpus())["train"]
+    calib = [jnp.asarray(np.asarray(tokenizer.encode(text[i * 256:(i + 1) * 256]), np.int32).reshape(4, 64))
+             for i in range(4)]
+    stats = calibrate(model, calib)
+    recipe = recipes.AQLM(num_codebooks=2, codebook_bits=8, group_size=8, max_rounds=1, adam_steps=10,
+                          beam_size=2, kmeans_iters=5)
+    qstate = quantize(nnx.state(model), stats, recipe)
+    prompt = np.asarray(tokenizer.encode("The "))
+    impls = (["cpu_ffi"] if cpu_ffi.available() else []) + ["xla_lut", "xla_decode", "reference"]
+    generated = {}
+    for impl in impls:
+        graph_only = nnx.eval_shape(lambda: LlamaForCausalLM(model.config, rngs=nnx.Rngs(0)))
+        use_matmul_impl(graph_only, impl)
+        generated[impl] = generate(graph_only, prompt, 20, params=qstate, bucket=32)
+    for impl, tokens in generated.items():
+        np.testing.assert_array_equal(tokens, generated["reference"], err_msg=f"impl={impl}")
+    # The dense model with the decoded weights agrees (teacher-forced), with no near ties.
+    dense = nnx.merge(nnx.graphdef(model), dequantize(qstate))
+    seq = np.concatenate([prompt, generated["reference"][:-1]])[None]
+    logits = np.asarray(jax.jit(lambda m, t: m(t))(dense, jnp.asarray(seq)))[0, len(prompt) - 1:]
+    np.testing.assert_array_equal(np.argmax(logits, -1), generated["reference"])
+    top2 = np.sort(logits, -1)[:, -2:]
+    assert (top2[:, 1] - top2[:, 0]).min() > 1e-4
