@@ -62,12 +62,15 @@ def _configure_quickstart(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="quickstart-results", help="directory for results.json and the plot")
     p.add_argument("--cache-dir", default=None, help="model cache (default: ~/.cache/jaxquant)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--all", action="store_true",
+                   help="also AQLM 2x8 g8, block-wise AQLM without fine-tuning and straight-through (minutes more)")
 
 
 def _run_quickstart(args: argparse.Namespace) -> int:
-    from jaxquant.quickstart import run_quickstart  # noqa: PLC0415
+    from jaxquant.quickstart import MAIN_METHODS, METHODS, run_quickstart  # noqa: PLC0415
 
-    run_quickstart(fast=args.fast, out_dir=args.out, cache_dir=args.cache_dir, progress=not args.no_progress)
+    run_quickstart(fast=args.fast, out_dir=args.out, cache_dir=args.cache_dir, progress=not args.no_progress,
+                   methods=METHODS if args.all else MAIN_METHODS)
     return 0
 
 

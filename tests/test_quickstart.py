@@ -93,7 +93,9 @@ def test_fast_cli_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXQUANT_CACHE_DIR", str(tmp_path / "cache"))
     assert main(["quickstart", "--fast", "--out", str(tmp_path / "out"), "--no-progress"]) == 0
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == [m.label for m in qs.METHODS]
+    assert [r["method"] for r in rows] == [m.label for m in qs.MAIN_METHODS]
+    # The main job's AQLM rows: one-shot, block-wise with fine-tuning, PV-Tuning.
+    assert {m.kind for m in qs.MAIN_METHODS} == {"oneshot", "blocks+ft", "pv"}
 
 
 def test_method_kinds_and_recipe_overrides():

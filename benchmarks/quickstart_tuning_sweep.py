@@ -1,0 +1,123 @@
+"""PV-Tuning against straight-through on the quickstart model, over V-step learning rates.
+
+Usage:
+    python benchmarks/quickstart_tuning_sweep.py --v-lr 1e-3 --v-lr 3e-3 [--tolerance 0.03]
+
+Trains or loads the DEFAULT quickstart model, quantizes it once with AQLM 1x8 g4 plus
+block fine-tuning (the start both modes share), then runs ``global_finetune`` in "pv" and
+"ste" mode for every ``--v-lr`` with the same steps and batches, and reports validation
+perplexity and the fraction of codes each run changed. Writes
+benchmarks/results/quickstart_tuning_sweep.json (``--out`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pickle
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant import quickstart as qs
+from jaxquant import recipes
+from jaxquant.data import ByteTokenizer, builtin_corpus, split_text
+from jaxquant.eval import perplexity
+from jaxquant.models import functional
+from jaxquant.pipeline import quantize_model
+from jaxquant.qarray import is_quantized, tree_bits
+
+
+def _codes(tree: object) -> np.ndarray:
+    leaves = jax.tree.leaves(tree, is_leaf=is_quantized)
+    return np.concatenate([np.asarray(x.codes).ravel() for x in leaves if is_quantized(x)])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--v-lr", type=float, action="append", required=True)
+    p.add_argument("--p-lr", type=float, default=qs.TuneConfig.p_lr)
+    p.add_argument("--steps", type=int, default=qs.TuneConfig.steps)
+    p.add_argument("--update-fraction", type=float, default=qs.TuneConfig.update_fraction)
+    p.add_argument("--trust-ratio", type=float, default=None)
+    p.add_argument("--buffer-decay", type=float, default=0.0)
+    p.add_argument("--modes", default="pv,ste", help="comma-separated: pv, ste")
+    p.add_argument("--tolerance", type=float, default=recipes.AQLM.tolerance, help="AQLM round stopping rule")
+    p.add_argument("--num-codebooks", type=int, default=1)
+    p.add_argument("--group-size", type=int, default=4)
+    p.add_argument("--start-cache", default=None,
+                   help="pickle file for the AQLM+FT start: loaded if present, else written (saves its time)")
+    p.add_argument("--out", default="benchmarks/results/quickstart_tuning_sweep.json")
+    args = p.parse_args()
+
+    cfg = qs.DEFAULT
+    model, model_dir, _ = qs.train_or_load(cfg, progress=False)
+    tok = ByteTokenizer()
+    parts = split_text(builtin_corpus())
+    train_ids = np.asarray(tok.encode(parts["train"]), np.int32)
+    val_ids = np.asarray(tok.encode(parts["validation"]), np.int32)
+    apply_fn, params = functional(model)
+    windows = qs.calibration_windows(train_ids, cfg.calib_windows, cfg.calib_seqlen, seed=0)
+    recipe = recipes.AQLM(num_codebooks=args.num_codebooks, codebook_bits=8, group_size=args.group_size,
+                          tolerance=args.tolerance)
+
+    def ppl(q: object) -> float:
+        return perplexity(apply_fn, q, val_ids, cfg.eval_seqlen, batch_size=8)
+
+    t0 = time.perf_counter()
+    if args.start_cache and os.path.exists(args.start_cache):
+        with open(args.start_cache, "rb") as f:
+            start = pickle.load(f)
+    else:
+        start = quantize_model(model, windows, recipe, key=jax.random.key(0), finetune=cfg.block_finetune,
+                               batch_size=cfg.calib_batch).params
+        jax.block_until_ready(start)
+        if args.start_cache:
+            with open(args.start_cache + ".tmp", "wb") as f:
+                pickle.dump(start, f)
+            os.replace(args.start_cache + ".tmp", args.start_cache)
+    start_seconds = time.perf_counter() - t0
+    start_codes = _codes(start)
+    runs = [{"mode": "start (AQLM+FT)", "perplexity": ppl(start), "seconds": round(start_seconds, 1)}]
+    print(json.dumps(runs[-1]), flush=True)
+    for v_lr in args.v_lr:
+        tune = dataclasses.replace(cfg.tune, v_lr=v_lr, p_lr=args.p_lr, steps=args.steps,
+                                   update_fraction=args.update_fraction, trust_ratio=args.trust_ratio,
+                                   buffer_decay=args.buffer_decay)
+        for mode in args.modes.split(","):
+            t0 = time.perf_counter()
+            tuned, kls = qs.global_finetune(apply_fn, params, start, train_ids, tune, mode=mode)
+            jax.block_until_ready(tuned)
+            runs.append({
+                "mode": mode, "v_lr": v_lr, "p_lr": args.p_lr, "steps": args.steps,
+                "update_fraction": args.update_fraction, "trust_ratio": args.trust_ratio,
+                "buffer_decay": args.buffer_decay, "perplexity": ppl(tuned),
+                "codes_changed": float(np.mean(_codes(tuned) != start_codes)),
+                "kl_first": kls[0], "kl_last10": float(np.mean(kls[-10:])),
+                "seconds": round(time.perf_counter() - t0, 1),
+            })
+            print(json.dumps(runs[-1]), flush=True)
+    res = {
+        "command": "python benchmarks/quickstart_tuning_sweep.py " + " ".join(f"--v-lr {v:g}" for v in args.v_lr)
+        + f" --p-lr {args.p_lr:g} --steps {args.steps} --update-fraction {args.update_fraction:g}"
+        + (f" --trust-ratio {args.trust_ratio:g}" if args.trust_ratio is not None else "")
+        + f" --buffer-decay {args.buffer_decay:g} --modes {args.modes}"
+        + f" --tolerance {args.tolerance:g} --num-codebooks {args.num_codebooks} --group-size {args.group_size}",
+        "model_dir": model_dir, "recipe": recipes.recipe_to_dict(recipe),
+        "bits_per_weight": tree_bits(start)["bits_per_weight"], "tune": dataclasses.asdict(cfg.tune), "runs": runs,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__},
+    }
+    tmp = args.out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(res, f, indent=2)
+    os.replace(tmp, args.out)
+
+
+if __name__ == "__main__":
+    jnp.zeros(())  # initialise the backend before timing anything
+    main()
