@@ -19,7 +19,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxquant.atomic_files import atomic_write_bytes
 from jaxquant.ops import dispatch
 from jaxquant.qarray import AdditiveQuantized, code_dtype
 
@@ -185,9 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"decode_{backend}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as fh:
-        json.dump(result, fh, indent=1)
-    os.replace(fh.name, out)  # never a half-written result
+    atomic_write_bytes(out, json.dumps(result, indent=1).encode("utf-8"))  # never a half-written result
     print(f"wrote {out}")
     return result
 

@@ -24,7 +24,6 @@ import os
 import platform
 import resource
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -33,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxquant as jq
+from jaxquant.atomic_files import atomic_write_bytes
 from jaxquant.problems import load_problem, make_random_problem, relative_output_error
 
 
@@ -140,17 +140,8 @@ def _timed_run(w: jax.Array, xtx: jax.Array, recipe: Any, key: jax.Array) -> tup
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
     """Write atomically: a temporary file in the target folder, then rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

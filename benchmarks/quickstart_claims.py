@@ -21,6 +21,7 @@ import json
 import os
 import time
 
+from jaxquant.atomic_files import atomic_write_bytes
 from jaxquant import quickstart as qs
 
 
@@ -70,10 +71,7 @@ def main() -> None:
     res["claims"] = _claims({r["method"]: r for r in res["rows"]})
     res["command"] = "python benchmarks/quickstart_claims.py " + " ".join(
         a for a, on in (("--fast", args.fast), ("--aqlm-only", args.aqlm_only), ("--with-1x8g8", args.with_1x8g8)) if on) + (f" --labels '{args.labels}'" if args.labels else "")
-    tmp = out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(res, f, indent=2)
-    os.replace(tmp, out)
+    atomic_write_bytes(out, json.dumps(res, indent=2).encode("utf-8"))
     for k, v in res["claims"].items():
         print(f"{'HOLDS' if v['holds'] else 'FAILS' if v['holds'] is False else 'n/a  '}  {k}")
     print(f"peak RSS {res['peak_rss_mb']} MB, wall {res['wall_seconds']} s; wrote {out}")

@@ -17,6 +17,7 @@ import time
 import jax
 import numpy as np
 
+from jaxquant.atomic_files import atomic_write_bytes
 from jaxquant.data import ByteTokenizer, builtin_corpus, split_text
 from jaxquant.eval import perplexity
 from jaxquant.models.llama import functional
@@ -57,10 +58,7 @@ def main() -> None:
         runs.append(run)
     res = {"steps": args.steps, "model": dataclasses.asdict(DEFAULT.model), "runs": runs,
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__}}
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=2)
-    os.replace(tmp, args.out)
+    atomic_write_bytes(args.out, json.dumps(res, indent=2).encode("utf-8"))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant.atomic_files import atomic_write, atomic_write_bytes
 from jaxquant import quickstart as qs
 from jaxquant import recipes
 from jaxquant.data import ByteTokenizer, builtin_corpus, split_text
@@ -78,9 +79,7 @@ def main() -> None:
                                batch_size=cfg.calib_batch).params
         jax.block_until_ready(start)
         if args.start_cache:
-            with open(args.start_cache + ".tmp", "wb") as f:
-                pickle.dump(start, f)
-            os.replace(args.start_cache + ".tmp", args.start_cache)
+            atomic_write(args.start_cache, lambda f: pickle.dump(start, f))
     start_seconds = time.perf_counter() - t0
     start_codes = _codes(start)
     runs = [{"mode": "start (AQLM+FT)", "perplexity": ppl(start), "seconds": round(start_seconds, 1)}]
@@ -112,10 +111,7 @@ def main() -> None:
         "bits_per_weight": tree_bits(start)["bits_per_weight"], "tune": dataclasses.asdict(cfg.tune), "runs": runs,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__},
     }
-    tmp = args.out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(res, f, indent=2)
-    os.replace(tmp, args.out)
+    atomic_write_bytes(args.out, json.dumps(res, indent=2).encode("utf-8"))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant import recipes
+from jaxquant.atomic_files import atomic_write_bytes
 from jaxquant.data import (
     BYTE_TOKENIZER_FILE,
     ByteTokenizer,
@@ -316,19 +317,6 @@ def codebook_overhead(config: ModelConfig, num_codebooks: int, codebook_bits: in
     return cb_bits / weights
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def plot_results(rows: list[dict[str, Any]], path: str, title: str = "") -> None:
     """Perplexity against bits per weight, one marker series per method family (PNG)."""
     import io
@@ -356,7 +344,7 @@ def plot_results(rows: list[dict[str, Any]], path: str, title: str = "") -> None
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -579,7 +567,7 @@ def run_quickstart(
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
                     "backend": jax.default_backend()},
     }
-    _atomic_write_bytes(os.path.join(out_dir, "results.json"), json.dumps(results, indent=2).encode("utf-8"))
+    atomic_write_bytes(os.path.join(out_dir, "results.json"), json.dumps(results, indent=2).encode("utf-8"))
     plot_results(rows, os.path.join(out_dir, "perplexity_vs_bits.png"),
                  title=f"{cfg.model.num_params() / 1e6:.2f} M-param byte-level Llama (unigram ppl {unigram:.1f})")
     log("")

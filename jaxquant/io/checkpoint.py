@@ -48,6 +48,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from jaxquant.atomic_files import atomic_write_bytes
 from jaxquant.qarray import QUANTIZED_TYPES
 
 FORMAT = "jaxquant-checkpoint"
@@ -214,12 +215,7 @@ class _Encoder:
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(obj, indent=1).encode("utf-8"))
 
 
 def _fsync_dir(path: str) -> None:

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxquant.atomic_files import atomic_write_bytes
 from jaxquant.qarray import AdditiveQuantized, code_dtype, is_quantized
 
 QUANT_METHOD = "aqlm"
@@ -248,11 +249,7 @@ def _commit_dir(staging: str, path: str, overwrite: bool) -> None:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
 
 
 def _shards(tensors: Mapping[str, np.ndarray], max_bytes: int | None) -> list[list[str]]:

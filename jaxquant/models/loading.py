@@ -16,7 +16,6 @@ import json
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,6 +25,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from jaxquant.atomic_files import atomic_write
 from jaxquant.models.config import ModelConfig, load_config
 from jaxquant.models.llama import LlamaForCausalLM
 from jaxquant.qarray import is_quantized
@@ -156,19 +156,6 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return out
 
 
-def _atomic_write(path: str, write: Any) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` to a ``.safetensors`` file atomically (temp file + rename)."""
     header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
@@ -191,7 +178,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], m
         for arr in arrays:
             f.write(arr.tobytes())
 
-    _atomic_write(os.fspath(path), write)
+    atomic_write(os.fspath(path), write)
 
 
 def read_checkpoint_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -407,7 +394,7 @@ def _shard(tensors: dict[str, np.ndarray], max_bytes: int) -> list[list[str]]:
 
 
 def _write_text(path: str, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def expected_hf_names(config: ModelConfig) -> Iterable[str]:

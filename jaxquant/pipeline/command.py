@@ -44,7 +44,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def _copy_model_files(model_dir: str, out: str) -> None:
-    from jaxquant.pipeline.rundir import atomic_write_bytes  # noqa: PLC0415
+    from jaxquant.atomic_files import atomic_write_bytes  # noqa: PLC0415
 
     for name in ("config.json", *_TOKENIZER_FILES):
         src = os.path.join(model_dir, name)
