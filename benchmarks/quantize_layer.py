@@ -4,7 +4,7 @@ A contract other checks rely on::
 
     python benchmarks/quantize_layer.py --problem FILE.npz|synthetic --method {rtn,gptq,aqlm}
         [--bits B] [--group-size G] [--num-codebooks M] [--codebook-bits K] [--beam-size S]
-        [--out-group-size O] [--seed N] [--shape DOUTxDIN --tokens T] --out RESULT.json
+        [--out-group-size O] [--grad-dtype D] [--seed N] [--shape DOUTxDIN --tokens T] --out RESULT.json
 
 ``FILE.npz`` holds ``W`` float32 ``(out, in)`` and ``X`` float32 ``(tokens, in)``;
 ``synthetic`` is the shared problem of DESIGN.md; ``--shape``/``--tokens`` build a
@@ -12,7 +12,9 @@ random problem of that size instead (for timing). The method runs twice in the s
 process: ``seconds`` is the first run (compilation included), ``seconds_warm`` the
 second (new key). ``rel_output_error`` is ``||(W−Ŵ)Xᵀ||²_F / ||WXᵀ||²_F`` in float64
 for the first run. ``XᵀX`` (normalised by the token count) is computed once, before
-either run, and timed separately as ``seconds_xtx``.
+either run, and timed separately as ``seconds_xtx``. For AQLM, ``implementation`` records
+the beam search that ran (native C++ or XLA; ``JAXQUANT_NO_FFI=1`` forces XLA) and the
+resolved ``grad_dtype``.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--beam-size", type=int, default=None)
     p.add_argument("--out-group-size", type=int, default=None)
     p.add_argument("--max-rounds", type=int, default=None, help="AQLM round limit (large layers)")
+    p.add_argument("--grad-dtype", default=None, choices=("auto", "float32", "bfloat16"),
+                   help="AQLM codebook-gradient product dtype (JAXQUANT_NO_FFI=1 forces the XLA beam search)")
     p.add_argument("--no-warm", action="store_true", help="skip the second (warm) run; seconds_warm is then null")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shape", default=None, help="DOUTxDIN: a random problem of this size")
@@ -88,6 +92,7 @@ def build_recipe(args: argparse.Namespace) -> Any:
         put("beam_size", args.beam_size)
         put("out_group_size", args.out_group_size)
         put("max_rounds", args.max_rounds)
+        put("grad_dtype", args.grad_dtype)
     return jq.recipe_from_dict(fields)
 
 
@@ -166,11 +171,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         err2 = relative_output_error(w_np, np.asarray(q2.decode_out_in(jnp.float32)), x_np)
         del q2
     rss = _peak_rss_mb()
+    implementation = None
+    if args.method == "aqlm":
+        from jaxquant.methods.aqlm import native_kernels
+        from jaxquant.methods.aqlm.quantize import resolve_grad_dtype
+
+        implementation = {
+            "beam_search": "native" if native_kernels.available() else "xla",
+            "grad_dtype": resolve_grad_dtype(recipe.grad_dtype, jax.devices()),
+        }
     result = {
         "method": args.method,
         "config": jq.recipe_to_dict(recipe),
         "problem": {"name": name, "d_out": int(w_np.shape[0]), "d_in": int(w_np.shape[1]), "tokens": int(x_np.shape[0])},
         "scheme": q.scheme,
+        "implementation": implementation,
         "bits_per_weight": float(q.bits_per_weight),
         "rel_output_error": float(err),
         "rel_output_error_warm": None if err2 is None else float(err2),

@@ -1,11 +1,12 @@
 """PV-Tuning against straight-through on the quickstart model, over V-step learning rates.
 
 Usage:
-    python benchmarks/quickstart_tuning_sweep.py --v-lr 1e-3 --v-lr 3e-3 [--tolerance 0.03]
+    python benchmarks/quickstart_tuning_sweep.py --v-lr 1e-3 --v-lr 3e-3 [--tolerance 0.03] [--seed 0 --seed 1]
 
 Trains or loads the DEFAULT quickstart model, quantizes it once with AQLM 1x8 g4 plus
 block fine-tuning (the start both modes share), then runs ``global_finetune`` in "pv" and
-"ste" mode for every ``--v-lr`` with the same steps and batches, and reports validation
+"ste" mode for every ``--v-lr`` and data-order ``--seed`` (both modes see the same steps
+and batches for a seed), and reports validation
 perplexity and the fraction of codes each run changed. Writes
 benchmarks/results/quickstart_tuning_sweep.json (``--out`` to change).
 """
@@ -48,6 +49,8 @@ def main() -> None:
     p.add_argument("--trust-ratio", type=float, default=None)
     p.add_argument("--buffer-decay", type=float, default=0.0)
     p.add_argument("--modes", default="pv,ste", help="comma-separated: pv, ste")
+    p.add_argument("--seed", type=int, action="append", default=None,
+                   help="data-order seed of the tuning batches (repeat for several; default 0)")
     p.add_argument("--tolerance", type=float, default=recipes.AQLM.tolerance, help="AQLM round stopping rule")
     p.add_argument("--num-codebooks", type=int, default=1)
     p.add_argument("--group-size", type=int, default=4)
@@ -84,16 +87,17 @@ def main() -> None:
     start_codes = _codes(start)
     runs = [{"mode": "start (AQLM+FT)", "perplexity": ppl(start), "seconds": round(start_seconds, 1)}]
     print(json.dumps(runs[-1]), flush=True)
-    for v_lr in args.v_lr:
+    seeds = args.seed or [0]
+    for seed, v_lr in ((seed, v_lr) for seed in seeds for v_lr in args.v_lr):
         tune = dataclasses.replace(cfg.tune, v_lr=v_lr, p_lr=args.p_lr, steps=args.steps,
                                    update_fraction=args.update_fraction, trust_ratio=args.trust_ratio,
-                                   buffer_decay=args.buffer_decay)
+                                   buffer_decay=args.buffer_decay, seed=seed)
         for mode in args.modes.split(","):
             t0 = time.perf_counter()
             tuned, kls = qs.global_finetune(apply_fn, params, start, train_ids, tune, mode=mode)
             jax.block_until_ready(tuned)
             runs.append({
-                "mode": mode, "v_lr": v_lr, "p_lr": args.p_lr, "steps": args.steps,
+                "mode": mode, "seed": seed, "v_lr": v_lr, "p_lr": args.p_lr, "steps": args.steps,
                 "update_fraction": args.update_fraction, "trust_ratio": args.trust_ratio,
                 "buffer_decay": args.buffer_decay, "perplexity": ppl(tuned),
                 "codes_changed": float(np.mean(_codes(tuned) != start_codes)),
@@ -106,7 +110,8 @@ def main() -> None:
         + f" --p-lr {args.p_lr:g} --steps {args.steps} --update-fraction {args.update_fraction:g}"
         + (f" --trust-ratio {args.trust_ratio:g}" if args.trust_ratio is not None else "")
         + f" --buffer-decay {args.buffer_decay:g} --modes {args.modes}"
-        + f" --tolerance {args.tolerance:g} --num-codebooks {args.num_codebooks} --group-size {args.group_size}",
+        + f" --tolerance {args.tolerance:g} --num-codebooks {args.num_codebooks} --group-size {args.group_size}"
+        + "".join(f" --seed {s}" for s in seeds),
         "model_dir": model_dir, "recipe": recipes.recipe_to_dict(recipe),
         "bits_per_weight": tree_bits(start)["bits_per_weight"], "tune": dataclasses.asdict(cfg.tune), "runs": runs,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__},

@@ -140,6 +140,10 @@ class AQLM:
         kmeans_max_points: subsample at most this many groups for k-means.
         chunk_rows: output groups processed at once in beam search (memory bound).
         param_dtype: storage dtype of codebooks and scales.
+        grad_dtype: operand dtype of the ``(Ŵ-W)·XᵀX`` product that gives the codebook
+            and scale gradients (accumulated in float32; the loss that decides when to
+            stop is always float32). ``"auto"``: bfloat16 on CPUs with native bfloat16
+            matrix units (AMX or AVX512-BF16, where it runs about 4× faster), else float32.
     """
 
     num_codebooks: int = 2
@@ -157,6 +161,7 @@ class AQLM:
     kmeans_max_points: int = 65536
     chunk_rows: int = 1024
     param_dtype: str = "float16"
+    grad_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         _check_int("num_codebooks", self.num_codebooks, 1)
@@ -174,6 +179,7 @@ class AQLM:
         _check_int("kmeans_max_points", self.kmeans_max_points, 1)
         _check_int("chunk_rows", self.chunk_rows, 1)
         _check_choice("param_dtype", self.param_dtype, _PARAM_DTYPES)
+        _check_choice("grad_dtype", self.grad_dtype, ("auto", "float32", "bfloat16"))
 
     @property
     def name(self) -> str:

@@ -14,6 +14,7 @@ import jaxquant as jq
 from jaxquant.methods import method_for
 from jaxquant.methods.aqlm import beam_search as bs
 from jaxquant.methods.aqlm import kmeans as km
+from jaxquant.methods.aqlm import native_kernels
 from jaxquant.methods.aqlm import quantize as qm
 from jaxquant.methods.aqlm import quantize_aqlm
 
@@ -50,31 +51,36 @@ def _search_np_inputs(rng: np.random.Generator, rows: int, og: int, d_in: int, m
     return w, h, codebooks, codes, scales
 
 
-def _search(w, h, codebooks, codes, scales, beam_size, seed=0):  # noqa: ANN001, ANN202
+IMPLS = [
+    "xla",
+    pytest.param(
+        "native",
+        marks=pytest.mark.skipif(not native_kernels.available(), reason=f"{native_kernels.unavailable_reason()}"),
+    ),
+]
+
+
+def _search(w, h, codebooks, codes, scales, beam_size, seed=0, impl="xla"):  # noqa: ANN001, ANN202
+    """One beam-search pass through the XLA (``bs.beam_search``) or the native implementation."""
     rows = codes.shape[0]
     og = codebooks.shape[2]
     group_order, codebook_order = bs.search_orders(np.random.default_rng(seed), codes.shape[1], codes.shape[2])
-    fn = jax.jit(bs.beam_search, static_argnames=("beam_size", "chunk_rows"))
-    new, dloss = fn(
-        jnp.asarray(w.reshape(rows, og, -1)),
-        jnp.asarray(codes),
-        jnp.asarray(scales),
-        jnp.asarray(codebooks),
-        jnp.asarray(h),
-        jnp.asarray(group_order),
-        jnp.asarray(codebook_order),
-        beam_size=beam_size,
-        chunk_rows=rows,
-    )
+    args = [jnp.asarray(a) for a in (w.reshape(rows, og, -1), codes, scales, codebooks, h, group_order, codebook_order)]
+    if impl == "native":
+        new, dloss = jax.jit(native_kernels.beam_search, static_argnames=("beam_size",))(*args, beam_size=beam_size)
+    else:
+        fn = jax.jit(bs.beam_search, static_argnames=("beam_size", "chunk_rows"))
+        new, dloss = fn(*args, beam_size=beam_size, chunk_rows=rows)
     return np.asarray(new), float(dloss)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("beam_size,og", [(1, 1), (4, 1), (3, 2)])
-def test_beam_search_never_increases_objective(rng, beam_size, og):
+def test_beam_search_never_increases_objective(rng, beam_size, og, impl):
     w, h, codebooks, codes, scales = _search_np_inputs(rng, rows=12, og=og, d_in=16, m=2, k=8, ig=4)
     s4 = scales.reshape(-1, 1, 1, 1)
     before = _objective(w, _decode_np(codes, codebooks, s4), h)
-    new, dloss = _search(w, h, codebooks, codes, scales, beam_size)
+    new, dloss = _search(w, h, codebooks, codes, scales, beam_size, impl=impl)
     after = _objective(w, _decode_np(new, codebooks, s4), h)
     assert after <= before * (1 + 1e-6)
     assert after < 0.9 * before  # random codes leave plenty to gain
@@ -82,8 +88,9 @@ def test_beam_search_never_increases_objective(rng, beam_size, og):
     np.testing.assert_allclose(dloss, after - before, rtol=1e-3, atol=1e-6 * before)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("d_in", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4: a 64-wide beam compiles slowly
-def test_wide_beam_finds_exhaustive_optimum(rng, d_in):
+def test_wide_beam_finds_exhaustive_optimum(rng, d_in, impl):
     """M=2, 2^B=4, g=2, 3 rows: a wide full-row beam equals brute force over all code tuples.
 
     With ``K^(M·n_ig - 1)`` hypotheses the last step scores every code tuple of the row
@@ -92,7 +99,7 @@ def test_wide_beam_finds_exhaustive_optimum(rng, d_in):
     m, k, ig, rows = 2, 4, 2, 3
     w, h, codebooks, codes, scales = _search_np_inputs(rng, rows, 1, d_in, m, k, ig)
     n_ig = d_in // ig
-    new, _ = _search(w, h, codebooks, codes, scales, beam_size=k ** (m * n_ig - 1))
+    new, _ = _search(w, h, codebooks, codes, scales, beam_size=k ** (m * n_ig - 1), impl=impl)
     for r in range(rows):
         best, best_codes = np.inf, None
         for combo in itertools.product(range(k), repeat=m * n_ig):
@@ -140,6 +147,61 @@ def test_blocked_codebook_scan_matches_one_block(rng, beam_size):
     blocked, d_blocked = fn(*args, beam_size=beam_size, chunk_rows=4, block=8)
     np.testing.assert_array_equal(np.asarray(blocked), np.asarray(one))
     np.testing.assert_allclose(float(d_blocked), float(d_one), rtol=1e-5)
+
+
+needs_native = pytest.mark.skipif(not native_kernels.available(), reason=f"{native_kernels.unavailable_reason()}")
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "og,m,k,ig,beam_size",
+    [(1, 2, 256, 8, 1), (1, 2, 256, 8, 8), (2, 3, 16, 4, 4), (1, 1, 1024, 4, 8), (1, 2, 4, 2, 3)],
+)
+def test_native_search_matches_xla_reference(rng, og, m, k, ig, beam_size):
+    """On random inputs the native search reaches the XLA search's loss and mostly its codes.
+
+    They need not agree exactly: the XLA path ranks candidates by packed keys that keep
+    ≥ 11 mantissa bits, the native one by the exact float32 score, so near-ties can go
+    either way and a row's later choices follow from its earlier ones.
+    """
+    w, h, codebooks, codes, scales = _search_np_inputs(rng, rows=48, og=og, d_in=32, m=m, k=k, ig=ig)
+    s4 = scales.reshape(-1, 1, 1, 1)
+    before = _objective(w, _decode_np(codes, codebooks, s4), h)
+    ref, _ = _search(w, h, codebooks, codes, scales, beam_size, impl="xla")
+    got, d_got = _search(w, h, codebooks, codes, scales, beam_size, impl="native")
+    after_ref = _objective(w, _decode_np(ref, codebooks, s4), h)
+    after_got = _objective(w, _decode_np(got, codebooks, s4), h)
+    assert after_got < before
+    np.testing.assert_allclose(d_got, after_got - before, rtol=1e-3, atol=1e-6 * before)  # tracked change is exact
+    np.testing.assert_allclose(after_got, after_ref, rtol=0.01)
+    assert np.mean(got == ref) > 0.9
+
+
+@needs_native
+def test_native_search_keeps_zero_rows_and_rejects_bad_codes(rng):
+    w, h, codebooks, codes, scales = _search_np_inputs(rng, rows=6, og=1, d_in=16, m=2, k=8, ig=4)
+    scales[2] = 0.0  # a padding row: nothing to gain, codes kept
+    new, _ = _search(w, h, codebooks, codes, scales, beam_size=2, impl="native")
+    np.testing.assert_array_equal(new[2], codes[2])
+    assert not np.array_equal(new, codes)
+    codes[1, 0, 0] = 8  # out of range for K = 8: the kernel must refuse, not read past the codebook
+    with pytest.raises(Exception, match="code out of range"):
+        _search(w, h, codebooks, codes, scales, beam_size=2, impl="native")
+
+
+@needs_native
+@pytest.mark.parametrize("n,k,d", [(300, 7, 3), (4096, 256, 8), (50, 33, 16)])
+def test_native_nearest_matches_brute_force(rng, n, k, d):
+    """The native k-means assignment is the exact argmin (ties to the smaller index)."""
+    points = rng.standard_normal((n, d)).astype(np.float32)
+    centroids = rng.standard_normal((k, d)).astype(np.float32)
+    centroids[5] = centroids[2]  # an exact tie: index 2 must win
+    got = np.asarray(jax.jit(native_kernels.nearest)(jnp.asarray(points), jnp.asarray(centroids)))
+    scores = np.sum(centroids * centroids, axis=1)[None] - 2.0 * points @ centroids.T
+    np.testing.assert_array_equal(got, np.argmin(scores, axis=1))
+    assert not np.any(got == 5)
+    ref = np.asarray(km.assign_all(jnp.asarray(points), jnp.asarray(centroids)))
+    assert np.mean(got == ref) > 0.99  # the XLA path ranks by keys with >= 15 mantissa bits
 
 
 def test_kmeans_nearest_and_lloyd(rng):
@@ -226,6 +288,22 @@ def test_round_is_traced_once(small_problem, monkeypatch):
     recipe = jq.AQLM(**{**_SMALL, "adam_steps": 2, "lr": 1.5e-3})  # a fresh configuration
     quantize_aqlm(jnp.asarray(w), jnp.asarray(h), recipe, jax.random.key(0), history=history)
     assert len(history) == 1 + recipe.max_rounds  # every round ran through the one trace
+    # A second weight of the same shape (the next layer) reuses the compiled round.
+    quantize_aqlm(jnp.asarray(w[::-1]), jnp.asarray(h), recipe, jax.random.key(1))
+
+
+@pytest.mark.parametrize("grad_dtype", ["float32", "bfloat16"])
+def test_grad_dtype_reaches_the_same_error(small_problem, grad_dtype):
+    """A bfloat16 gradient product changes the Adam steps, not where they lead."""
+    w, h = small_problem
+    errs = {}
+    for dtype in ("float32", grad_dtype):
+        q = quantize_aqlm(jnp.asarray(w), jnp.asarray(h), jq.AQLM(**{**_SMALL, "grad_dtype": dtype}), jax.random.key(0))
+        errs[dtype] = _objective(w, np.asarray(q.decode_out_in(jnp.float32)), h) / _objective(w, 0 * w, h)
+    assert errs[grad_dtype] < 0.2
+    np.testing.assert_allclose(errs[grad_dtype], errs["float32"], rtol=0.02)
+    assert qm.resolve_grad_dtype("float32", jax.devices()) == "float32"
+    assert qm.resolve_grad_dtype("auto", jax.devices()) in ("float32", "bfloat16")
 
 
 def test_out_groups_and_wide_codes(small_problem):
@@ -278,6 +356,10 @@ def test_bad_configs_raise_clear_errors(small_problem):
         quantize_aqlm(jnp.asarray(w), jnp.asarray(h), jq.GPTQ(), key)
     with pytest.raises(ValueError, match="layout"):
         quantize_aqlm(jnp.asarray(w), jnp.asarray(h), jq.AQLM(group_size=4), key, layout="oi")
+    with pytest.raises(ValueError, match="grad_dtype='float16'"):
+        jq.AQLM(grad_dtype="float16")
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        quantize_aqlm(jnp.asarray(w), jnp.asarray(h), jq.AQLM(group_size=4), key, kernels="fast")
 
 
 def test_direct_gradients_match_autodiff(rng):

@@ -90,7 +90,7 @@ def test_dispatch_prefers_cpu_ffi_and_falls_back(rng, monkeypatch):
     assert dispatch.select_impl(x, random_aq(rng, 32, 64, 1, 16, 8)) == "xla_decode"  # uint16 codes
     assert dispatch.select_impl(x, random_sq(rng, 32, 64, 4, 16, True)) == "xla_decode"
     # No compiler: the kernel reports unavailable and the XLA LUT takes over.
-    monkeypatch.setattr(cpu_ffi, "_state", {"ok": False, "error": "no C++ compiler found"})
+    monkeypatch.setattr(cpu_ffi.LIBRARY, "state", {"ok": False, "error": "no C++ compiler found"})
     assert dispatch.select_impl(x, w) == "xla_lut"
     with pytest.raises(NotImplementedError, match="no C\\+\\+ compiler"):
         cpu_ffi.lut_matmul_ffi(x, w)

@@ -13,7 +13,7 @@ from test_ops_xla import random_aq, random_sq
 
 def test_cpu_order_lut_then_decode(rng, monkeypatch):
     w = random_aq(rng, 32, 64, 2, 8, 8)
-    monkeypatch.setattr(cpu_ffi, "_state", {"ok": False, "error": "disabled for this test"})
+    monkeypatch.setattr(cpu_ffi.LIBRARY, "state", {"ok": False, "error": "disabled for this test"})
     assert dispatch.select_impl(jnp.ones((1, 64), jnp.float32), w) == "xla_lut"
     assert dispatch.select_impl(jnp.ones((4, 5, 64), jnp.float32), w) == "xla_decode"  # 20 rows > DECODE_BATCH_ROWS
     assert dispatch.select_impl(jnp.ones((2, 64), jnp.float32), random_aq(rng, 32, 64, 1, 16, 8)) == "xla_decode"

@@ -8,13 +8,10 @@ layers. A few dozen lines of C++ do the lookup with AVX-512 gathers (16 lookups 
 instruction, summed in registers), read the uint8 codes exactly once, and run on XLA's own
 intra-op thread pool, so nothing is materialised but the table.
 
-How it is built. The C++ source below is compiled with the machine's C++ compiler
-(``-O3 -march=native``) at first use into the user cache directory (one file per source,
-compiler flags, jaxlib version and CPU, written under a temporary name and renamed), loaded
-with ``ctypes`` and registered with ``jax.ffi.register_ffi_target``. When no compiler is
-found or the build fails, ``available()`` is False, ``lut_matmul_ffi`` raises
-``NotImplementedError`` and the dispatcher falls through to the XLA implementation. Set
-``JAXQUANT_NO_FFI=1`` to disable it.
+How it is built: see ``jaxquant/native_build.py`` (compiled at first use into the user
+cache directory). When no compiler is found or the build fails, ``available()`` is False,
+``lut_matmul_ffi`` raises ``NotImplementedError`` and the dispatcher falls through to the
+XLA implementation. Set ``JAXQUANT_NO_FFI=1`` to disable it.
 
 Eligibility: CPU backend, ``AdditiveQuantized`` with ``out_group_size == 1`` and
 ``2**B ≤ 256`` (uint8 codes), any ``M`` and ``in_group_size``, any number of rows.
@@ -22,21 +19,13 @@ Eligibility: CPU backend, ``AdditiveQuantized`` with ``out_group_size == 1`` and
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant.native_build import NativeLibrary
 from jaxquant.qarray import AdditiveQuantized
 
 TARGET_NAME = "jaxquant_aq_lut_f32"
@@ -320,77 +309,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantAqDecodeF32, AqDecodeImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 """
 
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
-
-_lock = threading.Lock()
-_state: dict[str, Any] = {}
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "jaxquant" / "ffi"
-
-
-def _cpu_id() -> str:
-    # -march=native code must not be reused on another CPU sharing the cache directory.
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags") or line.startswith("Features"):
-                    return line
-    except OSError:
-        pass
-    return platform.processor() + platform.machine()
-
-
-def _build() -> ctypes.CDLL:
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-    if cxx is None:
-        raise RuntimeError("no C++ compiler found (set CXX)")
-    import jaxlib
-
-    key = hashlib.sha256(
-        "\0".join([_SOURCE, *_FLAGS, cxx, jaxlib.__version__, _cpu_id()]).encode()
-    ).hexdigest()[:16]
-    out = _cache_dir() / f"aq_lut_{key}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            src = Path(tmp) / "aq_lut.cc"
-            src.write_text(_SOURCE)
-            so = Path(tmp) / "aq_lut.so"
-            cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(src), "-o", str(so)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            if proc.returncode != 0:
-                raise RuntimeError(f"compiling the FFI kernel failed:\n{proc.stderr[-4000:]}")
-            os.replace(so, out)  # atomic: a concurrent builder never sees a half-written file
-    return ctypes.CDLL(str(out))
+LIBRARY = NativeLibrary(
+    "aq_lut", _SOURCE, {TARGET_NAME: "JaxquantAqLutF32", DECODE_TARGET_NAME: "JaxquantAqDecodeF32"}
+)
 
 
 def available() -> bool:
     """Build (once) and register the kernel; False when disabled or it cannot be built."""
-    with _lock:
-        if "ok" not in _state:
-            if os.environ.get("JAXQUANT_NO_FFI", "") not in ("", "0"):
-                _state.update(ok=False, error="disabled by JAXQUANT_NO_FFI")
-            else:
-                try:
-                    lib = _build()
-                    jax.ffi.register_ffi_target(
-                        TARGET_NAME, jax.ffi.pycapsule(lib.JaxquantAqLutF32), platform="cpu"
-                    )
-                    jax.ffi.register_ffi_target(
-                        DECODE_TARGET_NAME, jax.ffi.pycapsule(lib.JaxquantAqDecodeF32), platform="cpu"
-                    )
-                    _state.update(ok=True, lib=lib)
-                except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as e:
-                    _state.update(ok=False, error=str(e))
-        return bool(_state["ok"])
+    return LIBRARY.available()
 
 
 def unavailable_reason() -> str | None:
     """Why ``available()`` is False (None when it is True or was not asked yet)."""
-    return _state.get("error")
+    return LIBRARY.unavailable_reason()
 
 
 def ffi_eligible(w: Any) -> bool:

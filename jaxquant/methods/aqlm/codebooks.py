@@ -21,17 +21,22 @@ import optax
 def decode_tiles(codes: jax.Array, codebooks: jax.Array) -> jax.Array:
     """Unscaled tiles ``Σ_m codebooks[m, codes[..., m]]``.
 
+    One gather from the codebooks stacked into ``[M·K, og, ig]`` (codebook ``m``'s
+    indices offset by ``m·K``), then a sum over ``M``: on XLA:CPU that is about 8× faster
+    than one gather per codebook (measured on 512×512, 2×8 g8: 0.16 ms against 1.3 ms),
+    and it runs at every Adam step.
+
     Args:
-        codes: ``[R, n_ig, M]`` int32.
+        codes: ``[R, n_ig, M]`` int32 in ``[0, K)``.
         codebooks: ``[M, K, og, ig]``.
 
     Returns:
         ``[R, n_ig, og, ig]``.
     """
-    out = codebooks[0][codes[..., 0]]
-    for m in range(1, codebooks.shape[0]):  # M is small and static
-        out = out + codebooks[m][codes[..., m]]
-    return out
+    num_codebooks, k, og, ig = codebooks.shape
+    flat = codes + jnp.arange(num_codebooks, dtype=codes.dtype) * k
+    tiles = codebooks.reshape(num_codebooks * k, og, ig).at[flat].get(mode="promise_in_bounds")
+    return jnp.sum(tiles, axis=-3)
 
 
 def tiles_to_rows(tiles: jax.Array) -> jax.Array:
@@ -51,7 +56,12 @@ def _psum(x: Any, axis_name: str | None) -> Any:
 
 
 def loss_and_grads(
-    params: dict[str, jax.Array], codes: jax.Array, w: jax.Array, h: jax.Array, axis_name: str | None = None
+    params: dict[str, jax.Array],
+    codes: jax.Array,
+    w: jax.Array,
+    h: jax.Array,
+    axis_name: str | None = None,
+    product_dtype: Any = jnp.float32,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Output error ``Σ (Ŵ-W) H (Ŵ-W)ᵀ`` and its gradients.
 
@@ -61,6 +71,8 @@ def loss_and_grads(
         w: ``[R, og, d_in]``.
         h: ``[d_in, d_in]``.
         axis_name: mesh axis the rows are sharded over, or ``None``.
+        product_dtype: dtype the operands of ``(Ŵ-W) H`` are rounded to (accumulation is
+            float32 either way); ``h`` is expected in it already.
 
     Returns:
         ``(loss, grads)`` with grads shaped like ``params``.
@@ -69,18 +81,17 @@ def loss_and_grads(
     num_codebooks, k, og, ig = codebooks.shape
     tiles = decode_tiles(codes, codebooks)
     resid = tiles_to_rows(tiles) * scales[:, None, None] - w
-    rh = jnp.einsum("roi,ij->roj", resid, h)
+    rh = jnp.einsum("roi,ij->roj", resid.astype(product_dtype), h, preferred_element_type=jnp.float32)
     loss = _psum(jnp.sum(resid * rh), axis_name)
     g_tiles = rows_to_tiles(2.0 * rh, ig)  # dL/dŴ in tile layout
     g_scales = jnp.sum(g_tiles * tiles, axis=(1, 2, 3))
-    g_scaled = (g_tiles * scales[:, None, None, None]).reshape(-1, og, ig)
-    g_books = jnp.stack(
-        [
-            jax.ops.segment_sum(g_scaled, codes[..., m].reshape(-1), num_segments=k)
-            for m in range(num_codebooks)
-        ]
-    )
-    return loss, {"codebooks": _psum(g_books, axis_name), "scales": g_scales}
+    # One scatter into the stacked codebooks (codebook m's codes offset by m·K) instead of
+    # one per codebook: each is a pass over a weight-sized array.
+    g_scaled = g_tiles * scales[:, None, None, None]  # [R, n_ig, og, ig]
+    per_code = jnp.broadcast_to(g_scaled[:, :, None], (*codes.shape, og, ig)).reshape(-1, og, ig)
+    flat = (codes + jnp.arange(num_codebooks, dtype=codes.dtype) * k).reshape(-1)
+    g_books = jax.ops.segment_sum(per_code, flat, num_segments=num_codebooks * k)
+    return loss, {"codebooks": _psum(g_books.reshape(codebooks.shape), axis_name), "scales": g_scales}
 
 
 def loss_only(params: dict[str, jax.Array], codes: jax.Array, w: jax.Array, h: jax.Array, axis_name: str | None = None) -> jax.Array:
@@ -107,6 +118,7 @@ def adam_steps(
     b1: float,
     b2: float,
     axis_name: str | None = None,
+    product_dtype: Any = jnp.float32,
 ) -> tuple[dict[str, jax.Array], Any]:
     """``steps`` Adam updates of codebooks and scales with the codes held fixed.
 
@@ -122,15 +134,18 @@ def adam_steps(
         steps: number of updates (static).
         lr, b1, b2: Adam hyper-parameters.
         axis_name: mesh axis of the row sharding, or ``None``.
+        product_dtype: operand dtype of the gradient's ``(Ŵ-W) H`` product (see
+            ``loss_and_grads``); bfloat16 runs about 4× faster on CPUs with AMX.
 
     Returns:
         ``(params, opt_state)`` after the updates.
     """
     opt = make_optimizer(lr, b1, b2)
+    h = h.astype(product_dtype)  # once, outside the loop
 
     def body(_: int, carry: tuple[Any, Any]) -> tuple[Any, Any]:
         p, state = carry
-        _, grads = loss_and_grads(p, codes, w, h, axis_name)
+        _, grads = loss_and_grads(p, codes, w, h, axis_name, product_dtype)
         # optax's bias correction raises a Python float to an int32 step count, which
         # strict dtype promotion (a user's or our tests' setting) rejects.
         with jax.numpy_dtype_promotion("standard"):

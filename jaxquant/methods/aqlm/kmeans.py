@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant.methods.aqlm import native_kernels
 from jaxquant.methods.aqlm.beam_search import index_bits, min0, pack_keys
 
 # Distance matrices are built this many elements at a time (about 2 MB, cache-sized), so
@@ -62,13 +63,19 @@ def assign_all(points: jax.Array, centroids: jax.Array) -> jax.Array:
     return idx.reshape(-1)[:n]
 
 
-def lloyd(points: jax.Array, init: jax.Array, iters: int) -> jax.Array:
+def _assign(points: jax.Array, centroids: jax.Array, native: bool) -> jax.Array:
+    return native_kernels.nearest(points, centroids) if native else assign_all(points, centroids)
+
+
+def lloyd(points: jax.Array, init: jax.Array, iters: int, native: bool = False) -> jax.Array:
     """Plain k-means (Lloyd) from the given initial centroids.
 
     Args:
         points: ``[n, d]`` float32.
         init: ``[k, d]`` initial centroids.
         iters: Lloyd iterations.
+        native: assign points with the native CPU kernel (``native_kernels.nearest``,
+            exact float32 ranking) instead of ``assign_all``.
 
     Returns:
         ``[k, d]`` centroids. A centroid that loses all its points keeps its position.
@@ -77,7 +84,7 @@ def lloyd(points: jax.Array, init: jax.Array, iters: int) -> jax.Array:
     k = init.shape[0]
 
     def step(_: int, c: jax.Array) -> jax.Array:
-        idx = assign_all(points, c)
+        idx = _assign(points, c, native)
         sums = jax.ops.segment_sum(points, idx, num_segments=k)
         counts = jax.ops.segment_sum(jnp.ones((n,), jnp.float32), idx, num_segments=k)
         return jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], c)
@@ -106,7 +113,7 @@ def sample_indices(
 
 
 def residual_kmeans(
-    groups: jax.Array, subsets: jax.Array | None, inits: jax.Array, iters: int
+    groups: jax.Array, subsets: jax.Array | None, inits: jax.Array, iters: int, native: bool = False
 ) -> tuple[jax.Array, jax.Array]:
     """Fit one codebook per row of ``inits``, each on the running residual.
 
@@ -117,17 +124,19 @@ def residual_kmeans(
             ``None`` for all of them; every group is assigned codes either way.
         inits: ``[M, K]`` indices (into the fitted points) of the initial centroids.
         iters: Lloyd iterations per codebook.
+        native: use the native nearest-centroid kernel (see ``lloyd``).
 
     Returns:
         ``(codebooks [M, K, d], codes [n, M] int32)``.
     """
-    residual = groups
-    codebooks, codes = [], []
-    for m in range(inits.shape[0]):  # M is small and static; each codebook depends on the last
-        fit = residual if subsets is None else residual[subsets[m]]
-        c = lloyd(fit, fit[inits[m]], iters)
-        idx = assign_all(residual, c)
-        residual = residual - c[idx]
-        codebooks.append(c)
-        codes.append(idx)
-    return jnp.stack(codebooks), jnp.stack(codes, axis=1)
+    def fit_one(residual: jax.Array, xs: tuple[jax.Array, jax.Array | None]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        init, subset = xs
+        fit = residual if subset is None else residual[subset]
+        c = lloyd(fit, fit[init], iters, native)
+        idx = _assign(residual, c, native)
+        return residual - c[idx], (c, idx)
+
+    # A scan, not a Python loop over M: each codebook depends on the last, but one traced
+    # body serves all of them, so the program compiles once whatever M is.
+    _, (codebooks, codes) = jax.lax.scan(fit_one, groups, (inits, subsets))
+    return codebooks, codes.T

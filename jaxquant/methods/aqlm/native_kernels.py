@@ -1,0 +1,685 @@
+"""Native CPU kernels of AQLM (XLA FFI custom calls): the beam search and k-means assignment.
+
+``beam_search`` has the same algorithm, same inputs and the same result contract as ``beam_search.beam_search``
+(the XLA implementation, which stays the reference it is tested against): for every row
+(output group) a beam of ``beam_size`` whole-row hypotheses visits the input groups in
+``group_order`` and, within a group, the codebooks in ``codebook_order``, extending every
+hypothesis by every codeword and keeping the best (hypothesis, codeword) pairs, scored
+through ``XᵀX`` with the incremental loss (see the notation in ``beam_search``). A row
+keeps its best hypothesis only if it lowers the loss.
+
+Why native code. XLA:CPU runs the search as hundreds of small fused loops per input group
+over arrays shaped [candidates, beam, rows]; the beam's state for a chunk of rows (the
+hypotheses' ``(ŵ - w)H``, 4 MB for 256 rows at beam 8) streams through memory at every
+group, and selecting the best candidates takes several passes over the scores. Here one
+thread takes one row at a time: the row's beam (8 × ``d_in`` floats of ``g`` plus codes)
+stays in L1/L2 for the whole pass, candidates are scored by vectorised loops over the
+codebook, and the best ``beam_size`` are kept by insertion against a running threshold
+(one comparison for almost every candidate). Selection is exact in float32 (the XLA
+path ranks by packed keys that keep ≥ 11 mantissa bits), ties going to the smaller
+(code, parent) as there. Rows are spread over XLA's intra-op thread pool.
+
+Inputs are the codes, scales and codebooks of the round, ``H`` and ``g0 = (ŵ - w)H``
+(one matmul, done by XLA before the call), and the codeword Gram terms ``q`` of
+``beam_search.codeword_gram``.
+
+``nearest`` is k-means' assignment step (``kmeans.assign_all`` is its reference): the
+exact nearest centroid of each point, distances kept in registers.
+
+Built on first use by ``jaxquant.native_build``; when the library cannot be built
+``available()`` is False and AQLM uses the XLA paths (``JAXQUANT_NO_FFI=1`` forces them).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant.methods.aqlm import beam_search as bs
+from jaxquant.methods.aqlm import codebooks as cb
+from jaxquant.native_build import NativeLibrary
+
+TARGET_NAME = "jaxquant_aqlm_beam_search_f32"
+NEAREST_TARGET_NAME = "jaxquant_kmeans_nearest_f32"
+# Points per block of the nearest-centroid kernel.
+NEAREST_BLOCK_ROWS = 1024
+# Rows a thread claims at a time: small enough to balance two threads on a few hundred
+# rows, large enough that the claim is negligible.
+BLOCK_ROWS = 4
+
+_SOURCE = r"""
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <thread>
+#include <vector>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Vectors scored per loop iteration (independent accumulators).
+constexpr int kUnroll = 4;
+// Candidates are scored kLanes codewords at a time; LaneMask says which of them score at or
+// below the running threshold (almost never, once the beam has filled).
+#if defined(__AVX512F__)
+constexpr int64_t kLanes = 16;
+using Lanes = __m512;
+inline Lanes LoadLanes(const float* x) { return _mm512_loadu_ps(x); }
+inline Lanes SplatLanes(float x) { return _mm512_set1_ps(x); }
+inline Lanes FmaLanes(Lanes a, Lanes b, Lanes c) { return _mm512_fmadd_ps(a, b, c); }
+inline uint32_t LaneMask(Lanes a, float thr) { return _mm512_cmp_ps_mask(a, _mm512_set1_ps(thr), _CMP_LE_OQ); }
+inline void StoreLanes(float* x, Lanes a) { _mm512_storeu_ps(x, a); }
+using LaneInts = __m512i;
+inline LaneInts LaneIota(int32_t start) {
+  return _mm512_add_epi32(_mm512_set1_epi32(start), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+// Lane-wise running argmin: where a < best, take (a, idx). Ties keep the earlier index.
+inline void KeepSmaller(Lanes a, LaneInts idx, Lanes& best, LaneInts& best_idx) {
+  const __mmask16 lt = _mm512_cmp_ps_mask(a, best, _CMP_LT_OQ);
+  best = _mm512_mask_blend_ps(lt, best, a);
+  best_idx = _mm512_mask_blend_epi32(lt, best_idx, idx);
+}
+inline void StoreInts(int32_t* x, LaneInts a) { _mm512_storeu_si512(x, a); }
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int64_t kLanes = 8;
+using Lanes = __m256;
+inline Lanes LoadLanes(const float* x) { return _mm256_loadu_ps(x); }
+inline Lanes SplatLanes(float x) { return _mm256_set1_ps(x); }
+inline Lanes FmaLanes(Lanes a, Lanes b, Lanes c) { return _mm256_fmadd_ps(a, b, c); }
+inline uint32_t LaneMask(Lanes a, float thr) {
+  return _mm256_movemask_ps(_mm256_cmp_ps(a, _mm256_set1_ps(thr), _CMP_LE_OQ));
+}
+inline void StoreLanes(float* x, Lanes a) { _mm256_storeu_ps(x, a); }
+using LaneInts = __m256i;
+inline LaneInts LaneIota(int32_t start) {
+  return _mm256_add_epi32(_mm256_set1_epi32(start), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline void KeepSmaller(Lanes a, LaneInts idx, Lanes& best, LaneInts& best_idx) {
+  const __m256 lt = _mm256_cmp_ps(a, best, _CMP_LT_OQ);
+  best = _mm256_blendv_ps(best, a, lt);
+  best_idx = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(best_idx), _mm256_castsi256_ps(idx), lt));
+}
+inline void StoreInts(int32_t* x, LaneInts a) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(x), a); }
+#else
+constexpr int64_t kLanes = 1;
+using Lanes = float;
+inline Lanes LoadLanes(const float* x) { return *x; }
+inline Lanes SplatLanes(float x) { return x; }
+inline Lanes FmaLanes(Lanes a, Lanes b, Lanes c) { return a * b + c; }
+inline uint32_t LaneMask(Lanes a, float thr) { return a <= thr ? 1u : 0u; }
+inline void StoreLanes(float* x, Lanes a) { *x = a; }
+using LaneInts = int32_t;
+inline LaneInts LaneIota(int32_t start) { return start; }
+inline void KeepSmaller(Lanes a, LaneInts idx, Lanes& best, LaneInts& best_idx) {
+  if (a < best) {
+    best = a;
+    best_idx = idx;
+  }
+}
+inline void StoreInts(int32_t* x, LaneInts a) { *x = a; }
+#endif
+
+struct Problem {
+  const int32_t* codes;           // [R, n_ig, M] the beam's start
+  const float* scales;            // [R]
+  const float* books;             // [M, K, D] codewords, tile in (og, ig) order
+  const float* books_t;           // [M, D, K] the same, codewords as columns
+  const float* h;                 // [d_in, d_in] symmetric
+  const float* hjj;               // [n_ig, ig, ig] diagonal blocks of h
+  const float* g0;                // [R, og, d_in] (w_hat - w) H of the start
+  const float* q;                 // [n_ig, M, K] a^T G_j a per codeword
+  const int32_t* group_order;     // [n_ig]
+  const int32_t* codebook_order;  // [n_ig, M]
+  int32_t* out_codes;             // [R, n_ig, M]
+  float* dloss;                   // [R]
+  int64_t R, n_ig, M, K, og, ig, D, d_in, beam;
+};
+
+struct Candidate {
+  float score;
+  int32_t code, parent;
+};
+
+// The XLA path's order: by score, ties to the smaller candidate (code, then parent).
+inline bool Before(const Candidate& a, const Candidate& b) {
+  if (a.score != b.score) return a.score < b.score;
+  return a.code != b.code ? a.code < b.code : a.parent < b.parent;
+}
+
+inline float Dot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// y = G_j x with G_j = H_jj (x) I_og, tiles in (og, ig) order; written as ig axpys over
+// the (symmetric) columns of H_jj so that the inner loop vectorises.
+inline void ApplyG(const float* hjj, const float* x, float* y, int64_t og, int64_t ig) {
+  for (int64_t o = 0; o < og; ++o) {
+    float* yo = y + o * ig;
+    for (int64_t a = 0; a < ig; ++a) yo[a] = 0.f;
+    for (int64_t b = 0; b < ig; ++b) {
+      const float xb = x[o * ig + b];
+      const float* col = hjj + b * ig;
+      for (int64_t a = 0; a < ig; ++a) yo[a] += col[a] * xb;
+    }
+  }
+}
+
+// dst = src + sum_y coef[y] * hj[y, :], one pass over the row in 16-float blocks (the
+// block's accumulator stays in a register across the ig rows of H).
+inline void RankUpdate(const float* src, float* dst, const float* hj, const float* coef, int64_t ig, int64_t n) {
+  int64_t x0 = 0;
+  for (; x0 + 16 <= n; x0 += 16) {
+    float acc[16];
+    for (int xi = 0; xi < 16; ++xi) acc[xi] = src[x0 + xi];
+    for (int64_t y = 0; y < ig; ++y) {
+      const float cy = coef[y];
+      const float* hr = hj + y * n + x0;
+      for (int xi = 0; xi < 16; ++xi) acc[xi] += hr[xi] * cy;
+    }
+    for (int xi = 0; xi < 16; ++xi) dst[x0 + xi] = acc[xi];
+  }
+  for (; x0 < n; ++x0) {
+    float acc = src[x0];
+    for (int64_t y = 0; y < ig; ++y) acc += hj[y * n + x0] * coef[y];
+    dst[x0] = acc;
+  }
+}
+
+// One thread's working memory: the beam's state, double-buffered ([2] = current / next).
+struct Scratch {
+  std::vector<int32_t> codes[2], cur[2], root[2], old;
+  std::vector<float> g[2], loss[2], t[2], gj[2];
+  std::vector<float> t_start, v, v2, ga, base, sc, delta;
+  std::vector<Candidate> top;
+  explicit Scratch(const Problem& p) {
+    const int64_t B = p.beam;
+    for (int i = 0; i < 2; ++i) {
+      codes[i].resize(B * p.n_ig * p.M);
+      cur[i].resize(B * p.M);
+      root[i].resize(B);
+      g[i].resize(B * p.og * p.d_in);
+      loss[i].resize(B);
+      t[i].resize(B * p.D);
+      gj[i].resize(B * p.D);
+    }
+    t_start.resize(B * p.D);
+    old.resize(B);
+    v.resize(B * p.D);
+    v2.resize(p.D);
+    ga.resize(p.D);
+    base.resize(B);
+    sc.resize(kLanes);
+    delta.resize(std::max(p.D, p.ig));
+    top.resize(B);
+  }
+};
+
+void SearchRow(const Problem& p, Scratch& w, int64_t r) {
+  const int64_t n_ig = p.n_ig, M = p.M, K = p.K, D = p.D, ig = p.ig, og = p.og, d_in = p.d_in;
+  const int64_t G = og * d_in, C = n_ig * M;
+  const int32_t* start = p.codes + r * C;
+  std::memcpy(p.out_codes + r * C, start, C * sizeof(int32_t));
+  p.dloss[r] = 0.f;
+  const float s = p.scales[r];
+  if (s == 0.f) return;  // a zero (padding) row: every candidate scores the same
+  const float s2 = s * s, two_s = 2.f * s;
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+
+  int cb = 0, ib = 0;  // current buffers of the row-level and the group-level state
+  std::memcpy(w.codes[0].data(), start, C * sizeof(int32_t));
+  std::memcpy(w.g[0].data(), p.g0 + r * G, G * sizeof(float));
+  w.loss[0][0] = 0.f;  // losses are changes with respect to the start
+  int64_t nh = 1;
+  for (int64_t gi = 0; gi < n_ig; ++gi) {
+    const int64_t j = p.group_order[gi];
+    const float* hjj = p.hjj + j * ig * ig;
+    for (int64_t b = 0; b < nh; ++b) {
+      int32_t* cur = w.cur[ib].data() + b * M;
+      std::memcpy(cur, w.codes[cb].data() + b * C + j * M, M * sizeof(int32_t));
+      float* t = w.t[ib].data() + b * D;
+      for (int64_t e = 0; e < D; ++e) t[e] = 0.f;
+      for (int64_t m = 0; m < M; ++m) {
+        const float* a = p.books + (m * K + cur[m]) * D;
+        for (int64_t e = 0; e < D; ++e) t[e] += a[e];
+      }
+      std::memcpy(w.t_start.data() + b * D, t, D * sizeof(float));
+      const float* gb = w.g[cb].data() + b * G;
+      float* gj = w.gj[ib].data() + b * D;
+      for (int64_t o = 0; o < og; ++o) std::memcpy(gj + o * ig, gb + o * d_in + j * ig, ig * sizeof(float));
+      w.root[ib][b] = static_cast<int32_t>(b);
+    }
+    for (int64_t step = 0; step < M; ++step) {
+      const int64_t m = p.codebook_order[j * M + step];
+      const float* book = p.books + m * K * D;
+      const float* book_t = p.books_t + m * D * K;
+      const float* qm = p.q + (j * M + m) * K;
+      for (int64_t b = 0; b < nh; ++b) {
+        const int64_t code = w.cur[ib][b * M + m];
+        const float* a = book + code * D;
+        float* ga = w.ga.data();
+        ApplyG(hjj, a, ga, og, ig);
+        float* v = w.v.data() + b * D;
+        const float* gj = w.gj[ib].data() + b * D;
+        w.old[b] = static_cast<int32_t>(code);
+        for (int64_t e = 0; e < D; ++e) v[e] = gj[e] - s * ga[e];
+        w.base[b] = w.loss[ib][b] - two_s * Dot(a, gj, D) + s2 * qm[code];
+      }
+      // Score every (hypothesis, codeword) and keep the n_keep best by insertion.
+      const int64_t n_keep = std::min<int64_t>(p.beam, nh * K);
+      int64_t cnt = 0;
+      float thr = kInf;
+      for (int64_t b = 0; b < nh; ++b) {
+        const float bb = w.base[b];
+        const float* v = w.v.data() + b * D;
+        for (int64_t e = 0; e < D; ++e) w.v2[e] = two_s * v[e];
+        const Lanes s2v = SplatLanes(s2), bv = SplatLanes(bb);
+        float* sc = w.sc.data();
+        // Offer the lanes of `mask` (scores in sc, codewords k0 + lane) to the beam.
+        auto offer = [&](uint32_t mask, int64_t k0) {
+          for (; mask; mask &= mask - 1) {
+            const int64_t l = __builtin_ctz(mask);
+            if (!(sc[l] <= thr)) continue;  // the threshold moved within this block
+            const Candidate c{sc[l], static_cast<int32_t>(k0 + l), static_cast<int32_t>(b)};
+            if (cnt == n_keep && !Before(c, w.top[cnt - 1])) continue;
+            int64_t i = cnt < n_keep ? cnt++ : cnt - 1;
+            while (i > 0 && Before(c, w.top[i - 1])) {
+              w.top[i] = w.top[i - 1];
+              --i;
+            }
+            w.top[i] = c;
+            if (cnt == n_keep) thr = w.top[cnt - 1].score;
+          }
+        };
+        int64_t k0 = 0;
+        // kUnroll vectors at a time: independent FMA chains hide the FMA latency.
+        for (; k0 + kUnroll * kLanes <= K; k0 += kUnroll * kLanes) {
+          Lanes acc[kUnroll];
+          for (int u = 0; u < kUnroll; ++u) acc[u] = FmaLanes(s2v, LoadLanes(qm + k0 + u * kLanes), bv);
+          for (int64_t e = 0; e < D; ++e) {
+            const Lanes ve = SplatLanes(w.v2[e]);
+            const float* col = book_t + e * K + k0;
+            for (int u = 0; u < kUnroll; ++u) acc[u] = FmaLanes(LoadLanes(col + u * kLanes), ve, acc[u]);
+          }
+          for (int u = 0; u < kUnroll; ++u) {
+            const uint32_t mask = LaneMask(acc[u], thr);
+            if (mask == 0) continue;
+            StoreLanes(sc, acc[u]);
+            offer(mask, k0 + u * kLanes);
+          }
+        }
+        for (; k0 + kLanes <= K; k0 += kLanes) {
+          Lanes acc = FmaLanes(s2v, LoadLanes(qm + k0), bv);
+          for (int64_t e = 0; e < D; ++e) acc = FmaLanes(LoadLanes(book_t + e * K + k0), SplatLanes(w.v2[e]), acc);
+          const uint32_t mask = LaneMask(acc, thr);
+          if (mask == 0) continue;
+          StoreLanes(sc, acc);
+          offer(mask, k0);
+        }
+        if (k0 < K) {  // a tail shorter than the vector (tiny codebooks)
+          uint32_t mask = 0;
+          for (int64_t k = k0; k < K; ++k) {
+            float acc = s2 * qm[k] + bb;
+            for (int64_t e = 0; e < D; ++e) acc += book_t[e * K + k] * w.v2[e];
+            sc[k - k0] = acc;
+            if (acc <= thr) mask |= 1u << (k - k0);
+          }
+          offer(mask, k0);
+        }
+      }
+      // The survivors: each is its parent with codeword `code` in slot m.
+      const int nb = 1 - ib;
+      for (int64_t i = 0; i < n_keep; ++i) {
+        const Candidate c = w.top[i];
+        const int64_t b = c.parent;
+        const float* a_new = book + static_cast<int64_t>(c.code) * D;
+        const float* ao = book + static_cast<int64_t>(w.old[b]) * D;
+        const float* v = w.v.data() + b * D;
+        std::memcpy(w.cur[nb].data() + i * M, w.cur[ib].data() + b * M, M * sizeof(int32_t));
+        w.cur[nb][i * M + m] = c.code;
+        w.root[nb][i] = w.root[ib][b];
+        // The exact loss (the score was only used to rank).
+        w.loss[nb][i] = w.base[b] + s2 * qm[c.code] + two_s * Dot(a_new, v, D);
+        float* d = w.delta.data();
+        for (int64_t e = 0; e < D; ++e) d[e] = a_new[e] - ao[e];
+        const float* tb = w.t[ib].data() + b * D;
+        float* ti = w.t[nb].data() + i * D;
+        for (int64_t e = 0; e < D; ++e) ti[e] = tb[e] + d[e];
+        const float* gb = w.gj[ib].data() + b * D;
+        float* gi_ = w.gj[nb].data() + i * D;
+        ApplyG(hjj, d, w.ga.data(), og, ig);
+        for (int64_t e = 0; e < D; ++e) gi_[e] = gb[e] + s * w.ga[e];  // + s G_j delta
+      }
+      ib = nb;
+      nh = n_keep;
+    }
+    // The survivors' row state: their ancestors' codes and g plus this group's change
+    // (g gets a rank-ig update from ig rows of H).
+    const int nc = 1 - cb;
+    for (int64_t i = 0; i < nh; ++i) {
+      const int64_t rt = w.root[ib][i];
+      int32_t* ci = w.codes[nc].data() + i * C;
+      std::memcpy(ci, w.codes[cb].data() + rt * C, C * sizeof(int32_t));
+      std::memcpy(ci + j * M, w.cur[ib].data() + i * M, M * sizeof(int32_t));
+      const float* ti = w.t[ib].data() + i * D;
+      const float* t0 = w.t_start.data() + rt * D;
+      const float* hj = p.h + j * ig * d_in;  // rows j*ig .. j*ig+ig-1 of H (= its columns)
+      for (int64_t o = 0; o < og; ++o) {
+        float* coef = w.delta.data();
+        bool moved = false;
+        for (int64_t y = 0; y < ig; ++y) {
+          coef[y] = (ti[o * ig + y] - t0[o * ig + y]) * s;
+          moved |= coef[y] != 0.f;
+        }
+        const float* src = w.g[cb].data() + rt * G + o * d_in;
+        float* dst = w.g[nc].data() + i * G + o * d_in;
+        if (!moved) {
+          std::memcpy(dst, src, d_in * sizeof(float));
+        } else {
+          RankUpdate(src, dst, hj, coef, ig, d_in);
+        }
+      }
+    }
+    cb = nc;
+  }
+  int64_t best = 0;
+  for (int64_t i = 1; i < nh; ++i)
+    if (w.loss[ib][i] < w.loss[ib][best]) best = i;
+  if (w.loss[ib][best] < 0.f) {
+    std::memcpy(p.out_codes + r * C, w.codes[cb].data() + best * C, C * sizeof(int32_t));
+    p.dloss[r] = w.loss[ib][best];
+  }
+}
+
+// Rows are claimed in blocks from an atomic counter by the caller and the pool tasks (a
+// task the pool never starts costs nothing; the caller waits only for claimed blocks).
+struct Shared {
+  Problem p;
+  int64_t block_rows, n_blocks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  void Work() {
+    std::unique_ptr<Scratch> scratch;
+    for (int64_t blk; (blk = next.fetch_add(1)) < n_blocks;) {
+      if (!scratch) scratch = std::make_unique<Scratch>(p);
+      const int64_t r1 = std::min(p.R, (blk + 1) * block_rows);
+      for (int64_t r = blk * block_rows; r < r1; ++r) SearchRow(p, *scratch, r);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error BeamSearchImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> codes, ffi::Buffer<ffi::F32> scales,
+                          ffi::Buffer<ffi::F32> books, ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> g0,
+                          ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> group_order,
+                          ffi::Buffer<ffi::S32> codebook_order, ffi::ResultBuffer<ffi::S32> out_codes,
+                          ffi::ResultBuffer<ffi::F32> dloss, int64_t beam_size, int64_t block_rows) {
+  const auto cd = codes.dimensions(), bd = books.dimensions(), gd = g0.dimensions();
+  if (cd.size() != 3 || bd.size() != 4 || gd.size() != 3) return ffi::Error::InvalidArgument("aqlm_beam: bad ranks");
+  const int64_t R = cd[0], n_ig = cd[1], M = cd[2], K = bd[1], og = bd[2], ig = bd[3];
+  const int64_t d_in = n_ig * ig, D = og * ig;
+  if (bd[0] != M || gd[0] != R || gd[1] != og || gd[2] != d_in || scales.element_count() != R ||
+      h.element_count() != d_in * d_in || q.element_count() != n_ig * M * K ||
+      group_order.element_count() != n_ig || codebook_order.element_count() != n_ig * M || beam_size < 1)
+    return ffi::Error::InvalidArgument("aqlm_beam: inconsistent shapes");
+  // Indices address memory here: check them (the XLA path would clamp).
+  const int32_t* c = codes.typed_data();
+  for (int64_t i = 0; i < R * n_ig * M; ++i)
+    if (c[i] < 0 || c[i] >= K) return ffi::Error::InvalidArgument("aqlm_beam: code out of range");
+  for (int64_t i = 0; i < n_ig; ++i)
+    if (group_order.typed_data()[i] < 0 || group_order.typed_data()[i] >= n_ig)
+      return ffi::Error::InvalidArgument("aqlm_beam: group_order out of range");
+  for (int64_t i = 0; i < n_ig * M; ++i)
+    if (codebook_order.typed_data()[i] < 0 || codebook_order.typed_data()[i] >= M)
+      return ffi::Error::InvalidArgument("aqlm_beam: codebook_order out of range");
+
+  const float* bk = books.typed_data();
+  std::vector<float> books_t(M * D * K), hjj(n_ig * ig * ig);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t e = 0; e < D; ++e) books_t[(m * D + e) * K + k] = bk[(m * K + k) * D + e];
+  const float* hd = h.typed_data();
+  for (int64_t j = 0; j < n_ig; ++j)
+    for (int64_t a = 0; a < ig; ++a)
+      for (int64_t b = 0; b < ig; ++b) hjj[(j * ig + a) * ig + b] = hd[(j * ig + a) * d_in + j * ig + b];
+  if (R == 0) return ffi::Error::Success();
+
+  auto sh = std::make_shared<Shared>();
+  sh->p = Problem{c, scales.typed_data(), bk, books_t.data(), hd, hjj.data(), g0.typed_data(), q.typed_data(),
+                  group_order.typed_data(), codebook_order.typed_data(), out_codes->typed_data(),
+                  dloss->typed_data(), R, n_ig, M, K, og, ig, D, d_in, beam_size};
+  sh->block_rows = std::max<int64_t>(1, block_rows);
+  sh->n_blocks = (R + sh->block_rows - 1) / sh->block_rows;
+  const int64_t n_tasks = std::min<int64_t>(pool.num_threads(), sh->n_blocks - 1);
+  for (int64_t i = 0; i < n_tasks; ++i) pool.Schedule([sh] { sh->Work(); });
+  sh->Work();
+  // books_t and hjj live on this stack frame: every claimed block must finish first.
+  while (sh->done.load(std::memory_order_acquire) < sh->n_blocks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+// Nearest centroid of every point: argmin_k |c_k|^2 - 2 x.c_k (|x|^2 does not change the
+// winner), exact in float32, ties to the smaller index. Centroids are padded to a whole
+// number of vectors with +inf norms, so padding never wins.
+ffi::Error NearestImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> points, ffi::Buffer<ffi::F32> centroids,
+                       ffi::ResultBuffer<ffi::S32> nearest, int64_t block_rows) {
+  const auto pd = points.dimensions(), cd = centroids.dimensions();
+  if (pd.size() != 2 || cd.size() != 2 || pd[1] != cd[1] || cd[0] < 1 || cd[0] > (int64_t{1} << 30))
+    return ffi::Error::InvalidArgument("kmeans_nearest: points [n, d] and centroids [k >= 1, d] expected");
+  const int64_t n = pd[0], d = pd[1], k = cd[0];
+  const int64_t kp = (k + kLanes - 1) / kLanes * kLanes;
+  const float* c = centroids.typed_data();
+  std::vector<float> ct(d * kp, 0.f), cn(kp, std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < k; ++j) {
+    float norm = 0.f;
+    for (int64_t e = 0; e < d; ++e) {
+      ct[e * kp + j] = c[j * d + e];
+      norm += c[j * d + e] * c[j * d + e];
+    }
+    cn[j] = norm;
+  }
+  const float* x = points.typed_data();
+  int32_t* out = nearest->typed_data();
+  auto run = [&](int64_t i0, int64_t i1) {
+    std::vector<float> m2x(d);
+    float best_v[kLanes];
+    int32_t best_i[kLanes];
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t e = 0; e < d; ++e) m2x[e] = -2.f * x[i * d + e];
+      Lanes best = SplatLanes(std::numeric_limits<float>::infinity());
+      LaneInts best_idx = LaneIota(0);
+      int64_t j0 = 0;
+      for (; j0 + kUnroll * kLanes <= kp; j0 += kUnroll * kLanes) {  // independent FMA chains
+        Lanes acc[kUnroll];
+        for (int u = 0; u < kUnroll; ++u) acc[u] = LoadLanes(cn.data() + j0 + u * kLanes);
+        for (int64_t e = 0; e < d; ++e) {
+          const Lanes xe = SplatLanes(m2x[e]);
+          const float* col = ct.data() + e * kp + j0;
+          for (int u = 0; u < kUnroll; ++u) acc[u] = FmaLanes(LoadLanes(col + u * kLanes), xe, acc[u]);
+        }
+        for (int u = 0; u < kUnroll; ++u)  // in index order, so ties keep the smaller index
+          KeepSmaller(acc[u], LaneIota(static_cast<int32_t>(j0 + u * kLanes)), best, best_idx);
+      }
+      for (; j0 < kp; j0 += kLanes) {
+        Lanes acc = LoadLanes(cn.data() + j0);
+        for (int64_t e = 0; e < d; ++e) acc = FmaLanes(LoadLanes(ct.data() + e * kp + j0), SplatLanes(m2x[e]), acc);
+        KeepSmaller(acc, LaneIota(static_cast<int32_t>(j0)), best, best_idx);
+      }
+      StoreLanes(best_v, best);
+      StoreInts(best_i, best_idx);
+      int64_t w = 0;
+      for (int64_t l = 1; l < kLanes; ++l)
+        if (best_v[l] < best_v[w] || (best_v[l] == best_v[w] && best_i[l] < best_i[w])) w = l;
+      out[i] = best_i[w];
+    }
+  };
+  // Points are split into blocks claimed from an atomic counter, as for the beam search.
+  struct Blocks {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto sh = std::make_shared<Blocks>();
+  const int64_t rows = std::max<int64_t>(1, block_rows), n_blocks = (n + rows - 1) / rows;
+  auto work = [sh, &run, rows, n, n_blocks] {
+    for (int64_t b; (b = sh->next.fetch_add(1)) < n_blocks;) {
+      run(b * rows, std::min(n, (b + 1) * rows));
+      sh->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t n_tasks = std::min<int64_t>(pool.num_threads(), n_blocks - 1);
+  // A task that starts after the last block was claimed returns without touching `run`.
+  for (int64_t t = 0; t < n_tasks; ++t) pool.Schedule([work] { work(); });
+  work();
+  // `run` and the tables live on this stack frame: every claimed block must finish first.
+  while (sh->done.load(std::memory_order_acquire) < n_blocks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantKmeansNearestF32, NearestImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("block_rows"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantAqlmBeamSearchF32, BeamSearchImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("beam_size")
+                                  .Attr<int64_t>("block_rows"));
+"""
+
+LIBRARY = NativeLibrary(
+    "aqlm_kernels",
+    _SOURCE,
+    {
+        TARGET_NAME: "JaxquantAqlmBeamSearchF32",
+        NEAREST_TARGET_NAME: "JaxquantKmeansNearestF32",
+    },
+)
+
+
+def available() -> bool:
+    """Build (once) and register the kernel; False when disabled or it cannot be built."""
+    return LIBRARY.available()
+
+
+def unavailable_reason() -> str | None:
+    """Why ``available()`` is False (None when it is True or was not asked yet)."""
+    return LIBRARY.unavailable_reason()
+
+
+def beam_search(
+    w: jax.Array,
+    codes: jax.Array,
+    scales: jax.Array,
+    codebooks: jax.Array,
+    h: jax.Array,
+    group_order: jax.Array,
+    codebook_order: jax.Array,
+    *,
+    beam_size: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Native counterpart of ``beam_search.beam_search`` (same arguments, no chunking).
+
+    Args:
+        w: ``[R, og, d_in]`` float32.
+        codes: ``[R, n_ig, M]`` int32 in ``[0, K)``.
+        scales: ``[R]``.
+        codebooks: ``[M, K, og, ig]``.
+        h: ``[d_in, d_in]`` symmetric.
+        group_order: ``[n_ig]`` int32 permutation.
+        codebook_order: ``[n_ig, M]`` int32.
+        beam_size: hypotheses kept per row.
+
+    Returns:
+        ``(codes [R, n_ig, M] int32, loss change float32)``.
+
+    Raises:
+        NotImplementedError: the kernel could not be built (see ``unavailable_reason``).
+    """
+    _require()
+    rows, og, d_in = w.shape
+    num_codebooks, _, _, ig = codebooks.shape
+    n_ig = d_in // ig
+    codebooks = codebooks.astype(jnp.float32)
+    resid = cb.tiles_to_rows(cb.decode_tiles(codes, codebooks)) * scales[:, None, None] - w
+    g0 = jnp.einsum("roi,ij->roj", resid, h)  # H symmetric: the rows of (ŵ - w)H
+    q = bs.codeword_gram(bs.flat_codebooks(codebooks), bs.diag_blocks(h, ig, og))  # order-independent
+    out_types = (
+        jax.ShapeDtypeStruct((rows, n_ig, num_codebooks), jnp.int32),
+        jax.ShapeDtypeStruct((rows,), jnp.float32),
+    )
+    new, dloss = jax.ffi.ffi_call(TARGET_NAME, out_types)(
+        codes.astype(jnp.int32),
+        scales.astype(jnp.float32),
+        codebooks,
+        h.astype(jnp.float32),
+        g0,
+        q,
+        group_order.astype(jnp.int32),
+        codebook_order.astype(jnp.int32),
+        beam_size=np.int64(beam_size),
+        block_rows=np.int64(BLOCK_ROWS),
+    )
+    return new, jnp.sum(dloss)
+
+
+def nearest(points: jax.Array, centroids: jax.Array) -> jax.Array:
+    """Native counterpart of ``kmeans.assign_all``: the nearest centroid of every point.
+
+    Exact float32 ranking of ``|c|² - 2 x·c`` (ties to the smaller index), one pass per
+    point with the distances kept in registers; nothing ``[n, k]`` is materialised.
+
+    Args:
+        points: ``[n, d]`` float32.
+        centroids: ``[k, d]`` float32.
+
+    Returns:
+        ``[n]`` int32 indices.
+
+    Raises:
+        NotImplementedError: the kernel could not be built.
+    """
+    _require()
+    out_type = jax.ShapeDtypeStruct((points.shape[0],), jnp.int32)
+    return jax.ffi.ffi_call(NEAREST_TARGET_NAME, out_type)(
+        points.astype(jnp.float32), centroids.astype(jnp.float32), block_rows=np.int64(NEAREST_BLOCK_ROWS)
+    )
+
+
+def _require() -> None:
+    if not available():
+        raise NotImplementedError(f"native AQLM kernels unavailable ({unavailable_reason()})")
+
+
+__all__ = [
+    "NEAREST_TARGET_NAME",
+    "TARGET_NAME",
+    "available",
+    "beam_search",
+    "nearest",
+    "unavailable_reason",
+]

@@ -1,0 +1,121 @@
+"""Build a C++ source into a shared library at first use and register its XLA FFI targets.
+
+jaxquant's native CPU kernels (the lookup-table product in ``ops/cpu_ffi.py``, the AQLM
+beam search in ``methods/aqlm/native.py``) are C++ sources held as Python strings.
+Each is compiled once with the machine's C++ compiler (``-O3 -march=native``) into the
+user cache directory: one file per source, compiler, flags, jaxlib version and CPU, built
+under a temporary name and renamed, so concurrent builders never load a half-written file.
+The library is loaded with ``ctypes`` and its handlers registered with
+``jax.ffi.register_ffi_target``. When no compiler is found or the build fails the library
+reports itself unavailable (with the reason) and callers fall back to their XLA paths.
+``JAXQUANT_NO_FFI=1`` disables every native kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import jax
+
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept (``$XDG_CACHE_HOME/jaxquant/ffi``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "jaxquant" / "ffi"
+
+
+def _cpu_flags_line() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return ""
+
+
+def cpu_flags() -> frozenset[str]:
+    """The host CPU's feature flags from ``/proc/cpuinfo`` (empty where it is unreadable)."""
+    line = _cpu_flags_line()
+    return frozenset(line.split(":", 1)[1].split()) if ":" in line else frozenset()
+
+
+def _cpu_id() -> str:
+    # -march=native code must not be reused on another CPU sharing the cache directory.
+    return _cpu_flags_line() or platform.processor() + platform.machine()
+
+
+def build(name: str, source: str) -> ctypes.CDLL:
+    """Compile ``source`` (cached by content, flags, compiler, jaxlib and CPU) and load it.
+
+    Raises:
+        RuntimeError: no C++ compiler, or the compiler failed (its stderr tail included).
+    """
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    import jaxlib
+
+    key = hashlib.sha256("\0".join([source, *FLAGS, cxx, jaxlib.__version__, _cpu_id()]).encode()).hexdigest()[:16]
+    out = cache_dir() / f"{name}_{key}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            src = Path(tmp) / f"{name}.cc"
+            src.write_text(source)
+            so = Path(tmp) / f"{name}.so"
+            cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(src), "-o", str(so)]
+            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
+            if proc.returncode != 0:
+                raise RuntimeError(f"compiling the FFI kernel {name} failed:\n{proc.stderr[-4000:]}")
+            os.replace(so, out)  # atomic: a concurrent builder never sees a half-written file
+    return ctypes.CDLL(str(out))
+
+
+class NativeLibrary:
+    """A C++ source with FFI handlers, built and registered on first ``available()``.
+
+    Args:
+        name: file name stem of the built library.
+        source: the C++ source.
+        targets: FFI target name -> exported handler symbol.
+    """
+
+    def __init__(self, name: str, source: str, targets: dict[str, str]) -> None:
+        self.name = name
+        self.source = source
+        self.targets = dict(targets)
+        self.state: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def available(self) -> bool:
+        """Build (once) and register the handlers; False when disabled or the build failed."""
+        with self._lock:
+            if "ok" not in self.state:
+                if os.environ.get("JAXQUANT_NO_FFI", "") not in ("", "0"):
+                    self.state.update(ok=False, error="disabled by JAXQUANT_NO_FFI")
+                else:
+                    try:
+                        lib = build(self.name, self.source)
+                        for target, symbol in self.targets.items():
+                            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+                        self.state.update(ok=True, lib=lib)
+                    except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as e:
+                        self.state.update(ok=False, error=str(e))
+            return bool(self.state["ok"])
+
+    def unavailable_reason(self) -> str | None:
+        """Why ``available()`` is False (None when it is True or was not asked yet)."""
+        return self.state.get("error")
