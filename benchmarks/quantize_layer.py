@@ -173,11 +173,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rss = _peak_rss_mb()
     implementation = None
     if args.method == "aqlm":
-        from jaxquant.methods.aqlm import native_kernels
-        from jaxquant.methods.aqlm.quantize import resolve_grad_dtype
+        from jaxquant.methods.aqlm import native_grads, native_kernels
+        from jaxquant.methods.aqlm.grad_dtype import bf16_product_speedup, resolve_grad_dtype
 
         implementation = {
             "beam_search": "native" if native_kernels.available() else "xla",
+            "adam_gather_scatter": "native" if native_grads.available() else "xla",
+            "bf16_product_speedup": bf16_product_speedup(),
             "grad_dtype": resolve_grad_dtype(recipe.grad_dtype, jax.devices()),
         }
     result = {

@@ -1,10 +1,11 @@
 """Build a C++ source into a shared library at first use and register its XLA FFI targets.
 
 jaxquant's native CPU kernels (the lookup-table product in ``ops/cpu_ffi.py``, the AQLM
-beam search in ``methods/aqlm/native.py``) are C++ sources held as Python strings.
-Each is compiled once with the machine's C++ compiler (``-O3 -march=native``) into the
-user cache directory: one file per source, compiler, flags, jaxlib version and CPU, built
-under a temporary name and renamed, so concurrent builders never load a half-written file.
+beam search, k-means and codebook gradients in ``methods/aqlm/native_*.py``) are C++
+sources held as Python strings. Each is compiled once with the machine's C++ compiler
+(``-O3 -march=native``) into the user cache directory: one file per source, compiler,
+flags, jaxlib version and CPU, built under a temporary name and renamed, so concurrent
+builders never load a half-written file.
 The library is loaded with ``ctypes`` and its handlers registered with
 ``jax.ffi.register_ffi_target``. When no compiler is found or the build fails the library
 reports itself unavailable (with the reason) and callers fall back to their XLA paths.
@@ -27,6 +28,31 @@ from typing import Any
 import jax
 
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+
+# C++ shared by the kernel sources (inside their anonymous namespace, after
+# ``namespace ffi = xla::ffi;`` and the <algorithm>, <atomic>, <memory> and <thread> headers).
+PARALLEL_BLOCKS_CPP = r"""
+// Runs fn(b) for every block b in [0, n_blocks) on this thread and the pool's threads, and
+// returns once all are done. A pool task that starts after the last block was claimed
+// returns without touching fn, which (with what it refers to) lives on the caller's stack.
+template <typename Fn>
+void ParallelBlocks(ffi::ThreadPool& pool, int64_t n_blocks, const Fn& fn) {
+  struct Counters {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto sh = std::make_shared<Counters>();
+  auto work = [sh, &fn, n_blocks] {
+    for (int64_t b; (b = sh->next.fetch_add(1)) < n_blocks;) {
+      fn(b);
+      sh->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t n_tasks = std::min<int64_t>(pool.num_threads(), n_blocks - 1);
+  for (int64_t t = 0; t < n_tasks; ++t) pool.Schedule([work] { work(); });
+  work();
+  while (sh->done.load(std::memory_order_acquire) < n_blocks) std::this_thread::yield();
+}
+"""
 
 
 def cache_dir() -> Path:
@@ -52,7 +78,8 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(line.split(":", 1)[1].split()) if ":" in line else frozenset()
 
 
-def _cpu_id() -> str:
+def cpu_id() -> str:
+    """A string that identifies this CPU model and its features (for caches)."""
     # -march=native code must not be reused on another CPU sharing the cache directory.
     return _cpu_flags_line() or platform.processor() + platform.machine()
 
@@ -68,7 +95,7 @@ def build(name: str, source: str) -> ctypes.CDLL:
         raise RuntimeError("no C++ compiler found (set CXX)")
     import jaxlib
 
-    key = hashlib.sha256("\0".join([source, *FLAGS, cxx, jaxlib.__version__, _cpu_id()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([source, *FLAGS, cxx, jaxlib.__version__, cpu_id()]).encode()).hexdigest()[:16]
     out = cache_dir() / f"{name}_{key}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)

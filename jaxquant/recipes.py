@@ -132,6 +132,9 @@ class AQLM:
         max_rounds: upper bound on (beam search, codebook update) rounds.
         tolerance: stop when a round improves the relative error by less than this
             fraction.
+        final_refit: after the last round's code search, run the Adam steps once more
+            (codes fixed) so codebooks and scales fit the final codes; kept only if it
+            lowers the error. The reference stops right after the search (``False``).
         adam_steps: Adam steps on codebooks and scales per round.
         lr: Adam learning rate.
         b1, b2: Adam moments (the paper's recipe uses β1 = 0, β2 = 0.95).
@@ -142,8 +145,9 @@ class AQLM:
         param_dtype: storage dtype of codebooks and scales.
         grad_dtype: operand dtype of the ``(Ŵ-W)·XᵀX`` product that gives the codebook
             and scale gradients (accumulated in float32; the loss that decides when to
-            stop is always float32). ``"auto"``: bfloat16 on CPUs with native bfloat16
-            matrix units (AMX or AVX512-BF16, where it runs about 4× faster), else float32.
+            stop is always float32). ``"auto"``: bfloat16 on CPUs where that product was
+            measured at least 1.25× faster (once per machine, see
+            ``methods.aqlm.grad_dtype``; up to 4× with AMX), else float32.
     """
 
     num_codebooks: int = 2
@@ -153,11 +157,12 @@ class AQLM:
     beam_size: int = 8
     max_rounds: int = 20
     tolerance: float = 0.01
+    final_refit: bool = True
     adam_steps: int = 100
     lr: float = 1e-4
     b1: float = 0.0
     b2: float = 0.95
-    kmeans_iters: int = 60
+    kmeans_iters: int = 100
     kmeans_max_points: int = 65536
     chunk_rows: int = 1024
     param_dtype: str = "float16"
@@ -171,6 +176,7 @@ class AQLM:
         _check_int("beam_size", self.beam_size, 1)
         _check_int("max_rounds", self.max_rounds, 0)
         _check_float("tolerance", self.tolerance, 0.0)
+        _check_bool("final_refit", self.final_refit)
         _check_int("adam_steps", self.adam_steps, 0)
         _check_float("lr", self.lr, 0.0, open_lo=True)
         _check_float("b1", self.b1, 0.0, 1.0)

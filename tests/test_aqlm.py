@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import chex
 import jax
@@ -13,8 +14,10 @@ import pytest
 import jaxquant as jq
 from jaxquant.methods import method_for
 from jaxquant.methods.aqlm import beam_search as bs
+from jaxquant.methods.aqlm import codebooks as cb
+from jaxquant.methods.aqlm import grad_dtype as grad_dtype_mod
 from jaxquant.methods.aqlm import kmeans as km
-from jaxquant.methods.aqlm import native_kernels
+from jaxquant.methods.aqlm import native_grads, native_kernels
 from jaxquant.methods.aqlm import quantize as qm
 from jaxquant.methods.aqlm import quantize_aqlm
 
@@ -177,6 +180,45 @@ def test_native_search_matches_xla_reference(rng, og, m, k, ig, beam_size):
     assert np.mean(got == ref) > 0.9
 
 
+needs_native_grads = pytest.mark.skipif(not native_grads.available(), reason=f"{native_grads.unavailable_reason()}")
+
+
+@needs_native_grads
+@pytest.mark.parametrize(
+    "rows,og,n_ig,ig,m,k",
+    [(37, 1, 16, 8, 2, 256), (20, 2, 5, 4, 3, 16), (9, 1, 4, 8, 1, 4096), (1030, 1, 128, 8, 2, 64)],  # last: row blocks
+)
+def test_native_grads_match_the_xla_reference(rng, rows, og, n_ig, ig, m, k):
+    """The native residual and gradients equal codebooks.loss_and_grads' XLA path."""
+    w, h = _problem(rng, rows * og, n_ig * ig)
+    w = jnp.asarray(w.reshape(rows, og, n_ig * ig))
+    codes = jnp.asarray(rng.integers(0, k, (rows, n_ig, m)).astype(np.int32))
+    params = {
+        "codebooks": jnp.asarray(rng.standard_normal((m, k, og, ig)).astype(np.float32) * 0.1),
+        "scales": jnp.asarray((0.5 + rng.random(rows)).astype(np.float32)),
+    }
+    run = lambda native: jax.jit(lambda p: cb.loss_and_grads(p, codes, w, jnp.asarray(h), native=native))(params)  # noqa: E731
+    (loss_ref, ref), (loss, got) = run(False), run(True)
+    np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-5)
+    for name in ("codebooks", "scales"):
+        scale = float(jnp.max(jnp.abs(ref[name])))
+        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(ref[name]), rtol=1e-4, atol=1e-5 * scale)
+    # Results do not depend on how the work was split: a second call is bit-identical.
+    chex.assert_trees_all_equal(run(True)[1], got)
+
+
+@needs_native_grads
+def test_native_grads_reject_bad_codes_and_shapes(rng):
+    codes = jnp.zeros((4, 2, 1), jnp.int32).at[1, 1, 0].set(16)
+    books, scales, w = jnp.zeros((1, 16, 1, 4)), jnp.ones((4,)), jnp.zeros((4, 1, 8))
+    with pytest.raises(Exception, match="aqlm_residual: code out of range"):
+        native_grads.residual(codes, books, scales, w)
+    with pytest.raises(Exception, match="aqlm_codebook_grads: code out of range"):
+        native_grads.codebook_grads(w, codes, books, scales)
+    with pytest.raises(Exception, match="aqlm_residual: inconsistent shapes"):
+        native_grads.residual(codes * 0, books, jnp.ones((3,)), w)
+
+
 @needs_native
 def test_native_search_keeps_zero_rows_and_rejects_bad_codes(rng):
     w, h, codebooks, codes, scales = _search_np_inputs(rng, rows=6, og=1, d_in=16, m=2, k=8, ig=4)
@@ -220,6 +262,46 @@ def test_kmeans_nearest_and_lloyd(rng):
     assert inertia(fitted) < inertia(points[:7])
 
 
+def _lloyd_np(points: np.ndarray, init: np.ndarray, iters: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact Lloyd in float64: assign every point, move every centroid, repeat."""
+    x, c = points.astype(np.float64), init.astype(np.float64)
+
+    def assign(c: np.ndarray) -> np.ndarray:
+        return ((x[:, None, :] - c[None]) ** 2).sum(-1).argmin(1)
+
+    for _ in range(iters):
+        a = assign(c)
+        for j in range(len(c)):
+            if np.any(a == j):
+                c[j] = x[a == j].mean(0)
+    return c, assign(c)
+
+
+@needs_native
+@pytest.mark.parametrize("n,k,d,iters", [(400, 7, 3, 0), (400, 7, 3, 1), (2000, 64, 8, 30), (3000, 300, 4, 12)])
+def test_native_lloyd_matches_exact_lloyd(rng, n, k, d, iters):
+    """Hamerly's bounds skip distance computations, never change the iterates."""
+    centers = rng.standard_normal((k, d)) * 3.0  # clustered data, so most points settle early
+    points = (centers[rng.integers(0, k, n)] + rng.standard_normal((n, d))).astype(np.float32)
+    init = points[rng.choice(n, k, replace=False)]
+    c, a = jax.jit(native_kernels.lloyd, static_argnums=2)(jnp.asarray(points), jnp.asarray(init), iters)
+    ref_c, ref_a = _lloyd_np(points, init, iters)
+    np.testing.assert_allclose(np.asarray(c), ref_c, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(a), ref_a)
+    # The XLA path of kmeans.fit ranks by packed keys, so a near tie may flip: it reaches
+    # the same objective, not necessarily bit-identical centroids.
+    xla_c, xla_a = km.fit(jnp.asarray(points), jnp.asarray(init), iters)
+    inertia = lambda c, a: float(((points - np.asarray(c)[np.asarray(a)]) ** 2).sum())  # noqa: E731
+    assert inertia(xla_c, xla_a) == pytest.approx(inertia(ref_c, ref_a), rel=1e-3)
+
+
+@needs_native
+def test_native_lloyd_rejects_bad_shapes(rng):
+    points = jnp.asarray(rng.standard_normal((10, 3)).astype(np.float32))
+    with pytest.raises(Exception, match="kmeans_lloyd"):
+        native_kernels.lloyd(points, jnp.zeros((4, 2), jnp.float32), 3)
+
+
 @pytest.fixture(scope="module")
 def small_problem():
     return _problem(np.random.default_rng(1), 64, 32)
@@ -246,7 +328,8 @@ def test_quantize_layout_bits_and_quality(small_problem):
     # The error history is non-increasing, the search helps, and the result is far
     # better than the k-means start; the stored (fp16) result matches the history.
     errs = [e["rel_error"] for e in history]
-    assert len(errs) == 5 and all(b <= a * (1 + 1e-5) for a, b in zip(errs, errs[1:]))
+    assert sum(1 for e in history if not e.get("refit")) == 5  # the initial error + 4 rounds
+    assert all(b <= a * (1 + 1e-5) for a, b in zip(errs, errs[1:]))
     assert errs[-1] < 0.8 * errs[0]
     final = _objective(w, ref, h) / _objective(w, np.zeros_like(w), h)
     assert final == pytest.approx(errs[-1], rel=2e-2)
@@ -287,9 +370,31 @@ def test_round_is_traced_once(small_problem, monkeypatch):
     history: list[dict[str, float]] = []
     recipe = jq.AQLM(**{**_SMALL, "adam_steps": 2, "lr": 1.5e-3})  # a fresh configuration
     quantize_aqlm(jnp.asarray(w), jnp.asarray(h), recipe, jax.random.key(0), history=history)
-    assert len(history) == 1 + recipe.max_rounds  # every round ran through the one trace
+    rounds = [e for e in history if not e.get("refit")]
+    assert len(rounds) == 1 + recipe.max_rounds  # every round (and the refit) ran through the one trace
     # A second weight of the same shape (the next layer) reuses the compiled round.
     quantize_aqlm(jnp.asarray(w[::-1]), jnp.asarray(h), recipe, jax.random.key(1))
+
+
+def test_final_refit_keeps_codes_and_never_raises_the_error(small_problem):
+    """The closing Adam pass changes codebooks and scales only, and only for the better."""
+    w, h = small_problem
+    runs = {}
+    for refit in (False, True):
+        history: list[dict[str, float]] = []
+        recipe = jq.AQLM(**{**_SMALL, "final_refit": refit})
+        q = quantize_aqlm(jnp.asarray(w), jnp.asarray(h), recipe, jax.random.key(2), history=history)
+        err = _objective(w, np.asarray(q.decode_out_in(jnp.float32)), h) / _objective(w, 0 * w, h)
+        runs[refit] = (q, history, err)
+    (q0, h0, e0), (q1, h1, e1) = runs[False], runs[True]
+    np.testing.assert_array_equal(np.asarray(q1.codes), np.asarray(q0.codes))
+    assert not any(e.get("refit") for e in h0)
+    assert h1[: len(h0)] == h0  # the same rounds, then (if it helped) the refit
+    if h1[-1].get("refit"):
+        assert h1[-1]["rel_error"] <= h0[-1]["rel_error"]
+        assert e1 <= e0 * (1 + 1e-3)  # fp16 storage rounding aside
+    else:
+        chex.assert_trees_all_equal(q1, q0)
 
 
 @pytest.mark.parametrize("grad_dtype", ["float32", "bfloat16"])
@@ -302,8 +407,34 @@ def test_grad_dtype_reaches_the_same_error(small_problem, grad_dtype):
         errs[dtype] = _objective(w, np.asarray(q.decode_out_in(jnp.float32)), h) / _objective(w, 0 * w, h)
     assert errs[grad_dtype] < 0.2
     np.testing.assert_allclose(errs[grad_dtype], errs["float32"], rtol=0.02)
-    assert qm.resolve_grad_dtype("float32", jax.devices()) == "float32"
-    assert qm.resolve_grad_dtype("auto", jax.devices()) in ("float32", "bfloat16")
+    assert grad_dtype_mod.resolve_grad_dtype("float32", jax.devices()) == "float32"
+    assert grad_dtype_mod.resolve_grad_dtype("auto", jax.devices()) in ("float32", "bfloat16")
+
+
+def test_auto_grad_dtype_is_measured_once_per_machine(tmp_path, monkeypatch):
+    """bfloat16 only where measured clearly faster; the measurement is cached, so a
+    machine keeps its choice (and its results) from run to run."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(grad_dtype_mod, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    timings = iter([2.0, 1.1])  # float32 / bfloat16 speedups the "measurements" return
+    monkeypatch.setattr(grad_dtype_mod, "_time_products", lambda: next(timings))
+    cpu = jax.devices("cpu")
+    grad_dtype_mod.bf16_product_speedup.cache_clear()
+    assert grad_dtype_mod.resolve_grad_dtype("auto", cpu) == "bfloat16"
+    cache = grad_dtype_mod._cache_file()
+    assert json.loads(cache.read_text())["speedup"] == 2.0
+    grad_dtype_mod.bf16_product_speedup.cache_clear()  # a new process reads the cache
+    assert grad_dtype_mod.resolve_grad_dtype("auto", cpu) == "bfloat16"
+    cache.write_text("{not json")  # a damaged cache is measured again and rewritten
+    grad_dtype_mod.bf16_product_speedup.cache_clear()
+    assert grad_dtype_mod.resolve_grad_dtype("auto", cpu) == "float32"  # 1.1 < MIN_SPEEDUP
+    assert json.loads(cache.read_text())["speedup"] == 1.1
+    # Without a bfloat16 feature nothing is measured.
+    monkeypatch.setattr(grad_dtype_mod, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(grad_dtype_mod, "_time_products", lambda: pytest.fail("measured"))
+    grad_dtype_mod.bf16_product_speedup.cache_clear()
+    assert grad_dtype_mod.resolve_grad_dtype("auto", cpu) == "float32"
+    grad_dtype_mod.bf16_product_speedup.cache_clear()
 
 
 def test_out_groups_and_wide_codes(small_problem):

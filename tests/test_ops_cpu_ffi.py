@@ -29,7 +29,7 @@ def _close(a, b):
     d_out=st.integers(1, 300),  # crosses the 256-row work block
     rows=st.sampled_from([1, 2, 4, 5, 16]),
     layout=st.sampled_from(["out_in", "in_out"]),
-    col_block_bytes=st.sampled_from([1, 4096, cpu_ffi.COL_BLOCK_BYTES]),  # 1 -> 16-column blocks
+    col_block_bytes=st.sampled_from([1, 4096, cpu_ffi.COL_BLOCK_BYTES]),  # 1 -> 32-column blocks
     block_rows=st.sampled_from([1, 7, cpu_ffi.BLOCK_ROWS]),
     seed=st.integers(0, 2**16),
 )
@@ -40,6 +40,18 @@ def test_lut_ffi_matches_reference(m, bits, ig, n_in_groups, d_out, rows, layout
     got = cpu_ffi.lut_matmul_ffi(x, w, col_block_bytes=col_block_bytes, block_rows=block_rows)
     assert got.shape == (rows, d_out) and got.dtype == jnp.float32
     _close(got, xla.reference_matmul(x, w))
+
+
+@pytest.mark.parametrize("col_block_bytes", [1, 200_000, cpu_ffi.COL_BLOCK_BYTES])
+def test_lut_ffi_rows_do_not_depend_on_the_batch(rng, col_block_bytes):
+    """A row's result is bit-identical whatever batch it came in (the column blocking
+    depends on the batch size): data-parallel runs on 1 and 4 devices must agree exactly."""
+    w = random_aq(rng, 96, 8 * 83, 2, 8, 8)  # 166 code columns: blocks and a ragged tail
+    x = jnp.asarray(rng.standard_normal((23, w.d_in)).astype(np.float32))
+    full = np.asarray(cpu_ffi.lut_matmul_ffi(x, w, col_block_bytes=col_block_bytes))
+    for lo, hi in ((0, 1), (3, 9), (5, 23), (0, 16)):
+        part = np.asarray(cpu_ffi.lut_matmul_ffi(x[lo:hi], w, col_block_bytes=col_block_bytes))
+        np.testing.assert_array_equal(part, full[lo:hi])
 
 
 @pytest.mark.parametrize("rows", [1, 4, 16])

@@ -54,6 +54,7 @@ def test_frozen_and_hashable():
         (AQLM, "lr", 0.0, ValueError, r"lr=0.0 must be > 0"),
         (AQLM, "b1", 1.5, ValueError, r"b1=1.5 must be in \[0.0, 1.0\]"),
         (AQLM, "tolerance", -1.0, ValueError, r"tolerance=-1.0 must be >= 0"),
+        (AQLM, "final_refit", 1, TypeError, r"final_refit=1 must be a bool"),
         (AQLM, "param_dtype", "float64", ValueError, r"param_dtype='float64' must be one of"),
     ],
 )

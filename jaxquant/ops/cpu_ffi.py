@@ -77,11 +77,14 @@ void BuildTable(const float* x, const float* cb, float* T, int64_t R, int64_t d_
 }
 
 // Adds, for output rows [o0, o1), code columns [c0, c1) and the RB rows of x starting at
-// r0, the looked-up T[c][r][codes[o][c]] into part. With AVX-512, part holds 16 partial
-// sums per (row, x row) (reduced once at the end, not per column block); without, one.
-constexpr int kLanes =
+// r0, the looked-up T[c][r][codes[o][c]] into part. With AVX-512, part holds two vectors
+// of 16 partial sums per (row, x row), one per accumulator, reduced once at the end; without,
+// one sum. Column blocks start at multiples of 32, so every partial sum adds the same
+// columns in the same order whatever the blocking (which depends on the number of x rows):
+// a row's result does not depend on how the batch was split across devices.
+constexpr int kParts =
 #if defined(__AVX512F__)
-    16;
+    32;
 #else
     1;
 #endif
@@ -92,7 +95,7 @@ void GatherRows(const uint8_t* codes, const float* T, float* part, int64_t o0, i
   const int64_t stride = R * K;  // floats between consecutive code columns of T
   for (int64_t o = o0; o < o1; ++o) {
     const uint8_t* cr = codes + o * n_codes;
-    float* p = part + ((o - o0) * R + r0) * kLanes;
+    float* p = part + ((o - o0) * R + r0) * kParts;
     int64_t c = c0;
 #if defined(__AVX512F__)
     const __m512i lane = _mm512_mullo_epi32(
@@ -100,8 +103,8 @@ void GatherRows(const uint8_t* codes, const float* T, float* part, int64_t o0, i
         _mm512_set1_epi32(static_cast<int>(stride)));
     __m512 acc[RB], acc2[RB];
     for (int i = 0; i < RB; ++i) {
-      acc[i] = _mm512_loadu_ps(p + i * 16);
-      acc2[i] = _mm512_setzero_ps();
+      acc[i] = _mm512_loadu_ps(p + i * kParts);
+      acc2[i] = _mm512_loadu_ps(p + i * kParts + 16);
     }
     // Two independent accumulators per row hide the add latency behind the gathers.
     for (; c + 32 <= c1; c += 32) {
@@ -122,11 +125,14 @@ void GatherRows(const uint8_t* codes, const float* T, float* part, int64_t o0, i
       const float* ta = T + c * stride + r0 * K;
       for (int i = 0; i < RB; ++i) acc[i] = _mm512_add_ps(acc[i], _mm512_i32gather_ps(ia, ta + i * K, 4));
     }
-    for (int i = 0; i < RB; ++i) _mm512_storeu_ps(p + i * 16, _mm512_add_ps(acc[i], acc2[i]));
+    for (int i = 0; i < RB; ++i) {
+      _mm512_storeu_ps(p + i * kParts, acc[i]);
+      _mm512_storeu_ps(p + i * kParts + 16, acc2[i]);
+    }
 #endif
     for (; c < c1; ++c) {
       const float* t = T + c * stride + r0 * K + cr[c];
-      for (int i = 0; i < RB; ++i) p[i * kLanes] += t[i * K];
+      for (int i = 0; i < RB; ++i) p[i * kParts] += t[i * K];
     }
   }
 }
@@ -143,7 +149,7 @@ struct Problem {
 // being gathered from stays in L1 while every row of the block uses it (the block's
 // codes stay in L2 across column blocks).
 void RunBlock(const Problem& p, int64_t o0, int64_t o1) {
-  std::vector<float> part((o1 - o0) * p.R * kLanes, 0.f);
+  std::vector<float> part((o1 - o0) * p.R * kParts, 0.f);
   for (int64_t c0 = 0; c0 < p.n_codes; c0 += p.col_block) {
     const int64_t c1 = std::min(p.n_codes, c0 + p.col_block);
     int64_t r = 0;
@@ -152,9 +158,9 @@ void RunBlock(const Problem& p, int64_t o0, int64_t o1) {
   }
   for (int64_t o = o0; o < o1; ++o)
     for (int64_t r = 0; r < p.R; ++r) {
-      const float* q = part.data() + ((o - o0) * p.R + r) * kLanes;
+      const float* q = part.data() + ((o - o0) * p.R + r) * kParts;
       float s = 0.f;
-      for (int l = 0; l < kLanes; ++l) s += q[l];
+      for (int l = 0; l < kParts; ++l) s += q[l];
       p.y[r * p.d_out + o] = s * p.scales[o];
     }
 }
@@ -196,8 +202,9 @@ ffi::Error AqLutImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   if (d_out == 0 || R == 0) return ffi::Error::Success();
 
   auto sh = std::make_shared<Shared>();
-  // Column block: as many code columns (a multiple of 16) as fit in col_block_bytes of T.
-  const int64_t col_block = std::max<int64_t>(16, col_block_bytes / (R * K * 4) / 16 * 16);
+  // Column block: as many code columns (a multiple of 32, see kParts) as fit in
+  // col_block_bytes of T.
+  const int64_t col_block = std::max<int64_t>(32, col_block_bytes / (R * K * 4) / 32 * 32);
   sh->p = Problem{codes.typed_data(), T, scales.typed_data(), y->typed_data(), d_out, n_codes, R, K, col_block};
   sh->block_rows = std::max<int64_t>(1, block_rows);
   sh->n_blocks = (d_out + sh->block_rows - 1) / sh->block_rows;

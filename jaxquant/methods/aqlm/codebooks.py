@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxquant.methods.aqlm import native_grads
+
 
 def decode_tiles(codes: jax.Array, codebooks: jax.Array) -> jax.Array:
     """Unscaled tiles ``Σ_m codebooks[m, codes[..., m]]``.
@@ -62,6 +64,7 @@ def loss_and_grads(
     h: jax.Array,
     axis_name: str | None = None,
     product_dtype: Any = jnp.float32,
+    native: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Output error ``Σ (Ŵ-W) H (Ŵ-W)ᵀ`` and its gradients.
 
@@ -73,11 +76,19 @@ def loss_and_grads(
         axis_name: mesh axis the rows are sharded over, or ``None``.
         product_dtype: dtype the operands of ``(Ŵ-W) H`` are rounded to (accumulation is
             float32 either way); ``h`` is expected in it already.
+        native: decode the residual and form the gradients with the CPU kernels of
+            ``native_grads`` (the XLA code below is their reference); the product stays XLA's.
 
     Returns:
         ``(loss, grads)`` with grads shaped like ``params``.
     """
     codebooks, scales = params["codebooks"], params["scales"]
+    if native:
+        resid = native_grads.residual(codes, codebooks, scales, w)
+        rh = jnp.einsum("roi,ij->roj", resid.astype(product_dtype), h, preferred_element_type=jnp.float32)
+        g_books, g_scales = native_grads.codebook_grads(rh, codes, codebooks, scales)
+        loss = _psum(jnp.sum(resid * rh), axis_name)
+        return loss, {"codebooks": _psum(g_books, axis_name), "scales": g_scales}
     num_codebooks, k, og, ig = codebooks.shape
     tiles = decode_tiles(codes, codebooks)
     resid = tiles_to_rows(tiles) * scales[:, None, None] - w
@@ -119,6 +130,7 @@ def adam_steps(
     b2: float,
     axis_name: str | None = None,
     product_dtype: Any = jnp.float32,
+    native: bool = False,
 ) -> tuple[dict[str, jax.Array], Any]:
     """``steps`` Adam updates of codebooks and scales with the codes held fixed.
 
@@ -136,6 +148,7 @@ def adam_steps(
         axis_name: mesh axis of the row sharding, or ``None``.
         product_dtype: operand dtype of the gradient's ``(Ŵ-W) H`` product (see
             ``loss_and_grads``); bfloat16 runs about 4× faster on CPUs with AMX.
+        native: use the native gather and scatter kernels (see ``loss_and_grads``).
 
     Returns:
         ``(params, opt_state)`` after the updates.
@@ -145,7 +158,7 @@ def adam_steps(
 
     def body(_: int, carry: tuple[Any, Any]) -> tuple[Any, Any]:
         p, state = carry
-        _, grads = loss_and_grads(p, codes, w, h, axis_name, product_dtype)
+        _, grads = loss_and_grads(p, codes, w, h, axis_name, product_dtype, native)
         # optax's bias correction raises a Python float to an int32 step count, which
         # strict dtype promotion (a user's or our tests' setting) rejects.
         with jax.numpy_dtype_promotion("standard"):

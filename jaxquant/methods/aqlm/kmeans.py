@@ -63,19 +63,13 @@ def assign_all(points: jax.Array, centroids: jax.Array) -> jax.Array:
     return idx.reshape(-1)[:n]
 
 
-def _assign(points: jax.Array, centroids: jax.Array, native: bool) -> jax.Array:
-    return native_kernels.nearest(points, centroids) if native else assign_all(points, centroids)
-
-
-def lloyd(points: jax.Array, init: jax.Array, iters: int, native: bool = False) -> jax.Array:
-    """Plain k-means (Lloyd) from the given initial centroids.
+def lloyd(points: jax.Array, init: jax.Array, iters: int) -> jax.Array:
+    """Plain k-means (Lloyd) from the given initial centroids (the XLA reference).
 
     Args:
         points: ``[n, d]`` float32.
         init: ``[k, d]`` initial centroids.
         iters: Lloyd iterations.
-        native: assign points with the native CPU kernel (``native_kernels.nearest``,
-            exact float32 ranking) instead of ``assign_all``.
 
     Returns:
         ``[k, d]`` centroids. A centroid that loses all its points keeps its position.
@@ -84,12 +78,31 @@ def lloyd(points: jax.Array, init: jax.Array, iters: int, native: bool = False) 
     k = init.shape[0]
 
     def step(_: int, c: jax.Array) -> jax.Array:
-        idx = _assign(points, c, native)
+        idx = assign_all(points, c)
         sums = jax.ops.segment_sum(points, idx, num_segments=k)
         counts = jax.ops.segment_sum(jnp.ones((n,), jnp.float32), idx, num_segments=k)
         return jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], c)
 
     return jax.lax.fori_loop(0, iters, step, init)
+
+
+def fit(points: jax.Array, init: jax.Array, iters: int, native: bool = False) -> tuple[jax.Array, jax.Array]:
+    """``iters`` Lloyd iterations, then every point's nearest centroid.
+
+    Args:
+        points: ``[n, d]`` float32.
+        init: ``[k, d]`` initial centroids.
+        iters: Lloyd iterations.
+        native: use ``native_kernels.lloyd`` (exact float32 distances, Hamerly's bounds)
+            instead of ``lloyd`` and ``assign_all`` (which rank by packed keys).
+
+    Returns:
+        ``(centroids [k, d], nearest [n] int32)``.
+    """
+    if native:
+        return native_kernels.lloyd(points, init, iters)
+    centroids = lloyd(points, init, iters)
+    return centroids, assign_all(points, centroids)
 
 
 def sample_indices(
@@ -124,16 +137,18 @@ def residual_kmeans(
             ``None`` for all of them; every group is assigned codes either way.
         inits: ``[M, K]`` indices (into the fitted points) of the initial centroids.
         iters: Lloyd iterations per codebook.
-        native: use the native nearest-centroid kernel (see ``lloyd``).
+        native: use the native k-means kernels (see ``fit``).
 
     Returns:
         ``(codebooks [M, K, d], codes [n, M] int32)``.
     """
     def fit_one(residual: jax.Array, xs: tuple[jax.Array, jax.Array | None]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         init, subset = xs
-        fit = residual if subset is None else residual[subset]
-        c = lloyd(fit, fit[init], iters, native)
-        idx = _assign(residual, c, native)
+        if subset is None:
+            c, idx = fit(residual, residual[init], iters, native)
+        else:  # fitted on a sample, then every group is assigned
+            c, _ = fit(residual[subset], residual[subset][init], iters, native)
+            idx = native_kernels.nearest(residual, c) if native else assign_all(residual, c)
         return residual - c[idx], (c, idx)
 
     # A scan, not a Python loop over M: each codebook depends on the last, but one traced

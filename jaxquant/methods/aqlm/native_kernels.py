@@ -1,4 +1,4 @@
-"""Native CPU kernels of AQLM (XLA FFI custom calls): the beam search and k-means assignment.
+"""Native CPU kernels of AQLM (XLA FFI custom calls): the beam search and k-means.
 
 ``beam_search`` has the same algorithm, same inputs and the same result contract as ``beam_search.beam_search``
 (the XLA implementation, which stays the reference it is tested against): for every row
@@ -24,7 +24,9 @@ Inputs are the codes, scales and codebooks of the round, ``H`` and ``g0 = (ŵ - 
 ``beam_search.codeword_gram``.
 
 ``nearest`` is k-means' assignment step (``kmeans.assign_all`` is its reference): the
-exact nearest centroid of each point, distances kept in registers.
+exact nearest centroid of each point, distances kept in registers. ``lloyd`` is a whole
+k-means fit (``kmeans.lloyd`` then ``assign_all`` is its reference) that skips most
+distance computations with Hamerly's bounds.
 
 Built on first use by ``jaxquant.native_build``; when the library cannot be built
 ``available()`` is False and AQLM uses the XLA paths (``JAXQUANT_NO_FFI=1`` forces them).
@@ -38,19 +40,22 @@ import numpy as np
 
 from jaxquant.methods.aqlm import beam_search as bs
 from jaxquant.methods.aqlm import codebooks as cb
-from jaxquant.native_build import NativeLibrary
+from jaxquant.native_build import PARALLEL_BLOCKS_CPP, NativeLibrary
 
 TARGET_NAME = "jaxquant_aqlm_beam_search_f32"
 NEAREST_TARGET_NAME = "jaxquant_kmeans_nearest_f32"
+LLOYD_TARGET_NAME = "jaxquant_kmeans_lloyd_f32"
 # Points per block of the nearest-centroid kernel.
 NEAREST_BLOCK_ROWS = 1024
 # Rows a thread claims at a time: small enough to balance two threads on a few hundred
 # rows, large enough that the claim is negligible.
 BLOCK_ROWS = 4
 
-_SOURCE = r"""
+_SOURCE = (
+    r"""
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -89,6 +94,8 @@ inline void KeepSmaller(Lanes a, LaneInts idx, Lanes& best, LaneInts& best_idx) 
   best_idx = _mm512_mask_blend_epi32(lt, best_idx, idx);
 }
 inline void StoreInts(int32_t* x, LaneInts a) { _mm512_storeu_si512(x, a); }
+inline Lanes MinLanes(Lanes a, Lanes b) { return _mm512_min_ps(a, b); }
+inline Lanes MaxLanes(Lanes a, Lanes b) { return _mm512_max_ps(a, b); }
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int64_t kLanes = 8;
 using Lanes = __m256;
@@ -109,6 +116,8 @@ inline void KeepSmaller(Lanes a, LaneInts idx, Lanes& best, LaneInts& best_idx) 
   best_idx = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(best_idx), _mm256_castsi256_ps(idx), lt));
 }
 inline void StoreInts(int32_t* x, LaneInts a) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(x), a); }
+inline Lanes MinLanes(Lanes a, Lanes b) { return _mm256_min_ps(a, b); }
+inline Lanes MaxLanes(Lanes a, Lanes b) { return _mm256_max_ps(a, b); }
 #else
 constexpr int64_t kLanes = 1;
 using Lanes = float;
@@ -126,6 +135,8 @@ inline void KeepSmaller(Lanes a, LaneInts idx, Lanes& best, LaneInts& best_idx) 
   }
 }
 inline void StoreInts(int32_t* x, LaneInts a) { *x = a; }
+inline Lanes MinLanes(Lanes a, Lanes b) { return std::min(a, b); }
+inline Lanes MaxLanes(Lanes a, Lanes b) { return std::max(a, b); }
 #endif
 
 struct Problem {
@@ -468,79 +479,264 @@ ffi::Error BeamSearchImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> codes, ffi
   return ffi::Error::Success();
 }
 
+"""
+    + PARALLEL_BLOCKS_CPP
+    + r"""
+
+// Centroids laid out for scoring kLanes of them at a time: ct [d, kp] (transposed, zero
+// padded to whole pairs of vectors) and cn [kp] squared norms, +inf on the padding so that
+// it never wins.
+struct CentroidTable {
+  int64_t d = 0, k = 0, kp = 0;
+  std::vector<float> ct, cn;
+  void Build(const float* c, int64_t k_, int64_t d_) {
+    d = d_;
+    k = k_;
+    kp = (k + 2 * kLanes - 1) / (2 * kLanes) * (2 * kLanes);
+    ct.assign(d * kp, 0.f);
+    cn.assign(kp, std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < k; ++j) {
+      float norm = 0.f;
+      for (int64_t e = 0; e < d; ++e) {
+        ct[e * kp + j] = c[j * d + e];
+        norm += c[j * d + e] * c[j * d + e];
+      }
+      cn[j] = norm;
+    }
+  }
+};
+
+struct Scan {
+  int32_t idx;   // argmin of |c|^2 - 2 x.c, ties to the smaller index
+  float best;    // its score
+  float second;  // the second smallest score (kSecond only)
+};
+
+// Points scored together: every centroid vector loaded serves all of them, and the
+// 2 x kPoints accumulators are independent FMA chains.
+constexpr int kPoints = 4;
+
+// Scores every centroid against kPoints points (m2x[p] = -2 x_p; repeat a pointer to fill
+// a short group) in registers: each point's argmin and, with kSecond, its runner-up score
+// (a lane-wise running top two, merged across lanes at the end).
+template <bool kSecond>
+inline void ScanCentroids(const float* const* m2x, const CentroidTable& t, Scan* out) {
+  const int64_t d = t.d, kp = t.kp;
+  const float* ct = t.ct.data();
+  const float* cn = t.cn.data();
+  Lanes best[kPoints], second[kPoints];
+  LaneInts best_idx[kPoints];
+  for (int p = 0; p < kPoints; ++p) {
+    best[p] = second[p] = SplatLanes(std::numeric_limits<float>::infinity());
+    best_idx[p] = LaneIota(0);
+  }
+  for (int64_t j0 = 0; j0 < kp; j0 += 2 * kLanes) {
+    Lanes acc[2][kPoints];
+    for (int v = 0; v < 2; ++v) {
+      const Lanes norms = LoadLanes(cn + j0 + v * kLanes);
+      for (int p = 0; p < kPoints; ++p) acc[v][p] = norms;
+    }
+    for (int64_t e = 0; e < d; ++e) {
+      const Lanes c0 = LoadLanes(ct + e * kp + j0), c1 = LoadLanes(ct + e * kp + j0 + kLanes);
+      for (int p = 0; p < kPoints; ++p) {
+        const Lanes xe = SplatLanes(m2x[p][e]);
+        acc[0][p] = FmaLanes(c0, xe, acc[0][p]);
+        acc[1][p] = FmaLanes(c1, xe, acc[1][p]);
+      }
+    }
+    for (int v = 0; v < 2; ++v) {  // in index order: ties keep the smaller index
+      const LaneInts idx = LaneIota(static_cast<int32_t>(j0 + v * kLanes));
+      for (int p = 0; p < kPoints; ++p) {
+        if (kSecond) second[p] = MinLanes(second[p], MaxLanes(best[p], acc[v][p]));  // with the old best
+        KeepSmaller(acc[v][p], idx, best[p], best_idx[p]);
+      }
+    }
+  }
+  for (int p = 0; p < kPoints; ++p) {
+    float bv[kLanes], sv[kLanes];
+    int32_t bi[kLanes];
+    StoreLanes(bv, best[p]);
+    StoreLanes(sv, second[p]);
+    StoreInts(bi, best_idx[p]);
+    int64_t w = 0;
+    for (int64_t l = 1; l < kLanes; ++l)
+      if (bv[l] < bv[w] || (bv[l] == bv[w] && bi[l] < bi[w])) w = l;
+    out[p] = Scan{bi[w], bv[w], std::numeric_limits<float>::infinity()};
+    if (kSecond)
+      for (int64_t l = 0; l < kLanes; ++l) out[p].second = std::min(out[p].second, l == w ? sv[l] : std::min(sv[l], bv[l]));
+  }
+}
+
+// Scans the listed points kPoints at a time: -2x of each into m2x [kPoints, d] (scratch),
+// then done(point, scan) for each.
+template <bool kSecond, typename Done>
+void ScanPoints(const float* x, int64_t d, const int64_t* points, int64_t n, const CentroidTable& t,
+                std::vector<float>& m2x, const Done& done) {
+  m2x.resize(kPoints * d);
+  const float* ptrs[kPoints];
+  Scan scans[kPoints];
+  for (int64_t i0 = 0; i0 < n; i0 += kPoints) {
+    const int np = static_cast<int>(std::min<int64_t>(kPoints, n - i0));
+    for (int p = 0; p < kPoints; ++p) {
+      const int64_t i = points[i0 + std::min(p, np - 1)];
+      for (int64_t e = 0; e < d; ++e) m2x[p * d + e] = -2.f * x[i * d + e];
+      ptrs[p] = m2x.data() + p * d;
+    }
+    ScanCentroids<kSecond>(ptrs, t, scans);
+    for (int p = 0; p < np; ++p) done(points[i0 + p], scans[p]);
+  }
+}
+
+inline float Distance(const float* x, const float* c, int64_t d) {
+  float s = 0.f;
+  for (int64_t e = 0; e < d; ++e) s += (x[e] - c[e]) * (x[e] - c[e]);
+  return std::sqrt(s);
+}
+
+bool ValidKmeansShapes(ffi::Span<const int64_t> pd, ffi::Span<const int64_t> cd) {
+  return pd.size() == 2 && cd.size() == 2 && pd[1] == cd[1] && cd[0] >= 1 && cd[0] <= (int64_t{1} << 30);
+}
+
 // Nearest centroid of every point: argmin_k |c_k|^2 - 2 x.c_k (|x|^2 does not change the
-// winner), exact in float32, ties to the smaller index. Centroids are padded to a whole
-// number of vectors with +inf norms, so padding never wins.
+// winner), exact in float32, ties to the smaller index.
 ffi::Error NearestImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> points, ffi::Buffer<ffi::F32> centroids,
                        ffi::ResultBuffer<ffi::S32> nearest, int64_t block_rows) {
-  const auto pd = points.dimensions(), cd = centroids.dimensions();
-  if (pd.size() != 2 || cd.size() != 2 || pd[1] != cd[1] || cd[0] < 1 || cd[0] > (int64_t{1} << 30))
+  if (!ValidKmeansShapes(points.dimensions(), centroids.dimensions()))
     return ffi::Error::InvalidArgument("kmeans_nearest: points [n, d] and centroids [k >= 1, d] expected");
-  const int64_t n = pd[0], d = pd[1], k = cd[0];
-  const int64_t kp = (k + kLanes - 1) / kLanes * kLanes;
-  const float* c = centroids.typed_data();
-  std::vector<float> ct(d * kp, 0.f), cn(kp, std::numeric_limits<float>::infinity());
-  for (int64_t j = 0; j < k; ++j) {
-    float norm = 0.f;
-    for (int64_t e = 0; e < d; ++e) {
-      ct[e * kp + j] = c[j * d + e];
-      norm += c[j * d + e] * c[j * d + e];
-    }
-    cn[j] = norm;
-  }
+  const int64_t n = points.dimensions()[0], d = points.dimensions()[1];
+  CentroidTable table;
+  table.Build(centroids.typed_data(), centroids.dimensions()[0], d);
   const float* x = points.typed_data();
   int32_t* out = nearest->typed_data();
-  auto run = [&](int64_t i0, int64_t i1) {
-    std::vector<float> m2x(d);
-    float best_v[kLanes];
-    int32_t best_i[kLanes];
-    for (int64_t i = i0; i < i1; ++i) {
-      for (int64_t e = 0; e < d; ++e) m2x[e] = -2.f * x[i * d + e];
-      Lanes best = SplatLanes(std::numeric_limits<float>::infinity());
-      LaneInts best_idx = LaneIota(0);
-      int64_t j0 = 0;
-      for (; j0 + kUnroll * kLanes <= kp; j0 += kUnroll * kLanes) {  // independent FMA chains
-        Lanes acc[kUnroll];
-        for (int u = 0; u < kUnroll; ++u) acc[u] = LoadLanes(cn.data() + j0 + u * kLanes);
-        for (int64_t e = 0; e < d; ++e) {
-          const Lanes xe = SplatLanes(m2x[e]);
-          const float* col = ct.data() + e * kp + j0;
-          for (int u = 0; u < kUnroll; ++u) acc[u] = FmaLanes(LoadLanes(col + u * kLanes), xe, acc[u]);
-        }
-        for (int u = 0; u < kUnroll; ++u)  // in index order, so ties keep the smaller index
-          KeepSmaller(acc[u], LaneIota(static_cast<int32_t>(j0 + u * kLanes)), best, best_idx);
-      }
-      for (; j0 < kp; j0 += kLanes) {
-        Lanes acc = LoadLanes(cn.data() + j0);
-        for (int64_t e = 0; e < d; ++e) acc = FmaLanes(LoadLanes(ct.data() + e * kp + j0), SplatLanes(m2x[e]), acc);
-        KeepSmaller(acc, LaneIota(static_cast<int32_t>(j0)), best, best_idx);
-      }
-      StoreLanes(best_v, best);
-      StoreInts(best_i, best_idx);
-      int64_t w = 0;
-      for (int64_t l = 1; l < kLanes; ++l)
-        if (best_v[l] < best_v[w] || (best_v[l] == best_v[w] && best_i[l] < best_i[w])) w = l;
-      out[i] = best_i[w];
-    }
+  const int64_t rows = std::max<int64_t>(1, block_rows);
+  ParallelBlocks(pool, (n + rows - 1) / rows, [&](int64_t b) {
+    std::vector<int64_t> ids;
+    std::vector<float> m2x;
+    for (int64_t i = b * rows; i < std::min(n, (b + 1) * rows); ++i) ids.push_back(i);
+    ScanPoints<false>(x, d, ids.data(), ids.size(), table, m2x, [&](int64_t i, const Scan& s) { out[i] = s.idx; });
+  });
+  return ffi::Error::Success();
+}
+
+// Above this many centroids the half-gap bound (k^2 d work per iteration) is not kept.
+constexpr int64_t kMaxHalfGapCentroids = 2048;
+
+// Lloyd's k-means, `iters` centroid updates from `init`, then the nearest centroid of every
+// point: the same iterates as assigning every point exactly at every iteration, but with
+// Hamerly's bounds (J. Hamerly, "Making k-means even faster", SDM 2010) most points skip
+// the scan. Per point: u >= the distance to its centroid, l <= the distance to any other;
+// per centroid: half the distance to its nearest other centroid. A point whose u is
+// within max(l, half gap) cannot have a nearer centroid. After the centroids move, u grows
+// by its centroid's move and l shrinks by the largest other move. The bounds carry small
+// relative margins so that float rounding never skips a point that needs a scan (a near
+// tie within rounding may still go either way, as it can in the exact scan). Centroid
+// sums are float64 and updated for the points that moved, in point order, so results do
+// not depend on the thread count. A centroid that loses all its points stays put.
+ffi::Error LloydImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> points, ffi::Buffer<ffi::F32> init,
+                     ffi::ResultBuffer<ffi::F32> centroids, ffi::ResultBuffer<ffi::S32> assignment, int64_t iters,
+                     int64_t block_rows) {
+  if (!ValidKmeansShapes(points.dimensions(), init.dimensions()) || iters < 0)
+    return ffi::Error::InvalidArgument("kmeans_lloyd: points [n, d], init [k >= 1, d] and iters >= 0 expected");
+  const int64_t n = points.dimensions()[0], d = points.dimensions()[1], k = init.dimensions()[0];
+  const float* x = points.typed_data();
+  float* c = centroids->typed_data();
+  int32_t* a = assignment->typed_data();
+  std::memcpy(c, init.typed_data(), k * d * sizeof(float));
+  constexpr float kMargin = 1e-5f;  // relative slack on every bound (float32 rounding is ~1e-7)
+
+  std::vector<float> xn(n), u(n), l(n), move(k), half_gap(k, 0.f), c_old(k * d);
+  for (int64_t i = 0; i < n; ++i) {
+    float s = 0.f;
+    for (int64_t e = 0; e < d; ++e) s += x[i * d + e] * x[i * d + e];
+    xn[i] = s;
+  }
+  CentroidTable table;
+  float max_cn = 0.f;
+  auto build = [&] {
+    table.Build(c, k, d);
+    max_cn = 0.f;
+    for (int64_t j = 0; j < k; ++j) max_cn = std::max(max_cn, table.cn[j]);
   };
-  // Points are split into blocks claimed from an atomic counter, as for the beam search.
-  struct Blocks {
-    std::atomic<int64_t> next{0}, done{0};
+  // A full scan sets the point's centroid and both bounds. The runner-up score is only
+  // approximately the second distance, so l gets an absolute slack at the scale of the norms.
+  auto set_bounds = [&](int64_t i, const Scan& s) {
+    a[i] = s.idx;
+    u[i] = Distance(x + i * d, c + s.idx * d, d) * (1.f + kMargin);
+    const float second_sq = xn[i] + s.second - kMargin * (xn[i] + max_cn);
+    l[i] = second_sq > 0.f ? std::sqrt(second_sq) * (1.f - kMargin) : 0.f;
   };
-  auto sh = std::make_shared<Blocks>();
   const int64_t rows = std::max<int64_t>(1, block_rows), n_blocks = (n + rows - 1) / rows;
-  auto work = [sh, &run, rows, n, n_blocks] {
-    for (int64_t b; (b = sh->next.fetch_add(1)) < n_blocks;) {
-      run(b * rows, std::min(n, (b + 1) * rows));
-      sh->done.fetch_add(1, std::memory_order_release);
+  build();
+  ParallelBlocks(pool, n_blocks, [&](int64_t b) {
+    std::vector<int64_t> ids;
+    std::vector<float> m2x;
+    for (int64_t i = b * rows; i < std::min(n, (b + 1) * rows); ++i) ids.push_back(i);
+    ScanPoints<true>(x, d, ids.data(), ids.size(), table, m2x, set_bounds);
+  });
+  std::vector<double> sums(k * d, 0.0);
+  std::vector<int64_t> counts(k, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    ++counts[a[i]];
+    for (int64_t e = 0; e < d; ++e) sums[a[i] * d + e] += x[i * d + e];
+  }
+  std::vector<int32_t> prev(a, a + n);
+
+  for (int64_t it = 0; it < iters; ++it) {
+    std::memcpy(c_old.data(), c, k * d * sizeof(float));
+    int64_t far = 0;  // the centroid that moved most, and the largest moves
+    float max_move = 0.f, other_move = 0.f;
+    for (int64_t j = 0; j < k; ++j) {
+      if (counts[j] > 0)
+        for (int64_t e = 0; e < d; ++e) c[j * d + e] = static_cast<float>(sums[j * d + e] / counts[j]);
+      move[j] = Distance(c + j * d, c_old.data() + j * d, d) * (1.f + kMargin);
+      if (move[j] > max_move) {
+        other_move = max_move;
+        max_move = move[j];
+        far = j;
+      } else {
+        other_move = std::max(other_move, move[j]);
+      }
     }
-  };
-  const int64_t n_tasks = std::min<int64_t>(pool.num_threads(), n_blocks - 1);
-  // A task that starts after the last block was claimed returns without touching `run`.
-  for (int64_t t = 0; t < n_tasks; ++t) pool.Schedule([work] { work(); });
-  work();
-  // `run` and the tables live on this stack frame: every claimed block must finish first.
-  while (sh->done.load(std::memory_order_acquire) < n_blocks) std::this_thread::yield();
+    if (k <= kMaxHalfGapCentroids) {
+      std::fill(half_gap.begin(), half_gap.end(), std::numeric_limits<float>::infinity());
+      for (int64_t j = 0; j < k; ++j)
+        for (int64_t j2 = j + 1; j2 < k; ++j2) {
+          const float gap = Distance(c + j * d, c + j2 * d, d);
+          half_gap[j] = std::min(half_gap[j], gap);
+          half_gap[j2] = std::min(half_gap[j2], gap);
+        }
+      for (int64_t j = 0; j < k; ++j) half_gap[j] = k > 1 ? 0.5f * half_gap[j] * (1.f - kMargin) : 0.f;
+    }
+    build();
+    ParallelBlocks(pool, n_blocks, [&](int64_t b) {
+      std::vector<int64_t> ids;  // the block's points that the bounds cannot settle
+      std::vector<float> m2x;
+      for (int64_t i = b * rows; i < std::min(n, (b + 1) * rows); ++i) {
+        const int32_t ai = a[i];
+        u[i] += move[ai];
+        l[i] = std::max(0.f, l[i] - (ai == far ? other_move : max_move));
+        const float z = std::max(l[i], half_gap[ai]);
+        if (u[i] <= z) continue;
+        u[i] = Distance(x + i * d, c + ai * d, d) * (1.f + kMargin);
+        if (u[i] > z) ids.push_back(i);
+      }
+      ScanPoints<true>(x, d, ids.data(), ids.size(), table, m2x, set_bounds);
+    });
+    bool moved = false;
+    for (int64_t i = 0; i < n; ++i) {
+      if (a[i] == prev[i]) continue;
+      moved = true;
+      --counts[prev[i]];
+      ++counts[a[i]];
+      for (int64_t e = 0; e < d; ++e) {
+        sums[prev[i] * d + e] -= x[i * d + e];
+        sums[a[i] * d + e] += x[i * d + e];
+      }
+      prev[i] = a[i];
+    }
+    // No point changed centroid, so every later iteration would reproduce these centroids.
+    if (!moved) break;
+  }
   return ffi::Error::Success();
 }
 
@@ -552,6 +748,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantKmeansNearestF32, NearestImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("block_rows"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantKmeansLloydF32, LloydImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("iters")
                                   .Attr<int64_t>("block_rows"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantAqlmBeamSearchF32, BeamSearchImpl,
@@ -570,6 +776,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantAqlmBeamSearchF32, BeamSearchImpl,
                                   .Attr<int64_t>("beam_size")
                                   .Attr<int64_t>("block_rows"));
 """
+)
 
 LIBRARY = NativeLibrary(
     "aqlm_kernels",
@@ -577,6 +784,7 @@ LIBRARY = NativeLibrary(
     {
         TARGET_NAME: "JaxquantAqlmBeamSearchF32",
         NEAREST_TARGET_NAME: "JaxquantKmeansNearestF32",
+        LLOYD_TARGET_NAME: "JaxquantKmeansLloydF32",
     },
 )
 
@@ -670,16 +878,47 @@ def nearest(points: jax.Array, centroids: jax.Array) -> jax.Array:
     )
 
 
+def lloyd(points: jax.Array, init: jax.Array, iters: int) -> tuple[jax.Array, jax.Array]:
+    """Native counterpart of ``kmeans.lloyd`` followed by ``kmeans.assign_all``.
+
+    ``iters`` Lloyd iterations from ``init``, then the nearest centroid of every point;
+    Hamerly's distance bounds let most points skip the scan once the centroids settle
+    (about 10x fewer distances than a full scan per iteration on AQLM's 2x8 init). The
+    iterates are those of exact Lloyd up to float rounding in near ties.
+
+    Args:
+        points: ``[n, d]`` float32.
+        init: ``[k, d]`` initial centroids.
+        iters: centroid updates (static, ≥ 0).
+
+    Returns:
+        ``(centroids [k, d], nearest [n] int32)``; a centroid that loses all its points
+        keeps its position.
+
+    Raises:
+        NotImplementedError: the kernel could not be built.
+    """
+    _require()
+    n, d = points.shape
+    out_types = (jax.ShapeDtypeStruct(init.shape, jnp.float32), jax.ShapeDtypeStruct((n,), jnp.int32))
+    return jax.ffi.ffi_call(LLOYD_TARGET_NAME, out_types)(
+        points.astype(jnp.float32), init.astype(jnp.float32), iters=np.int64(iters),
+        block_rows=np.int64(NEAREST_BLOCK_ROWS),
+    )
+
+
 def _require() -> None:
     if not available():
         raise NotImplementedError(f"native AQLM kernels unavailable ({unavailable_reason()})")
 
 
 __all__ = [
+    "LLOYD_TARGET_NAME",
     "NEAREST_TARGET_NAME",
     "TARGET_NAME",
     "available",
     "beam_search",
+    "lloyd",
     "nearest",
     "unavailable_reason",
 ]
