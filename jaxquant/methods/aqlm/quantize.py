@@ -376,12 +376,14 @@ def quantize_aqlm(
     rng = np.random.default_rng(_seed_words(key))
     subsets, inits = sample_indices(rng, n_rows * (d_in // ig), num_codebooks, k, recipe.kmeans_max_points)
     w3 = w_np.reshape(n_rows, og, d_in)
-    h = jnp.asarray(h_np)
+    # device_put, not jnp.asarray: in jax 0.10 the latter compiles a small program per
+    # new shape (about 30 ms each, cold).
+    h = jax.device_put(h_np)
     codes, params, opt_state, loss, reference = _initialise(
-        jnp.asarray(w3),
+        jax.device_put(w3),
         h,
         subsets,
-        jnp.asarray(inits),
+        jax.device_put(inits),
         in_group_size=ig,
         iters=kmeans_iterations(recipe.kmeans_iters, min(n_rows * (d_in // ig), recipe.kmeans_max_points), k),
         padded_rows=padded_rows,
@@ -438,11 +440,12 @@ def quantize_aqlm(
     dtype = jnp.dtype(recipe.param_dtype)
     codes_np = np.asarray(codes)[:n_rows].astype(code_dtype(recipe.codebook_bits))
     scales_np = np.asarray(scales)[:n_rows].reshape(n_rows, 1, 1, 1)
-    # Casts in numpy: an eager device cast would compile yet another small program.
+    # Casts in numpy, then device_put: an eager device cast (or jnp.asarray) would compile
+    # yet another small program.
     return AdditiveQuantized(
-        codes=jnp.asarray(codes_np),
-        codebooks=jnp.asarray(np.asarray(books).astype(dtype)),
-        scales=jnp.asarray(scales_np.astype(dtype)),
+        codes=jax.device_put(codes_np),
+        codebooks=jax.device_put(np.asarray(books).astype(dtype)),
+        scales=jax.device_put(scales_np.astype(dtype)),
         codebook_bits=recipe.codebook_bits,
         shape=(d_out, d_in) if layout == "out_in" else (d_in, d_out),
         layout=layout,  # type: ignore[arg-type]
