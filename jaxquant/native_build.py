@@ -5,11 +5,10 @@ beam search, k-means and codebook gradients in ``methods/aqlm/native_*.py``) are
 sources held as Python strings. Each is compiled once with the machine's C++ compiler
 (``-O3 -march=native``) into the user cache directory: one file per source, compiler,
 flags, jaxlib version and CPU, built under a temporary name and renamed, so concurrent
-builders never load a half-written file.
-The library is loaded with ``ctypes`` and its handlers registered with
-``jax.ffi.register_ffi_target``. When no compiler is found or the build fails the library
-reports itself unavailable (with the reason) and callers fall back to their XLA paths.
-``JAXQUANT_NO_FFI=1`` disables every native kernel.
+builders never load a half-written file. The library is loaded with ``ctypes`` and its
+handlers registered with ``jax.ffi.register_ffi_target``. When no compiler is found or
+the build fails the library reports itself unavailable (with the reason) and callers fall
+back to their XLA paths. ``JAXQUANT_NO_FFI=1`` disables every native kernel.
 """
 
 from __future__ import annotations

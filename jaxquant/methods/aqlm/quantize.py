@@ -335,10 +335,10 @@ def quantize_aqlm(
         history: if given, one ``{"round", "rel_error", "search_gain"}`` dict per round
             is appended (relative errors are ``loss / tr(W H Wᵀ)`` in float32), and one
             more with ``"refit": True`` when the final refit is kept.
-        kernels: ``"native"`` (the C++ beam search and k-means assignment of
-            ``native_kernels``, CPU only), ``"xla"`` (``beam_search`` and
-            ``kmeans.assign_all``, any backend) or ``"auto"``: native when every device
-            is a CPU and the kernels build, else XLA.
+        kernels: ``"native"`` (the C++ beam search and k-means of ``native_kernels``
+            and the Adam steps' gather/scatter of ``native_grads``, CPU only), ``"xla"``
+            (``beam_search``, ``kmeans`` and ``codebooks`` in XLA, any backend) or
+            ``"auto"``: native when every device is a CPU and the kernels build, else XLA.
 
     Returns:
         An ``AdditiveQuantized`` with codebooks and scales stored in ``recipe.param_dtype``.
