@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant.native_build import NativeLibrary
+from jaxquant.native_build import PARALLEL_BLOCKS_CPP, NativeLibrary
 from jaxquant.qarray import AdditiveQuantized
 
 TARGET_NAME = "jaxquant_aq_lut_f32"
@@ -35,7 +35,8 @@ DECODE_TARGET_NAME = "jaxquant_aq_decode_f32"
 # rows per unit of work handed to a thread (their codes stay in L2 across steps).
 COL_BLOCK_BYTES = 32 * 1024
 BLOCK_ROWS = 256
-_SOURCE = r"""
+_SOURCE = (
+    r"""
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -51,6 +52,9 @@ _SOURCE = r"""
 namespace ffi = xla::ffi;
 
 namespace {
+"""
+    + PARALLEL_BLOCKS_CPP
+    + r"""
 
 // T layout: [n_codes][R][K] floats, T[c][r][k] = x[r, group(c)] . codebook[m(c)][k].
 void BuildTable(const float* x, const float* cb, float* T, int64_t R, int64_t d_in,
@@ -165,23 +169,6 @@ void RunBlock(const Problem& p, int64_t o0, int64_t o1) {
     }
 }
 
-// Work shared by the caller and the pool tasks: blocks are claimed from an atomic
-// counter, so a task the pool never starts costs nothing (the caller takes its blocks)
-// and the caller only waits for blocks that were actually claimed.
-struct Shared {
-  Problem p;
-  int64_t block_rows, n_blocks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  void Work() {
-    for (int64_t b; (b = next.fetch_add(1)) < n_blocks;) {
-      const int64_t o0 = b * block_rows;
-      RunBlock(p, o0, std::min(p.d_out, o0 + block_rows));
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error AqLutImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
                      ffi::Buffer<ffi::F32> codebooks, ffi::Buffer<ffi::F32> scales,
                      ffi::ResultBuffer<ffi::F32> y, int64_t col_block_bytes, int64_t block_rows) {
@@ -201,17 +188,13 @@ ffi::Error AqLutImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   BuildTable(x.typed_data(), codebooks.typed_data(), T, R, d_in, M, K, ig, 0, n_codes);
   if (d_out == 0 || R == 0) return ffi::Error::Success();
 
-  auto sh = std::make_shared<Shared>();
   // Column block: as many code columns (a multiple of 32, see kParts) as fit in
   // col_block_bytes of T.
   const int64_t col_block = std::max<int64_t>(32, col_block_bytes / (R * K * 4) / 32 * 32);
-  sh->p = Problem{codes.typed_data(), T, scales.typed_data(), y->typed_data(), d_out, n_codes, R, K, col_block};
-  sh->block_rows = std::max<int64_t>(1, block_rows);
-  sh->n_blocks = (d_out + sh->block_rows - 1) / sh->block_rows;
-  const int64_t n_tasks = std::min<int64_t>(pool.num_threads(), sh->n_blocks - 1);
-  for (int64_t t = 0; t < n_tasks; ++t) pool.Schedule([sh] { sh->Work(); });
-  sh->Work();
-  while (sh->done.load(std::memory_order_acquire) < sh->n_blocks) std::this_thread::yield();
+  const Problem p{codes.typed_data(), T, scales.typed_data(), y->typed_data(), d_out, n_codes, R, K, col_block};
+  const int64_t rows = std::max<int64_t>(1, block_rows);
+  ParallelBlocks(pool, (d_out + rows - 1) / rows,
+                 [&](int64_t b) { RunBlock(p, b * rows, std::min(d_out, (b + 1) * rows)); });
   return ffi::Error::Success();
 }
 
@@ -315,6 +298,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantAqDecodeF32, AqDecodeImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 """
+)
 
 LIBRARY = NativeLibrary(
     "aq_lut", _SOURCE, {TARGET_NAME: "JaxquantAqLutF32", DECODE_TARGET_NAME: "JaxquantAqDecodeF32"}

@@ -5,7 +5,7 @@ that product is clearly faster than in float32. CPU flags do not say so: a 512³
 took 0.52 ms against 2.15 ms on a Xeon with AMX, 0.97 ms against about 2 ms on an AMD
 EPYC with AVX512-BF16, but 2.07 ms against 1.41 ms (slower) on a Xeon whose AVX512-BF16
 was exposed without AMX. So on CPUs with a bfloat16 feature the two products are timed
-once per machine (about 0.1 s) and the speedup is kept in the user cache directory,
+once per machine (about 0.2 s) and the speedup is kept in the user cache directory,
 keyed by CPU and jaxlib version: later runs, and the results they produce, do not depend
 on a fresh, noisy measurement.
 """
