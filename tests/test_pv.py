@@ -96,6 +96,23 @@ def test_reencode_subset_only_touches_subset_and_never_worsens(rng):
     assert after[changed].sum() < before[changed].sum() or len(changed) == 0
 
 
+def test_reencode_in_chunks_matches_one_piece(rng, monkeypatch):
+    """Groups are searched SEARCH_CHUNK at a time (padded): the codes must not depend on it."""
+    w = jnp.asarray(rng.standard_normal((24, 64)) / 5, jnp.float32)
+    q = make_additive(w, 2, 4, 4, og=2)  # 12 x 16 = 192 groups
+    target = w + jnp.asarray(rng.standard_normal((24, 64)) * 0.1, jnp.float32)
+    idx = jnp.asarray(rng.permutation(192)[:150], jnp.int32)
+
+    def run():  # a fresh trace each time: the chunk size is read when tracing
+        return jax.jit(lambda q, t, i: pv.reencode_additive(q, t, i, beam_size=4))(q, target, idx)
+
+    whole = run()
+    monkeypatch.setattr(pv, "SEARCH_CHUNK", 64)  # 150 groups: 3 chunks, the last one padded
+    chunked = run()
+    np.testing.assert_array_equal(np.asarray(chunked.codes), np.asarray(whole.codes))
+    assert changed_groups(q, whole).any()  # the comparison is not between two no-ops
+
+
 def test_reencode_scalar_matches_rounding(rng):
     codes = jnp.asarray(rng.integers(0, 4, (4, 16)), jnp.uint8)
     scales = jnp.asarray(rng.uniform(0.1, 0.3, (4, 2)), jnp.float32)
