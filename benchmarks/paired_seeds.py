@@ -5,11 +5,11 @@ Usage:
         [--arm "P only=p_runs.json:pv"] --out benchmarks/results/SUMMARY.json
 
 Each ``--arm NAME=FILE[,FILE...]:MODE`` takes the runs of one mode from one or more sweep
-files; they must share every setting (one v_lr) and hold each seed once. The first arm is compared with every other arm,
-seed by seed: the mean of ``other - first`` in perplexity, its paired standard deviation,
-the paired t statistic, how many seeds the first arm is lower on, and the exact one-sided
-sign-flip (permutation) p-value of "the first arm is lower", which assumes nothing about
-the shape of the noise.
+files; they must share every setting (one v_lr) and hold each seed once. The first arm
+is compared with every other arm, seed by seed: the mean of ``other - first`` in
+perplexity, its paired standard deviation, the paired t statistic, how many seeds the
+first arm is lower on, and the exact one-sided sign-flip (permutation) p-value of "the
+first arm is lower", which assumes nothing about the shape of the noise.
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def compare(first: dict[int, float], other: dict[int, float]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--arm", action="append", required=True, help="NAME=FILE[,FILE...]:MODE (repeat; the first is the reference)")
+    p.add_argument("--arm", action="append", required=True,
+                   help="NAME=FILE[,FILE...]:MODE (repeat; the first is the reference)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if len(args.arm) < 2:
