@@ -178,31 +178,32 @@ SEARCH_CHUNK = 1024
 
 
 def _search_in_chunks(
-    t: jax.Array, s: jax.Array, cur: jax.Array, books_t: jax.Array, beam_size: int
+    t: jax.Array, s: jax.Array, cur: jax.Array, cur_sum: jax.Array, books_t: jax.Array, beam_size: int
 ) -> tuple[jax.Array, jax.Array]:
-    """``search_group`` with the identity metric over ``[D, k]`` targets, ``SEARCH_CHUNK``
-    columns at a time: ``(codes [M, k], unscaled tiles [D, k])``."""
+    """``search_group`` with the identity metric over ``[D, k]`` targets, starting from the
+    codes ``cur`` ``[M, k]`` and their tiles ``cur_sum`` ``[D, k]``, ``SEARCH_CHUNK`` columns
+    at a time: ``(codes [M, k], unscaled tiles [D, k])``."""
     m, d, _ = books_t.shape
     k = t.shape[1]
     q_terms = jnp.sum(books_t * books_t, axis=1)  # [M, K]: ‖a‖², the Gram terms for G = I
     eye = jnp.eye(d, dtype=jnp.float32)
     order = jnp.arange(m, dtype=jnp.int32)
 
-    def search(args: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        t_c, s_c, cur_c = args
-        return search_group(t_c, s_c, cur_c, tile_sums(books_t, cur_c), books_t, q_terms, eye, order, beam_size)
+    def search(args: tuple[jax.Array, jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        return search_group(*args, books_t, q_terms, eye, order, beam_size)
 
     if k <= SEARCH_CHUNK:
-        return search((t, s, cur))
+        return search((t, s, cur, cur_sum))
     n = -(-k // SEARCH_CHUNK)
-    pad = n * SEARCH_CHUNK - k  # padded columns: zero target, unit scale, code 0; dropped below
-    t_p = jnp.pad(t, ((0, 0), (0, pad))).reshape(d, n, SEARCH_CHUNK).transpose(1, 0, 2)
-    s_p = jnp.pad(s, (0, pad), constant_values=1.0).reshape(n, SEARCH_CHUNK)
-    cur_p = jnp.pad(cur, ((0, 0), (0, pad))).reshape(m, n, SEARCH_CHUNK).transpose(1, 0, 2)
-    new, new_sum = jax.lax.map(search, (t_p, s_p, cur_p))
-    new = new.transpose(1, 0, 2).reshape(m, n * SEARCH_CHUNK)[:, :k]
-    new_sum = new_sum.transpose(1, 0, 2).reshape(d, n * SEARCH_CHUNK)[:, :k]
-    return new, new_sum
+
+    def chunks(x: jax.Array, fill: float = 0) -> jax.Array:
+        """``[..., k] -> [n, ..., SEARCH_CHUNK]``; the padded columns are searched on their
+        own (columns never interact) and dropped below."""
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n * SEARCH_CHUNK - k)], constant_values=fill)
+        return jnp.moveaxis(x.reshape(*x.shape[:-1], n, SEARCH_CHUNK), -2, 0)
+
+    new, new_sum = jax.lax.map(search, (chunks(t), chunks(s, 1.0), chunks(cur), chunks(cur_sum)))
+    return (jnp.moveaxis(new, 0, -2).reshape(m, -1)[:, :k], jnp.moveaxis(new_sum, 0, -2).reshape(d, -1)[:, :k])
 
 
 def reencode_additive(
@@ -238,7 +239,7 @@ def reencode_additive(
     s = q.scales.astype(jnp.float32).reshape(-1)[idx // n_ig]  # [k]
     cur = codes_flat[idx].T.astype(jnp.int32)  # [M, k]
     cur_sum = tile_sums(books_t, cur)
-    new, new_sum = _search_in_chunks(t, s, cur, books_t, min(beam_size, k_book))
+    new, new_sum = _search_in_chunks(t, s, cur, cur_sum, books_t, min(beam_size, k_book))
     err_new = jnp.sum((s * new_sum - t) ** 2, axis=0)
     err_cur = jnp.sum((s * cur_sum - t) ** 2, axis=0)
     delta_sq = jnp.sum((s * (new_sum - cur_sum)) ** 2, axis=0)
