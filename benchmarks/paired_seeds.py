@@ -10,6 +10,9 @@ is compared with every other arm, seed by seed: the mean of ``other - first`` in
 perplexity, its paired standard deviation, the paired t statistic, how many seeds the
 first arm is lower on, and the exact one-sided sign-flip (permutation) p-value of "the
 first arm is lower", which assumes nothing about the shape of the noise.
+
+``--at-step K`` compares the perplexities recorded after step ``K`` of longer runs (the
+sweep's ``--eval-at K``) instead of the final ones.
 """
 
 from __future__ import annotations
@@ -23,8 +26,20 @@ import statistics
 from jaxquant.atomic_files import atomic_write_bytes
 
 
-def load_arm(spec: str) -> tuple[str, dict[int, float], dict]:
-    """``"NAME=FILE[,FILE...]:MODE"`` -> ``(name, {seed: perplexity}, settings)``."""
+def _perplexity(run: dict, at_step: int | None, spec: str) -> float:
+    """The run's perplexity after ``at_step`` steps (its final one when None or its length)."""
+    if at_step is None or at_step == run.get("steps"):
+        return float(run["perplexity"])
+    at = run.get("perplexity_at", {})
+    if str(at_step) not in at:
+        raise ValueError(f"--arm {spec!r}: seed {run.get('seed')} has no perplexity after step {at_step} "
+                         f"(recorded: {sorted(at, key=int)} and the final step {run.get('steps')})")
+    return float(at[str(at_step)])
+
+
+def load_arm(spec: str, at_step: int | None = None) -> tuple[str, dict[int, float], dict]:
+    """``"NAME=FILE[,FILE...]:MODE"`` -> ``(name, {seed: perplexity}, settings)``, the
+    perplexities after ``at_step`` steps (None: the final ones)."""
     name, _, rest = spec.partition("=")
     paths, _, mode = rest.rpartition(":")
     if not name or not paths or not mode:
@@ -46,7 +61,7 @@ def load_arm(spec: str) -> tuple[str, dict[int, float], dict]:
     seeds = [int(r["seed"]) for r in runs]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"--arm {spec!r}: a seed appears twice: {sorted(seeds)}")
-    by_seed = {int(r["seed"]): float(r["perplexity"]) for r in runs}
+    by_seed = {int(r["seed"]): _perplexity(r, at_step, spec) for r in runs}
     settings = {"mode": mode, "files": paths.split(","), "commands": commands, **{k: runs[0].get(k) for k in keys}}
     settings["codes_changed_mean"] = statistics.fmean(r["codes_changed"] for r in runs)
     settings["seconds_median"] = statistics.median(r["seconds"] for r in runs)
@@ -84,19 +99,22 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--arm", action="append", required=True,
                    help="NAME=FILE[,FILE...]:MODE (repeat; the first is the reference)")
+    p.add_argument("--at-step", type=int, default=None,
+                   help="compare the perplexities after this many steps (recorded by the sweep's --eval-at)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if len(args.arm) < 2:
         p.error("give at least two --arm")
-    arms = [load_arm(spec) for spec in args.arm]
+    arms = [load_arm(spec, args.at_step) for spec in args.arm]
     first_name, first, _ = arms[0]
     summary = {
+        "at_step": args.at_step,
         "arms": {name: {"settings": settings, "perplexity_by_seed": runs, "mean": statistics.fmean(runs.values()),
                         "worst": max(runs.values()), "range": max(runs.values()) - min(runs.values())}
                  for name, runs, settings in arms},
         "comparisons": {f"{name} - {first_name}": compare(first, runs) for name, runs, _ in arms[1:]},
         "command": "python benchmarks/paired_seeds.py " + " ".join(f"--arm '{a}'" for a in args.arm)
-        + f" --out {args.out}",
+        + (f" --at-step {args.at_step}" if args.at_step is not None else "") + f" --out {args.out}",
     }
     print(json.dumps(summary["comparisons"], indent=1))
     atomic_write_bytes(args.out, json.dumps(summary, indent=2).encode("utf-8"))

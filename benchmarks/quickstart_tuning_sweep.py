@@ -7,7 +7,8 @@ Trains or loads the DEFAULT quickstart model, quantizes it once with AQLM 1x8 g4
 block fine-tuning (the start both modes share), then runs ``global_finetune`` in "pv" and
 "ste" mode for every ``--v-lr`` and data-order ``--seed`` (both modes see the same steps
 and batches for a seed), and reports validation
-perplexity and the fraction of codes each run changed. Writes
+perplexity (also after each ``--eval-at`` step of the run) and the fraction of codes each
+run changed. Writes
 benchmarks/results/quickstart_tuning_sweep.json (``--out`` to change).
 """
 
@@ -56,6 +57,8 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--start-cache", default=None,
                    help="pickle file for the AQLM+FT start: loaded if present, else written (saves its time)")
+    p.add_argument("--eval-at", type=int, action="append", default=None,
+                   help="also record validation perplexity after this many steps (repeatable)")
     p.add_argument("--out", default="benchmarks/results/quickstart_tuning_sweep.json")
     args = p.parse_args()
 
@@ -88,18 +91,28 @@ def main() -> None:
     runs = [{"mode": "start (AQLM+FT)", "perplexity": ppl(start), "seconds": round(start_seconds, 1)}]
     print(json.dumps(runs[-1]), flush=True)
     seeds = args.seed or [0]
+    eval_at = sorted(set(args.eval_at or []))
+    if any(not 0 < k < args.steps for k in eval_at):
+        p.error(f"--eval-at must lie strictly between 0 and --steps {args.steps}, got {eval_at}")
     for seed, v_lr in ((seed, v_lr) for seed in seeds for v_lr in args.v_lr):
         tune = dataclasses.replace(cfg.tune, v_lr=v_lr, p_lr=args.p_lr, steps=args.steps,
                                    update_fraction=args.update_fraction, trust_ratio=args.trust_ratio,
                                    buffer_decay=args.buffer_decay, seed=seed)
         for mode in args.modes.split(","):
             t0 = time.perf_counter()
-            tuned, kls = qs.global_finetune(apply_fn, params, start, train_ids, tune, mode=mode)
+            at: dict[str, float] = {}
+
+            def record(k: int, q: object) -> None:
+                if k in eval_at:
+                    at[str(k)] = ppl(q)
+
+            tuned, kls = qs.global_finetune(apply_fn, params, start, train_ids, tune, mode=mode, on_step=record)
             jax.block_until_ready(tuned)
             runs.append({
                 "mode": mode, "seed": seed, "v_lr": v_lr, "p_lr": args.p_lr, "steps": args.steps,
                 "update_fraction": args.update_fraction, "trust_ratio": args.trust_ratio,
                 "buffer_decay": args.buffer_decay, "perplexity": ppl(tuned),
+                **({"perplexity_at": at} if eval_at else {}),
                 "codes_changed": float(np.mean(_codes(tuned) != start_codes)),
                 "kl_first": kls[0], "kl_last10": float(np.mean(kls[-10:])),
                 "seconds": round(time.perf_counter() - t0, 1),
@@ -111,7 +124,7 @@ def main() -> None:
         + (f" --trust-ratio {args.trust_ratio:g}" if args.trust_ratio is not None else "")
         + f" --buffer-decay {args.buffer_decay:g} --modes {args.modes}"
         + f" --tolerance {args.tolerance:g} --num-codebooks {args.num_codebooks} --group-size {args.group_size}"
-        + "".join(f" --seed {s}" for s in seeds),
+        + "".join(f" --seed {s}" for s in seeds) + "".join(f" --eval-at {k}" for k in eval_at),
         "model_dir": model_dir, "recipe": recipes.recipe_to_dict(recipe),
         "bits_per_weight": tree_bits(start)["bits_per_weight"], "tune": dataclasses.asdict(cfg.tune), "runs": runs,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__},

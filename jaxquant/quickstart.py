@@ -388,6 +388,7 @@ def global_finetune(
     mode: str = "pv",
     progress: bool = False,
     desc: str = "",
+    on_step: Callable[[int, Any], None] | None = None,
 ) -> tuple[Any, list[float]]:
     """PV-Tuning (``mode="pv"``) or straight-through (``"ste"``) of ``qparams`` toward the teacher.
 
@@ -401,6 +402,9 @@ def global_finetune(
         mode: ``"pv"`` or ``"ste"`` (``jaxquant.pv_tuning``'s modes).
         progress: show a progress bar.
         desc: progress bar label.
+        on_step: optional ``on_step(steps_done, qparams)`` called after every step, e.g. to
+            evaluate at chosen steps of one long run (the learning rates are constant, so
+            the state after step k equals that of a k-step run with the same seed).
 
     Returns:
         ``(tuned qparams, per-step KL losses)``.
@@ -424,6 +428,8 @@ def global_finetune(
     for i in tqdm(range(cfg.steps), desc=desc or f"tuning ({mode})", disable=not progress, leave=False):
         qparams, state, kl = step(qparams, state, teacher_params, jnp.asarray(next(batches)))
         kls.append(kl)
+        if on_step is not None:
+            on_step(i + 1, qparams)
         if i % 10 == 9 and not math.isfinite(float(kl)):  # reading synchronises: only now and then
             raise ValueError(f"the KL loss became {float(kl)} at step {i + 1} (learning rate too high?)")
     losses = [float(x) for x in kls]

@@ -69,3 +69,17 @@ def test_main_writes_summary(tmp_path):
     sweep(tmp_path / "pv_other.json", "pv", {3: 4.3}, 1e-3)
     with pytest.raises(ValueError, match="differ in v_lr"):
         mod.load_arm(f"PV={tmp_path / 'pv.json'},{tmp_path / 'pv_other.json'}:pv")
+
+
+def test_at_step_reads_the_intermediate_perplexities(tmp_path):
+    mod = _module()
+    runs = [{"mode": "pv", "seed": s, "v_lr": 1e-3, "steps": 400, "perplexity": 4.0 + s,
+             "perplexity_at": {"100": 5.0 + s, "200": 4.5 + s}, "codes_changed": 0.01, "seconds": 2.0}
+            for s in (1, 2)]
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps({"command": "x", "runs": runs}))
+    assert mod.load_arm(f"PV={path}:pv")[1] == {1: 5.0, 2: 6.0}
+    assert mod.load_arm(f"PV={path}:pv", 400)[1] == {1: 5.0, 2: 6.0}
+    assert mod.load_arm(f"PV={path}:pv", 200)[1] == {1: 5.5, 2: 6.5}
+    with pytest.raises(ValueError, match="no perplexity after step 300"):
+        mod.load_arm(f"PV={path}:pv", 300)

@@ -142,8 +142,14 @@ def test_global_finetune_improves_kl_without_retracing(run):
 
     cfg = qs.TuneConfig(steps=12, batch_size=4, seqlen=64, p_lr=3e-3, v_lr=3e-3, update_fraction=0.05)
     before = kl(qparams)
-    tuned, kls = qs.global_finetune(apply_fn, params, qparams, train_ids, cfg, mode="pv")
+    seen = {}
+    tuned, kls = qs.global_finetune(apply_fn, params, qparams, train_ids, cfg, mode="pv",
+                                    on_step=lambda k, qp: seen.setdefault(k, qp))
     assert len(kls) == 12 and all(np.isfinite(kls))
+    assert sorted(seen) == list(range(1, 13))
+    # The state after step 4 of the long run is that of a 4-step run (what --eval-at relies on).
+    short, _ = qs.global_finetune(apply_fn, params, qparams, train_ids, dataclasses.replace(cfg, steps=4), mode="pv")
+    chex.assert_trees_all_close(seen[4], short, rtol=1e-6)
     assert kl(tuned) < 0.9 * before
     # Same steps and data in both modes, but different updates of the codes.
     ste, ste_kls = qs.global_finetune(apply_fn, params, qparams, train_ids, cfg, mode="ste")
