@@ -53,7 +53,11 @@ def load_arm(spec: str, at_step: int | None = None) -> tuple[str, dict[int, floa
             raise ValueError(f"--arm {spec!r}: no runs of mode {mode!r} in {path}")
         runs += found
         commands.append(data.get("command"))
-    keys = ("v_lr", "p_lr", "steps", "update_fraction", "trust_ratio", "buffer_decay")
+    keys = ("v_lr", "p_lr", "steps", "update_fraction", "trust_ratio", "buffer_decay", "metric")
+    defaults = {"metric": "euclidean"}  # files written before the sweep recorded it
+    for r in runs:
+        for key, value in defaults.items():
+            r.setdefault(key, value)
     for key in keys:
         values = {r.get(key) for r in runs}
         if len(values) != 1:

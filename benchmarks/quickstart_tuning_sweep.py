@@ -49,6 +49,8 @@ def main() -> None:
     p.add_argument("--update-fraction", type=float, default=qs.TuneConfig.update_fraction)
     p.add_argument("--trust-ratio", type=float, default=None)
     p.add_argument("--buffer-decay", type=float, default=0.0)
+    p.add_argument("--metric", choices=("euclidean", "adam"), default="euclidean",
+                   help="distance of the V step's selection and re-encoding (pv_tuning's metric)")
     p.add_argument("--modes", default="pv,ste", help="comma-separated: pv, ste")
     p.add_argument("--seed", type=int, action="append", default=None,
                    help="data-order seed of the tuning batches (repeat for several; default 0)")
@@ -97,7 +99,7 @@ def main() -> None:
     for seed, v_lr in ((seed, v_lr) for seed in seeds for v_lr in args.v_lr):
         tune = dataclasses.replace(cfg.tune, v_lr=v_lr, p_lr=args.p_lr, steps=args.steps,
                                    update_fraction=args.update_fraction, trust_ratio=args.trust_ratio,
-                                   buffer_decay=args.buffer_decay, seed=seed)
+                                   buffer_decay=args.buffer_decay, metric=args.metric, seed=seed)
         for mode in args.modes.split(","):
             t0 = time.perf_counter()
             at: dict[str, float] = {}
@@ -111,7 +113,7 @@ def main() -> None:
             runs.append({
                 "mode": mode, "seed": seed, "v_lr": v_lr, "p_lr": args.p_lr, "steps": args.steps,
                 "update_fraction": args.update_fraction, "trust_ratio": args.trust_ratio,
-                "buffer_decay": args.buffer_decay, "perplexity": ppl(tuned),
+                "buffer_decay": args.buffer_decay, "metric": args.metric, "perplexity": ppl(tuned),
                 **({"perplexity_at": at} if eval_at else {}),
                 "codes_changed": float(np.mean(_codes(tuned) != start_codes)),
                 "kl_first": kls[0], "kl_last10": float(np.mean(kls[-10:])),
@@ -122,7 +124,7 @@ def main() -> None:
         "command": "python benchmarks/quickstart_tuning_sweep.py " + " ".join(f"--v-lr {v:g}" for v in args.v_lr)
         + f" --p-lr {args.p_lr:g} --steps {args.steps} --update-fraction {args.update_fraction:g}"
         + (f" --trust-ratio {args.trust_ratio:g}" if args.trust_ratio is not None else "")
-        + f" --buffer-decay {args.buffer_decay:g} --modes {args.modes}"
+        + f" --buffer-decay {args.buffer_decay:g} --metric {args.metric} --modes {args.modes}"
         + f" --tolerance {args.tolerance:g} --num-codebooks {args.num_codebooks} --group-size {args.group_size}"
         + "".join(f" --seed {s}" for s in seeds) + "".join(f" --eval-at {k}" for k in eval_at),
         "model_dir": model_dir, "recipe": recipes.recipe_to_dict(recipe),

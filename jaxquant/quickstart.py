@@ -82,6 +82,7 @@ class TuneConfig:
             after each V step (0 keeps them, 1 resets them).
         every: V step every this many steps.
         beam_size: beam width of the re-encoding search.
+        metric: the V step's distance, ``"euclidean"`` or ``"adam"`` (see ``pv_tuning``).
         seed: data-order seed.
     """
 
@@ -97,6 +98,7 @@ class TuneConfig:
     buffer_decay: float = 0.0
     every: int = 1
     beam_size: int = 8
+    metric: str = "euclidean"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -419,7 +421,7 @@ def global_finetune(
 
     tuner = pv_tuning(optax.adam(cfg.p_lr), optax.adam(cfg.v_lr), update_fraction=cfg.update_fraction,
                       trust_ratio=cfg.trust_ratio, every=cfg.every, beam_size=cfg.beam_size, mode=mode,
-                      buffer_decay=cfg.buffer_decay)
+                      buffer_decay=cfg.buffer_decay, metric=cfg.metric)
     state = tuner.init(qparams)
     step = make_tune_step(apply_fn, tuner)
     # Windows of `seqlen` tokens: random_batches adds one token for a target we do not need.

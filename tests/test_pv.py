@@ -113,6 +113,90 @@ def test_reencode_in_chunks_matches_one_piece(rng, monkeypatch):
     assert changed_groups(q, whole).any()  # the comparison is not between two no-ops
 
 
+def _weighted_err(q, target, weights):
+    """Σ w (decoded - target)² per group (numpy reference)."""
+    return np.asarray(pv.group_distances(q, target, weights))
+
+
+def test_weighted_reencode_single_codebook_is_exact_weighted_nearest(rng):
+    """M = 1: one coordinate-descent pass is exhaustive under the per-weight metric."""
+    books = jnp.asarray(rng.standard_normal((1, 16, 1, 4)), jnp.float32)
+    scales = jnp.asarray(rng.uniform(0.5, 2.0, (8, 1, 1, 1)), jnp.float32)
+    codes = jnp.asarray(rng.integers(0, 16, (8, 6, 1)), jnp.uint8)
+    q = AdditiveQuantized(codes, books, scales, 4, (8, 24))
+    target = jnp.asarray(rng.standard_normal((8, 24)), jnp.float32)
+    weights = jnp.asarray(rng.uniform(0.0, 3.0, (8, 24)) ** 3, jnp.float32)  # far from uniform
+    out = jax.jit(lambda q, t, w: pv.reencode_additive(q, t, jnp.arange(48, dtype=jnp.int32), beam_size=2,
+                                                       weights=w))(q, target, weights)
+    t = np.asarray(target).reshape(8, 6, 4)
+    h = np.asarray(weights).reshape(8, 6, 4)
+    cand = np.asarray(scales).reshape(8, 1, 1, 1) * np.asarray(books)[0, :, 0][None, None]  # [8, 1, 16, 4]
+    ref = (h[:, :, None, :] * (t[:, :, None, :] - cand) ** 2).sum(-1).argmin(-1)
+    np.testing.assert_array_equal(np.asarray(out.codes)[..., 0], ref)
+    # The metric matters: the Euclidean nearest codewords differ on some tiles.
+    assert np.any(ref != ((t[:, :, None, :] - cand) ** 2).sum(-1).argmin(-1))
+
+
+def test_weighted_reencode_never_worsens_and_chunks_agree(rng, monkeypatch):
+    """M = 2: coordinate descent from the current codes never raises the weighted error,
+    lowers it on the changed groups, and does not depend on the chunking."""
+    w = jnp.asarray(rng.standard_normal((24, 64)) / 5, jnp.float32)
+    q = make_additive(w, 2, 4, 4, og=2)  # 12 x 16 = 192 groups
+    target = w + jnp.asarray(rng.standard_normal((24, 64)) * 0.1, jnp.float32)
+    weights = jnp.asarray(rng.uniform(0.0, 2.0, (24, 64)) ** 2, jnp.float32)
+    idx = jnp.asarray(rng.permutation(192)[:150], jnp.int32)
+
+    def run():  # a fresh trace each time: the chunk size is read when tracing
+        return jax.jit(lambda q, t, i, h: pv.reencode_additive(q, t, i, beam_size=4, weights=h))(
+            q, target, idx, weights)
+
+    whole = run()
+    before, after = _weighted_err(q, target, weights), _weighted_err(whole, target, weights)
+    changed = changed_groups(q, whole)
+    assert changed.any() and set(np.flatnonzero(changed).tolist()) <= set(np.asarray(idx).tolist())
+    assert np.all(after <= before + 1e-6) and np.all(after[changed] < before[changed])
+    monkeypatch.setattr(pv, "SEARCH_CHUNK", 64)  # 150 groups: 3 chunks, the last one padded
+    np.testing.assert_array_equal(np.asarray(run().codes), np.asarray(whole.codes))
+
+
+def test_weighted_distances_select_by_metric(rng):
+    w = jnp.asarray(rng.standard_normal((8, 16)) / 5, jnp.float32)
+    q = make_additive(w, 1, 4, 4)
+    target = w + 0.3
+    ones = jnp.ones_like(w)
+    np.testing.assert_allclose(pv.group_distances(q, target, ones), pv.group_distances(q, target), rtol=1e-6)
+    only_first = jnp.zeros_like(w).at[:, :4].set(1.0)  # weight only the first input group of each row
+    d = np.asarray(pv.group_distances(q, target, only_first)).reshape(8, 4)
+    assert np.all(d[:, 1:] == 0) and np.all(d[:, 0] > 0)
+
+
+def test_adam_metric_tuner_runs_within_fraction_and_needs_a_second_moment():
+    params, loss_fn, x, y = mse_problem()
+    tuner = pv.pv_tuning(optax.adam(1e-3), optax.adam(1e-2), update_fraction=0.05, metric="adam")
+    state = tuner.init(params)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(params, state, x, y):
+        loss, grads = pv.decoded_value_and_grad(loss_fn)(params, x, y)
+        params, state = tuner.update(grads, state, params)
+        return params, state, loss
+
+    n_sel = pv.num_selected(pv.num_groups(params["w"]), 0.05)
+    total, losses = 0, []
+    for _ in range(4):
+        new, state, loss = step(params, state, x, y)
+        changed = int(changed_groups(params["w"], new["w"]).sum())
+        assert changed <= n_sel
+        total, params = total + changed, new
+        losses.append(float(loss))
+    assert total > 0 and losses[-1] < losses[0]
+    with pytest.raises(ValueError, match="second moment 'nu'"):
+        pv.pv_tuning(optax.sgd(0.1), optax.sgd(0.1), metric="adam").init(params)
+    with pytest.raises(ValueError, match="several 'nu'"):
+        pv.pv_tuning(optax.sgd(0.1), optax.chain(optax.adam(0.1), optax.adam(0.1)), metric="adam").init(params)
+
+
 def test_reencode_scalar_matches_rounding(rng):
     codes = jnp.asarray(rng.integers(0, 4, (4, 16)), jnp.uint8)
     scales = jnp.asarray(rng.uniform(0.1, 0.3, (4, 2)), jnp.float32)
@@ -276,7 +360,7 @@ def test_dtypes_preserved_and_master_is_float32():
 
 def test_bad_arguments():
     for kwargs in (dict(update_fraction=0.0), dict(update_fraction=1.5), dict(trust_ratio=0.0), dict(every=0),
-                   dict(mode="both"), dict(beam_size=0), dict(buffer_decay=2.0)):
+                   dict(mode="both"), dict(beam_size=0), dict(buffer_decay=2.0), dict(metric="fisher")):
         with pytest.raises(ValueError):
             pv.pv_tuning(optax.sgd(0.1), optax.sgd(0.1), **kwargs)
     tuner = pv.pv_tuning(optax.sgd(0.1), optax.sgd(0.1))
