@@ -291,13 +291,17 @@ def reencode_additive(
     cur = codes_flat[idx].T.astype(jnp.int32)  # [M, k]
     cur_sum = tile_sums(books_t, cur)
     if weights is None:
-        h = jnp.ones_like(t)
+        h = None
         new, new_sum = _search_in_chunks(t, s, cur, cur_sum, books_t, min(beam_size, k_book))
     else:
         h = _groups_additive(weights.astype(jnp.float32), og, ig)[idx].T  # [D, k]
         new, new_sum = _in_chunks(lambda *a: _weighted_descent(*a, books_t), t, s, h, cur, cur_sum)
-    err_new = jnp.sum(h * (s * new_sum - t) ** 2, axis=0)
-    err_cur = jnp.sum(h * (s * cur_sum - t) ** 2, axis=0)
+
+    def err(tiles: jax.Array) -> jax.Array:
+        sq = (s * tiles - t) ** 2
+        return jnp.sum(sq if h is None else h * sq, axis=0)
+
+    err_new, err_cur = err(new_sum), err(cur_sum)
     delta_sq = jnp.sum((s * (new_sum - cur_sum)) ** 2, axis=0)
     w_sq = jnp.sum(q.decode_out_in(jnp.float32) ** 2)
     keep = _accept(err_new < err_cur, delta_sq, w_sq, trust_ratio)
@@ -519,10 +523,9 @@ def pv_tuning(
         # V step: re-encode codes toward the buffers every `every` updates.
         quantized = {path: leaf for leaf, path in zip(leaves, paths, strict=True) if is_quantized(leaf)}
 
-        weights = v_weights(v_state, buffers)
-
         def v_step(args: tuple[dict[str, Any], dict[str, jax.Array]]) -> tuple[dict[str, Any], dict[str, jax.Array]]:
             qs, bufs = args
+            weights = v_weights(v_state, bufs)  # inside the cond: no work on steps without a V step
             new_qs = {
                 p: v_step_leaf(q, bufs[p], mode=mode, update_fraction=update_fraction, trust_ratio=trust_ratio,
                                beam_size=beam_size, weights=weights[p])
