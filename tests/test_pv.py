@@ -267,6 +267,20 @@ def test_trust_ratio_bounds_the_change(trust_ratio):
     assert changed_groups(params["w"], bounded["w"]).sum() >= 1
 
 
+@pytest.mark.parametrize("decay", [0.0, 0.3, 1.0])
+def test_buffer_decay_pulls_buffers_to_the_new_decoding(decay):
+    params, loss_fn, x, y = mse_problem()
+    tuner = pv.pv_tuning(optax.sgd(0.0), optax.sgd(20.0), update_fraction=0.1, buffer_decay=decay)
+    state = tuner.init(params)
+    _, grads = pv.decoded_value_and_grad(loss_fn)(params, x, y)
+    moved = state.buffers["w"] - 20.0 * grads["w"]  # the buffer before the V step
+    new, state = jax.jit(tuner.update)(grads, state, params)
+    assert changed_groups(params["w"], new["w"]).sum() > 0
+    decoded = new["w"].decode_out_in()
+    want = decoded + (1.0 - decay) * (moved - decoded)
+    np.testing.assert_allclose(np.asarray(state.buffers["w"]), np.asarray(want), atol=1e-6)
+
+
 def test_p_step_alone_leaves_codes_unchanged():
     params, loss_fn, x, y = mse_problem()
     tuner = pv.pv_tuning(optax.adam(1e-2), optax.adam(1e-2), every=1000)

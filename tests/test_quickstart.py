@@ -140,7 +140,8 @@ def test_global_finetune_improves_kl_without_retracing(run):
     def kl(qp):
         return float(kl_divergence(apply_fn(qp, held_out), apply_fn(params, held_out)))
 
-    cfg = qs.TuneConfig(steps=12, batch_size=4, seqlen=64, p_lr=3e-3, v_lr=3e-3, update_fraction=0.05)
+    cfg = qs.TuneConfig(steps=12, batch_size=4, seqlen=64, p_lr=3e-3, v_lr=3e-3, update_fraction=0.05,
+                        trust_ratio=None, buffer_decay=0.0)
     before = kl(qparams)
     seen = {}
     tuned, kls = qs.global_finetune(apply_fn, params, qparams, train_ids, cfg, mode="pv",
@@ -178,6 +179,16 @@ TINY_AQLM = dataclasses.replace(
 )
 
 
+def test_tune_config_for_mode():
+    cfg = qs.TuneConfig(v_lr=5e-3, ste_v_lr=1e-3, trust_ratio=0.005, buffer_decay=0.1)
+    assert cfg.for_mode("pv") == cfg
+    ste = cfg.for_mode("ste")
+    assert (ste.v_lr, ste.buffer_decay) == (1e-3, 0.0)
+    assert dataclasses.replace(ste, v_lr=cfg.v_lr, buffer_decay=cfg.buffer_decay) == cfg  # nothing else differs
+    with pytest.raises(ValueError, match="mode='both'"):
+        cfg.for_mode("both")
+
+
 def test_aqlm_pipeline_and_tuning_rows(run, tmp_path):
     cache = os.path.dirname(run[0]["model_dir"])
     labels = ("AQLM 1x8 g4", "AQLM-blk 1x8 g4", "AQLM+FT 1x8 g4", "PV 1x8 g4", "STE 1x8 g4")
@@ -197,6 +208,9 @@ def test_aqlm_pipeline_and_tuning_rows(run, tmp_path):
     for label in ("PV 1x8 g4", "STE 1x8 g4"):
         tune = rows[label]["tune"]
         assert tune["mode"] == rows[label]["kind"] and tune["steps"] == 4
+        # Each mode runs with its own V-step rate; straight-through without buffer decay.
+        want = dataclasses.asdict(TINY_AQLM.tune.for_mode(tune["mode"]))
+        assert {k: tune[k] for k in want} == want
         # Tuning rows count the block fine-tuned start they build on.
         assert rows[label]["seconds"] >= rows["AQLM+FT 1x8 g4"]["seconds"]
 

@@ -32,6 +32,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--v-lr", type=float, default=1e-4, help="Adam learning rate of the straight-through buffers")
     p.add_argument("--update-fraction", type=float, default=0.01, help="groups re-encoded per V step")
     p.add_argument("--trust-ratio", type=float, default=None, help="bound on |dW|/|W| per layer per V step")
+    p.add_argument("--buffer-decay", type=float, default=0.0,
+                   help="pull of the straight-through buffers back to the decoded weights after each V step, "
+                        "in [0, 1] (0 keeps them)")
     p.add_argument("--every", type=int, default=1, help="V step every this many steps")
     p.add_argument("--beam-size", type=int, default=8)
     p.add_argument("--text", default="builtin", help="training text file, or 'builtin'")
@@ -53,6 +56,8 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive")
     if args.eval_every < 0:
         raise ValueError(f"--eval-every {args.eval_every} must be >= 0")
+    if not 0.0 <= args.buffer_decay <= 1.0:
+        raise ValueError(f"--buffer-decay {args.buffer_decay} must be in [0, 1]")
     if args.batch_size % args.micro_batches:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by --micro-batches {args.micro_batches}")
 
@@ -90,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     val = eval_windows(val_ids, args.seqlen)[: args.eval_windows].reshape(-1)
 
     tuner = pv.pv_tuning(optax.adam(args.p_lr), optax.adam(args.v_lr), update_fraction=args.update_fraction,
-                         trust_ratio=args.trust_ratio, every=args.every, beam_size=args.beam_size, mode=args.mode)
+                         trust_ratio=args.trust_ratio, every=args.every, beam_size=args.beam_size, mode=args.mode,
+                         buffer_decay=args.buffer_decay)
     state = tuner.init(qparams)
     start, history = 0, []
     resume_dir = os.path.join(args.out, "resume")

@@ -434,7 +434,11 @@ def pv_tuning(
         beam_size: beam width of the re-encoding search (AQLM arrays).
         mode: ``"pv"`` (subspace V step) or ``"ste"`` (re-encode every group).
         buffer_decay: after each V step, pull the buffers toward the decoded weights:
-            ``b ← Ŵ + (1 - buffer_decay)(b - Ŵ)`` (0 keeps them, 1 resets them).
+            ``b ← Ŵ + (1 - buffer_decay)(b - Ŵ)`` (0 keeps them; 1 resets them, the
+            paper's linearized V step). A buffer then holds a decaying sum of recent
+            steps, so it needs a larger ``v_optimizer`` rate to reach a new codeword. On
+            the quickstart model 0.1 at 5x the rate did best over 100 steps and worse
+            over 400, where the extra code changes add up (README, issue 7).
         metric: the distance of the V step's selection and re-encoding. ``"euclidean"``
             is the paper's. ``"adam"`` weighs each weight by ``sqrt(ν)``, the second-moment
             estimate of an Adam-like ``v_optimizer`` (its state's unique ``nu``): the
