@@ -52,16 +52,18 @@ def mse_problem(seed: int = 0, layout: str = "out_in"):
     return params, loss_fn, x, y
 
 
-def make_step(tuner, loss_fn):
-    # No trace check here: chex.assert_max_traces counts per function code, so one shared
-    # helper would add up traces across tests; the no-retrace tests define their own step.
-    @jax.jit
+def make_step(tuner, loss_fn, max_traces=None):
+    """A jit'd training step; with ``max_traces`` it fails when traced more often than that.
+
+    chex keys its trace count by the call stack at wrapping time, so each test that asks
+    for a check counts its own traces (a parametrized test must not ask twice).
+    """
     def step(params, state, x, y):
         loss, grads = pv.decoded_value_and_grad(loss_fn)(params, x, y)
         params, state = tuner.update(grads, state, params)
         return params, state, loss
 
-    return step
+    return jax.jit(step if max_traces is None else chex.assert_max_traces(step, n=max_traces))
 
 
 # ----------------------------------------------------------------------------- re-encoding
@@ -176,13 +178,7 @@ def test_adam_metric_tuner_runs_within_fraction_and_needs_a_second_moment():
     params, loss_fn, x, y = mse_problem()
     tuner = pv.pv_tuning(optax.adam(1e-3), optax.adam(1e-2), update_fraction=0.05, metric="adam")
     state = tuner.init(params)
-
-    @jax.jit
-    @chex.assert_max_traces(n=1)
-    def step(params, state, x, y):
-        loss, grads = pv.decoded_value_and_grad(loss_fn)(params, x, y)
-        params, state = tuner.update(grads, state, params)
-        return params, state, loss
+    step = make_step(tuner, loss_fn, max_traces=1)
 
     n_sel = pv.num_selected(pv.num_groups(params["w"]), 0.05)
     total, losses = 0, []
@@ -343,13 +339,7 @@ def test_every_and_no_retrace():
     params, loss_fn, x, y = mse_problem()
     tuner = pv.pv_tuning(optax.adam(1e-3), optax.adam(1e-2), update_fraction=0.05, every=2)
     state = tuner.init(params)
-
-    @jax.jit
-    @chex.assert_max_traces(n=1)
-    def step(params, state, x, y):
-        loss, grads = pv.decoded_value_and_grad(loss_fn)(params, x, y)
-        params, state = tuner.update(grads, state, params)
-        return params, state, loss
+    step = make_step(tuner, loss_fn, max_traces=1)
 
     changes = []
     for _ in range(6):
