@@ -47,6 +47,8 @@ def main() -> None:
     p.add_argument("--p-lr", type=float, default=qs.TuneConfig.p_lr)
     p.add_argument("--steps", type=int, default=qs.TuneConfig.steps)
     p.add_argument("--update-fraction", type=float, default=qs.TuneConfig.update_fraction)
+    p.add_argument("--v-b1", type=float, default=qs.TuneConfig.v_b1, help="Adam b1 of the buffers")
+    p.add_argument("--v-b2", type=float, default=qs.TuneConfig.v_b2, help="Adam b2 of the buffers")
     p.add_argument("--trust-ratio", type=float, default=None)
     p.add_argument("--buffer-decay", type=float, default=0.0)
     p.add_argument("--metric", choices=("euclidean", "adam"), default="euclidean",
@@ -96,10 +98,14 @@ def main() -> None:
     eval_at = sorted(set(args.eval_at or []))
     if any(not 0 < k < args.steps for k in eval_at):
         p.error(f"--eval-at must lie strictly between 0 and --steps {args.steps}, got {eval_at}")
+    default_moments = (qs.TuneConfig.v_b1, qs.TuneConfig.v_b2)
+    # Recorded (in runs and the command) only when changed, so older result files stay comparable.
+    adam_moments = {} if (args.v_b1, args.v_b2) == default_moments else {"v_b1": args.v_b1, "v_b2": args.v_b2}
     for seed, v_lr in ((seed, v_lr) for seed in seeds for v_lr in args.v_lr):
         tune = dataclasses.replace(cfg.tune, v_lr=v_lr, p_lr=args.p_lr, steps=args.steps,
                                    update_fraction=args.update_fraction, trust_ratio=args.trust_ratio,
-                                   buffer_decay=args.buffer_decay, metric=args.metric, seed=seed)
+                                   buffer_decay=args.buffer_decay, metric=args.metric, seed=seed,
+                                   v_b1=args.v_b1, v_b2=args.v_b2)
         for mode in args.modes.split(","):
             t0 = time.perf_counter()
             at: dict[str, float] = {}
@@ -113,7 +119,8 @@ def main() -> None:
             runs.append({
                 "mode": mode, "seed": seed, "v_lr": v_lr, "p_lr": args.p_lr, "steps": args.steps,
                 "update_fraction": args.update_fraction, "trust_ratio": args.trust_ratio,
-                "buffer_decay": args.buffer_decay, "metric": args.metric, "perplexity": ppl(tuned),
+                "buffer_decay": args.buffer_decay, "metric": args.metric,
+                **adam_moments, "perplexity": ppl(tuned),
                 **({"perplexity_at": at} if eval_at else {}),
                 "codes_changed": float(np.mean(_codes(tuned) != start_codes)),
                 "kl_first": kls[0], "kl_last10": float(np.mean(kls[-10:])),
@@ -124,6 +131,7 @@ def main() -> None:
         "command": "python benchmarks/quickstart_tuning_sweep.py " + " ".join(f"--v-lr {v:g}" for v in args.v_lr)
         + f" --p-lr {args.p_lr:g} --steps {args.steps} --update-fraction {args.update_fraction:g}"
         + (f" --trust-ratio {args.trust_ratio:g}" if args.trust_ratio is not None else "")
+        + "".join(f" --{k.replace('_', '-')} {v:g}" for k, v in adam_moments.items())
         + f" --buffer-decay {args.buffer_decay:g} --metric {args.metric} --modes {args.modes}"
         + f" --tolerance {args.tolerance:g} --num-codebooks {args.num_codebooks} --group-size {args.group_size}"
         + "".join(f" --seed {s}" for s in seeds) + "".join(f" --eval-at {k}" for k in eval_at),

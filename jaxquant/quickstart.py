@@ -76,6 +76,8 @@ class TuneConfig:
         seqlen: tokens per window.
         p_lr: Adam learning rate of the continuous parameters (P step).
         v_lr: Adam learning rate of the straight-through buffers (PV).
+        v_b1: Adam first-moment decay of the straight-through buffers.
+        v_b2: Adam second-moment decay of the straight-through buffers.
         ste_v_lr: the same for the straight-through rows, which run without buffer decay
             (the classic estimator) and need their own rate: they degrade at PV's.
         update_fraction: fraction of each layer's code groups re-encoded per V step (PV).
@@ -97,6 +99,8 @@ class TuneConfig:
     # without trust ratio or decay; straight-through 4.1003 at 1e-3, 4.1248 at 2e-3.
     v_lr: float = 5e-3
     ste_v_lr: float = 1e-3
+    v_b1: float = 0.9
+    v_b2: float = 0.999
     update_fraction: float = 0.03
     trust_ratio: float | None = 0.005
     buffer_decay: float = 0.1
@@ -112,6 +116,9 @@ class TuneConfig:
                 raise ValueError(f"{name}={value!r} must be a positive int")
         if self.seqlen < 2:
             raise ValueError(f"seqlen={self.seqlen} must be >= 2")
+        for name in ("v_b1", "v_b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must lie in [0, 1)")
 
     def for_mode(self, mode: str) -> TuneConfig:
         """The settings a ``mode`` row runs with: these for ``"pv"``; for ``"ste"``, the
@@ -432,7 +439,8 @@ def global_finetune(
 
     from jaxquant.finetune.pv import pv_tuning  # noqa: PLC0415
 
-    tuner = pv_tuning(optax.adam(cfg.p_lr), optax.adam(cfg.v_lr), update_fraction=cfg.update_fraction,
+    tuner = pv_tuning(optax.adam(cfg.p_lr), optax.adam(cfg.v_lr, b1=cfg.v_b1, b2=cfg.v_b2),
+                      update_fraction=cfg.update_fraction,
                       trust_ratio=cfg.trust_ratio, every=cfg.every, beam_size=cfg.beam_size, mode=mode,
                       buffer_decay=cfg.buffer_decay, metric=cfg.metric)
     state = tuner.init(qparams)

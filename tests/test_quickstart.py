@@ -151,6 +151,11 @@ def test_global_finetune_improves_kl_without_retracing(run):
     # The state after step 4 of the long run is that of a 4-step run (what --eval-at relies on).
     short, _ = qs.global_finetune(apply_fn, params, qparams, train_ids, dataclasses.replace(cfg, steps=4), mode="pv")
     chex.assert_trees_all_close(seen[4], short, rtol=1e-6)
+    # The buffers' Adam moments reach the V optimizer: without momentum the codes move differently.
+    momentless, _ = qs.global_finetune(apply_fn, params, qparams, train_ids,
+                                       dataclasses.replace(cfg, steps=4, v_b1=0.0, v_b2=0.95), mode="pv")
+    with pytest.raises(AssertionError):
+        chex.assert_trees_all_close(momentless, short, rtol=1e-6)
     assert kl(tuned) < 0.9 * before
     # Same steps and data in both modes, but different updates of the codes.
     ste, ste_kls = qs.global_finetune(apply_fn, params, qparams, train_ids, cfg, mode="ste")
@@ -187,6 +192,12 @@ def test_tune_config_for_mode():
     assert dataclasses.replace(ste, v_lr=cfg.v_lr, buffer_decay=cfg.buffer_decay) == cfg  # nothing else differs
     with pytest.raises(ValueError, match="mode='both'"):
         cfg.for_mode("both")
+
+
+@pytest.mark.parametrize("field", ["v_b1", "v_b2"])
+def test_tune_config_rejects_adam_moments_outside_unit_interval(field):
+    with pytest.raises(ValueError, match=f"{field}=1.0 must lie in"):
+        qs.TuneConfig(**{field: 1.0})
 
 
 def test_aqlm_pipeline_and_tuning_rows(run, tmp_path):
