@@ -18,6 +18,7 @@ sweep's ``--eval-at K``) instead of the final ones.
 from __future__ import annotations
 
 import argparse
+import bisect
 import itertools
 import json
 import math
@@ -72,12 +73,25 @@ def load_arm(spec: str, at_step: int | None = None) -> tuple[str, dict[int, floa
     return name, by_seed, settings
 
 
+def _signed_sums(values: list[float]) -> list[float]:
+    """``Σ ±v`` for every one of the ``2^len(values)`` sign patterns."""
+    return [sum(s * v for s, v in zip(signs, values, strict=True))
+            for signs in itertools.product((1, -1), repeat=len(values))]
+
+
 def sign_flip_p_value(diffs: list[float]) -> float:
-    """One-sided exact p-value of ``mean(diffs) > 0`` under random sign flips."""
+    """One-sided exact p-value of ``mean(diffs) > 0`` under random sign flips.
+
+    Counts the ``2^n`` flipped sums that reach the observed one by meeting in the middle
+    (each half's ``2^(n/2)`` sums, one half sorted), so 20 seeds take milliseconds.
+    """
     observed = sum(diffs)
-    flips = [sum(s * d for s, d in zip(signs, diffs, strict=True))
-             for signs in itertools.product((1, -1), repeat=len(diffs))]
-    return sum(1 for f in flips if f >= observed - 1e-15) / len(flips)
+    # Sums of the same terms in another order differ by rounding: count near-ties as reached.
+    tol = 1e-12 * max(1.0, sum(abs(d) for d in diffs))
+    left = _signed_sums(diffs[: len(diffs) // 2])
+    right = sorted(_signed_sums(diffs[len(diffs) // 2:]))
+    reached = sum(len(right) - bisect.bisect_left(right, observed - tol - x) for x in left)
+    return reached / (len(left) * len(right))
 
 
 def compare(first: dict[int, float], other: dict[int, float]) -> dict:

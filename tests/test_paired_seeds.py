@@ -28,6 +28,21 @@ def test_sign_flip_p_value_small_cases():
     assert mod.sign_flip_p_value([-0.1, -0.2, -0.3]) == pytest.approx(1.0)
 
 
+def test_sign_flip_p_value_matches_brute_force_on_random_differences():
+    import itertools
+    import random
+
+    mod = _module()
+    rng = random.Random(0)
+    for n in (1, 2, 5, 8, 11):
+        diffs = [rng.gauss(0.003, 0.01) for _ in range(n)]
+        diffs[-1] = diffs[0]  # a repeated magnitude makes exact ties between flipped sums
+        observed = sum(diffs)
+        flips = [sum(s * d for s, d in zip(signs, diffs)) for signs in itertools.product((1, -1), repeat=n)]
+        brute = sum(f >= observed - 1e-12 for f in flips) / 2**n
+        assert mod.sign_flip_p_value(diffs) == pytest.approx(brute, abs=1e-12), n
+
+
 def test_compare_pairs_by_seed_and_reports_t():
     mod = _module()
     first = {0: 4.0, 1: 4.0, 2: 4.0, 9: 1.0}
