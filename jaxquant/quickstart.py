@@ -76,10 +76,10 @@ class TuneConfig:
         seqlen: tokens per window.
         p_lr: Adam learning rate of the continuous parameters (P step).
         v_lr: Adam learning rate of the straight-through buffers (PV).
-        v_b1: Adam first-moment decay of the straight-through buffers.
-        v_b2: Adam second-moment decay of the straight-through buffers.
         ste_v_lr: the same for the straight-through rows, which run without buffer decay
             (the classic estimator) and need their own rate: they degrade at PV's.
+        v_b1: Adam first-moment decay of the straight-through buffers (both modes).
+        v_b2: Adam second-moment decay of the straight-through buffers (both modes).
         update_fraction: fraction of each layer's code groups re-encoded per V step (PV).
         trust_ratio: optional bound on a layer's ``‖ΔŴ‖_F / ‖Ŵ‖_F`` per V step (PV).
         buffer_decay: pull of the straight-through buffers back to the decoded weights
