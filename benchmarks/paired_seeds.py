@@ -54,8 +54,11 @@ def load_arm(spec: str, at_step: int | None = None) -> tuple[str, dict[int, floa
             raise ValueError(f"--arm {spec!r}: no runs of mode {mode!r} in {path}")
         runs += found
         commands.append(data.get("command"))
-    keys = ("v_lr", "p_lr", "steps", "update_fraction", "trust_ratio", "buffer_decay", "metric")
-    defaults = {"metric": "euclidean"}  # files written before the sweep recorded it
+    keys = ("v_lr", "p_lr", "steps", "update_fraction", "trust_ratio", "buffer_decay", "metric", "force_update",
+            "v_b1", "v_b2")
+    # Files written before the sweep recorded a setting, and runs at its default (the sweep
+    # records the buffers' Adam moments and force_update only when changed).
+    defaults = {"metric": "euclidean", "force_update": False, "v_b1": 0.9, "v_b2": 0.999}
     for r in runs:
         for key, value in defaults.items():
             r.setdefault(key, value)

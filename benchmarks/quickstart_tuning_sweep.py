@@ -53,6 +53,8 @@ def main() -> None:
     p.add_argument("--buffer-decay", type=float, default=0.0)
     p.add_argument("--metric", choices=("euclidean", "adam"), default="euclidean",
                    help="distance of the V step's selection and re-encoding (pv_tuning's metric)")
+    p.add_argument("--force-update", action="store_true",
+                   help="PV: move every selected group along its buffer (pv_tuning's force_update)")
     p.add_argument("--modes", default="pv,ste", help="comma-separated: pv, ste")
     p.add_argument("--seed", type=int, action="append", default=None,
                    help="data-order seed of the tuning batches (repeat for several; default 0)")
@@ -96,16 +98,19 @@ def main() -> None:
     print(json.dumps(runs[-1]), flush=True)
     seeds = args.seed or [0]
     eval_at = sorted(set(args.eval_at or []))
+    if args.force_update and "ste" in args.modes.split(","):
+        p.error("--force-update is a PV V step: run it with --modes pv")
     if any(not 0 < k < args.steps for k in eval_at):
         p.error(f"--eval-at must lie strictly between 0 and --steps {args.steps}, got {eval_at}")
     default_moments = (qs.TuneConfig.v_b1, qs.TuneConfig.v_b2)
     # Recorded (in runs and the command) only when changed, so older result files stay comparable.
     adam_moments = {} if (args.v_b1, args.v_b2) == default_moments else {"v_b1": args.v_b1, "v_b2": args.v_b2}
+    forced = {"force_update": True} if args.force_update else {}
     for seed, v_lr in ((seed, v_lr) for seed in seeds for v_lr in args.v_lr):
         tune = dataclasses.replace(cfg.tune, v_lr=v_lr, p_lr=args.p_lr, steps=args.steps,
                                    update_fraction=args.update_fraction, trust_ratio=args.trust_ratio,
                                    buffer_decay=args.buffer_decay, metric=args.metric, seed=seed,
-                                   v_b1=args.v_b1, v_b2=args.v_b2)
+                                   v_b1=args.v_b1, v_b2=args.v_b2, force_update=args.force_update)
         for mode in args.modes.split(","):
             t0 = time.perf_counter()
             at: dict[str, float] = {}
@@ -120,7 +125,7 @@ def main() -> None:
                 "mode": mode, "seed": seed, "v_lr": v_lr, "p_lr": args.p_lr, "steps": args.steps,
                 "update_fraction": args.update_fraction, "trust_ratio": args.trust_ratio,
                 "buffer_decay": args.buffer_decay, "metric": args.metric,
-                **adam_moments, "perplexity": ppl(tuned),
+                **adam_moments, **forced, "perplexity": ppl(tuned),
                 **({"perplexity_at": at} if eval_at else {}),
                 "codes_changed": float(np.mean(_codes(tuned) != start_codes)),
                 "kl_first": kls[0], "kl_last10": float(np.mean(kls[-10:])),
@@ -132,7 +137,8 @@ def main() -> None:
         + f" --p-lr {args.p_lr:g} --steps {args.steps} --update-fraction {args.update_fraction:g}"
         + (f" --trust-ratio {args.trust_ratio:g}" if args.trust_ratio is not None else "")
         + "".join(f" --{k.replace('_', '-')} {v:g}" for k, v in adam_moments.items())
-        + f" --buffer-decay {args.buffer_decay:g} --metric {args.metric} --modes {args.modes}"
+        + f" --buffer-decay {args.buffer_decay:g} --metric {args.metric}" + (" --force-update" if forced else "")
+        + f" --modes {args.modes}"
         + f" --tolerance {args.tolerance:g} --num-codebooks {args.num_codebooks} --group-size {args.group_size}"
         + "".join(f" --seed {s}" for s in seeds) + "".join(f" --eval-at {k}" for k in eval_at),
         "model_dir": model_dir, "recipe": recipes.recipe_to_dict(recipe),

@@ -87,6 +87,7 @@ class TuneConfig:
         every: V step every this many steps.
         beam_size: beam width of the re-encoding search.
         metric: the V step's distance, ``"euclidean"`` or ``"adam"`` (see ``pv_tuning``).
+        force_update: move every selected group along its buffer (see ``pv_tuning``; PV).
         seed: data-order seed.
     """
 
@@ -107,6 +108,7 @@ class TuneConfig:
     every: int = 1
     beam_size: int = 8
     metric: str = "euclidean"
+    force_update: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -126,7 +128,7 @@ class TuneConfig:
         if mode == "pv":
             return self
         if mode == "ste":
-            return dataclasses.replace(self, v_lr=self.ste_v_lr, buffer_decay=0.0)
+            return dataclasses.replace(self, v_lr=self.ste_v_lr, buffer_decay=0.0, force_update=False)
         raise ValueError(f"mode={mode!r} must be 'pv' or 'ste'")
 
 
@@ -442,7 +444,7 @@ def global_finetune(
     tuner = pv_tuning(optax.adam(cfg.p_lr), optax.adam(cfg.v_lr, b1=cfg.v_b1, b2=cfg.v_b2),
                       update_fraction=cfg.update_fraction,
                       trust_ratio=cfg.trust_ratio, every=cfg.every, beam_size=cfg.beam_size, mode=mode,
-                      buffer_decay=cfg.buffer_decay, metric=cfg.metric)
+                      buffer_decay=cfg.buffer_decay, metric=cfg.metric, force_update=cfg.force_update)
     state = tuner.init(qparams)
     step = make_tune_step(apply_fn, tuner)
     # Windows of `seqlen` tokens: random_batches adds one token for a target we do not need.

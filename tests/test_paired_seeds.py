@@ -84,6 +84,14 @@ def test_main_writes_summary(tmp_path):
     sweep(tmp_path / "pv_other.json", "pv", {3: 4.3}, 1e-3)
     with pytest.raises(ValueError, match="differ in v_lr"):
         mod.load_arm(f"PV={tmp_path / 'pv.json'},{tmp_path / 'pv_other.json'}:pv")
+    # Settings recorded only when changed count at their defaults where absent.
+    forced = tmp_path / "pv_forced.json"
+    sweep(forced, "pv", {4: 4.3}, 3e-3)
+    data = json.loads(forced.read_text())
+    data["runs"][1]["force_update"] = True
+    forced.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="differ in force_update"):
+        mod.load_arm(f"PV={tmp_path / 'pv.json'},{forced}:pv")
 
 
 def test_at_step_reads_the_intermediate_perplexities(tmp_path):

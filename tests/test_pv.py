@@ -211,6 +211,87 @@ def test_reencode_scalar_matches_rounding(rng):
                                np.abs(dec(ref) - np.asarray(target)), atol=1e-6)
 
 
+def _brute_directional_move(q, target, idx):
+    """Reference for ``force``: over every one-code change of each tile whose change has a
+    positive inner product with ``target - Ŵ``, the one closest to ``target`` (None: none)."""
+    m, k_book, og, ig = q.codebooks.shape
+    books = np.asarray(q.codebooks, np.float64)
+    codes = np.asarray(q.codes).reshape(-1, m)
+    scales = np.asarray(q.scales, np.float64).reshape(-1)
+    n_ig = q.d_in // ig
+    tiles = np.asarray(target, np.float64).reshape(q.d_out // og, og, n_ig, ig)
+    tiles = tiles.transpose(0, 2, 1, 3).reshape(-1, og, ig)
+    out = {}
+    for g in np.asarray(idx).tolist():
+        s, t, cur = scales[g // n_ig], tiles[g], codes[g]
+        old = s * sum(books[j, cur[j]] for j in range(m))
+        best = None
+        for j in range(m):
+            for a in range(k_book):
+                if a == cur[j]:
+                    continue
+                new = old + s * (books[j, a] - books[j, cur[j]])
+                if np.sum((new - old) * (t - old)) > 0:
+                    err = np.sum((new - t) ** 2)
+                    if best is None or err < best[0]:
+                        best = (err, j, a)
+        out[g] = best
+    return out
+
+
+def test_directional_move_matches_brute_force(rng):
+    """Single codebook: ``force`` must give exactly the closest codeword on the buffer's
+    side; two codebooks: the result moves along the direction and is at least as close to
+    the target as the best one-code move (the beam search may find a two-code one)."""
+    for m in (1, 2):
+        books = jnp.asarray(rng.standard_normal((m, 16, 1, 4)) / m, jnp.float32)
+        scales = jnp.asarray(rng.uniform(0.5, 2.0, (8, 1, 1, 1)) * rng.choice([-1, 1], (8, 1, 1, 1)), jnp.float32)
+        codes = jnp.asarray(rng.integers(0, 16, (8, 6, m)), jnp.uint8)
+        q = AdditiveQuantized(codes, books, scales, 4, (8, 24))
+        # A small step from the current decoding: the old codes are almost always the nearest.
+        target = q.decode_out_in() + jnp.asarray(rng.standard_normal((8, 24)) * 0.05, jnp.float32)
+        idx = jnp.arange(48, dtype=jnp.int32)
+        out = jax.jit(lambda q, t, i: pv.reencode_additive(q, t, i, beam_size=4, force=True))(q, target, idx)
+        plain = jax.jit(lambda q, t, i: pv.reencode_additive(q, t, i, beam_size=4))(q, target, idx)
+        ref = _brute_directional_move(q, target, idx)
+        old_tiles = np.asarray(q.decode_out_in()).reshape(8, 6, 4)
+        new_tiles = np.asarray(out.decode_out_in()).reshape(8, 6, 4)
+        t = np.asarray(target).reshape(8, 6, 4)
+        new_codes = np.asarray(out.codes).reshape(48, m)
+        for g, best in ref.items():
+            o, i = divmod(g, 6)
+            if best is None:
+                np.testing.assert_array_equal(new_codes[g], np.asarray(q.codes).reshape(48, m)[g])
+                continue
+            delta = new_tiles[o, i] - old_tiles[o, i]
+            assert np.sum(delta * (t[o, i] - old_tiles[o, i])) > 0, g
+            err = np.sum((new_tiles[o, i] - t[o, i]) ** 2)
+            if m == 1:
+                assert new_codes[g, 0] == best[2], g
+            assert err <= best[0] + 1e-5, (g, err, best[0])
+        moved = changed_groups(q, out).sum()
+        assert moved > changed_groups(q, plain).sum()  # forcing moves what plain search keeps
+        assert moved >= 40  # nearly every tile has a codeword on the buffer's side
+
+
+def test_forced_scalar_moves_at_least_one_step_toward_target(rng):
+    codes = jnp.asarray(rng.integers(0, 4, (4, 16)), jnp.uint8)
+    scales = jnp.asarray(rng.uniform(0.1, 0.3, (4, 2)) * rng.choice([-1, 1], (4, 2)), jnp.float32)
+    zeros = jnp.asarray(rng.uniform(0.5, 2.5, (4, 2)), jnp.float32)
+    q = ScalarQuantized(codes, scales, zeros, 2, 8, (4, 16))
+    w = q.decode_out_in()
+    target = w + jnp.asarray(rng.standard_normal((4, 16)) * 0.01, jnp.float32)  # less than half a step
+    out = jax.jit(lambda q, t: pv.reencode_scalar(q, t, jnp.arange(64, dtype=jnp.int32), force=True))(q, target)
+    old, new = np.asarray(codes, np.int64), np.asarray(out.codes, np.int64)
+    level = (np.asarray(target) / np.repeat(np.asarray(scales), 8, 1)) + np.repeat(np.asarray(zeros), 8, 1)
+    want = np.clip(old + np.sign(level - old).astype(np.int64), 0, 3)  # one grid step, stopped at the ends
+    np.testing.assert_array_equal(new, want)
+    moved = new != old
+    assert moved.sum() > 32
+    # Every move goes along target - Ŵ in weight space, whatever the scale's sign.
+    assert np.all((np.asarray(out.decode_out_in() - w) * np.asarray(target - w))[moved] > 0)
+
+
 # ----------------------------------------------------------------------------- V step
 
 
@@ -261,6 +342,38 @@ def test_trust_ratio_bounds_the_change(trust_ratio):
     assert free_ratio > trust_ratio  # the bound is active in this test
     assert ratio <= trust_ratio * (1 + 1e-5)
     assert changed_groups(params["w"], bounded["w"]).sum() >= 1
+
+
+@pytest.mark.parametrize("trust_ratio", [None, 0.1])
+def test_forced_v_step_moves_small_steps_within_fraction_and_trust_ratio(trust_ratio):
+    """With a buffer step too small for the plain V step to move any code, ``force_update``
+    still moves selected groups: only the furthest-moved ones, at most the fraction, each
+    along the buffer's direction, within the trust ratio; buffers reset (decay 1)."""
+    params, loss_fn, x, y = mse_problem()
+    kwargs = dict(update_fraction=0.1, trust_ratio=trust_ratio, buffer_decay=1.0)
+    plain = pv.pv_tuning(optax.sgd(0.0), optax.sgd(1e-3), **kwargs)
+    forced = pv.pv_tuning(optax.sgd(0.0), optax.sgd(1e-3), force_update=True, **kwargs)
+    _, grads = pv.decoded_value_and_grad(loss_fn)(params, x, y)
+    state = forced.init(params)
+    w0 = params["w"].decode_out_in()
+    buffer = state.buffers["w"] - 1e-3 * grads["w"]
+    n = pv.num_groups(params["w"])
+    k = pv.num_selected(n, 0.1)
+    top = set(np.argsort(-np.asarray(pv.group_distances(params["w"], buffer)))[:k].tolist())
+    kept, _ = jax.jit(plain.update)(grads, plain.init(params), params)
+    new, state = jax.jit(forced.update)(grads, state, params)
+    assert changed_groups(params["w"], kept["w"]).sum() == 0  # the plain V step keeps every code
+    changed = np.flatnonzero(changed_groups(params["w"], new["w"]))
+    assert 1 <= len(changed) <= k and set(changed.tolist()) <= top
+    w1 = new["w"].decode_out_in()
+    delta, direction = np.asarray(w1 - w0), np.asarray(buffer - w0)
+    for g in changed:  # tiles of 1 x 4 in a 32 x 48 layer: 12 per row
+        o, i = divmod(int(g), 12)
+        assert np.sum(delta[o, 4 * i:4 * i + 4] * direction[o, 4 * i:4 * i + 4]) > 0
+    if trust_ratio is not None:
+        assert len(changed) < k  # the bound is active
+        assert float(jnp.linalg.norm(w1 - w0)) <= trust_ratio * float(jnp.linalg.norm(w0)) * (1 + 1e-5)
+    np.testing.assert_allclose(np.asarray(state.buffers["w"]), np.asarray(w1), atol=1e-6)
 
 
 @pytest.mark.parametrize("decay", [0.0, 0.3, 1.0])
@@ -366,7 +479,8 @@ def test_dtypes_preserved_and_master_is_float32():
 
 def test_bad_arguments():
     for kwargs in (dict(update_fraction=0.0), dict(update_fraction=1.5), dict(trust_ratio=0.0), dict(every=0),
-                   dict(mode="both"), dict(beam_size=0), dict(buffer_decay=2.0), dict(metric="fisher")):
+                   dict(mode="both"), dict(beam_size=0), dict(buffer_decay=2.0), dict(metric="fisher"),
+                   dict(force_update=True, mode="ste"), dict(force_update=True, metric="adam")):
         with pytest.raises(ValueError):
             pv.pv_tuning(optax.sgd(0.1), optax.sgd(0.1), **kwargs)
     tuner = pv.pv_tuning(optax.sgd(0.1), optax.sgd(0.1))

@@ -71,5 +71,7 @@ def test_finetune_bad_arguments(dirs, capsys):
     assert "--steps 0 must be positive" in capsys.readouterr().err
     assert main(_args(quant, teacher, str(root / "bad3"), 2, "--buffer-decay", "1.5")) == 1
     assert "--buffer-decay 1.5 must be in [0, 1]" in capsys.readouterr().err
+    assert main(_args(quant, teacher, str(root / "bad4"), 2, "--mode", "ste", "--force-update")) == 1
+    assert "--force-update is a PV V step" in capsys.readouterr().err
     assert main(_args(quant, teacher, str(root / "bad2"), 2, "--resume")) == 1
     assert "no checkpoint" in capsys.readouterr().err

@@ -185,11 +185,12 @@ TINY_AQLM = dataclasses.replace(
 
 
 def test_tune_config_for_mode():
-    cfg = qs.TuneConfig(v_lr=5e-3, ste_v_lr=1e-3, trust_ratio=0.005, buffer_decay=0.1)
+    cfg = qs.TuneConfig(v_lr=5e-3, ste_v_lr=1e-3, trust_ratio=0.005, buffer_decay=0.1, force_update=True)
     assert cfg.for_mode("pv") == cfg
     ste = cfg.for_mode("ste")
-    assert (ste.v_lr, ste.buffer_decay) == (1e-3, 0.0)
-    assert dataclasses.replace(ste, v_lr=cfg.v_lr, buffer_decay=cfg.buffer_decay) == cfg  # nothing else differs
+    assert (ste.v_lr, ste.buffer_decay, ste.force_update) == (1e-3, 0.0, False)
+    # Nothing else differs.
+    assert dataclasses.replace(ste, v_lr=cfg.v_lr, buffer_decay=cfg.buffer_decay, force_update=True) == cfg
     with pytest.raises(ValueError, match="mode='both'"):
         cfg.for_mode("both")
 

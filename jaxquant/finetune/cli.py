@@ -35,6 +35,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--buffer-decay", type=float, default=0.0,
                    help="pull of the straight-through buffers back to the decoded weights after each V step, "
                         "in [0, 1] (0 keeps them)")
+    p.add_argument("--force-update", action="store_true",
+                   help="PV: move every selected group one step along its buffer even when its old codes are the "
+                        "nearest (use with --buffer-decay 1 and --trust-ratio)")
     p.add_argument("--every", type=int, default=1, help="V step every this many steps")
     p.add_argument("--beam-size", type=int, default=8)
     p.add_argument("--text", default="builtin", help="training text file, or 'builtin'")
@@ -58,6 +61,9 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--eval-every {args.eval_every} must be >= 0")
     if not 0.0 <= args.buffer_decay <= 1.0:
         raise ValueError(f"--buffer-decay {args.buffer_decay} must be in [0, 1]")
+    if args.force_update and args.mode != "pv":
+        raise ValueError(f"--force-update is a PV V step; --mode {args.mode} re-encodes every group to its "
+                         "nearest codes")
     if args.batch_size % args.micro_batches:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by --micro-batches {args.micro_batches}")
 
@@ -96,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
     tuner = pv.pv_tuning(optax.adam(args.p_lr), optax.adam(args.v_lr), update_fraction=args.update_fraction,
                          trust_ratio=args.trust_ratio, every=args.every, beam_size=args.beam_size, mode=args.mode,
-                         buffer_decay=args.buffer_decay)
+                         buffer_decay=args.buffer_decay, force_update=args.force_update)
     state = tuner.init(qparams)
     start, history = 0, []
     resume_dir = os.path.join(args.out, "resume")
