@@ -100,7 +100,8 @@ def test_reencode_subset_only_touches_subset_and_never_worsens(rng):
     assert after[changed].sum() < before[changed].sum() or len(changed) == 0
 
 
-def test_reencode_in_chunks_matches_one_piece(rng, monkeypatch):
+@pytest.mark.parametrize("force", [False, True])
+def test_reencode_in_chunks_matches_one_piece(rng, monkeypatch, force):
     """Groups are searched SEARCH_CHUNK at a time (padded): the codes must not depend on it."""
     w = jnp.asarray(rng.standard_normal((24, 64)) / 5, jnp.float32)
     q = make_additive(w, 2, 4, 4, og=2)  # 12 x 16 = 192 groups
@@ -108,7 +109,7 @@ def test_reencode_in_chunks_matches_one_piece(rng, monkeypatch):
     idx = jnp.asarray(rng.permutation(192)[:150], jnp.int32)
 
     def run():  # a fresh trace each time: the chunk size is read when tracing
-        return jax.jit(lambda q, t, i: pv.reencode_additive(q, t, i, beam_size=4))(q, target, idx)
+        return jax.jit(lambda q, t, i: pv.reencode_additive(q, t, i, beam_size=4, force=force))(q, target, idx)
 
     whole = run()
     monkeypatch.setattr(pv, "SEARCH_CHUNK", 64)  # 150 groups: 3 chunks, the last one padded

@@ -75,3 +75,21 @@ def test_finetune_bad_arguments(dirs, capsys):
     assert "--force-update is a PV V step" in capsys.readouterr().err
     assert main(_args(quant, teacher, str(root / "bad2"), 2, "--resume")) == 1
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_finetune_force_update_reaches_the_tuner(dirs):
+    """A V-step rate far too small to move any code to its nearest grid point: only the
+    forced update changes codes, so the flag must reach ``pv_tuning``."""
+    root, teacher, quant = dirs
+    common = ("--v-lr", "1e-9", "--p-lr", "0", "--buffer-decay", "1", "--trust-ratio", "0.5")
+    plain, forced = str(root / "plain"), str(root / "forced")
+    assert main(_args(quant, teacher, plain, 2, *common)) == 0
+    assert main(_args(quant, teacher, forced, 2, *common, "--force-update")) == 0
+
+    def codes(path):
+        leaves = jax.tree.leaves(load_quantized_dir(path)[1], is_leaf=jq.is_quantized)
+        return np.concatenate([np.asarray(x.codes).ravel() for x in leaves if jq.is_quantized(x)])
+
+    start = codes(quant)
+    assert np.array_equal(codes(plain), start)
+    assert np.mean(codes(forced) != start) > 0

@@ -184,9 +184,9 @@ def _accept(better: jax.Array, delta_sq: jax.Array, w_sq: jax.Array, trust_ratio
 SEARCH_CHUNK = 1024
 
 
-def _in_chunks(fn: Callable[..., tuple[jax.Array, jax.Array]], *cols: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _in_chunks(fn: Callable[..., tuple[jax.Array, ...]], *cols: jax.Array) -> tuple[jax.Array, ...]:
     """``fn(*cols)`` over column arrays ``[..., k]`` (scales ``[k]``: padded with 1), run
-    ``SEARCH_CHUNK`` columns at a time; ``fn`` returns two ``[..., k]`` arrays."""
+    ``SEARCH_CHUNK`` columns at a time; ``fn`` returns a tuple of ``[..., k]`` arrays."""
     k = cols[0].shape[-1]
     if k <= SEARCH_CHUNK:
         return fn(*cols)
@@ -202,8 +202,8 @@ def _in_chunks(fn: Callable[..., tuple[jax.Array, jax.Array]], *cols: jax.Array)
     def unchunk(x: jax.Array) -> jax.Array:
         return jnp.moveaxis(x, 0, -2).reshape(*x.shape[1:-1], -1)[..., :k]
 
-    a, b = jax.lax.map(lambda args: fn(*args), tuple(chunks(x) for x in cols))
-    return unchunk(a), unchunk(b)
+    outs = jax.lax.map(lambda args: fn(*args), tuple(chunks(x) for x in cols))
+    return tuple(unchunk(x) for x in outs)
 
 
 def _search_in_chunks(
@@ -356,7 +356,7 @@ def reencode_additive(
     err_new, err_cur = err(new_sum), err(cur_sum)
     if force:
         moved = jnp.any(new != cur, axis=0) & (jnp.sum(s * (new_sum - cur_sum) * (t - s * cur_sum), axis=0) > 0)
-        step, step_sum, found = _directional_move(t, s, cur, cur_sum, books_t)
+        step, step_sum, found = _in_chunks(lambda *a: _directional_move(*a, books_t), t, s, cur, cur_sum)
         use_step = found & ~(moved & (err_new <= err(step_sum)))
         new = jnp.where(use_step[None], step, new)
         new_sum = jnp.where(use_step[None], step_sum, new_sum)
