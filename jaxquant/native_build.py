@@ -6,9 +6,11 @@ sources held as Python strings. Each is compiled once with the machine's C++ com
 (``-O3 -march=native``) into the user cache directory: one file per source, compiler,
 flags, jaxlib version and CPU, built under a temporary name and renamed, so concurrent
 builders never load a half-written file. The library is loaded with ``ctypes`` and its
-handlers registered with ``jax.ffi.register_ffi_target``. When no compiler is found or
-the build fails the library reports itself unavailable (with the reason) and callers fall
-back to their XLA paths. ``JAXQUANT_NO_FFI=1`` disables every native kernel.
+handlers registered with ``jax.ffi.register_ffi_target``. CUDA sources (``ops/cuda_ffi.py``)
+take the same path with ``nvcc``, for the first GPU's compute capability, registered for
+the ``CUDA`` platform. When no compiler is found or the build fails the library reports
+itself unavailable (with the reason) and callers fall back to their XLA or Pallas paths.
+``JAXQUANT_NO_FFI=1`` disables every native kernel.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 import jax
 
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+CUDA_FLAGS = ("-O3", "-std=c++17", "--shared", "-Xcompiler", "-fPIC")
 
 # C++ shared by the kernel sources (inside their anonymous namespace, after
 # ``namespace ffi = xla::ffi;`` and the <algorithm>, <atomic>, <memory> and <thread> headers).
@@ -83,27 +86,57 @@ def cpu_id() -> str:
     return _cpu_flags_line() or platform.processor() + platform.machine()
 
 
-def build(name: str, source: str) -> ctypes.CDLL:
-    """Compile ``source`` (cached by content, flags, compiler, jaxlib and CPU) and load it.
+def _cuda_arch() -> str:
+    """``sm_XY`` of the first GPU (its compute capability), for nvcc's ``-arch``."""
+    cc = str(getattr(jax.devices("gpu")[0], "compute_capability", ""))
+    major, _, minor = cc.partition(".")
+    if not (major.isdigit() and minor.isdigit()):
+        raise RuntimeError(f"cannot read the GPU's compute capability (got {cc!r})")
+    return f"sm_{major}{minor}"
 
-    Raises:
-        RuntimeError: no C++ compiler, or the compiler failed (its stderr tail included).
-    """
+
+def _toolchain(platform_name: str, cuda_arch: str | None) -> tuple[str, tuple[str, ...], str, str]:
+    """(compiler, flags, source suffix, machine id for the cache key) for ``cpu`` or ``CUDA``."""
+    if platform_name == "CUDA":
+        default = "/usr/local/cuda/bin/nvcc"  # CUDA's install path, often not on PATH
+        nvcc = os.environ.get("NVCC") or shutil.which("nvcc") or (default if os.path.exists(default) else None)
+        if nvcc is None:
+            raise RuntimeError("no nvcc found (set NVCC)")
+        arch = cuda_arch or _cuda_arch()
+        return nvcc, (*CUDA_FLAGS, f"-arch={arch}"), ".cu", arch
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX)")
+    return cxx, FLAGS, ".cc", cpu_id()
+
+
+def build(name: str, source: str, platform_name: str = "cpu", cuda_arch: str | None = None) -> ctypes.CDLL:
+    """Compile ``source`` (cached by content, flags, compiler, jaxlib and machine) and load it.
+
+    Args:
+        name: file name stem of the library.
+        source: C++ (``platform_name="cpu"``) or CUDA (``"CUDA"``) source.
+        platform_name: ``"cpu"`` builds with the C++ compiler, ``"CUDA"`` with nvcc for
+            the first GPU's compute capability.
+        cuda_arch: nvcc ``-arch`` (``"sm_90"``) instead of the first GPU's; lets a
+            machine without a GPU check that a CUDA source builds.
+
+    Raises:
+        RuntimeError: no compiler, or the compiler failed (its stderr tail included).
+    """
+    compiler, flags, suffix, machine = _toolchain(platform_name, cuda_arch)
     import jaxlib
 
-    key = hashlib.sha256("\0".join([source, *FLAGS, cxx, jaxlib.__version__, cpu_id()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([source, *flags, compiler, jaxlib.__version__, machine]).encode()).hexdigest()[:16]
     out = cache_dir() / f"{name}_{key}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            src = Path(tmp) / f"{name}.cc"
+            src = Path(tmp) / f"{name}{suffix}"
             src.write_text(source)
             so = Path(tmp) / f"{name}.so"
-            cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(src), "-o", str(so)]
-            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
+            cmd = [compiler, *flags, f"-I{jax.ffi.include_dir()}", str(src), "-o", str(so)]
+            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
             if proc.returncode != 0:
                 raise RuntimeError(f"compiling the FFI kernel {name} failed:\n{proc.stderr[-4000:]}")
             os.replace(so, out)  # atomic: a concurrent builder never sees a half-written file
@@ -117,10 +150,12 @@ class NativeLibrary:
         name: file name stem of the built library.
         source: the C++ source.
         targets: FFI target name -> exported handler symbol.
+        platform: ``"cpu"`` (C++ source) or ``"CUDA"`` (CUDA source, built with nvcc).
     """
 
-    def __init__(self, name: str, source: str, targets: dict[str, str]) -> None:
+    def __init__(self, name: str, source: str, targets: dict[str, str], platform: str = "cpu") -> None:
         self.name = name
+        self.platform = platform
         self.source = source
         self.targets = dict(targets)
         self.state: dict[str, Any] = {}
@@ -134,9 +169,10 @@ class NativeLibrary:
                     self.state.update(ok=False, error="disabled by JAXQUANT_NO_FFI")
                 else:
                     try:
-                        lib = build(self.name, self.source)
+                        lib = build(self.name, self.source, self.platform)
                         for target, symbol in self.targets.items():
-                            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+                            jax.ffi.register_ffi_target(
+                                target, jax.ffi.pycapsule(getattr(lib, symbol)), platform=self.platform)
                         self.state.update(ok=True, lib=lib)
                     except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as e:
                         self.state.update(ok=False, error=str(e))

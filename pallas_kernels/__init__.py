@@ -6,14 +6,16 @@ same signature (``reference_aqlm_matmul``) that the tests compare it against in
 accept it.
 """
 
-from pallas_kernels.aqlm_gpu import aqlm_matmul_gpu, gpu_eligible
+from pallas_kernels.aqlm_gpu import aqlm_matmul_gpu, aqlm_matmul_gpu_lut, gpu_eligible, lut_eligible
 from pallas_kernels.aqlm_tpu import aqlm_matmul_tpu, tpu_eligible
 from pallas_kernels.reference import reference_aqlm_matmul
 
 __all__ = [
     "aqlm_matmul_gpu",
+    "aqlm_matmul_gpu_lut",
     "aqlm_matmul_tpu",
     "gpu_eligible",
+    "lut_eligible",
     "reference_aqlm_matmul",
     "tpu_eligible",
 ]

@@ -46,6 +46,8 @@ def test_forcing_ineligible_or_unknown(rng):
     x = jnp.ones((1, 32), jnp.float32)
     with pytest.raises(NotImplementedError, match="backend is not gpu"):
         matmul(x, w, impl="pallas_gpu")
+    with pytest.raises(NotImplementedError, match="backend is not gpu"):
+        matmul(x, w, impl="cuda_ffi")
     with pytest.raises(NotImplementedError, match="backend is not tpu"):
         matmul(x, w, impl="pallas_tpu")
     with pytest.raises(ValueError, match="nope"):
@@ -67,12 +69,12 @@ def test_fall_through_order(rng, monkeypatch):
             raise NotImplementedError(name)
         return f
 
-    for name in ("pallas_gpu", "pallas_tpu", "cpu_ffi", "xla_lut"):
+    for name in ("cuda_ffi", "pallas_gpu", "pallas_tpu", "cpu_ffi", "xla_lut"):
         monkeypatch.setitem(dispatch.IMPLEMENTATIONS, name, refuse(name))
     w = random_aq(rng, 16, 32, 2, 8, 8)
     x = jnp.asarray(rng.standard_normal((1, 32)).astype(np.float32))
     assert dispatch.select_impl(x, w) == "xla_decode"
-    assert calls == ["pallas_gpu", "pallas_tpu", "cpu_ffi", "xla_lut"]
+    assert calls == ["cuda_ffi", "pallas_gpu", "pallas_tpu", "cpu_ffi", "xla_lut"]
     np.testing.assert_allclose(matmul(x, w), xla.reference_matmul(x, w), rtol=1e-5, atol=1e-4)
 
 

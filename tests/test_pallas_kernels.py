@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from jaxquant.ops import xla
-from pallas_kernels import aqlm_matmul_gpu, aqlm_matmul_tpu, reference_aqlm_matmul
+from pallas_kernels import aqlm_matmul_gpu, aqlm_matmul_gpu_lut, aqlm_matmul_tpu, reference_aqlm_matmul
 from test_ops_xla import random_aq
 
 # (d_out, d_in, M, bits, ig, rows): 2x8, 1x8, 1x16 and a non-power-of-two group count.
 GPU_CONFIGS = [(64, 128, 2, 8, 8, 1), (48, 96, 1, 8, 8, 3), (32, 64, 1, 16, 8, 2), (32, 88, 2, 8, 8, 1)]
+LUT_CONFIGS = [c for c in GPU_CONFIGS if c[3] <= 8]
 TPU_CONFIGS = [(64, 128, 2, 8, 8, 1), (16, 2048, 1, 8, 8, 2), (24, 96, 2, 8, 8, 3)]
 
 
@@ -36,6 +37,16 @@ def test_gpu_kernel_interpret(cfg):
     _check(aqlm_matmul_gpu(x, w.codes, w.codebooks, w.scales, interpret=True), x, w)
 
 
+@pytest.mark.parametrize("cfg", LUT_CONFIGS)
+@pytest.mark.parametrize("blocks", [(64, 64), (16, 4)])
+def test_gpu_lut_kernel_interpret(cfg, blocks):
+    x, w = _inputs(cfg, seed=1)
+    got = aqlm_matmul_gpu_lut(
+        x, w.codes, w.codebooks, w.scales, block_out=blocks[0], block_groups=blocks[1], interpret=True
+    )
+    _check(got, x, w)
+
+
 @pytest.mark.parametrize("cfg", TPU_CONFIGS)
 def test_tpu_kernel_interpret(cfg):
     x, w = _inputs(cfg)
@@ -54,6 +65,12 @@ def test_gpu_kernel_lowers_for_cuda_triton(cfg):
     assert "__gpu$xla.gpu.triton" in text
 
 
+@pytest.mark.parametrize("cfg", LUT_CONFIGS)
+def test_gpu_lut_kernel_lowers_for_cuda_triton(cfg):
+    x, w = _inputs(cfg)
+    assert "__gpu$xla.gpu.triton" in _lowered_text(aqlm_matmul_gpu_lut, x, w, "cuda")
+
+
 @pytest.mark.parametrize("cfg", TPU_CONFIGS)
 def test_tpu_kernel_lowers_for_tpu(cfg):
     x, w = _inputs(cfg)
@@ -67,3 +84,6 @@ def test_kernels_reject_ineligible():
     x, w = _inputs((20, 64, 1, 8, 8, 1))  # d_out not a multiple of 16
     with pytest.raises(NotImplementedError):
         aqlm_matmul_gpu(x, w.codes, w.codebooks, w.scales, interpret=True)
+    x, w = _inputs((32, 64, 1, 16, 8, 1))  # 2^16 codewords: the table would not fit in cache
+    with pytest.raises(NotImplementedError):
+        aqlm_matmul_gpu_lut(x, w.codes, w.codebooks, w.scales, interpret=True)

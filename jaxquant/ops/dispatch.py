@@ -7,7 +7,8 @@ to ``(d_out, d_in)`` storage order, then contracted on its input axis, which nee
 transpose of the weight.
 
 Quantized weights go to the first eligible implementation of ``IMPLEMENTATIONS``
-(Pallas on GPU/TPU, the native CPU lookup-table kernel ``cpu_ffi`` — an XLA FFI custom
+(on GPU the CUDA lookup-table kernel ``cuda_ffi`` — built with nvcc at first use,
+skipped without it —, then Pallas on GPU/TPU, the native CPU lookup-table kernel ``cpu_ffi`` — an XLA FFI custom
 call compiled at first use, skipped when no compiler is available —, the XLA
 lookup-table kernel, the XLA tile-wise decode that always works). Each raises ``NotImplementedError`` when it cannot run the call (config,
 backend, batch rows); the choice is made in Python at trace time from
@@ -33,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxquant.ops import cpu_ffi, xla
+from jaxquant.ops import cpu_ffi, cuda_ffi, xla
 from jaxquant.qarray import AdditiveQuantized, is_quantized
 
 # Above this many rows of x, decoding a tile once and using a dense product beats
@@ -75,6 +76,11 @@ def _require_small_batch(x: jax.Array, name: str) -> None:
         raise NotImplementedError(f"{name}: {x.shape[0]} rows > DECODE_BATCH_ROWS={DECODE_BATCH_ROWS}")
 
 
+def _cuda_ffi(x: jax.Array, w: Any) -> jax.Array:
+    _require_small_batch(x, "cuda_ffi")
+    return cuda_ffi.lut_matmul_cuda(x, w)
+
+
 def _pallas_gpu(x: jax.Array, w: Any) -> jax.Array:
     if jax.default_backend() != "gpu":
         raise NotImplementedError("pallas_gpu: backend is not gpu")
@@ -103,6 +109,7 @@ def _pallas_tpu(x: jax.Array, w: Any) -> jax.Array:
 
 # Tried in this order; the last one accepts every quantized array.
 IMPLEMENTATIONS: dict[str, Impl] = {
+    "cuda_ffi": _cuda_ffi,
     "pallas_gpu": _pallas_gpu,
     "pallas_tpu": _pallas_tpu,
     "cpu_ffi": cpu_ffi.lut_matmul_ffi,
@@ -110,10 +117,10 @@ IMPLEMENTATIONS: dict[str, Impl] = {
     "xla_decode": xla.decode_matmul,
     "reference": xla.reference_matmul,
 }
-_AUTO_ORDER = ("pallas_gpu", "pallas_tpu", "cpu_ffi", "xla_lut", "xla_decode")
+_AUTO_ORDER = ("cuda_ffi", "pallas_gpu", "pallas_tpu", "cpu_ffi", "xla_lut", "xla_decode")
 # Lookup-table kernels are correct at any row count but only the fastest choice for a
 # few rows: automatic selection skips them above DECODE_BATCH_ROWS; ``impl=`` does not.
-_FEW_ROWS_ONLY = frozenset({"cpu_ffi", "xla_lut"})
+_FEW_ROWS_ONLY = frozenset({"cuda_ffi", "cpu_ffi", "xla_lut"})
 
 
 def _run_quantized(x2: jax.Array, w: Any, impl: str | None) -> tuple[str, jax.Array]:
