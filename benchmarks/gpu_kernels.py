@@ -3,7 +3,7 @@
 Run on a machine with an NVIDIA GPU (the lent H100/H200); it writes one JSON after each
 stage, so a run cut short still leaves what it measured:
 
-    python benchmarks/gpu_kernels.py --out results/gpu_kernels_h200.json
+    PYTHONPATH=. python benchmarks/gpu_kernels.py --out benchmarks/results/gpu_kernels_h200.json
 
 Stages, in order of what matters most if time runs out:
 1. ceilings: device-to-device copy bandwidth (bytes read + written over device time);
@@ -50,9 +50,11 @@ from pallas_kernels import aqlm_matmul_gpu, aqlm_matmul_gpu_lut, gpu_eligible, l
 # Pallas kernels: (block_out, block_groups, num_warps); the first is each kernel's default.
 GATHER_VARIANTS = [(16, 64, 2), (16, 32, 4), (32, 64, 4), (16, 128, 2), (8, 64, 2), (16, 64, 1), (64, 32, 4)]
 LUT_VARIANTS = [(16, 128, 4), (16, 256, 4), (32, 128, 4), (16, 128, 2), (8, 256, 2)]
-# CUDA kernel: (lut_floats, out_per_block); the first is its default.
-CUDA_VARIANTS = [(cuda_ffi.LUT_FLOATS, cuda_ffi.OUT_PER_BLOCK), (8192, 256), (8192, 512), (16384, 256),
+# CUDA kernel: (lut_floats, out_per_block) for the sweep; CUDA_DEFAULT lets the library
+# pick lut_floats by row count.
+CUDA_VARIANTS = [(16384, 512), (8192, 256), (8192, 512), (16384, 256),
                  (16384, 1024), (16384, 2048), (32768, 512), (32768, 1024), (4096, 256)]
+CUDA_DEFAULT = (None, cuda_ffi.OUT_PER_BLOCK)
 
 
 def random_quantized(key: jax.Array, d_out: int, d_in: int, cfg: str) -> AdditiveQuantized:
@@ -158,7 +160,7 @@ def stage_ceilings(calls: int) -> dict[str, Any]:
 
 def stage_numerics(seed: int) -> list[dict[str, Any]]:
     variants = {"gather": GATHER_VARIANTS[0], "lut": LUT_VARIANTS[0], "gather_b16": (16, 16, 4), "lut_b16": (16, 16, 4),
-                "cuda": CUDA_VARIANTS[0], "cuda_small_chunks": (512, 64)}  # 512 floats: chunks of 1-2 groups
+                "cuda": CUDA_DEFAULT, "cuda_small_chunks": (512, 64)}  # 512 floats: chunks of 1-2 groups
     shapes_rows = [(SHAPES["11008x4096"], 1), (SHAPES["11008x4096"], 3), (SHAPES["4096x11008"], 1), ((48, 96), 3)]
     cases = [(d_out, d_in, cfg, rows) for (d_out, d_in), rows in shapes_rows for cfg in CONFIGS]
     out = []
@@ -245,7 +247,7 @@ def stage_table(best: dict[str, Any], rotate_bytes: int, calls: int, copy_gbps: 
                 weights = [random_quantized(jax.random.key(300 + i), d_out, d_in, cfg)
                            for i in range(n_copies(probe.codes.nbytes, rotate_bytes))]
                 variants = {"gather_default": GATHER_VARIANTS[0], "lut_default": LUT_VARIANTS[0],
-                            "cuda_default": CUDA_VARIANTS[0], **best.get(cfg, {})}
+                            "cuda_default": CUDA_DEFAULT, **best.get(cfg, {})}
                 paths = quantized_paths(probe, variants)
                 if batch > dispatch.DECODE_BATCH_ROWS:
                     paths.pop("xla_lut", None)  # the dispatcher sends these batches to the decode path

@@ -211,4 +211,8 @@ def aqlm_matmul_gpu_lut(
     kernel = functools.partial(
         _lut_kernel, bo=bo, bg=bg, m=m, k=k, n_groups=n_in_groups, n_steps=n_in_groups // bg
     )
-    return _call(kernel, "aqlm_matmul_gpu_lut", rows, d_out, bo, 3, num_warps, interpret)(lut.reshape(rows * n_in_groups * m * k), codes.reshape(d_out, n_in_groups * m), scales.reshape(d_out))
+    return _call(kernel, "aqlm_matmul_gpu_lut", rows, d_out, bo, 3, num_warps, interpret)(
+        lut.reshape(rows * n_in_groups * m * k),
+        codes.reshape(d_out, n_in_groups * m),
+        scales.reshape(d_out),
+    )
