@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+import benchmark_scripts
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("device_timer", ROOT / "benchmarks" / "device_timer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_scripts.load("device_timer")
 
 
 def _meta(pid, name, tid=None):
