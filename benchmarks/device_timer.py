@@ -4,8 +4,8 @@ A batch-1 decode kernel on a GPU runs for microseconds, less than it takes Pytho
 dispatch a jitted call, so a host clock around each call measures the dispatch. Here
 each candidate runs ``calls`` times inside its own ``TraceAnnotation``; the kernels,
 memsets and device-side copies the GPU ran inside that window (the trace's device
-streams; host<->device copies left out) are summed. The host clock over the same asynchronous loop is kept beside it as
-``wall_us``: the time per call when nothing but dispatch hides the launches.
+streams; host<->device copies left out) are summed. The host clock over the same
+asynchronous loop is kept beside it as ``wall_us``: the time per call when nothing but dispatch hides the launches.
 
 Used by ``benchmarks/gpu_kernels.py``; on a backend without device streams in its
 trace (CPU) ``device_us`` is ``None``.
@@ -77,6 +77,14 @@ def _summarise(kernels: list[dict[str, Any]], calls: int) -> dict[str, Any]:
             "kernel_median_us": {k: statistics.median(v) for k, v in sorted(by_name.items())[:8]}}
 
 
+def _run(fn: Callable[..., Any], arg_sets: Sequence[tuple[Any, ...]], calls: int) -> None:
+    """``calls`` asynchronous calls rotating over ``arg_sets``, then wait for the last."""
+    out = None
+    for c in range(calls):
+        out = fn(*arg_sets[c % len(arg_sets)])
+    jax.block_until_ready(out)  # one stream runs them in order: the last done is all done
+
+
 def time_candidates(
     candidates: dict[str, tuple[Callable[..., Any], Sequence[tuple[Any, ...]]]],
     calls: int,
@@ -91,7 +99,7 @@ def time_candidates(
 
     Returns:
         name -> ``{"wall_us", "device_us", "device_us_mean", "kernels_per_call",
-        "kernel_names"}``; the device figures are ``None`` when the trace has no GPU
+        "kernel_names", "kernel_median_us", "trace_streams"}``; the device figures are ``None`` when the trace has no GPU
         stream, with ``"trace_streams"`` naming what it had; ``{"error"}`` for a
         candidate that raised in its warm-up.
     """
@@ -107,32 +115,26 @@ def time_candidates(
         runnable[name] = (fn, arg_sets)
     for name, (fn, arg_sets) in runnable.items():
         t0 = time.perf_counter()
-        out = None
-        for c in range(calls):
-            out = fn(*arg_sets[c % len(arg_sets)])
-        jax.block_until_ready(out)  # one stream runs them in order: the last done is all done
+        _run(fn, arg_sets, calls)
         results[name] = {"wall_us": (time.perf_counter() - t0) / calls * 1e6}
     with tempfile.TemporaryDirectory() as log_dir:
         jax.profiler.start_trace(log_dir, create_perfetto_trace=True)
         try:
             for name, (fn, arg_sets) in runnable.items():
                 with jax.profiler.TraceAnnotation(_PREFIX + name):
-                    out = None
-                    for c in range(calls):
-                        out = fn(*arg_sets[c % len(arg_sets)])
-                    jax.block_until_ready(out)
+                    _run(fn, arg_sets, calls)
         finally:
             jax.profiler.stop_trace()
         events = _load_trace(Path(log_dir))
     kernels, streams = _device_kernel_events(events)
     windows = _annotation_windows(events)
+    processes = sorted({str(e.get("args", {}).get("name")) for e in events
+                        if e.get("ph") == "M" and e.get("name") == "process_name"})
     for name in runnable:
         results[name]["trace_streams"] = streams
         if not streams or name not in windows:
-            processes = sorted({str(e.get("args", {}).get("name")) for e in events
-                                if e.get("ph") == "M" and e.get("name") == "process_name"})
             results[name].update(device_us=None, device_us_mean=None, kernels_per_call=None,
-                                 kernel_names=[], trace_streams=streams, trace_processes=processes)
+                                 kernel_names=[], trace_processes=processes)
             continue
         start, end = windows[name]
         inside = [e for e in kernels if start <= float(e["ts"]) <= end]

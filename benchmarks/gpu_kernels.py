@@ -58,6 +58,11 @@ CUDA_DEFAULT = (None, cuda_ffi.OUT_PER_BLOCK)
 
 
 def random_quantized(key: jax.Array, d_out: int, d_in: int, cfg: str) -> AdditiveQuantized:
+    """A random ``out_in`` AQLM weight drawn on the device, with a different scale per row.
+
+    Not ``jaxquant.models.random_quantized.random_additive``: its scales are one constant,
+    so the numerics stage would not catch a kernel that applies the wrong row's scale.
+    """
     m, bits, ig = CONFIGS[cfg]
     kc, kb, ks = jax.random.split(key, 3)
     codes = jax.random.randint(kc, (d_out, d_in // ig, m), 0, 2**bits, dtype=jnp.int32).astype(code_dtype(bits))
@@ -76,8 +81,12 @@ def reference_f64(x: np.ndarray, w: AdditiveQuantized) -> np.ndarray:
     return x.astype(np.float64) @ dense.T
 
 
-def quantized_paths(w: AdditiveQuantized, variants: dict[str, tuple[int, int, int]]) -> dict[str, Any]:
-    """Name -> ``f(x, w)`` for every GPU path that accepts ``w``."""
+def quantized_paths(w: AdditiveQuantized, variants: dict[str, tuple]) -> dict[str, Any]:
+    """Name -> ``f(x, w)`` for every GPU path that accepts ``w``.
+
+    ``variants``: label -> ``(block_out, block_groups, num_warps)`` for labels starting
+    ``gather``/``lut`` (the Pallas kernels), ``(lut_floats, out_per_block)`` for ``cuda``.
+    """
     paths: dict[str, Any] = {}
     cs, cbs = w.codes.shape, w.codebooks.shape
     for label, params in variants.items():
