@@ -53,3 +53,10 @@ def test_not_available_off_gpu_and_dispatcher_skips_it(rng):
     with pytest.raises(NotImplementedError, match="backend is not gpu"):
         cuda_ffi.lut_matmul_cuda(x, w)
     assert dispatch.select_impl(x, w) != "cuda_ffi"
+
+
+@pytest.mark.parametrize("kwargs", [{"out_per_block": 0}, {"lut_floats": 0}])
+def test_bad_block_settings_name_the_argument(rng, kwargs):
+    w = random_aq(rng, 32, 64, 2, 8, 8)
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        cuda_ffi.lut_matmul_cuda(jnp.ones((1, 64), jnp.float32), w, **kwargs)

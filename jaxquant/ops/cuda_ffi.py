@@ -242,8 +242,10 @@ def lut_matmul_cuda(
     Raises:
         NotImplementedError: not on a GPU, ``w`` or the row count not eligible, or the
             kernel could not be built (no nvcc).
-        ValueError: ``x`` is not ``[rows, d_in]``.
+        ValueError: ``x`` is not ``[rows, d_in]``, or a block setting is below 1.
     """
+    if out_per_block < 1 or (lut_floats is not None and lut_floats < 1):
+        raise ValueError(f"out_per_block={out_per_block!r} and lut_floats={lut_floats!r} must be >= 1")
     if jax.default_backend() != "gpu":
         raise NotImplementedError("cuda_ffi: backend is not gpu")
     if not cuda_eligible(w, x.shape[0] if x.ndim == 2 else 0):
