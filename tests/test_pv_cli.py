@@ -73,6 +73,8 @@ def test_finetune_bad_arguments(dirs, capsys):
     assert "--buffer-decay 1.5 must be in [0, 1]" in capsys.readouterr().err
     assert main(_args(quant, teacher, str(root / "bad4"), 2, "--mode", "ste", "--force-update")) == 1
     assert "--force-update is a PV V step" in capsys.readouterr().err
+    assert main(_args(quant, teacher, str(root / "bad5"), 2, "--trust-ratio", "-0.1")) == 1
+    assert "--trust-ratio -0.1 must be >= 0" in capsys.readouterr().err
     assert main(_args(quant, teacher, str(root / "bad2"), 2, "--resume")) == 1
     assert "no checkpoint" in capsys.readouterr().err
 
@@ -93,3 +95,27 @@ def test_finetune_force_update_reaches_the_tuner(dirs):
     start = codes(quant)
     assert np.array_equal(codes(plain), start)
     assert np.mean(codes(forced) != start) > 0
+
+
+def test_finetune_v_step_defaults_reach_the_tuner(dirs, monkeypatch):
+    """The measured V-step defaults (README, issue 7) reach ``pv_tuning``, and
+    ``--trust-ratio 0`` turns the bound off rather than passing a zero bound."""
+    from jaxquant.finetune import pv  # noqa: PLC0415
+
+    root, teacher, quant = dirs
+    seen = []
+    real = pv.pv_tuning
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pv, "pv_tuning", recording)
+    base = ["finetune", quant, "--teacher", teacher, "--steps", "1", "--batch-size", "4", "--seqlen", "32",
+            "--eval-windows", "2", "--no-progress"]
+    assert main([*base, "--out", str(root / "defaults")]) == 0
+    assert main([*base, "--out", str(root / "no_trust"), "--trust-ratio", "0"]) == 0
+    assert (seen[0]["update_fraction"], seen[0]["trust_ratio"], seen[0]["buffer_decay"]) == (0.03, 0.005, 0.0)
+    assert seen[1]["trust_ratio"] is None
+    settings = json.load(open(os.path.join(root / "defaults", "finetune.json")))["settings"]
+    assert settings["v_lr"] == 1e-3
