@@ -107,8 +107,8 @@ def run(args: argparse.Namespace) -> int:
     val = eval_windows(val_ids, args.seqlen)[: args.eval_windows].reshape(-1)
 
     tuner = pv.pv_tuning(optax.adam(args.p_lr), optax.adam(args.v_lr), update_fraction=args.update_fraction,
-                         trust_ratio=args.trust_ratio or None, every=args.every, beam_size=args.beam_size, mode=args.mode,
-                         buffer_decay=args.buffer_decay, force_update=args.force_update)
+                         trust_ratio=args.trust_ratio or None, every=args.every, beam_size=args.beam_size,
+                         mode=args.mode, buffer_decay=args.buffer_decay, force_update=args.force_update)
     state = tuner.init(qparams)
     start, history = 0, []
     resume_dir = os.path.join(args.out, "resume")
