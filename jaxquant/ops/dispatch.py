@@ -77,11 +77,6 @@ def _require_small_batch(x: jax.Array, name: str) -> None:
         raise NotImplementedError(f"{name}: {x.shape[0]} rows > DECODE_BATCH_ROWS={DECODE_BATCH_ROWS}")
 
 
-def _cuda_ffi(x: jax.Array, w: Any) -> jax.Array:
-    _require_small_batch(x, "cuda_ffi")
-    return cuda_ffi.lut_matmul_cuda(x, w)
-
-
 def _pallas_gpu(x: jax.Array, w: Any) -> jax.Array:
     if jax.default_backend() != "gpu":
         raise NotImplementedError("pallas_gpu: backend is not gpu")
@@ -110,7 +105,7 @@ def _pallas_tpu(x: jax.Array, w: Any) -> jax.Array:
 
 # Tried in this order; the last one accepts every quantized array.
 IMPLEMENTATIONS: dict[str, Impl] = {
-    "cuda_ffi": _cuda_ffi,
+    "cuda_ffi": cuda_ffi.lut_matmul_cuda,  # refuses more than cuda_ffi.MAX_ROWS rows itself
     "pallas_gpu": _pallas_gpu,
     "pallas_tpu": _pallas_tpu,
     "cpu_ffi": cpu_ffi.lut_matmul_ffi,
