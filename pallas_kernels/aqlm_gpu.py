@@ -75,11 +75,24 @@ def _call(kernel, name: str, rows: int, d_out: int, bo: int, n_inputs: int, num_
     )
 
 
+def _code_block(codes_ref, o0, bo: int, g0, bg: int, m: int, j: int) -> jax.Array:
+    """int32 ``[bo, bg]`` codes of codebook ``j`` for outputs ``o0:o0+bo`` and groups ``g0:g0+bg``.
+
+    A strided load straight from the ``[d_out, G * M]`` storage order.
+    """
+    return codes_ref[pl.ds(o0, bo), pl.ds(g0 * m + j, bg, stride=m)].astype(jnp.int32)
+
+
+def _accumulate_and_store(step, n_steps: int, scales_ref, o_ref, o0, bo: int) -> None:
+    """Sum ``step(s, acc)`` over the group blocks, scale by the ``bo`` rows' scales, store."""
+    acc = lax.fori_loop(0, n_steps, step, jnp.zeros((bo,), jnp.float32))
+    o_ref[0, :] = acc * scales_ref[pl.ds(o0, bo)].astype(jnp.float32)
+
+
 def _kernel(x_ref, codes_ref, cb_ref, scales_ref, o_ref, *, bo, bg, m, k, ig, n_steps):
     # x_ref: [rows, G, ig]; codes_ref: [d_out, G * M]; cb_ref: [M * K * ig]; o_ref: [1, bo]
     r = pl.program_id(0)
-    ob = pl.program_id(1)
-    o0 = ob * bo
+    o0 = pl.program_id(1) * bo
     lane = lax.broadcasted_iota(jnp.int32, (1, 1, ig), 2)
 
     def step(s, acc):
@@ -87,14 +100,12 @@ def _kernel(x_ref, codes_ref, cb_ref, scales_ref, o_ref, *, bo, bg, m, k, ig, n_
         xv = x_ref[r, pl.ds(g0, bg), :].astype(jnp.float32)  # [bg, ig]
         w = jnp.zeros((bo, bg, ig), jnp.float32)
         for j in range(m):  # M is small and static
-            c = codes_ref[pl.ds(o0, bo), pl.ds(g0 * m + j, bg, stride=m)].astype(jnp.int32)
+            c = _code_block(codes_ref, o0, bo, g0, bg, m, j)
             idx = (c[:, :, None] + jnp.int32(j * k)) * jnp.int32(ig) + lane
             w = w + cb_ref[idx].astype(jnp.float32)
         return acc + jnp.sum(w * xv[None, :, :], axis=(1, 2))
 
-    acc = lax.fori_loop(0, n_steps, step, jnp.zeros((bo,), jnp.float32))
-    scales = scales_ref[pl.ds(o0, bo)].astype(jnp.float32)
-    o_ref[0, :] = acc * scales
+    _accumulate_and_store(step, n_steps, scales_ref, o_ref, o0, bo)
 
 
 def aqlm_matmul_gpu(
@@ -159,8 +170,7 @@ def lut_eligible(codes_shape: tuple[int, ...], codebooks_shape: tuple[int, ...])
 def _lut_kernel(lut_ref, codes_ref, scales_ref, o_ref, *, bo, bg, m, k, n_groups, n_steps):
     # lut_ref: [rows * G * M * K] products x_g · codeword; codes_ref: [d_out, G * M]; o_ref: [1, bo]
     r = pl.program_id(0)
-    ob = pl.program_id(1)
-    o0 = ob * bo
+    o0 = pl.program_id(1) * bo
     group = lax.broadcasted_iota(jnp.int32, (1, bg), 1)
     row_base = r * jnp.int32(n_groups * m * k)
 
@@ -168,14 +178,12 @@ def _lut_kernel(lut_ref, codes_ref, scales_ref, o_ref, *, bo, bg, m, k, n_groups
         g0 = s * bg
         total = jnp.zeros((bo, bg), jnp.float32)
         for j in range(m):
-            c = codes_ref[pl.ds(o0, bo), pl.ds(g0 * m + j, bg, stride=m)].astype(jnp.int32)
+            c = _code_block(codes_ref, o0, bo, g0, bg, m, j)
             idx = row_base + ((g0 + group) * jnp.int32(m) + jnp.int32(j)) * jnp.int32(k) + c
             total = total + lut_ref[idx]
         return acc + jnp.sum(total, axis=1)
 
-    acc = lax.fori_loop(0, n_steps, step, jnp.zeros((bo,), jnp.float32))
-    scales = scales_ref[pl.ds(o0, bo)].astype(jnp.float32)
-    o_ref[0, :] = acc * scales
+    _accumulate_and_store(step, n_steps, scales_ref, o_ref, o0, bo)
 
 
 def aqlm_matmul_gpu_lut(
