@@ -94,11 +94,12 @@ def _aqlm_fn(w: AdditiveQuantized, x: np.ndarray):
     return lambda: numba_gemm_lut(xt, codes, cb, sc, None)
 
 
-def _versions() -> dict[str, str]:
+def versions(packages: tuple[str, ...] = ("jaxlib", "flax", "torch", "aqlm", "numba")) -> dict[str, str]:
+    """Python, jax and numpy versions, and those of the installed ``packages``."""
     v = {"python": platform.python_version(), "jax": jax.__version__, "numpy": np.__version__}
     from importlib import metadata
 
-    for name in ("jaxlib", "flax", "torch", "aqlm", "numba"):
+    for name in packages:
         try:
             v[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu_count": os.cpu_count(),
         "machine": platform.platform(),
         "processor": platform.processor(),
-        "versions": _versions(),
+        "versions": versions(),
         "repeats": args.repeats,
         "timing": "candidates interleaved per round (A, B, ..., A, B, ...); medians after 3 warm-up calls",
         "loadavg_at_end": list(os.getloadavg()),

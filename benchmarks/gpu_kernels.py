@@ -39,7 +39,7 @@ import numpy as np
 from jax import lax
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode import CONFIGS, SHAPES  # noqa: E402  (the shared grid of shapes and configs)
+from decode import CONFIGS, SHAPES, versions  # noqa: E402  (the shared grid of shapes and configs)
 from device_timer import time_candidates  # noqa: E402
 
 from jaxquant.atomic_files import atomic_write_bytes  # noqa: E402
@@ -135,14 +135,6 @@ class Report:
 
 
 def environment() -> dict[str, Any]:
-    from importlib import metadata
-
-    versions = {"python": platform.python_version()}
-    for name in ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "triton", "numpy"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
     try:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
                               "--format=csv,noheader"], capture_output=True, text=True, timeout=30).stdout.strip()
@@ -155,7 +147,8 @@ def environment() -> dict[str, Any]:
     cuda_ok = cuda_ffi.available()
     return {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "nvidia_smi": smi, "nvcc": nvcc,
             "cuda_ffi_available": cuda_ok, "cuda_ffi_unavailable_reason": cuda_ffi.unavailable_reason(),
-            "machine": platform.platform(), "versions": versions}
+            "machine": platform.platform(),
+            "versions": versions(("jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "triton"))}
 
 
 def stage_ceilings(calls: int) -> dict[str, Any]:
