@@ -62,6 +62,8 @@ def random_quantized(key: jax.Array, d_out: int, d_in: int, cfg: str) -> Additiv
 
     Not ``jaxquant.models.random_quantized.random_additive``: its scales are one constant,
     so the numerics stage would not catch a kernel that applies the wrong row's scale.
+    Not ``decode._random_aq`` either: that one draws with NumPy on the host, and the
+    timing stages draw up to 64 rotating copies of each weight.
     """
     m, bits, ig = CONFIGS[cfg]
     kc, kb, ks = jax.random.split(key, 3)
