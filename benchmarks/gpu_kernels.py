@@ -55,6 +55,13 @@ LUT_VARIANTS = [(16, 128, 4), (16, 256, 4), (32, 128, 4), (16, 128, 2), (8, 256,
 CUDA_VARIANTS = [(16384, 512), (8192, 256), (8192, 512), (16384, 256),
                  (16384, 1024), (16384, 2048), (32768, 512), (32768, 1024), (4096, 256)]
 CUDA_DEFAULT = (None, cuda_ffi.OUT_PER_BLOCK)
+# The CUDA table kernel with its loads issued first: (lut_floats, threads, rows_per_thread).
+PREFETCH_VARIANTS = [(8192, 256, 2), (8192, 512, 1), (8192, 256, 1), (8192, 128, 4), (8192, 512, 2), (4096, 256, 2),
+                     (4096, 256, 1), (4096, 128, 2), (16384, 256, 2), (16384, 512, 1), (16384, 256, 4),
+                     (16384, 128, 4)]
+# The CUDA warp-per-row decode kernel: (warps_per_block, unroll).
+DECODE_VARIANTS = [(8, 4), (8, 8), (4, 4), (4, 8), (2, 8)]
+FAMILIES = ("gather", "lut", "cuda", "cudapf", "cudadw")
 
 
 def random_quantized(key: jax.Array, d_out: int, d_in: int, cfg: str) -> AdditiveQuantized:
@@ -87,11 +94,23 @@ def quantized_paths(w: AdditiveQuantized, variants: dict[str, tuple]) -> dict[st
     """Name -> ``f(x, w)`` for every GPU path that accepts ``w``.
 
     ``variants``: label -> ``(block_out, block_groups, num_warps)`` for labels starting
-    ``gather``/``lut`` (the Pallas kernels), ``(lut_floats, out_per_block)`` for ``cuda``.
+    ``gather``/``lut`` (the Pallas kernels), ``(lut_floats, out_per_block)`` for ``cuda``,
+    ``(lut_floats, threads, rows_per_thread)`` for ``cudapf`` (the table kernel with its
+    loads first), ``(warps_per_block, unroll)`` for ``cudadw`` (the warp-per-row decode).
     """
     paths: dict[str, Any] = {}
     cs, cbs = w.codes.shape, w.codebooks.shape
     for label, params in variants.items():
+        if label.startswith("cudapf"):
+            if cuda_ffi.cuda_eligible(w, 1):
+                paths[label] = lambda x, w, p=params: cuda_ffi.lut_prefetch_matmul_cuda(
+                    x, w, lut_floats=p[0], threads=p[1], rows_per_thread=p[2])
+            continue
+        if label.startswith("cudadw"):
+            if cuda_ffi.decode_eligible(w, 1):
+                paths[label] = lambda x, w, p=params: cuda_ffi.decode_warp_matmul_cuda(
+                    x, w, warps_per_block=p[0], unroll=p[1])
+            continue
         if label.startswith("cuda"):
             if cuda_ffi.cuda_eligible(w, 1):
                 paths[label] = lambda x, w, lf=params[0], ob=params[1]: cuda_ffi.lut_matmul_cuda(
@@ -164,7 +183,9 @@ def stage_ceilings(calls: int) -> dict[str, Any]:
 
 def stage_numerics(seed: int) -> list[dict[str, Any]]:
     variants = {"gather": GATHER_VARIANTS[0], "lut": LUT_VARIANTS[0], "gather_b16": (16, 16, 4), "lut_b16": (16, 16, 4),
-                "cuda": CUDA_DEFAULT, "cuda_small_chunks": (512, 64)}  # 512 floats: chunks of 1-2 groups
+                "cuda": CUDA_DEFAULT, "cuda_small_chunks": (512, 64),  # 512 floats: chunks of 1-2 groups
+                "cudapf": (None, None, 2), "cudapf_r4": (8192, 128, 4), "cudapf_small_chunks": (512, 64, 1),
+                "cudapf_64codes": (16384, 256, 2), "cudadw": DECODE_VARIANTS[0], "cudadw_u8": (3, 8)}
     shapes_rows = [(SHAPES["11008x4096"], 1), (SHAPES["11008x4096"], 3), (SHAPES["4096x11008"], 1), ((48, 96), 3)]
     cases = [(d_out, d_in, cfg, rows) for (d_out, d_in), rows in shapes_rows for cfg in CONFIGS]
     out = []
@@ -186,7 +207,7 @@ def stage_numerics(seed: int) -> list[dict[str, Any]]:
     return out
 
 
-def stage_sweep(rotate_bytes: int, calls: int) -> dict[str, Any]:
+def stage_sweep(rotate_bytes: int, calls: int, families: tuple[str, ...] = FAMILIES) -> dict[str, Any]:
     d_out, d_in = SHAPES["4096x4096"]
     result = {}
     for cfg in CONFIGS:
@@ -197,6 +218,9 @@ def stage_sweep(rotate_bytes: int, calls: int) -> dict[str, Any]:
         variants = {f"gather_{bo}_{bg}_{nw}": (bo, bg, nw) for bo, bg, nw in GATHER_VARIANTS}
         variants |= {f"lut_{bo}_{bg}_{nw}": (bo, bg, nw) for bo, bg, nw in LUT_VARIANTS}
         variants |= {f"cuda_{lf}_{ob}": (lf, ob) for lf, ob in CUDA_VARIANTS}
+        variants |= {f"cudapf_{lf}_{t}_{r}": (lf, t, r) for lf, t, r in PREFETCH_VARIANTS}
+        variants |= {f"cudadw_{wp}_{u}": (wp, u) for wp, u in DECODE_VARIANTS}
+        variants = {k: v for k, v in variants.items() if k.split("_")[0] in families}
         paths = {k: v for k, v in quantized_paths(probe, variants).items() if k not in ("xla_lut", "xla_decode")}
         cands = {name: (jax.jit(f), [(x, w) for w in weights]) for name, f in paths.items()}
         try:
@@ -215,7 +239,7 @@ def best_variants(sweep: dict[str, Any]) -> dict[str, dict[str, tuple[int, int, 
     best: dict[str, dict[str, tuple[int, int, int]]] = {}
     for cfg, timings in sweep.items():
         best[cfg] = {}
-        for family in ("gather", "lut", "cuda"):
+        for family in FAMILIES:
             fastest = _fastest(timings, "device_us", family + "_") if "error" not in timings else None
             if fastest:
                 best[cfg][f"{family}_best"] = tuple(int(p) for p in fastest[0].split("_")[1:])
@@ -251,7 +275,8 @@ def stage_table(best: dict[str, Any], rotate_bytes: int, calls: int, copy_gbps: 
                 weights = [random_quantized(jax.random.key(300 + i), d_out, d_in, cfg)
                            for i in range(n_copies(probe.codes.nbytes, rotate_bytes))]
                 variants = {"gather_default": GATHER_VARIANTS[0], "lut_default": LUT_VARIANTS[0],
-                            "cuda_default": CUDA_DEFAULT, **best.get(cfg, {})}
+                            "cuda_default": CUDA_DEFAULT, "cudapf_default": (None, None, 2),
+                            "cudadw_default": DECODE_VARIANTS[0], **best.get(cfg, {})}
                 paths = quantized_paths(probe, variants)
                 if batch > dispatch.DECODE_BATCH_ROWS:
                     paths.pop("xla_lut", None)  # the dispatcher sends these batches to the decode path
@@ -296,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--stages", nargs="+", default=["ceilings", "numerics", "sweep", "table"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sweep-families", nargs="+", default=list(FAMILIES), choices=FAMILIES,
+                   help="kernel families the sweep times (the table times each family's default and best)")
     args = p.parse_args(argv)
     if jax.default_backend() != "gpu":
         raise SystemExit(f"gpu_kernels.py needs a GPU backend; jax.default_backend() is {jax.default_backend()!r}")
@@ -323,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
         report.save()
     best: dict[str, Any] = {}
     if "sweep" in args.stages:
-        stages["sweep"] = stage_sweep(args.rotate_bytes, args.calls)
+        stages["sweep"] = stage_sweep(args.rotate_bytes, args.calls, tuple(args.sweep_families))
         best = best_variants(stages["sweep"])
         stages["best_variants"] = best
         print(f"best variants {best} ({time.time() - t0:.0f} s)", flush=True)

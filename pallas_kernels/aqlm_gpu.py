@@ -15,8 +15,10 @@ output and group instead of ``M × ig`` codeword elements). On an H200 both are 
 random gathers through L1, about one wavefront per access whatever its size, so the
 ``ig``-fold cut in gathered bytes did not pay: the table variant was slower at every
 measured shape (``benchmarks/results/gpu_kernels_h200.json``) and the dispatcher does
-not use it. On GPUs the dispatcher prefers ``jaxquant.ops.cuda_ffi`` (shared-memory
-table) for 2^8 codebooks; this kernel serves 1×16 and machines without nvcc.
+not use it. On GPUs the dispatcher prefers ``jaxquant.ops.cuda_ffi``: shared-memory tables
+for 2^8 codebooks and, for 1×16, a warp-per-row decode that was 1.1–2.5× faster than this
+kernel (``benchmarks/results/gpu_kernels_h200_cuda2.json``). This kernel serves machines
+without nvcc.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A CUDA lookup-table GEMV for additive quantization, as an XLA FFI custom call.
+"""CUDA GEMV kernels for additive quantization, as XLA FFI custom calls.
 
 Why not Pallas alone. On an H200 the Pallas Triton kernels (``pallas_kernels``) gather
 each codeword, or each lookup-table entry, from global memory through L1, and a random
@@ -6,27 +6,41 @@ gather costs about one L1 wavefront per access whatever its size: at batch 1 the
 them took 23.6 µs for a 4096×4096 2×8 layer against 11.1 µs for dense bfloat16
 (``benchmarks/results/gpu_kernels_h200_b1_first_defaults.json``). Triton (through
 Pallas) cannot gather from shared memory, where 32 banks serve a warp's random 4-byte
-reads in a few cycles; this kernel does. Measured there: 10.6 µs for that layer (1.02×
-dense bfloat16), 7.4 µs for 1×8 (1.46×); ``benchmarks/results/gpu_kernels_h200.json``.
+reads in a few cycles; these kernels do.
 
-Design. The grid is (chunks of ``GC`` input groups) × (blocks of output rows). Each block
-(1) stages its ``x`` slice in shared memory, (2) tabulates ``T[r, g, m, k] = x[r, g] ·
-codebook[m, k]`` for its groups, one codeword per thread, into shared memory
-(``rows × GC × M × K`` floats, 32 or 64 KiB by default), (3) for each of its output
-rows reads the ``GC × M`` codes once (16-byte loads where aligned) and sums ``M`` table entries per
-group, then (4) adds ``scale · partial sum`` into the output with ``atomicAdd``; the
-output is zeroed first in the same stream. Only the codes stream from HBM. The atomic
-float adds land in any order, so results can differ in the last bits from run to run
-(relative error against float64 stayed under 1e-6 on the device); callers that need
-bit-for-bit repeatable output can force ``impl="pallas_gpu"``.
+Three kernels, one source; ``matmul_cuda`` (the dispatcher's ``cuda_ffi``) picks by
+measurement (``benchmarks/results/gpu_kernels_h200_cuda2.json``, H200, batch 1, 4096×4096):
+
+1. ``lut_matmul_cuda``, the table kernel. The grid is (chunks of ``GC`` input groups) ×
+   (blocks of output rows). Each block (1) stages its ``x`` slice in shared memory, (2)
+   tabulates ``T[r, g, m, k] = x[r, g] · codebook[m, k]`` for its groups, one codeword
+   per thread (``rows × GC × M × K`` floats, 32 or 64 KiB by default), (3) for each of its
+   output rows reads the ``GC × M`` codes once (16-byte loads where aligned) and sums
+   ``M`` table entries per group, then (4) adds ``scale · partial sum`` into the output
+   with ``atomicAdd``; the output is zeroed first in the same stream. 10.5 µs for 2×8
+   (1.0× dense bfloat16). Used for 2 to 4 rows.
+2. ``lut_prefetch_matmul_cuda``: the same table, but each thread's codes, scales and
+   codewords are loaded into registers before step (1), so the loads' latencies overlap
+   one another and the table build. 7.1 µs for 2×8 (1.5×), 5.7 µs for 1×8 (1.9×). Used
+   for one row.
+3. ``decode_warp_matmul_cuda``: one warp per output row sums its codewords, read through
+   the caches, and dots them with ``x``; no table, so it serves 1×16, whose 65536
+   codewords fit no table in shared memory: 19.7 µs (0.55×), against 28.7 µs for the
+   Pallas gather kernel.
+
+The atomic float adds of the table kernels land in any order, so their results can differ
+in the last bits from run to run (relative error against float64 stayed under 1e-6 on
+the device); callers that need bit-for-bit repeatable output can force
+``impl="pallas_gpu"``. The decode kernel is deterministic.
 
 How it is built: ``nvcc`` at first use into the user cache directory, for the GPU's
 compute capability (``jaxquant/native_build.py``). Without ``nvcc`` or a GPU,
-``available()`` is False and ``lut_matmul_cuda`` raises ``NotImplementedError``, so the
+``available()`` is False and every entry point raises ``NotImplementedError``, so the
 dispatcher falls through to Pallas. ``JAXQUANT_NO_FFI=1`` disables it.
 
-Eligibility: GPU backend, ``AdditiveQuantized`` with ``out_group_size == 1``, uint8
-codes (``2**B ≤ 256``), 1 to 4 rows of ``x``.
+Eligibility: GPU backend, ``AdditiveQuantized`` with ``out_group_size == 1``, 1 to 4
+rows of ``x``; uint8 codes (``2**B ≤ 256``) for the table kernels, uint8 or uint16 codes
+with 1 or 2 codebooks and input groups of 8 for the decode kernel.
 """
 
 from __future__ import annotations
@@ -62,6 +76,34 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int kThreads = 256;
+
+// Operand shapes shared by every kernel here: x [R, d_in], codes [d_out, G, M],
+// codebooks [M, K, 1, ig], scales with d_out elements.
+struct AqShapes {
+  int64_t R, d_in, d_out, G, M, K, ig;
+};
+
+ffi::Error ReadShapes(const char* kernel, ffi::Span<const int64_t> xd, ffi::Span<const int64_t> cd,
+                      ffi::Span<const int64_t> bd, size_t n_scales, AqShapes& s) {
+  if (xd.size() != 2 || cd.size() != 3 || bd.size() != 4)
+    return ffi::Error::InvalidArgument(std::string(kernel) + ": x, codes, codebooks must have ranks 2, 3, 4");
+  s = {xd[0], xd[1], cd[0], cd[1], cd[2], bd[1], bd[3]};
+  if (bd[0] != s.M || bd[2] != 1 || s.G * s.ig != s.d_in || (int64_t)n_scales != s.d_out)
+    return ffi::Error::InvalidArgument(std::string(kernel) + ": inconsistent shapes");
+  return ffi::Error::Success();
+}
+
+// The four operands and the result every kernel here binds; each handler adds its attributes.
+template <ffi::DataType CodeDT>
+auto AqBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::PlatformStream<cudaStream_t>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<CodeDT>>()
+      .template Arg<ffi::Buffer<ffi::F32>>()  // the binding's type depends on CodeDT from here on
+      .template Arg<ffi::Buffer<ffi::F32>>()
+      .template Ret<ffi::Buffer<ffi::F32>>();
+}
 
 template <int R>
 __global__ void __launch_bounds__(kThreads)
@@ -152,12 +194,13 @@ cudaError_t Launch(cudaStream_t stream, const float* x, const uint8_t* codes, co
 ffi::Error AqLutCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
                          ffi::Buffer<ffi::F32> codebooks, ffi::Buffer<ffi::F32> scales,
                          ffi::ResultBuffer<ffi::F32> out, int64_t group_chunk, int64_t out_per_block) {
-  const auto xd = x.dimensions(), cd = codes.dimensions(), bd = codebooks.dimensions();
-  if (xd.size() != 2 || cd.size() != 3 || bd.size() != 4)
-    return ffi::Error::InvalidArgument("aq_lut_cuda: x, codes, codebooks must have ranks 2, 3, 4");
-  const int64_t R = xd[0], d_in = xd[1], d_out = cd[0], G = cd[1], M = cd[2], K = bd[1], ig = bd[3];
-  if (bd[0] != M || bd[2] != 1 || G * ig != d_in || K > 256 || scales.element_count() != d_out)
-    return ffi::Error::InvalidArgument("aq_lut_cuda: inconsistent shapes");
+  AqShapes sh;
+  if (ffi::Error err = ReadShapes("aq_lut_cuda", x.dimensions(), codes.dimensions(), codebooks.dimensions(),
+                                  scales.element_count(), sh);
+      err.failure())
+    return err;
+  const int64_t R = sh.R, d_in = sh.d_in, d_out = sh.d_out, G = sh.G, M = sh.M, K = sh.K, ig = sh.ig;
+  if (K > 256) return ffi::Error::InvalidArgument("aq_lut_cuda: more than 256 codewords per codebook");
   if (R < 1 || R > 4 || group_chunk < 1 || out_per_block < 1)
     return ffi::Error::InvalidArgument("aq_lut_cuda: rows must be 1..4, group_chunk and out_per_block >= 1");
   cudaError_t e = cudaMemsetAsync(out->typed_data(), 0, sizeof(float) * R * d_out, stream);
@@ -177,21 +220,343 @@ ffi::Error AqLutCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buff
   return ffi::Error::Success();
 }
 
+// ---- The table kernel with its global loads issued first ------------------------------
+// Same table, split and atomics as AqLutGemv, but every global load a thread needs (its
+// rows' codes and scales, its codewords) is issued before the x slice is staged, so their
+// latencies overlap each other and the table build instead of following one another.
+
+
+template <int R>
+__device__ __forceinline__ void TabulateCodeword8(float4 w0, float4 w1, int mk, const float* xs, float* lut,
+                                                  int gc, int GC, int MK) {
+  for (int r = 0; r < R; ++r)
+    for (int gl = 0; gl < gc; ++gl) {
+      const float4* xv = reinterpret_cast<const float4*>(xs + (r * GC + gl) * 8);
+      const float4 a = xv[0], b = xv[1];  // the same address across the warp: a broadcast
+      float s = w0.x * a.x + w0.y * a.y + w0.z * a.z + w0.w * a.w;
+      s += w1.x * b.x + w1.y * b.y + w1.z * b.z + w1.w * b.w;
+      lut[(r * GC + gl) * MK + mk] = s;
+    }
+}
+
+constexpr int kMaxCodeVecs = 4;  // up to 64 codes of one row per chunk held in registers
+
+template <int R, int RPT>
+__global__ void __launch_bounds__(512)
+AqLutGemvPrefetch(const float* __restrict__ x, const uint8_t* __restrict__ codes, const float* __restrict__ cb,
+                  const float* __restrict__ scales, float* __restrict__ out, int d_in, int d_out, int G, int M,
+                  int K, int ig, int GC) {
+  extern __shared__ float smem[];
+  float* lut = smem;                  // [R][GC][M][K]
+  float* xs = smem + R * GC * M * K;  // [R][GC * ig]
+  const int tid = threadIdx.x, nthr = blockDim.x, MK = M * K;
+  const int g0 = blockIdx.x * GC;
+  const int gc = min(GC, G - g0);
+  const int n_codes = gc * M;
+  const int64_t o_base = (int64_t)blockIdx.y * RPT * nthr + tid;
+  // Block-uniform: the chunk's codes of every row are whole, aligned 16-byte vectors.
+  const bool vec = n_codes % 16 == 0 && n_codes <= 16 * kMaxCodeVecs && (G * M) % 16 == 0 &&
+                   (g0 * M) % 16 == 0 && (reinterpret_cast<uintptr_t>(codes) & 15) == 0;
+
+  uint4 cv[RPT][kMaxCodeVecs];
+  float s[RPT];
+#pragma unroll
+  for (int j = 0; j < RPT; ++j) {
+    const int64_t o = o_base + (int64_t)j * nthr;
+    s[j] = o < d_out ? __ldg(scales + o) : 0.f;
+#pragma unroll
+    for (int v = 0; v < kMaxCodeVecs; ++v) {
+      cv[j][v] = make_uint4(0, 0, 0, 0);
+      if (vec && o < d_out && v * 16 < n_codes)
+        cv[j][v] = __ldg(reinterpret_cast<const uint4*>(codes + (o * G + g0) * M) + v);
+    }
+  }
+  float4 w[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int mk = tid + i * nthr;
+    w[i][0] = w[i][1] = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (ig == 8 && mk < MK) {
+      w[i][0] = __ldg(reinterpret_cast<const float4*>(cb + (int64_t)mk * 8));
+      w[i][1] = __ldg(reinterpret_cast<const float4*>(cb + (int64_t)mk * 8) + 1);
+    }
+  }
+
+  for (int i = tid; i < R * gc * ig; i += nthr) {
+    const int r = i / (gc * ig), e = i % (gc * ig);
+    xs[r * GC * ig + e] = x[(int64_t)r * d_in + (int64_t)g0 * ig + e];
+  }
+  __syncthreads();
+
+  if (ig == 8) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+      if (tid + i * nthr < MK) TabulateCodeword8<R>(w[i][0], w[i][1], tid + i * nthr, xs, lut, gc, GC, MK);
+    for (int mk = tid + 2 * nthr; mk < MK; mk += nthr) {
+      const float4* p = reinterpret_cast<const float4*>(cb + (int64_t)mk * 8);
+      TabulateCodeword8<R>(__ldg(p), __ldg(p + 1), mk, xs, lut, gc, GC, MK);
+    }
+  } else {
+    for (int mk = tid; mk < MK; mk += nthr)
+      for (int r = 0; r < R; ++r)
+        for (int gl = 0; gl < gc; ++gl) {
+          const float* xv = xs + r * GC * ig + gl * ig;
+          float acc = 0.f;
+          for (int i = 0; i < ig; ++i) acc += __ldg(cb + (int64_t)mk * ig + i) * xv[i];
+          lut[(r * GC + gl) * MK + mk] = acc;
+        }
+  }
+  __syncthreads();
+
+#pragma unroll
+  for (int j = 0; j < RPT; ++j) {
+    const int64_t o = o_base + (int64_t)j * nthr;
+    if (o >= d_out) continue;
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = 0.f;
+    if (vec) {
+#pragma unroll
+      for (int v = 0; v < kMaxCodeVecs; ++v) {
+        if (v * 16 >= n_codes) break;
+        const uint32_t words[4] = {cv[j][v].x, cv[j][v].y, cv[j][v].z, cv[j][v].w};
+#pragma unroll
+        for (int q = 0; q < 16; ++q) {
+          const int code = (words[q >> 2] >> (8 * (q & 3))) & 0xff;
+#pragma unroll
+          for (int r = 0; r < R; ++r) acc[r] += lut[(r * GC * M + v * 16 + q) * K + code];
+        }
+      }
+    } else {
+      const uint8_t* c = codes + (o * G + g0) * M;
+      for (int p = 0; p < n_codes; ++p) {
+        const int code = __ldg(c + p);
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r] += lut[(r * GC * M + p) * K + code];
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) atomicAdd(out + (int64_t)r * d_out + o, acc[r] * s[j]);
+  }
+}
+
+template <int R, int RPT>
+cudaError_t LaunchPrefetch(cudaStream_t stream, const float* x, const uint8_t* codes, const float* cb,
+                           const float* scales, float* out, int d_in, int d_out, int G, int M, int K, int ig,
+                           int GC, int threads) {
+  const size_t smem = sizeof(float) * ((size_t)R * GC * M * K + (size_t)R * GC * ig);
+  if (smem > 48 * 1024) {
+    const cudaError_t e =
+        cudaFuncSetAttribute(AqLutGemvPrefetch<R, RPT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e != cudaSuccess) return e;
+  }
+  const int64_t rows_per_block = (int64_t)RPT * threads;
+  const dim3 grid((G + GC - 1) / GC, (unsigned)((d_out + rows_per_block - 1) / rows_per_block));
+  AqLutGemvPrefetch<R, RPT><<<grid, threads, smem, stream>>>(x, codes, cb, scales, out, d_in, d_out, G, M, K, ig, GC);
+  return cudaGetLastError();
+}
+
+template <int R>
+cudaError_t LaunchPrefetchRpt(int rpt, cudaStream_t stream, const float* x, const uint8_t* codes, const float* cb,
+                              const float* scales, float* out, int d_in, int d_out, int G, int M, int K, int ig,
+                              int GC, int threads) {
+  switch (rpt) {
+    case 1: return LaunchPrefetch<R, 1>(stream, x, codes, cb, scales, out, d_in, d_out, G, M, K, ig, GC, threads);
+    case 2: return LaunchPrefetch<R, 2>(stream, x, codes, cb, scales, out, d_in, d_out, G, M, K, ig, GC, threads);
+    default: return LaunchPrefetch<R, 4>(stream, x, codes, cb, scales, out, d_in, d_out, G, M, K, ig, GC, threads);
+  }
+}
+
+ffi::Error AqLutPrefetchCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
+                                 ffi::Buffer<ffi::F32> codebooks, ffi::Buffer<ffi::F32> scales,
+                                 ffi::ResultBuffer<ffi::F32> out, int64_t group_chunk, int64_t threads,
+                                 int64_t rows_per_thread) {
+  AqShapes sh;
+  if (ffi::Error err = ReadShapes("aq_lut_prefetch_cuda", x.dimensions(), codes.dimensions(), codebooks.dimensions(),
+                                  scales.element_count(), sh);
+      err.failure())
+    return err;
+  const int64_t R = sh.R, d_in = sh.d_in, d_out = sh.d_out, G = sh.G, M = sh.M, K = sh.K, ig = sh.ig;
+  if (K > 256) return ffi::Error::InvalidArgument("aq_lut_prefetch_cuda: more than 256 codewords per codebook");
+  if (R < 1 || R > 4 || group_chunk < 1 || threads < 32 || threads > 512 || threads % 32 != 0 ||
+      (rows_per_thread != 1 && rows_per_thread != 2 && rows_per_thread != 4))
+    return ffi::Error::InvalidArgument(
+        "aq_lut_prefetch_cuda: rows must be 1..4, group_chunk >= 1, threads a multiple of 32 in 32..512, "
+        "rows_per_thread 1, 2 or 4");
+  cudaError_t e = cudaMemsetAsync(out->typed_data(), 0, sizeof(float) * R * d_out, stream);
+  if (e == cudaSuccess) {
+    const float *xp = x.typed_data(), *cbp = codebooks.typed_data(), *sp = scales.typed_data();
+    const uint8_t* cp = codes.typed_data();
+    float* op = out->typed_data();
+    const int a = d_in, b = d_out, g = G, m = M, k = K, i = ig, gc = group_chunk, t = threads, rpt = rows_per_thread;
+    switch (R) {
+      case 1: e = LaunchPrefetchRpt<1>(rpt, stream, xp, cp, cbp, sp, op, a, b, g, m, k, i, gc, t); break;
+      case 2: e = LaunchPrefetchRpt<2>(rpt, stream, xp, cp, cbp, sp, op, a, b, g, m, k, i, gc, t); break;
+      case 3: e = LaunchPrefetchRpt<3>(rpt, stream, xp, cp, cbp, sp, op, a, b, g, m, k, i, gc, t); break;
+      default: e = LaunchPrefetchRpt<4>(rpt, stream, xp, cp, cbp, sp, op, a, b, g, m, k, i, gc, t); break;
+    }
+  }
+  if (e != cudaSuccess)
+    return ffi::Error::Internal(std::string("aq_lut_prefetch_cuda: ") + cudaGetErrorString(e));
+  return ffi::Error::Success();
+}
+
+// ---- Decode and dot, one warp per output row ------------------------------------------
+// No table, no split over groups, no atomics, no memset: lane l of the warp for row o
+// takes groups l, l + 32, ..., gathers each group's M codewords (two 16-byte loads each)
+// from the codebooks in global memory (the L1/L2 caches hold them: 16 KiB for 2x8, 2 MiB
+// for 1x16), sums them, dots them with x and the warp reduces by shuffles. UNROLL groups
+// per lane load their codes, then their codewords, before any arithmetic, to keep many
+// independent loads in flight. For 1x16, whose 65536 codewords fit no table in shared memory.
+
+template <int R, int M, int UNROLL, typename CodeT>
+__global__ void __launch_bounds__(256)
+AqDecodeWarpGemv(const float* __restrict__ x, const CodeT* __restrict__ codes, const float* __restrict__ cb,
+                 const float* __restrict__ scales, float* __restrict__ out, int d_in, int d_out, int G, int K) {
+  const int lane = threadIdx.x & 31;
+  const int64_t o = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (o >= d_out) return;  // whole warps leave together; nothing below synchronises the block
+  const CodeT* c = codes + o * G * M;
+  float acc[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = 0.f;
+  for (int base = lane; base < G; base += 32 * UNROLL) {
+    int code[UNROLL][M];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int g = base + 32 * u;
+#pragma unroll
+      for (int m = 0; m < M; ++m) code[u][m] = g < G ? (int)__ldg(c + (int64_t)g * M + m) : 0;
+    }
+    float4 wv[UNROLL][M][2];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const float4* p = reinterpret_cast<const float4*>(cb + ((int64_t)m * K + code[u][m]) * 8);
+        wv[u][m][0] = __ldg(p);
+        wv[u][m][1] = __ldg(p + 1);
+      }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int g = base + 32 * u;
+      if (g >= G) break;
+      float4 a = wv[u][0][0], b = wv[u][0][1];
+#pragma unroll
+      for (int m = 1; m < M; ++m) {
+        a.x += wv[u][m][0].x; a.y += wv[u][m][0].y; a.z += wv[u][m][0].z; a.w += wv[u][m][0].w;
+        b.x += wv[u][m][1].x; b.y += wv[u][m][1].y; b.z += wv[u][m][1].z; b.w += wv[u][m][1].w;
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float4* xv = reinterpret_cast<const float4*>(x + (int64_t)r * d_in + (int64_t)g * 8);
+        const float4 xa = __ldg(xv), xb = __ldg(xv + 1);
+        acc[r] += a.x * xa.x + a.y * xa.y + a.z * xa.z + a.w * xa.w + b.x * xb.x + b.y * xb.y + b.z * xb.z +
+                  b.w * xb.w;
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
+  if (lane == 0) {
+    const float s = __ldg(scales + o);
+#pragma unroll
+    for (int r = 0; r < R; ++r) out[(int64_t)r * d_out + o] = acc[r] * s;
+  }
+}
+
+template <int R, int M, typename CodeT>
+cudaError_t LaunchDecodeUnroll(int unroll, cudaStream_t stream, const float* x, const CodeT* codes,
+                               const float* cb, const float* scales, float* out, int d_in, int d_out, int G,
+                               int K, int warps) {
+  const dim3 grid((unsigned)((d_out + warps - 1) / warps));
+  if (unroll == 8)
+    AqDecodeWarpGemv<R, M, 8, CodeT><<<grid, warps * 32, 0, stream>>>(x, codes, cb, scales, out, d_in, d_out, G, K);
+  else
+    AqDecodeWarpGemv<R, M, 4, CodeT><<<grid, warps * 32, 0, stream>>>(x, codes, cb, scales, out, d_in, d_out, G, K);
+  return cudaGetLastError();
+}
+
+template <int R, typename CodeT>
+cudaError_t LaunchDecodeM(int M, int unroll, cudaStream_t stream, const float* x, const CodeT* codes,
+                          const float* cb, const float* scales, float* out, int d_in, int d_out, int G, int K,
+                          int warps) {
+  if (M == 2) return LaunchDecodeUnroll<R, 2, CodeT>(unroll, stream, x, codes, cb, scales, out, d_in, d_out, G, K, warps);
+  return LaunchDecodeUnroll<R, 1, CodeT>(unroll, stream, x, codes, cb, scales, out, d_in, d_out, G, K, warps);
+}
+
+template <ffi::DataType CodeDT, typename CodeT>
+ffi::Error AqDecodeWarpCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<CodeDT> codes,
+                                ffi::Buffer<ffi::F32> codebooks, ffi::Buffer<ffi::F32> scales,
+                                ffi::ResultBuffer<ffi::F32> out, int64_t warps_per_block, int64_t unroll) {
+  AqShapes sh;
+  if (ffi::Error err = ReadShapes("aq_decode_warp_cuda", x.dimensions(), codes.dimensions(), codebooks.dimensions(),
+                                  scales.element_count(), sh);
+      err.failure())
+    return err;
+  const int64_t R = sh.R, d_in = sh.d_in, d_out = sh.d_out, G = sh.G, M = sh.M, K = sh.K;
+  if (sh.ig != 8) return ffi::Error::InvalidArgument("aq_decode_warp_cuda: in_group_size must be 8");
+  if (R < 1 || R > 4 || (M != 1 && M != 2) || warps_per_block < 1 || warps_per_block > 8 ||
+      (unroll != 4 && unroll != 8))
+    return ffi::Error::InvalidArgument(
+        "aq_decode_warp_cuda: rows must be 1..4, 1 or 2 codebooks, warps_per_block 1..8, unroll 4 or 8");
+  const float *xp = x.typed_data(), *cbp = codebooks.typed_data(), *sp = scales.typed_data();
+  const CodeT* cp = reinterpret_cast<const CodeT*>(codes.untyped_data());
+  float* op = out->typed_data();
+  const int a = d_in, b = d_out, g = G, m = M, k = K, u = unroll, wp = warps_per_block;
+  cudaError_t e;
+  switch (R) {
+    case 1: e = LaunchDecodeM<1, CodeT>(m, u, stream, xp, cp, cbp, sp, op, a, b, g, k, wp); break;
+    case 2: e = LaunchDecodeM<2, CodeT>(m, u, stream, xp, cp, cbp, sp, op, a, b, g, k, wp); break;
+    case 3: e = LaunchDecodeM<3, CodeT>(m, u, stream, xp, cp, cbp, sp, op, a, b, g, k, wp); break;
+    default: e = LaunchDecodeM<4, CodeT>(m, u, stream, xp, cp, cbp, sp, op, a, b, g, k, wp); break;
+  }
+  if (e != cudaSuccess)
+    return ffi::Error::Internal(std::string("aq_decode_warp_cuda: ") + cudaGetErrorString(e));
+  return ffi::Error::Success();
+}
+
+ffi::Error AqDecodeWarpCudaU8(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
+                              ffi::Buffer<ffi::F32> codebooks, ffi::Buffer<ffi::F32> scales,
+                              ffi::ResultBuffer<ffi::F32> out, int64_t warps_per_block, int64_t unroll) {
+  return AqDecodeWarpCudaImpl<ffi::U8, uint8_t>(stream, x, codes, codebooks, scales, out, warps_per_block, unroll);
+}
+
+ffi::Error AqDecodeWarpCudaU16(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U16> codes,
+                               ffi::Buffer<ffi::F32> codebooks, ffi::Buffer<ffi::F32> scales,
+                               ffi::ResultBuffer<ffi::F32> out, int64_t warps_per_block, int64_t unroll) {
+  return AqDecodeWarpCudaImpl<ffi::U16, uint16_t>(stream, x, codes, codebooks, scales, out, warps_per_block, unroll);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantAqLutCudaF32, AqLutCudaImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                              AqBinding<ffi::U8>().Attr<int64_t>("group_chunk").Attr<int64_t>("out_per_block"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantAqLutPrefetchCudaF32, AqLutPrefetchCudaImpl,
+                              AqBinding<ffi::U8>()
                                   .Attr<int64_t>("group_chunk")
-                                  .Attr<int64_t>("out_per_block"));
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("rows_per_thread"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantAqDecodeWarpCudaU8, AqDecodeWarpCudaU8,
+                              AqBinding<ffi::U8>().Attr<int64_t>("warps_per_block").Attr<int64_t>("unroll"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantAqDecodeWarpCudaU16, AqDecodeWarpCudaU16,
+                              AqBinding<ffi::U16>().Attr<int64_t>("warps_per_block").Attr<int64_t>("unroll"));
 """
 
-LIBRARY = NativeLibrary("aq_lut_cuda", _SOURCE, {TARGET_NAME: "JaxquantAqLutCudaF32"}, platform="CUDA")
+PREFETCH_TARGET = "jaxquant_aq_lut_prefetch_cuda_f32"
+DECODE_TARGETS = {"uint8": "jaxquant_aq_decode_warp_cuda_u8", "uint16": "jaxquant_aq_decode_warp_cuda_u16"}
+LIBRARY = NativeLibrary(
+    "aq_lut_cuda",
+    _SOURCE,
+    {TARGET_NAME: "JaxquantAqLutCudaF32", PREFETCH_TARGET: "JaxquantAqLutPrefetchCudaF32",
+     DECODE_TARGETS["uint8"]: "JaxquantAqDecodeWarpCudaU8", DECODE_TARGETS["uint16"]: "JaxquantAqDecodeWarpCudaU16"},
+    platform="CUDA",
+)
 
 
 def available() -> bool:
@@ -246,18 +611,9 @@ def lut_matmul_cuda(
     """
     if out_per_block < 1 or (lut_floats is not None and lut_floats < 1):
         raise ValueError(f"out_per_block={out_per_block!r} and lut_floats={lut_floats!r} must be >= 1")
-    if jax.default_backend() != "gpu":
-        raise NotImplementedError("cuda_ffi: backend is not gpu")
-    if not cuda_eligible(w, x.shape[0] if x.ndim == 2 else 0):
-        raise NotImplementedError(
-            f"cuda_ffi: needs AdditiveQuantized with uint8 codes, og == 1 and 1..{MAX_ROWS} rows, "
-            f"got {w!r} with x of shape {x.shape}"
-        )
-    if x.shape[1] != w.d_in:
-        raise ValueError(f"x must be [rows, d_in={w.d_in}], got shape {x.shape}")
-    if not available():
-        raise NotImplementedError(f"cuda_ffi: kernel unavailable ({unavailable_reason()})")
-    rows, d_out = x.shape[0], w.codes.shape[0]
+    rows = x.shape[0] if x.ndim == 2 else 0
+    _check_call(x, w, cuda_eligible(w, rows), f"AdditiveQuantized with uint8 codes, og == 1 and 1..{MAX_ROWS} rows")
+    d_out = w.codes.shape[0]
     m, k = w.codebooks.shape[0], w.codebooks.shape[1]
     if lut_floats is None:
         lut_floats = LUT_FLOATS_ONE_ROW if rows == 1 else LUT_FLOATS
@@ -271,4 +627,154 @@ def lut_matmul_cuda(
     )
 
 
-__all__ = ["LUT_FLOATS", "LUT_FLOATS_ONE_ROW", "MAX_ROWS", "OUT_PER_BLOCK", "TARGET_NAME", "available", "cuda_eligible", "group_chunk", "lut_matmul_cuda", "unavailable_reason"]
+def _check_call(x: jax.Array, w: Any, eligible: bool, needs: str) -> None:
+    """The checks every kernel entry point shares: backend, eligibility, x's shape, the build."""
+    if jax.default_backend() != "gpu":
+        raise NotImplementedError("cuda_ffi: backend is not gpu")
+    if not eligible:
+        raise NotImplementedError(f"cuda_ffi: needs {needs}, got {w!r} with x of shape {x.shape}")
+    if x.shape[1] != w.d_in:
+        raise ValueError(f"x must be [rows, d_in={w.d_in}], got shape {x.shape}")
+    if not available():
+        raise NotImplementedError(f"cuda_ffi: kernel unavailable ({unavailable_reason()})")
+
+
+def lut_prefetch_matmul_cuda(
+    x: jax.Array,
+    w: AdditiveQuantized,
+    *,
+    lut_floats: int | None = None,
+    threads: int | None = None,
+    rows_per_thread: int = 2,
+) -> jax.Array:
+    """``x @ W`` through the table kernel that issues its global loads first; float32 ``[rows, d_out]``.
+
+    The same table, group split and atomic adds as ``lut_matmul_cuda``; each thread's
+    codes (up to 64 per row and chunk), scales and codewords are loaded into registers
+    before the table is built, so their memory latencies overlap.
+
+    Args:
+        x: ``[rows, d_in]`` activations, 1 to ``MAX_ROWS`` rows.
+        w: ``AdditiveQuantized`` with uint8 codes and ``out_group_size == 1``.
+        lut_floats: table budget in floats, as for ``lut_matmul_cuda``.
+        threads: threads per block, a multiple of 32 from 32 to 512; ``None``:
+            ``prefetch_threads(num_codebooks)``.
+        rows_per_thread: output rows per thread, 1, 2 or 4; a block covers
+            ``threads * rows_per_thread`` rows.
+
+    Raises:
+        NotImplementedError: as ``lut_matmul_cuda``.
+        ValueError: a block setting out of range, or ``x`` not ``[rows, d_in]``.
+    """
+    if threads is None:
+        threads = prefetch_threads(w.codebooks.shape[0]) if isinstance(w, AdditiveQuantized) else 256
+    if threads % 32 or not 32 <= threads <= 512 or rows_per_thread not in (1, 2, 4) or (
+            lut_floats is not None and lut_floats < 1):
+        raise ValueError(f"threads={threads!r} (multiple of 32 in 32..512), rows_per_thread={rows_per_thread!r} "
+                         f"(1, 2 or 4) and lut_floats={lut_floats!r} (>= 1) out of range")
+    rows = x.shape[0] if x.ndim == 2 else 0
+    _check_call(x, w, cuda_eligible(w, rows), f"AdditiveQuantized with uint8 codes, og == 1 and 1..{MAX_ROWS} rows")
+    m, k = w.codebooks.shape[0], w.codebooks.shape[1]
+    if lut_floats is None:
+        lut_floats = LUT_FLOATS_ONE_ROW if rows == 1 else LUT_FLOATS
+    return jax.ffi.ffi_call(PREFETCH_TARGET, jax.ShapeDtypeStruct((rows, w.d_out), jnp.float32))(
+        x.astype(jnp.float32),
+        w.codes,
+        w.codebooks.astype(jnp.float32),
+        w.scales.astype(jnp.float32).reshape(w.d_out),
+        group_chunk=np.int64(group_chunk(rows, m, k, lut_floats)),
+        threads=np.int64(threads),
+        rows_per_thread=np.int64(rows_per_thread),
+    )
+
+
+def prefetch_threads(num_codebooks: int) -> int:
+    """Default threads per block of the table kernel with its loads first (two rows each).
+
+    Measured on an H200 at batch 1 (``benchmarks/results/gpu_kernels_h200_cuda2.json``):
+    with two codebooks 512 threads (1024 rows per block) took 7.1 µs at 4096×4096 against
+    7.8 µs for 256, and 17.4/17.6 against 18.5 µs at the 11008-wide shapes; with one
+    codebook, whose chunks hold twice the groups, 256 threads took 5.8 µs against 6.8 µs
+    for 512 (fewer, larger blocks left SMs idle).
+    """
+    return 512 if num_codebooks >= 2 else 256
+
+
+def matmul_cuda(x: jax.Array, w: AdditiveQuantized) -> jax.Array:
+    """``x @ W`` through the fastest CUDA kernel measured for the call; float32 ``[rows, d_out]``.
+
+    The dispatcher's ``cuda_ffi`` implementation. On an H200
+    (``benchmarks/results/gpu_kernels_h200_cuda2.json``): one row of uint8 codes goes to
+    the table kernel that issues its loads first (1.2–1.5× faster than the other table
+    kernel at the three Llama-2-7B shapes); 2 to 4 rows to ``lut_matmul_cuda`` (at 4 rows
+    the other one, whose 4-row builds spill registers, took 13–24% longer); uint16 codes
+    (1×16) to the warp-per-row decode, 1.1–2.5× faster than the Pallas gather kernel at 1
+    and 4 rows.
+
+    Raises:
+        NotImplementedError: not on a GPU, no build, more than ``MAX_ROWS`` rows, or a
+            weight none of the kernels accepts.
+        ValueError: ``x`` is not ``[rows, d_in]``.
+    """
+    rows = x.shape[0] if x.ndim == 2 else 0
+    if cuda_eligible(w, rows):
+        return lut_prefetch_matmul_cuda(x, w) if rows == 1 else lut_matmul_cuda(x, w)
+    if decode_eligible(w, rows):
+        return decode_warp_matmul_cuda(x, w)
+    raise NotImplementedError(
+        f"cuda_ffi: needs AdditiveQuantized with og == 1 and 1..{MAX_ROWS} rows, and uint8 codes or uint16 codes "
+        f"with 1 or 2 codebooks and groups of 8; got {w!r} with x of shape {x.shape}")
+
+
+def decode_eligible(w: Any, rows: int) -> bool:
+    """True when the warp-per-row decode kernel can run ``w`` on ``rows`` rows."""
+    return (
+        isinstance(w, AdditiveQuantized)
+        and w.out_group_size == 1
+        and w.in_group_size == 8
+        and w.num_codebooks in (1, 2)
+        and np.dtype(w.codes.dtype).name in DECODE_TARGETS
+        and 1 <= rows <= MAX_ROWS
+    )
+
+
+def decode_warp_matmul_cuda(x: jax.Array, w: AdditiveQuantized, *, warps_per_block: int = 8,
+                            unroll: int = 4) -> jax.Array:
+    """``x @ W`` with one warp per output row decoding codewords from global memory; float32.
+
+    No table, no atomics, no memset, so the result is the same on every run. The
+    codebooks are read through the caches; suited to 2^16 codebooks (1×16), too large for
+    a table in shared memory.
+
+    Args:
+        x: ``[rows, d_in]`` activations, 1 to ``MAX_ROWS`` rows.
+        w: ``AdditiveQuantized`` with uint8 or uint16 codes, 1 or 2 codebooks, input
+            groups of 8 and ``out_group_size == 1``.
+        warps_per_block: output rows per block, 1 to 8.
+        unroll: groups per lane whose loads are issued together, 4 or 8.
+
+    Raises:
+        NotImplementedError: not on a GPU, ``w`` or the row count not eligible, or no build.
+        ValueError: a block setting out of range, or ``x`` not ``[rows, d_in]``.
+    """
+    if not 1 <= warps_per_block <= 8 or unroll not in (4, 8):
+        raise ValueError(f"warps_per_block={warps_per_block!r} (1..8) and unroll={unroll!r} (4 or 8) out of range")
+    rows = x.shape[0] if x.ndim == 2 else 0
+    _check_call(x, w, decode_eligible(w, rows),
+                f"AdditiveQuantized with uint8/uint16 codes, 1 or 2 codebooks, groups of 8, og == 1, 1..{MAX_ROWS} rows")
+    target = DECODE_TARGETS[np.dtype(w.codes.dtype).name]
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows, w.d_out), jnp.float32))(
+        x.astype(jnp.float32),
+        w.codes,
+        w.codebooks.astype(jnp.float32),
+        w.scales.astype(jnp.float32).reshape(w.d_out),
+        warps_per_block=np.int64(warps_per_block),
+        unroll=np.int64(unroll),
+    )
+
+
+__all__ = [
+    "DECODE_TARGETS", "LUT_FLOATS", "LUT_FLOATS_ONE_ROW", "MAX_ROWS", "OUT_PER_BLOCK", "PREFETCH_TARGET", "TARGET_NAME",
+    "available", "cuda_eligible", "decode_eligible", "decode_warp_matmul_cuda", "group_chunk", "lut_matmul_cuda",
+    "lut_prefetch_matmul_cuda", "matmul_cuda", "prefetch_threads", "unavailable_reason",
+]

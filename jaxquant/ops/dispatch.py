@@ -7,8 +7,8 @@ to ``(d_out, d_in)`` storage order, then contracted on its input axis, which nee
 transpose of the weight.
 
 Quantized weights go to the first eligible implementation of ``IMPLEMENTATIONS``: on
-GPU the CUDA lookup-table kernel ``cuda_ffi`` (built with nvcc at first use, skipped
-without it), then Pallas on GPU/TPU, the native CPU lookup-table kernel ``cpu_ffi`` (an
+GPU the CUDA kernels ``cuda_ffi`` (lookup tables for 2^8 codebooks, a warp-per-row decode
+for 2^16; built with nvcc at first use, skipped without it), then Pallas on GPU/TPU, the native CPU lookup-table kernel ``cpu_ffi`` (an
 XLA FFI custom call compiled at first use, skipped when no compiler is available), the
 XLA lookup-table kernel, and the XLA tile-wise decode that always works. Each raises
 ``NotImplementedError`` when it cannot run the call (config, backend, batch rows); the
@@ -105,7 +105,7 @@ def _pallas_tpu(x: jax.Array, w: Any) -> jax.Array:
 
 # Tried in this order; the last one accepts every quantized array.
 IMPLEMENTATIONS: dict[str, Impl] = {
-    "cuda_ffi": cuda_ffi.lut_matmul_cuda,  # refuses more than cuda_ffi.MAX_ROWS rows itself
+    "cuda_ffi": cuda_ffi.matmul_cuda,  # refuses more than cuda_ffi.MAX_ROWS rows itself
     "pallas_gpu": _pallas_gpu,
     "pallas_tpu": _pallas_tpu,
     "cpu_ffi": cpu_ffi.lut_matmul_ffi,
