@@ -113,3 +113,11 @@ def test_prefetch_threads_follow_the_measured_defaults():
     # codebooks, 512 with one.
     assert cuda_ffi.prefetch_threads(2) == 512
     assert cuda_ffi.prefetch_threads(1) == 256
+
+
+def test_table_chunk_stays_within_the_group_count_and_shared_memory(rng):
+    w = random_aq(rng, 32, 96, 2, 8, 8)  # 12 groups
+    assert cuda_ffi._table_chunk(w, 1, cuda_ffi.LUT_FLOATS_ONE_ROW) == 12  # 16 fit the budget, 12 exist
+    assert cuda_ffi._table_chunk(w, 1, 512) == 1
+    with pytest.raises(ValueError, match=r"lut_floats=1048576 .* shared memory"):
+        cuda_ffi._table_chunk(random_aq(rng, 32, 1024, 2, 8, 8), 4, 2**20)

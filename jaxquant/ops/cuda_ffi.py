@@ -201,6 +201,7 @@ ffi::Error AqLutCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buff
     return err;
   const int64_t R = sh.R, d_in = sh.d_in, d_out = sh.d_out, G = sh.G, M = sh.M, K = sh.K, ig = sh.ig;
   if (K > 256) return ffi::Error::InvalidArgument("aq_lut_cuda: more than 256 codewords per codebook");
+  if (group_chunk > G) return ffi::Error::InvalidArgument("aq_lut_cuda: group_chunk above the group count");
   if (R < 1 || R > 4 || group_chunk < 1 || out_per_block < 1)
     return ffi::Error::InvalidArgument("aq_lut_cuda: rows must be 1..4, group_chunk and out_per_block >= 1");
   cudaError_t e = cudaMemsetAsync(out->typed_data(), 0, sizeof(float) * R * d_out, stream);
@@ -378,6 +379,7 @@ ffi::Error AqLutPrefetchCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, f
     return err;
   const int64_t R = sh.R, d_in = sh.d_in, d_out = sh.d_out, G = sh.G, M = sh.M, K = sh.K, ig = sh.ig;
   if (K > 256) return ffi::Error::InvalidArgument("aq_lut_prefetch_cuda: more than 256 codewords per codebook");
+  if (group_chunk > G) return ffi::Error::InvalidArgument("aq_lut_prefetch_cuda: group_chunk above the group count");
   if (R < 1 || R > 4 || group_chunk < 1 || threads < 32 || threads > 512 || threads % 32 != 0 ||
       (rows_per_thread != 1 && rows_per_thread != 2 && rows_per_thread != 4))
     return ffi::Error::InvalidArgument(
@@ -579,12 +581,28 @@ def cuda_eligible(w: Any, rows: int) -> bool:
     return cpu_ffi.ffi_eligible(w) and 1 <= rows <= MAX_ROWS
 
 
+# Dynamic shared memory one block may take on Hopper (227 KiB); the table kernels refuse a
+# chunk whose table and x slice would not fit rather than fail at launch.
+MAX_SHARED_BYTES = 227 * 1024
+
+
 def group_chunk(rows: int, num_codebooks: int, codebook_size: int, lut_floats: int = LUT_FLOATS) -> int:
     """Input groups per block: the largest power of two whose table fits ``lut_floats``."""
     per_group = rows * num_codebooks * codebook_size
     chunk = 1
     while chunk * 2 * per_group <= lut_floats:
         chunk *= 2
+    return chunk
+
+
+def _table_chunk(w: AdditiveQuantized, rows: int, lut_floats: int) -> int:
+    """The table kernels' group chunk for ``w``: at most its group count, and within shared memory."""
+    m, k, ig = w.codebooks.shape[0], w.codebooks.shape[1], w.codebooks.shape[3]
+    chunk = min(group_chunk(rows, m, k, lut_floats), w.codes.shape[1])
+    shared_bytes = 4 * rows * chunk * (m * k + ig)
+    if shared_bytes > MAX_SHARED_BYTES:
+        raise ValueError(f"lut_floats={lut_floats!r} gives a {shared_bytes}-byte table and x slice per block for "
+                         f"{rows} rows of {w!r}; at most {MAX_SHARED_BYTES} bytes fit in shared memory")
     return chunk
 
 
@@ -614,7 +632,6 @@ def lut_matmul_cuda(
     rows = x.shape[0] if x.ndim == 2 else 0
     _check_call(x, w, cuda_eligible(w, rows), f"AdditiveQuantized with uint8 codes, og == 1 and 1..{MAX_ROWS} rows")
     d_out = w.codes.shape[0]
-    m, k = w.codebooks.shape[0], w.codebooks.shape[1]
     if lut_floats is None:
         lut_floats = LUT_FLOATS_ONE_ROW if rows == 1 else LUT_FLOATS
     return jax.ffi.ffi_call(TARGET_NAME, jax.ShapeDtypeStruct((rows, d_out), jnp.float32))(
@@ -622,7 +639,7 @@ def lut_matmul_cuda(
         w.codes,
         w.codebooks.astype(jnp.float32),
         w.scales.astype(jnp.float32).reshape(d_out),
-        group_chunk=np.int64(group_chunk(rows, m, k, lut_floats)),
+        group_chunk=np.int64(_table_chunk(w, rows, lut_floats)),
         out_per_block=np.int64(out_per_block),
     )
 
@@ -673,8 +690,9 @@ def lut_prefetch_matmul_cuda(
         raise ValueError(f"threads={threads!r} (multiple of 32 in 32..512), rows_per_thread={rows_per_thread!r} "
                          f"(1, 2 or 4) and lut_floats={lut_floats!r} (>= 1) out of range")
     rows = x.shape[0] if x.ndim == 2 else 0
-    _check_call(x, w, cuda_eligible(w, rows), f"AdditiveQuantized with uint8 codes, og == 1 and 1..{MAX_ROWS} rows")
-    m, k = w.codebooks.shape[0], w.codebooks.shape[1]
+    _check_call(x, w, cuda_eligible(w, rows) and w.codebooks.shape[1] >= 4,
+                f"AdditiveQuantized with uint8 codes, at least 4 codewords per codebook (the x slice after the "
+                f"table must stay 16-byte aligned), og == 1 and 1..{MAX_ROWS} rows")
     if lut_floats is None:
         lut_floats = LUT_FLOATS_ONE_ROW if rows == 1 else LUT_FLOATS
     return jax.ffi.ffi_call(PREFETCH_TARGET, jax.ShapeDtypeStruct((rows, w.d_out), jnp.float32))(
@@ -682,7 +700,7 @@ def lut_prefetch_matmul_cuda(
         w.codes,
         w.codebooks.astype(jnp.float32),
         w.scales.astype(jnp.float32).reshape(w.d_out),
-        group_chunk=np.int64(group_chunk(rows, m, k, lut_floats)),
+        group_chunk=np.int64(_table_chunk(w, rows, lut_floats)),
         threads=np.int64(threads),
         rows_per_thread=np.int64(rows_per_thread),
     )
@@ -718,7 +736,8 @@ def matmul_cuda(x: jax.Array, w: AdditiveQuantized) -> jax.Array:
     """
     rows = x.shape[0] if x.ndim == 2 else 0
     if cuda_eligible(w, rows):
-        return lut_prefetch_matmul_cuda(x, w) if rows == 1 else lut_matmul_cuda(x, w)
+        one_row_prefetch = rows == 1 and w.codebooks.shape[1] >= 4
+        return lut_prefetch_matmul_cuda(x, w) if one_row_prefetch else lut_matmul_cuda(x, w)
     if decode_eligible(w, rows):
         return decode_warp_matmul_cuda(x, w)
     raise NotImplementedError(
