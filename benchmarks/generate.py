@@ -44,19 +44,14 @@ from jaxquant.models.random_quantized import random_quantized_state, resident_by
 from jaxquant.ops import cpu_ffi, dispatch
 from jaxquant.qarray import is_quantized, tree_bits
 
+sys.path.insert(0, str(Path(__file__).parent))
+from decode import versions  # noqa: E402  (one definition of the recorded package versions)
+
 RESULTS = Path(__file__).parent / "results"
 CPU_IMPLS = ("cpu_ffi", "xla_lut", "xla_decode")
 # One Llama-2-7B decoder block; a small vocabulary keeps the head out of the picture.
 BLOCK_7B = ModelConfig(vocab_size=256, hidden_size=4096, intermediate_size=11008, num_layers=1, num_heads=32,
                        num_kv_heads=32, head_dim=128, max_position_embeddings=256)
-
-
-def _versions() -> dict[str, str]:
-    import flax  # noqa: PLC0415
-    import jaxlib  # noqa: PLC0415
-
-    return {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-            "flax": flax.__version__, "numpy": np.__version__}
 
 
 def _cpu_name() -> str:
@@ -73,7 +68,7 @@ def _cpu_name() -> str:
 def machine_info() -> dict[str, Any]:
     """Machine, backend and library versions for a results file."""
     return {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind), "cpu": _cpu_name(),
-            "cpu_count": os.cpu_count(), "machine": platform.platform(), "versions": _versions()}
+            "cpu_count": os.cpu_count(), "machine": platform.platform(), "versions": versions(("jaxlib", "flax"))}
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

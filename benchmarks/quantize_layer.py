@@ -27,6 +27,7 @@ import platform
 import resource
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -36,6 +37,9 @@ import numpy as np
 import jaxquant as jq
 from jaxquant.atomic_files import atomic_write_bytes
 from jaxquant.problems import load_problem, make_random_problem, relative_output_error
+
+sys.path.insert(0, str(Path(__file__).parent))
+from decode import versions  # noqa: E402  (one definition of the recorded package versions)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -106,18 +110,6 @@ def _problem(args: argparse.Namespace) -> tuple[str, np.ndarray, np.ndarray]:
         return f"random {d_out}x{d_in}, {args.tokens} tokens", w, x
     w, x = load_problem(args.problem)
     return str(args.problem), w, x
-
-
-def _versions() -> dict[str, str]:
-    import jaxlib
-
-    return {
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "jaxquant": getattr(jq, "__version__", "0.1.0"),
-    }
 
 
 def _machine() -> dict[str, Any]:
@@ -197,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seconds_xtx": seconds_xtx,
         "peak_rss_mb": rss,
         "seed": args.seed,
-        "versions": _versions(),
+        "versions": versions(("jaxlib", "jaxquant")),
         "machine": _machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", "benchmarks/quantize_layer.py", *(sys.argv[1:] if argv is None else argv)]),
