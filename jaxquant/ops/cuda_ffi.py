@@ -93,6 +93,16 @@ ffi::Error ReadShapes(const char* kernel, ffi::Span<const int64_t> xd, ffi::Span
   return ffi::Error::Success();
 }
 
+// ReadShapes plus what both table kernels need: at most 256 codewords per codebook (the
+// table is indexed by a uint8 code) and a group chunk no larger than the group count.
+ffi::Error ReadTableShapes(const char* kernel, ffi::Span<const int64_t> xd, ffi::Span<const int64_t> cd,
+                           ffi::Span<const int64_t> bd, size_t n_scales, int64_t group_chunk, AqShapes& s) {
+  if (ffi::Error err = ReadShapes(kernel, xd, cd, bd, n_scales, s); err.failure()) return err;
+  if (s.K > 256) return ffi::Error::InvalidArgument(std::string(kernel) + ": more than 256 codewords per codebook");
+  if (group_chunk > s.G) return ffi::Error::InvalidArgument(std::string(kernel) + ": group_chunk above the group count");
+  return ffi::Error::Success();
+}
+
 // The four operands and the result every kernel here binds; each handler adds its attributes.
 template <ffi::DataType CodeDT>
 auto AqBinding() {
@@ -195,13 +205,11 @@ ffi::Error AqLutCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buff
                          ffi::Buffer<ffi::F32> codebooks, ffi::Buffer<ffi::F32> scales,
                          ffi::ResultBuffer<ffi::F32> out, int64_t group_chunk, int64_t out_per_block) {
   AqShapes sh;
-  if (ffi::Error err = ReadShapes("aq_lut_cuda", x.dimensions(), codes.dimensions(), codebooks.dimensions(),
-                                  scales.element_count(), sh);
+  if (ffi::Error err = ReadTableShapes("aq_lut_cuda", x.dimensions(), codes.dimensions(), codebooks.dimensions(),
+                                       scales.element_count(), group_chunk, sh);
       err.failure())
     return err;
   const int64_t R = sh.R, d_in = sh.d_in, d_out = sh.d_out, G = sh.G, M = sh.M, K = sh.K, ig = sh.ig;
-  if (K > 256) return ffi::Error::InvalidArgument("aq_lut_cuda: more than 256 codewords per codebook");
-  if (group_chunk > G) return ffi::Error::InvalidArgument("aq_lut_cuda: group_chunk above the group count");
   if (R < 1 || R > 4 || group_chunk < 1 || out_per_block < 1)
     return ffi::Error::InvalidArgument("aq_lut_cuda: rows must be 1..4, group_chunk and out_per_block >= 1");
   cudaError_t e = cudaMemsetAsync(out->typed_data(), 0, sizeof(float) * R * d_out, stream);
@@ -225,7 +233,6 @@ ffi::Error AqLutCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buff
 // Same table, split and atomics as AqLutGemv, but every global load a thread needs (its
 // rows' codes and scales, its codewords) is issued before the x slice is staged, so their
 // latencies overlap each other and the table build instead of following one another.
-
 
 template <int R>
 __device__ __forceinline__ void TabulateCodeword8(float4 w0, float4 w1, int mk, const float* xs, float* lut,
@@ -373,13 +380,11 @@ ffi::Error AqLutPrefetchCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, f
                                  ffi::ResultBuffer<ffi::F32> out, int64_t group_chunk, int64_t threads,
                                  int64_t rows_per_thread) {
   AqShapes sh;
-  if (ffi::Error err = ReadShapes("aq_lut_prefetch_cuda", x.dimensions(), codes.dimensions(), codebooks.dimensions(),
-                                  scales.element_count(), sh);
+  if (ffi::Error err = ReadTableShapes("aq_lut_prefetch_cuda", x.dimensions(), codes.dimensions(), codebooks.dimensions(),
+                                       scales.element_count(), group_chunk, sh);
       err.failure())
     return err;
   const int64_t R = sh.R, d_in = sh.d_in, d_out = sh.d_out, G = sh.G, M = sh.M, K = sh.K, ig = sh.ig;
-  if (K > 256) return ffi::Error::InvalidArgument("aq_lut_prefetch_cuda: more than 256 codewords per codebook");
-  if (group_chunk > G) return ffi::Error::InvalidArgument("aq_lut_prefetch_cuda: group_chunk above the group count");
   if (R < 1 || R > 4 || group_chunk < 1 || threads < 32 || threads > 512 || threads % 32 != 0 ||
       (rows_per_thread != 1 && rows_per_thread != 2 && rows_per_thread != 4))
     return ffi::Error::InvalidArgument(

@@ -8,12 +8,12 @@ transpose of the weight.
 
 Quantized weights go to the first eligible implementation of ``IMPLEMENTATIONS``: on
 GPU the CUDA kernels ``cuda_ffi`` (lookup tables for 2^8 codebooks, a warp-per-row decode
-for 2^16; built with nvcc at first use, skipped without it), then Pallas on GPU/TPU, the native CPU lookup-table kernel ``cpu_ffi`` (an
-XLA FFI custom call compiled at first use, skipped when no compiler is available), the
-XLA lookup-table kernel, and the XLA tile-wise decode that always works. Each raises
-``NotImplementedError`` when it cannot run the call (config, backend, batch rows); the
-choice is made in Python at trace time from
-``jax.default_backend()``, so compiled code carries exactly one implementation.
+for 2^16; built with nvcc at first use, skipped without it), then Pallas on GPU/TPU, the
+native CPU lookup-table kernel ``cpu_ffi`` (an XLA FFI custom call compiled at first use,
+skipped when no compiler is available), the XLA lookup-table kernel, and the XLA
+tile-wise decode that always works. Each raises ``NotImplementedError`` when it cannot
+run the call (config, backend, batch rows); the choice is made in Python at trace time
+from ``jax.default_backend()``, so compiled code carries exactly one implementation.
 Batches of more than ``DECODE_BATCH_ROWS`` rows go to the tile-wise decode and a
 dense product, where decoding once is amortised over the rows.
 
