@@ -61,6 +61,7 @@ def main() -> None:
     p.add_argument("--tolerance", type=float, default=recipes.AQLM.tolerance, help="AQLM round stopping rule")
     p.add_argument("--num-codebooks", type=int, default=1)
     p.add_argument("--group-size", type=int, default=4)
+    p.add_argument("--codebook-bits", type=int, default=8, help="bits per code (codewords = 2**bits)")
     p.add_argument("--start-cache", default=None,
                    help="pickle file for the AQLM+FT start: loaded if present, else written (saves its time)")
     p.add_argument("--eval-at", type=int, action="append", default=None,
@@ -76,7 +77,7 @@ def main() -> None:
     val_ids = np.asarray(tok.encode(parts["validation"]), np.int32)
     apply_fn, params = functional(model)
     windows = qs.calibration_windows(train_ids, cfg.calib_windows, cfg.calib_seqlen, seed=0)
-    recipe = recipes.AQLM(num_codebooks=args.num_codebooks, codebook_bits=8, group_size=args.group_size,
+    recipe = recipes.AQLM(num_codebooks=args.num_codebooks, codebook_bits=args.codebook_bits, group_size=args.group_size,
                           tolerance=args.tolerance)
 
     def ppl(q: object) -> float:
@@ -140,6 +141,7 @@ def main() -> None:
         + f" --buffer-decay {args.buffer_decay:g} --metric {args.metric}" + (" --force-update" if forced else "")
         + f" --modes {args.modes}"
         + f" --tolerance {args.tolerance:g} --num-codebooks {args.num_codebooks} --group-size {args.group_size}"
+        + (f" --codebook-bits {args.codebook_bits}" if args.codebook_bits != 8 else "")
         + "".join(f" --seed {s}" for s in seeds) + "".join(f" --eval-at {k}" for k in eval_at),
         "model_dir": model_dir, "recipe": recipes.recipe_to_dict(recipe),
         "bits_per_weight": tree_bits(start)["bits_per_weight"], "tune": dataclasses.asdict(cfg.tune), "runs": runs,
