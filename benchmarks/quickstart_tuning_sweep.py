@@ -50,6 +50,7 @@ def main() -> None:
     p.add_argument("--v-b1", type=float, default=qs.TuneConfig.v_b1, help="Adam b1 of the buffers")
     p.add_argument("--v-b2", type=float, default=qs.TuneConfig.v_b2, help="Adam b2 of the buffers")
     p.add_argument("--trust-ratio", type=float, default=None)
+    p.add_argument("--every", type=int, default=qs.TuneConfig.every, help="V step every this many steps")
     p.add_argument("--buffer-decay", type=float, default=0.0)
     p.add_argument("--metric", choices=("euclidean", "adam"), default="euclidean",
                    help="distance of the V step's selection and re-encoding (pv_tuning's metric)")
@@ -107,11 +108,13 @@ def main() -> None:
     # Recorded (in runs and the command) only when changed, so older result files stay comparable.
     adam_moments = {} if (args.v_b1, args.v_b2) == default_moments else {"v_b1": args.v_b1, "v_b2": args.v_b2}
     forced = {"force_update": True} if args.force_update else {}
+    every = {} if args.every == qs.TuneConfig.every else {"every": args.every}
     for seed, v_lr in ((seed, v_lr) for seed in seeds for v_lr in args.v_lr):
         tune = dataclasses.replace(cfg.tune, v_lr=v_lr, p_lr=args.p_lr, steps=args.steps,
                                    update_fraction=args.update_fraction, trust_ratio=args.trust_ratio,
                                    buffer_decay=args.buffer_decay, metric=args.metric, seed=seed,
-                                   v_b1=args.v_b1, v_b2=args.v_b2, force_update=args.force_update)
+                                   v_b1=args.v_b1, v_b2=args.v_b2, force_update=args.force_update,
+                                   every=args.every)
         for mode in args.modes.split(","):
             t0 = time.perf_counter()
             at: dict[str, float] = {}
@@ -126,7 +129,7 @@ def main() -> None:
                 "mode": mode, "seed": seed, "v_lr": v_lr, "p_lr": args.p_lr, "steps": args.steps,
                 "update_fraction": args.update_fraction, "trust_ratio": args.trust_ratio,
                 "buffer_decay": args.buffer_decay, "metric": args.metric,
-                **adam_moments, **forced, "perplexity": ppl(tuned),
+                **adam_moments, **forced, **every, "perplexity": ppl(tuned),
                 **({"perplexity_at": at} if eval_at else {}),
                 "codes_changed": float(np.mean(_codes(tuned) != start_codes)),
                 "kl_first": kls[0], "kl_last10": float(np.mean(kls[-10:])),
@@ -137,7 +140,7 @@ def main() -> None:
         "command": "python benchmarks/quickstart_tuning_sweep.py " + " ".join(f"--v-lr {v:g}" for v in args.v_lr)
         + f" --p-lr {args.p_lr:g} --steps {args.steps} --update-fraction {args.update_fraction:g}"
         + (f" --trust-ratio {args.trust_ratio:g}" if args.trust_ratio is not None else "")
-        + "".join(f" --{k.replace('_', '-')} {v:g}" for k, v in adam_moments.items())
+        + "".join(f" --{k.replace('_', '-')} {v:g}" for k, v in {**adam_moments, **every}.items())
         + f" --buffer-decay {args.buffer_decay:g} --metric {args.metric}" + (" --force-update" if forced else "")
         + f" --modes {args.modes}"
         + f" --tolerance {args.tolerance:g} --num-codebooks {args.num_codebooks} --group-size {args.group_size}"
