@@ -11,7 +11,8 @@ and the tuner state are kept either way. The check costs two forward passes per 
 
 This is a measurement of how the V step acts, not a library feature: on the quickstart
 model (AQLM 1x4 g2) it rejected almost every V step and ended at the P-only perplexity
-(README, issue 7), so single code-change steps raise the loss they were derived from.
+(``benchmarks/results/pv_vs_straight_through.md``), so a single step's code changes
+almost always raise the loss they were derived from.
 """
 
 from __future__ import annotations

@@ -95,7 +95,8 @@ class TuneConfig:
     batch_size: int = 8
     seqlen: int = 256
     p_lr: float = 1e-4
-    # The lowest means over 10 held-out data-order seeds at 100 steps (README, issue 7):
+    # The lowest means over 10 held-out data-order seeds at 100 steps
+    # (benchmarks/results/pv_vs_straight_through.md):
     # PV 4.0990 with the V-step settings below, against 4.1025 with the earlier v_lr 5e-4
     # without trust ratio or decay; straight-through 4.1003 at 1e-3, 4.1248 at 2e-3.
     v_lr: float = 5e-3

@@ -98,7 +98,7 @@ def test_finetune_force_update_reaches_the_tuner(dirs):
 
 
 def test_finetune_v_step_defaults_reach_the_tuner(dirs, monkeypatch):
-    """The measured V-step defaults (README, issue 7) reach ``pv_tuning``, and
+    """The measured V-step defaults (benchmarks/results/pv_vs_straight_through.md) reach ``pv_tuning``, and
     ``--trust-ratio 0`` turns the bound off rather than passing a zero bound."""
     from jaxquant.finetune import pv  # noqa: PLC0415
 

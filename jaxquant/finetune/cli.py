@@ -30,8 +30,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="pv", choices=["pv", "ste"], help="PV-Tuning or straight-through")
     p.add_argument("--p-lr", type=float, default=1e-4, help="Adam learning rate of the P step")
     # The V-step defaults are PV's setting for runs of hundreds of steps on the quickstart
-    # model (README, issue 7): at 400 steps tied with the best straight-through rate over
-    # 10 held-out seeds; at 200 steps below the old defaults (1e-4, 1%), which moved no code.
+    # model (benchmarks/results/pv_vs_straight_through.md): at 400 steps tied with the best
+    # straight-through rate over 10 held-out seeds; at 200 steps below the old defaults
+    # (1e-4, 1%), which moved no code.
     p.add_argument("--v-lr", type=float, default=1e-3, help="Adam learning rate of the straight-through buffers")
     p.add_argument("--update-fraction", type=float, default=0.03, help="groups re-encoded per V step")
     p.add_argument("--trust-ratio", type=float, default=0.005,

@@ -522,21 +522,24 @@ def pv_tuning(
             paper's linearized V step). A buffer then holds a decaying sum of recent
             steps, so it needs a larger ``v_optimizer`` rate to reach a new codeword. On
             the quickstart model 0.1 at 5x the rate did best over 100 steps and worse
-            over 400, where the extra code changes add up (README, issue 7).
+            over 400, where the extra code changes add up
+            (``benchmarks/results/pv_vs_straight_through.md``).
         metric: the distance of the V step's selection and re-encoding. ``"euclidean"``
             is the paper's. ``"adam"`` weighs each weight by ``sqrt(ν)``, the second-moment
             estimate of an Adam-like ``v_optimizer`` (its state's unique ``nu``): the
             metric of the quadratic model Adam's own step minimises, so the codes
             approximate the buffer where the loss is sensitive. The trust ratio stays
-            Euclidean. On the quickstart model it did worse than "euclidean" (README,
-            issue 7: 400 steps, seed 0, 4.089 and 4.093 against 4.081).
+            Euclidean. On the quickstart model it did worse than "euclidean"
+            (``benchmarks/results/pv_vs_straight_through.md``: 400 steps, seed 0, 4.089
+            and 4.093 against 4.081).
         force_update: every selected group moves one step along ``buffer - Ŵ`` even where
             its old codes are the closest to the buffer (the reference implementation's
             ``force_code_update``, meant for ``buffer_decay=1``: then the buffer holds only
             the last optimizer step, and ``update_fraction`` and ``trust_ratio`` set how
             many codes move per step). "pv" mode with the Euclidean metric only. On the
-            quickstart model it did no better than the plain V step (README, issue 7:
-            best on seed 0, then 4.103 against 4.099 over 10 held-out seeds).
+            quickstart model it did no better than the plain V step
+            (``benchmarks/results/pv_vs_straight_through.md``: best on seed 0, then 4.103
+            against 4.099 over 10 held-out seeds).
 
     Returns:
         A ``PVTuning`` ``(init, update)`` pair of pure, jit-compatible functions.
