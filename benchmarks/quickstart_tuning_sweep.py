@@ -78,8 +78,8 @@ def main() -> None:
     val_ids = np.asarray(tok.encode(parts["validation"]), np.int32)
     apply_fn, params = functional(model)
     windows = qs.calibration_windows(train_ids, cfg.calib_windows, cfg.calib_seqlen, seed=0)
-    recipe = recipes.AQLM(num_codebooks=args.num_codebooks, codebook_bits=args.codebook_bits, group_size=args.group_size,
-                          tolerance=args.tolerance)
+    recipe = recipes.AQLM(num_codebooks=args.num_codebooks, codebook_bits=args.codebook_bits,
+                          group_size=args.group_size, tolerance=args.tolerance)
 
     def ppl(q: object) -> float:
         return perplexity(apply_fn, q, val_ids, cfg.eval_seqlen, batch_size=8)
