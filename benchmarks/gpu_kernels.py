@@ -102,7 +102,7 @@ def quantized_paths(w: AdditiveQuantized, variants: dict[str, tuple]) -> dict[st
     cs, cbs = w.codes.shape, w.codebooks.shape
     for label, params in variants.items():
         if label.startswith("cudapf"):
-            if cuda_ffi.cuda_eligible(w, 1):
+            if cuda_ffi.prefetch_eligible(w, 1):
                 paths[label] = lambda x, w, p=params: cuda_ffi.lut_prefetch_matmul_cuda(
                     x, w, lut_floats=p[0], threads=p[1], rows_per_thread=p[2])
             continue

@@ -35,6 +35,10 @@ def test_eligibility(rng):
     assert not cuda_ffi.cuda_eligible(w, 0)
     assert not cuda_ffi.cuda_eligible(random_aq(rng, 32, 64, 1, 16, 8), 1)  # uint16 codes
     assert not cuda_ffi.cuda_eligible(jnp.ones((32, 64)), 1)
+    # The loads-first kernel takes the same weights but needs at least 4 codewords.
+    assert cuda_ffi.prefetch_eligible(w, 1)
+    assert not cuda_ffi.prefetch_eligible(random_aq(rng, 32, 64, 1, 1, 8), 1)  # 2 codewords
+    assert not cuda_ffi.prefetch_eligible(random_aq(rng, 32, 64, 1, 16, 8), 1)
 
 
 def test_not_available_off_gpu_and_dispatcher_skips_it(rng):

@@ -636,16 +636,20 @@ def lut_matmul_cuda(
         raise ValueError(f"out_per_block={out_per_block!r} and lut_floats={lut_floats!r} must be >= 1")
     rows = x.shape[0] if x.ndim == 2 else 0
     _check_call(x, w, cuda_eligible(w, rows), f"AdditiveQuantized with uint8 codes, og == 1 and 1..{MAX_ROWS} rows")
-    d_out = w.codes.shape[0]
     if lut_floats is None:
         lut_floats = LUT_FLOATS_ONE_ROW if rows == 1 else LUT_FLOATS
-    return jax.ffi.ffi_call(TARGET_NAME, jax.ShapeDtypeStruct((rows, d_out), jnp.float32))(
+    return _ffi_call(TARGET_NAME, x, w, group_chunk=_table_chunk(w, rows, lut_floats), out_per_block=out_per_block)
+
+
+def _ffi_call(target: str, x: jax.Array, w: AdditiveQuantized, **attributes: int) -> jax.Array:
+    """Call the kernel ``target`` on the operands every kernel here takes (float32 ``x``, the
+    codes as stored, float32 codebooks and ``[d_out]`` scales), with int64 ``attributes``."""
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], w.d_out), jnp.float32))(
         x.astype(jnp.float32),
         w.codes,
         w.codebooks.astype(jnp.float32),
-        w.scales.astype(jnp.float32).reshape(d_out),
-        group_chunk=np.int64(_table_chunk(w, rows, lut_floats)),
-        out_per_block=np.int64(out_per_block),
+        w.scales.astype(jnp.float32).reshape(w.d_out),
+        **{name: np.int64(value) for name, value in attributes.items()},
     )
 
 
@@ -695,20 +699,20 @@ def lut_prefetch_matmul_cuda(
         raise ValueError(f"threads={threads!r} (multiple of 32 in 32..512), rows_per_thread={rows_per_thread!r} "
                          f"(1, 2 or 4) and lut_floats={lut_floats!r} (>= 1) out of range")
     rows = x.shape[0] if x.ndim == 2 else 0
-    _check_call(x, w, cuda_eligible(w, rows) and w.codebooks.shape[1] >= 4,
+    _check_call(x, w, prefetch_eligible(w, rows),
                 f"AdditiveQuantized with uint8 codes, at least 4 codewords per codebook (the x slice after the "
                 f"table must stay 16-byte aligned), og == 1 and 1..{MAX_ROWS} rows")
     if lut_floats is None:
         lut_floats = LUT_FLOATS_ONE_ROW if rows == 1 else LUT_FLOATS
-    return jax.ffi.ffi_call(PREFETCH_TARGET, jax.ShapeDtypeStruct((rows, w.d_out), jnp.float32))(
-        x.astype(jnp.float32),
-        w.codes,
-        w.codebooks.astype(jnp.float32),
-        w.scales.astype(jnp.float32).reshape(w.d_out),
-        group_chunk=np.int64(_table_chunk(w, rows, lut_floats)),
-        threads=np.int64(threads),
-        rows_per_thread=np.int64(rows_per_thread),
-    )
+    return _ffi_call(PREFETCH_TARGET, x, w, group_chunk=_table_chunk(w, rows, lut_floats), threads=threads,
+                     rows_per_thread=rows_per_thread)
+
+
+def prefetch_eligible(w: Any, rows: int) -> bool:
+    """True when the table kernel with its loads first can run ``w`` on ``rows`` rows: the
+    table kernel's weights, with at least 4 codewords per codebook (its x slice, placed after
+    the table in shared memory, must stay 16-byte aligned)."""
+    return cuda_eligible(w, rows) and w.codebooks.shape[1] >= 4
 
 
 def prefetch_threads(num_codebooks: int) -> int:
@@ -740,9 +744,10 @@ def matmul_cuda(x: jax.Array, w: AdditiveQuantized) -> jax.Array:
         ValueError: ``x`` is not ``[rows, d_in]``.
     """
     rows = x.shape[0] if x.ndim == 2 else 0
+    if rows == 1 and prefetch_eligible(w, rows):
+        return lut_prefetch_matmul_cuda(x, w)
     if cuda_eligible(w, rows):
-        one_row_prefetch = rows == 1 and w.codebooks.shape[1] >= 4
-        return lut_prefetch_matmul_cuda(x, w) if one_row_prefetch else lut_matmul_cuda(x, w)
+        return lut_matmul_cuda(x, w)
     if decode_eligible(w, rows):
         return decode_warp_matmul_cuda(x, w)
     raise NotImplementedError(
@@ -787,18 +792,11 @@ def decode_warp_matmul_cuda(x: jax.Array, w: AdditiveQuantized, *, warps_per_blo
     _check_call(x, w, decode_eligible(w, rows),
                 f"AdditiveQuantized with uint8/uint16 codes, 1 or 2 codebooks, groups of 8, og == 1, 1..{MAX_ROWS} rows")
     target = DECODE_TARGETS[np.dtype(w.codes.dtype).name]
-    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows, w.d_out), jnp.float32))(
-        x.astype(jnp.float32),
-        w.codes,
-        w.codebooks.astype(jnp.float32),
-        w.scales.astype(jnp.float32).reshape(w.d_out),
-        warps_per_block=np.int64(warps_per_block),
-        unroll=np.int64(unroll),
-    )
+    return _ffi_call(target, x, w, warps_per_block=warps_per_block, unroll=unroll)
 
 
 __all__ = [
     "DECODE_TARGETS", "LUT_FLOATS", "LUT_FLOATS_ONE_ROW", "MAX_ROWS", "OUT_PER_BLOCK", "PREFETCH_TARGET", "TARGET_NAME",
     "available", "cuda_eligible", "decode_eligible", "decode_warp_matmul_cuda", "group_chunk", "lut_matmul_cuda",
-    "lut_prefetch_matmul_cuda", "matmul_cuda", "prefetch_threads", "unavailable_reason",
+    "lut_prefetch_matmul_cuda", "matmul_cuda", "prefetch_eligible", "prefetch_threads", "unavailable_reason",
 ]
