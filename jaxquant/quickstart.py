@@ -88,6 +88,7 @@ class TuneConfig:
         beam_size: beam width of the re-encoding search.
         metric: the V step's distance, ``"euclidean"`` or ``"adam"`` (see ``pv_tuning``).
         force_update: move every selected group along its buffer (see ``pv_tuning``; PV).
+        selection: how PV picks its groups, ``"distance"`` or ``"gain"`` (see ``pv_tuning``).
         seed: data-order seed.
     """
 
@@ -110,6 +111,7 @@ class TuneConfig:
     beam_size: int = 8
     metric: str = "euclidean"
     force_update: bool = False
+    selection: str = "distance"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -129,7 +131,8 @@ class TuneConfig:
         if mode == "pv":
             return self
         if mode == "ste":
-            return dataclasses.replace(self, v_lr=self.ste_v_lr, buffer_decay=0.0, force_update=False)
+            return dataclasses.replace(self, v_lr=self.ste_v_lr, buffer_decay=0.0, force_update=False,
+                                       selection="distance")
         raise ValueError(f"mode={mode!r} must be 'pv' or 'ste'")
 
 
@@ -445,7 +448,8 @@ def global_finetune(
     tuner = pv_tuning(optax.adam(cfg.p_lr), optax.adam(cfg.v_lr, b1=cfg.v_b1, b2=cfg.v_b2),
                       update_fraction=cfg.update_fraction,
                       trust_ratio=cfg.trust_ratio, every=cfg.every, beam_size=cfg.beam_size, mode=mode,
-                      buffer_decay=cfg.buffer_decay, metric=cfg.metric, force_update=cfg.force_update)
+                      buffer_decay=cfg.buffer_decay, metric=cfg.metric, force_update=cfg.force_update,
+                      selection=cfg.selection)
     state = tuner.init(qparams)
     step = make_tune_step(apply_fn, tuner)
     # Windows of `seqlen` tokens: random_batches adds one token for a target we do not need.

@@ -328,6 +328,61 @@ def test_v_step_changes_only_furthest_moved_groups():
     assert changed and changed <= top
 
 
+def test_group_gains_match_brute_force(rng):
+    """M = 1 (an exhaustive search) and scalar rounding: a group's gain is its current error
+    to the target minus its error at the nearest codes, with and without a metric."""
+    books = jnp.asarray(rng.standard_normal((1, 16, 1, 4)), jnp.float32)
+    scales = jnp.asarray(rng.uniform(0.5, 2.0, (8, 1, 1, 1)), jnp.float32)
+    q = AdditiveQuantized(jnp.asarray(rng.integers(0, 16, (8, 6, 1)), jnp.uint8), books, scales, 4, (8, 24))
+    target = jnp.asarray(rng.standard_normal((8, 24)), jnp.float32)
+    h = jnp.asarray(rng.uniform(0.1, 2.0, (8, 24)), jnp.float32)
+    t = np.asarray(target).reshape(8, 6, 4)
+    cand = np.asarray(scales).reshape(8, 1, 1, 1) * np.asarray(books)[0, :, 0][None, None]  # [8, 1, 16, 4]
+    cur = np.take_along_axis(cand[:, 0], np.asarray(q.codes)[..., 0][..., None], axis=1)  # [8, 6, 4]
+    for weights in (None, h):
+        w = np.ones((8, 6, 4)) if weights is None else np.asarray(h).reshape(8, 6, 4)
+        best = (w[:, :, None] * (t[:, :, None] - cand) ** 2).sum(-1).min(-1)
+        ref = (w * (t - cur) ** 2).sum(-1) - best
+        got = jax.jit(lambda q, t, w: pv.group_gains(q, t, beam_size=2, weights=w))(q, target, weights)
+        np.testing.assert_allclose(np.asarray(got), ref.reshape(-1), rtol=1e-4, atol=1e-5)
+
+    codes = jnp.asarray(rng.integers(0, 4, (4, 16)), jnp.uint8)
+    sc = jnp.asarray(rng.uniform(0.1, 0.3, (4, 2)), jnp.float32)
+    zeros = jnp.asarray(rng.uniform(0.5, 2.5, (4, 2)), jnp.float32)
+    qs = ScalarQuantized(codes, sc, zeros, 2, 8, (4, 16))
+    ts = jnp.asarray(rng.standard_normal((4, 16)) * 0.3, jnp.float32)
+    s_, z_ = np.repeat(np.asarray(sc), 8, 1), np.repeat(np.asarray(zeros), 8, 1)
+    dec = lambda c: (c - z_) * s_  # noqa: E731
+    nearest = np.clip(np.round(np.asarray(ts) / s_ + z_), 0, 3)
+    ref = (dec(np.asarray(codes, np.float64)) - np.asarray(ts)) ** 2 - (dec(nearest) - np.asarray(ts)) ** 2
+    got = jax.jit(lambda q, t: pv.group_gains(q, t, beam_size=1))(qs, ts)
+    np.testing.assert_allclose(np.asarray(got), np.maximum(ref, 0).reshape(-1), atol=1e-6)
+
+
+@pytest.mark.parametrize("trust_ratio", [None, 0.05])
+def test_gain_selection_changes_top_gain_groups_within_fraction_and_trust_ratio(trust_ratio):
+    params, loss_fn, x, y = mse_problem()
+    fraction = 0.05
+    tuner = pv.pv_tuning(optax.sgd(0.0), optax.sgd(20.0), update_fraction=fraction, trust_ratio=trust_ratio,
+                         selection="gain")
+    state = tuner.init(params)
+    _, grads = pv.decoded_value_and_grad(loss_fn)(params, x, y)
+    buffer = state.buffers["w"] - 20.0 * grads["w"]
+    k = pv.num_selected(pv.num_groups(params["w"]), fraction)
+    gains = np.asarray(pv.group_gains(params["w"], buffer, beam_size=8))
+    assert (gains > 0).sum() > k  # more groups would gain than the fraction admits
+    top = set(np.argsort(-gains)[:k].tolist())
+    new, _ = jax.jit(tuner.update)(grads, state, params)
+    changed = set(np.flatnonzero(changed_groups(params["w"], new["w"])).tolist())
+    w0 = params["w"].decode_out_in()
+    ratio = float(jnp.linalg.norm(new["w"].decode_out_in() - w0) / jnp.linalg.norm(w0))
+    assert changed and changed <= top
+    if trust_ratio is None:
+        assert changed == top  # every selected group has a positive gain here, so all change
+    else:
+        assert len(changed) < k and ratio <= trust_ratio * (1 + 1e-5)
+
+
 @pytest.mark.parametrize("trust_ratio", [0.02, 0.05])
 def test_trust_ratio_bounds_the_change(trust_ratio):
     params, loss_fn, x, y = mse_problem()
@@ -481,7 +536,9 @@ def test_dtypes_preserved_and_master_is_float32():
 def test_bad_arguments():
     for kwargs in (dict(update_fraction=0.0), dict(update_fraction=1.5), dict(trust_ratio=0.0), dict(every=0),
                    dict(mode="both"), dict(beam_size=0), dict(buffer_decay=2.0), dict(metric="fisher"),
-                   dict(force_update=True, mode="ste"), dict(force_update=True, metric="adam")):
+                   dict(force_update=True, mode="ste"), dict(force_update=True, metric="adam"),
+                   dict(selection="nearest"), dict(selection="gain", mode="ste"),
+                   dict(selection="gain", force_update=True)):
         with pytest.raises(ValueError):
             pv.pv_tuning(optax.sgd(0.1), optax.sgd(0.1), **kwargs)
     tuner = pv.pv_tuning(optax.sgd(0.1), optax.sgd(0.1))
