@@ -55,10 +55,11 @@ def load_arm(spec: str, at_step: int | None = None) -> tuple[str, dict[int, floa
         runs += found
         commands.append(data.get("command"))
     keys = ("v_lr", "p_lr", "steps", "update_fraction", "trust_ratio", "buffer_decay", "metric", "force_update",
-            "v_b1", "v_b2")
+            "v_b1", "v_b2", "every", "selection")
     # Files written before the sweep recorded a setting, and runs at its default (the sweep
-    # records the buffers' Adam moments and force_update only when changed).
-    defaults = {"metric": "euclidean", "force_update": False, "v_b1": 0.9, "v_b2": 0.999}
+    # records the buffers' Adam moments, force_update, every and selection only when changed).
+    defaults = {"metric": "euclidean", "force_update": False, "v_b1": 0.9, "v_b2": 0.999, "every": 1,
+                "selection": "distance"}
     for r in runs:
         for key, value in defaults.items():
             r.setdefault(key, value)

@@ -3,7 +3,8 @@
 Usage:
     python benchmarks/quickstart_tuning_sweep.py --v-lr 1e-3 --v-lr 3e-3 [--tolerance 0.03] [--seed 0 --seed 1]
 
-Trains or loads the DEFAULT quickstart model, quantizes it once with AQLM 1x8 g4 plus
+Trains or loads the DEFAULT quickstart model (``--hidden-size``/``--num-layers``: the same
+recipe at another size), quantizes it once with AQLM 1x8 g4 plus
 block fine-tuning (the start both modes share), then runs ``global_finetune`` in "pv" and
 "ste" mode for every ``--v-lr`` and data-order ``--seed`` (both modes see the same steps
 and batches for a seed), and reports validation
@@ -41,6 +42,21 @@ def _codes(tree: object) -> np.ndarray:
     return np.concatenate([np.asarray(x.codes).ravel() for x in leaves if is_quantized(x)])
 
 
+def _model_config(hidden_size: int, num_layers: int) -> qs.QuickstartConfig:
+    """The DEFAULT quickstart setup, or the same recipe at another width or depth."""
+    base = qs.DEFAULT
+    if (hidden_size, num_layers) == (base.model.hidden_size, base.model.num_layers):
+        return base
+    if hidden_size % 64:
+        raise ValueError(f"--hidden-size {hidden_size} must be a multiple of 64 (heads of 64)")
+    heads = hidden_size // 64
+    model = dataclasses.replace(base.model, hidden_size=hidden_size, intermediate_size=3 * hidden_size,
+                                num_layers=num_layers, num_heads=heads, num_kv_heads=heads)
+    # The DEFAULT's init std is 1/sqrt(256); keep it 1/sqrt(d).
+    train = dataclasses.replace(base.train, init_std=hidden_size**-0.5)
+    return dataclasses.replace(base, model=model, train=train)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--v-lr", type=float, action="append", required=True)
@@ -65,6 +81,10 @@ def main() -> None:
     p.add_argument("--num-codebooks", type=int, default=1)
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--codebook-bits", type=int, default=8, help="bits per code (codewords = 2**bits)")
+    p.add_argument("--hidden-size", type=int, default=qs.DEFAULT.model.hidden_size,
+                   help="width of the quickstart-style model (heads of 64, MLP 3x wider)")
+    p.add_argument("--num-layers", type=int, default=qs.DEFAULT.model.num_layers,
+                   help="depth of the quickstart-style model")
     p.add_argument("--start-cache", default=None,
                    help="pickle file for the AQLM+FT start: loaded if present, else written (saves its time)")
     p.add_argument("--eval-at", type=int, action="append", default=None,
@@ -72,7 +92,7 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/quickstart_tuning_sweep.json")
     args = p.parse_args()
 
-    cfg = qs.DEFAULT
+    cfg = _model_config(args.hidden_size, args.num_layers)
     model, model_dir, _ = qs.train_or_load(cfg, progress=False)
     tok = ByteTokenizer()
     parts = split_text(builtin_corpus())
@@ -98,7 +118,9 @@ def main() -> None:
             atomic_write(args.start_cache, lambda f: pickle.dump(start, f))
     start_seconds = time.perf_counter() - t0
     start_codes = _codes(start)
-    runs = [{"mode": "start (AQLM+FT)", "perplexity": ppl(start), "seconds": round(start_seconds, 1)}]
+    runs = [{"mode": "teacher (fp32)", "perplexity": ppl(params)},
+            {"mode": "start (AQLM+FT)", "perplexity": ppl(start), "seconds": round(start_seconds, 1)}]
+    print(json.dumps(runs[0]), flush=True)
     print(json.dumps(runs[-1]), flush=True)
     seeds = args.seed or [0]
     eval_at = sorted(set(args.eval_at or []))
@@ -151,8 +173,10 @@ def main() -> None:
         + f" --modes {args.modes}"
         + f" --tolerance {args.tolerance:g} --num-codebooks {args.num_codebooks} --group-size {args.group_size}"
         + (f" --codebook-bits {args.codebook_bits}" if args.codebook_bits != 8 else "")
+        + (f" --hidden-size {args.hidden_size} --num-layers {args.num_layers}"
+           if cfg is not qs.DEFAULT else "")
         + "".join(f" --seed {s}" for s in seeds) + "".join(f" --eval-at {k}" for k in eval_at),
-        "model_dir": model_dir, "recipe": recipes.recipe_to_dict(recipe),
+        "model_dir": model_dir, "model": dataclasses.asdict(cfg.model), "recipe": recipes.recipe_to_dict(recipe),
         "bits_per_weight": tree_bits(start)["bits_per_weight"], "tune": dataclasses.asdict(cfg.tune), "runs": runs,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__},
     }
