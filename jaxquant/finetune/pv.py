@@ -404,16 +404,34 @@ def _scalar_zero(q: ScalarQuantized) -> jax.Array:
     return jnp.repeat(q.zeros.astype(jnp.float32), q.group_size, axis=1)
 
 
-def _scalar_levels(
-    q: ScalarQuantized, target: jax.Array, idx: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
-    """``(scale, zero, target, current code, target on the code axis)`` of the weights ``idx``."""
+class _ScalarCandidates(NamedTuple):
+    """The re-encodings of selected scalar weights (``[k]`` each)."""
+
+    t: jax.Array  # targets
+    cur: jax.Array  # current codes, as stored
+    new: jax.Array  # float32 new codes
+    dec_cur: jax.Array  # decoded current values
+    dec_new: jax.Array  # decoded new values
+
+
+def _scalar_candidates(q: ScalarQuantized, target: jax.Array, idx: jax.Array, *, force: bool) -> _ScalarCandidates:
+    """New codes for the weights ``idx`` of ``q`` toward ``target`` (see ``reencode_scalar``)."""
     scale = jnp.repeat(q.scales.astype(jnp.float32), q.group_size, axis=1).reshape(-1)[idx]
     zero = _scalar_zero(q).reshape(-1)[idx]
     t = target.astype(jnp.float32).reshape(-1)[idx]
     cur = q.codes.reshape(-1)[idx]
     safe = jnp.where(scale == 0, jnp.float32(1), scale)  # a zero scale has one grid point
-    return scale, zero, t, cur, t / safe + zero
+    level = t / safe + zero  # the target on the code axis
+    new = jnp.round(level)
+    cur_f = cur.astype(jnp.float32)
+    if force:
+        # At least one grid step in the target's direction on the code axis (the same
+        # direction in weight space whatever the scale's sign).
+        up, down = jnp.maximum(new, cur_f + 1), jnp.minimum(new, cur_f - 1)
+        new = jnp.where(level > cur_f, up, jnp.where(level < cur_f, down, cur_f))
+    new = jnp.clip(new, 0, jnp.float32(2**q.bits - 1))
+    new = jnp.where(scale == 0, cur_f, new)
+    return _ScalarCandidates(t, cur, new, (cur_f - zero) * scale, (new - zero) * scale)
 
 
 def reencode_scalar(
@@ -428,20 +446,9 @@ def reencode_scalar(
     by rounding to the nearest grid point (exact for a scalar grid); with ``force``, to
     the nearest grid point other than the current one on ``target``'s side of it (none
     at the end of the grid: the weight keeps its code)."""
-    scale, zero, t, cur, level = _scalar_levels(q, target, idx)
-    top = jnp.float32(2**q.bits - 1)
-    new = jnp.round(level)
-    cur_f = cur.astype(jnp.float32)
-    if force:
-        # At least one grid step in the target's direction on the code axis (the same
-        # direction in weight space whatever the scale's sign).
-        up, down = jnp.maximum(new, cur_f + 1), jnp.minimum(new, cur_f - 1)
-        new = jnp.where(level > cur_f, up, jnp.where(level < cur_f, down, cur_f))
-    new = jnp.clip(new, 0, top)
-    new = jnp.where(scale == 0, cur_f, new)
-    dec_new = (new - zero) * scale
-    dec_cur = (cur_f - zero) * scale
-    better = (new != cur_f) if force else (dec_new - t) ** 2 < (dec_cur - t) ** 2
+    c = _scalar_candidates(q, target, idx, force=force)
+    t, cur, new, dec_cur, dec_new = c.t, c.cur, c.new, c.dec_cur, c.dec_new
+    better = (new != cur.astype(jnp.float32)) if force else (dec_new - t) ** 2 < (dec_cur - t) ** 2
     w_sq = jnp.sum(q.decode_out_in(jnp.float32) ** 2)
     keep = _accept(better, (dec_new - dec_cur) ** 2, w_sq, trust_ratio)
     chosen = jnp.where(keep, new.astype(q.codes.dtype), cur)
@@ -472,9 +479,8 @@ def group_gains(q: Any, target: jax.Array, *, beam_size: int, weights: jax.Array
     if isinstance(q, AdditiveQuantized):
         c = _additive_candidates(q, target, idx, beam_size=beam_size, weights=w)
         return jnp.maximum(c.err(c.cur_sum) - c.err(c.new_sum), 0.0)
-    scale, zero, t, cur, level = _scalar_levels(q, target, idx)
-    new = jnp.where(scale == 0, cur.astype(jnp.float32), jnp.clip(jnp.round(level), 0, 2**q.bits - 1))
-    gain = ((cur.astype(jnp.float32) - zero) * scale - t) ** 2 - ((new - zero) * scale - t) ** 2
+    s = _scalar_candidates(q, target, idx, force=False)
+    gain = (s.dec_cur - s.t) ** 2 - (s.dec_new - s.t) ** 2
     return jnp.maximum(gain if w is None else w.reshape(-1) * gain, 0.0)
 
 
