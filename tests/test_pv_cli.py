@@ -75,6 +75,10 @@ def test_finetune_bad_arguments(dirs, capsys):
     assert "--force-update is a PV V step" in capsys.readouterr().err
     assert main(_args(quant, teacher, str(root / "bad5"), 2, "--trust-ratio", "-0.1")) == 1
     assert "--trust-ratio -0.1 must be >= 0" in capsys.readouterr().err
+    assert main(_args(quant, teacher, str(root / "bad6"), 2, "--mode", "ste", "--selection", "gain")) == 1
+    assert "--selection gain is a PV V step without --force-update; got --mode ste" in capsys.readouterr().err
+    assert main(_args(quant, teacher, str(root / "bad7"), 2, "--force-update", "--metric", "adam")) == 1
+    assert "--force-update needs --metric euclidean, got --metric adam" in capsys.readouterr().err
     assert main(_args(quant, teacher, str(root / "bad2"), 2, "--resume")) == 1
     assert "no checkpoint" in capsys.readouterr().err
 
@@ -115,7 +119,10 @@ def test_finetune_v_step_defaults_reach_the_tuner(dirs, monkeypatch):
             "--eval-windows", "2", "--no-progress"]
     assert main([*base, "--out", str(root / "defaults")]) == 0
     assert main([*base, "--out", str(root / "no_trust"), "--trust-ratio", "0"]) == 0
+    assert main([*base, "--out", str(root / "gain_adam"), "--selection", "gain", "--metric", "adam"]) == 0
     assert (seen[0]["update_fraction"], seen[0]["trust_ratio"], seen[0]["buffer_decay"]) == (0.03, 0.005, 0.0)
+    assert (seen[0]["selection"], seen[0]["metric"]) == ("distance", "euclidean")
     assert seen[1]["trust_ratio"] is None
+    assert (seen[2]["selection"], seen[2]["metric"]) == ("gain", "adam")
     settings = json.load(open(os.path.join(root / "defaults", "finetune.json")))["settings"]
     assert settings["v_lr"] == 1e-3

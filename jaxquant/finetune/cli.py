@@ -43,6 +43,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force-update", action="store_true",
                    help="PV: move every selected group one step along its buffer even when its old codes are the "
                         "nearest (use with --buffer-decay 1 and --trust-ratio)")
+    p.add_argument("--selection", default="distance", choices=["distance", "gain"],
+                   help="PV: re-encode the groups whose buffer moved furthest (distance, the paper's) or those "
+                        "whose re-encoding lowers their distance to the buffer most (gain)")
+    p.add_argument("--metric", default="euclidean", choices=["euclidean", "adam"],
+                   help="distance of the V step: plain squared error, or each weight weighted by sqrt of the "
+                        "buffer optimizer's Adam second moment")
     p.add_argument("--every", type=int, default=1, help="V step every this many steps")
     p.add_argument("--beam-size", type=int, default=8)
     p.add_argument("--text", default="builtin", help="training text file, or 'builtin'")
@@ -71,6 +77,11 @@ def _check(args: argparse.Namespace) -> None:
     if args.force_update and args.mode != "pv":
         raise ValueError(f"--force-update is a PV V step; --mode {args.mode} re-encodes every group to its "
                          "nearest codes")
+    if args.selection == "gain" and (args.mode != "pv" or args.force_update):
+        raise ValueError(f"--selection gain is a PV V step without --force-update; got --mode {args.mode}"
+                         + (" and --force-update" if args.force_update else ""))
+    if args.force_update and args.metric != "euclidean":
+        raise ValueError(f"--force-update needs --metric euclidean, got --metric {args.metric}")
     if args.batch_size % args.micro_batches:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by --micro-batches {args.micro_batches}")
 
@@ -109,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
 
     tuner = pv.pv_tuning(optax.adam(args.p_lr), optax.adam(args.v_lr), update_fraction=args.update_fraction,
                          trust_ratio=args.trust_ratio or None, every=args.every, beam_size=args.beam_size,
-                         mode=args.mode, buffer_decay=args.buffer_decay, force_update=args.force_update)
+                         mode=args.mode, buffer_decay=args.buffer_decay, force_update=args.force_update,
+                         metric=args.metric, selection=args.selection)
     state = tuner.init(qparams)
     start, history = 0, []
     resume_dir = os.path.join(args.out, "resume")
