@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 # Exception types that mean "the input was bad", reported as one line.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, FileNotFoundError, NotADirectoryError,
-                                                  PermissionError, OSError, KeyError)
+                                                  PermissionError, OSError, KeyError, ImportError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +79,7 @@ def _run_quickstart(args: argparse.Namespace) -> int:
 
 
 def _configure_generate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir", help="Hugging Face model directory (config.json, safetensors, tokenizer)")
+    p.add_argument("model_dir", help="Hugging Face model directory, .gguf file, or known model name (smollm2-135m)")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -109,7 +110,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _configure_eval(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir", help="Hugging Face model directory (config.json, safetensors, tokenizer)")
+    p.add_argument("model_dir", help="Hugging Face model directory, .gguf file, or known model name (smollm2-135m)")
     p.add_argument("--text", required=True, help="a UTF-8 text file, or 'builtin' for the built-in corpus")
     p.add_argument("--split", default="validation", help="built-in corpus split: train, validation or test")
     p.add_argument("--seqlen", type=int, default=None, help="window length (default: the model's context, <= 2048)")
@@ -139,10 +140,30 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- convert
+
+
+def _configure_convert(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help=".gguf file, known model name (smollm2-135m) or Hugging Face directory")
+    p.add_argument("--out", required=True, help="new Hugging Face model directory")
+    p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from jaxquant.models.files import convert  # noqa: PLC0415
+
+    out = convert(args.model, args.out, dtype=_dtype(args.dtype), overwrite=args.overwrite)
+    print(f"wrote {out} ({', '.join(sorted(os.listdir(out)))})")
+    return 0
+
+
 register(Command("quickstart", "train a small model offline, quantize it every way, compare",
                  _configure_quickstart, _run_quickstart))
 register(Command("generate", "continue a prompt with a model", _configure_generate, _run_generate))
 register(Command("eval", "perplexity of a model on a text", _configure_eval, _run_eval))
+register(Command("convert", "write a GGUF file (or any model source) as a Hugging Face directory",
+                 _configure_convert, _run_convert))
 
 
 def _configure_quantize(p: argparse.ArgumentParser) -> None:

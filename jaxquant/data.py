@@ -79,12 +79,22 @@ class HFTokenizer:
 
 
 def load_tokenizer(model_dir: str | os.PathLike) -> Tokenizer:
-    """The tokenizer saved in ``model_dir``: byte-level note, or Hugging Face tokenizer files.
+    """The tokenizer of a model: byte-level note, Hugging Face tokenizer files, or GGUF metadata.
+
+    Args:
+        model_dir: a model directory, a ``.gguf`` file, or a known model name
+            (``jaxquant.known_models``).
 
     Raises:
         FileNotFoundError: the directory holds neither.
     """
-    model_dir = os.fspath(model_dir)
+    from jaxquant.known_models import resolve_model  # noqa: PLC0415
+
+    model_dir = resolve_model(model_dir)
+    if os.path.isfile(model_dir):
+        from jaxquant.io.gguf import load_gguf_tokenizer  # noqa: PLC0415 - only GGUF files need it
+
+        return HFTokenizer(load_gguf_tokenizer(model_dir))
     note = os.path.join(model_dir, BYTE_TOKENIZER_FILE)
     if os.path.isfile(note):
         with open(note, encoding="utf-8") as f:

@@ -24,7 +24,8 @@ from typing import Any
 def configure(p: argparse.ArgumentParser) -> None:
     """Arguments of ``jaxquant finetune``."""
     p.add_argument("quant_dir", help="quantized model directory (config.json + jaxquant checkpoint)")
-    p.add_argument("--teacher", required=True, help="full-precision Hugging Face model directory")
+    p.add_argument("--teacher", required=True,
+                   help="full-precision model: Hugging Face directory, .gguf file or known model name")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps")
     p.add_argument("--mode", default="pv", choices=["pv", "ste"], help="PV-Tuning or straight-through")
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxquant.finetune import losses, pv  # noqa: PLC0415
     from jaxquant.io.hf_aqlm import load_quantized_dir  # noqa: PLC0415
     from jaxquant.models import from_pretrained, functional  # noqa: PLC0415
-    from jaxquant.pipeline.command import _copy_model_files  # noqa: PLC0415
+    from jaxquant.models.files import write_model_files  # noqa: PLC0415
     from jaxquant.pipeline.rundir import atomic_write_json  # noqa: PLC0415
     from jaxquant.qarray import dequantize, tree_bits  # noqa: PLC0415
 
@@ -189,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         history.append({"step": args.steps, "val_ppl": val_ppl(qparams), "kl": loss})
     io.save(os.path.join(args.out, "params"), qparams, overwrite=True)
     save_resume(args.steps)
-    _copy_model_files(args.teacher, args.out)
+    write_model_files(args.teacher, args.out)
     teacher_ppl = perplexity(apply_fn, teacher_params, val, args.seqlen)
     report = {"quant_dir": os.path.abspath(args.quant_dir), "teacher": os.path.abspath(args.teacher),
               "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},

@@ -26,7 +26,8 @@ import numpy as np
 from flax import nnx
 
 from jaxquant.atomic_files import atomic_write
-from jaxquant.models.config import ModelConfig, load_config
+from jaxquant.known_models import resolve_model
+from jaxquant.models.config import ModelConfig, config_from_hf, load_config
 from jaxquant.models.llama import LlamaForCausalLM
 from jaxquant.qarray import is_quantized
 
@@ -271,7 +272,7 @@ def from_pretrained(
 
     Args:
         path: directory with ``config.json`` and ``model.safetensors`` (or shards with
-            ``model.safetensors.index.json``).
+            ``model.safetensors.index.json``), a ``.gguf`` file, or a known model name.
         dtype: parameter and compute dtype (``jnp.float32`` or ``jnp.bfloat16``).
         config: use this config instead of reading ``config.json``.
 
@@ -284,10 +285,18 @@ def from_pretrained(
     (``config.json`` beside a ``params/`` checkpoint). Those formats belong to
     ``jaxquant.io``, which is imported only when such a directory is met.
 
+    A GGUF file (llama.cpp's format) loads too, its tensors dequantized to float32
+    (``jaxquant.io.gguf``), and so does a name from ``jaxquant.known_models`` such as
+    ``"smollm2-135m"``.
+
     Raises:
         FileNotFoundError: missing config or weights.
+        ModuleNotFoundError: a known model name whose package is not installed.
         ValueError: unsupported architecture, corrupt file, missing/extra/mis-shaped tensor.
     """
+    path = resolve_model(path)
+    if os.path.isfile(path):
+        return _load_gguf_model(path, dtype, config)
     if config is None:
         quantized = _load_quantized_model(path, dtype)
         if quantized is not None:
@@ -299,6 +308,16 @@ def from_pretrained(
     tensors = read_checkpoint_tensors(path)
     state = state_from_tensors(model, tensors, dtype=dtype, source=f"checkpoint {os.fspath(path)}")
     nnx.update(model, state)
+    return model
+
+
+def _load_gguf_model(path: str, dtype: Any, config: ModelConfig | None) -> LlamaForCausalLM:
+    from jaxquant.io import gguf  # noqa: PLC0415 - io sits above models; lazy by design
+
+    checkpoint = gguf.read_gguf(path)
+    config = config_from_hf(checkpoint.hf_config) if config is None else config
+    model = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    nnx.update(model, state_from_tensors(model, checkpoint.tensors, dtype=dtype, source=f"GGUF file {path}"))
     return model
 
 

