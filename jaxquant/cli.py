@@ -59,19 +59,29 @@ def _dtype(name: str) -> Any:
 
 
 def _configure_quickstart(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fast", action="store_true", help="tiny model and few steps (under a minute)")
+    p.add_argument("--fast", action="store_true",
+                   help="a tiny model trained here instead of SmolLM2 (under a minute; for tests and tutorials)")
+    p.add_argument("--toy", action="store_true",
+                   help="the quickstart model trained here (1.8 M parameters, about 10 minutes) instead of SmolLM2")
     p.add_argument("--out", default="quickstart-results", help="directory for results.json and the plot")
-    p.add_argument("--cache-dir", default=None, help="model cache (default: ~/.cache/jaxquant)")
+    p.add_argument("--cache-dir", default=None, help="toy model cache (default: ~/.cache/jaxquant)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--all", action="store_true",
-                   help="also AQLM 2x8 g8, block-wise AQLM without fine-tuning and straight-through (minutes more)")
+                   help="also RTN 2-4 bit and GPTQ 4-bit (with --fast/--toy: the extra AQLM rows and straight-through)")
 
 
 def _run_quickstart(args: argparse.Namespace) -> int:
-    from jaxquant.quickstart import MAIN_METHODS, METHODS, run_quickstart  # noqa: PLC0415
+    if args.fast and args.toy:
+        raise ValueError("--fast and --toy each pick a trained toy model; give one")
+    if args.fast or args.toy:
+        from jaxquant.quickstart import MAIN_METHODS, METHODS, run_quickstart  # noqa: PLC0415
 
-    run_quickstart(fast=args.fast, out_dir=args.out, cache_dir=args.cache_dir, progress=not args.no_progress,
-                   methods=METHODS if args.all else MAIN_METHODS)
+        run_quickstart(fast=args.fast, out_dir=args.out, cache_dir=args.cache_dir, progress=not args.no_progress,
+                       methods=METHODS if args.all else MAIN_METHODS)
+        return 0
+    from jaxquant.reference_quickstart import MAIN_ROWS, ROWS, run_reference_quickstart  # noqa: PLC0415
+
+    run_reference_quickstart(out_dir=args.out, rows=ROWS if args.all else MAIN_ROWS, progress=not args.no_progress)
     return 0
 
 
@@ -158,7 +168,7 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-register(Command("quickstart", "train a small model offline, quantize it every way, compare",
+register(Command("quickstart", "quantize SmolLM2-135M every main way and compare (--fast: a tiny toy model)",
                  _configure_quickstart, _run_quickstart))
 register(Command("generate", "continue a prompt with a model", _configure_generate, _run_generate))
 register(Command("eval", "perplexity of a model on a text", _configure_eval, _run_eval))

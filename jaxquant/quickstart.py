@@ -345,7 +345,8 @@ def codebook_overhead(config: ModelConfig, num_codebooks: int, codebook_bits: in
     return cb_bits / weights
 
 
-def plot_results(rows: list[dict[str, Any]], path: str, title: str = "") -> None:
+def plot_results(rows: list[dict[str, Any]], path: str, title: str = "",
+                 ylabel: str = "validation perplexity (per byte)") -> None:
     """Perplexity against bits per weight, one marker series per method family (PNG)."""
     import io
 
@@ -363,7 +364,7 @@ def plot_results(rows: list[dict[str, Any]], path: str, title: str = "") -> None
         marker = "*" if len(rs) == 1 else "o"
         ax.plot([r["bits_per_weight"] for r in rs], [r["perplexity"] for r in rs], marker=marker, label=name)
     ax.set_xlabel("bits per weight (codes + scales + codebooks)")
-    ax.set_ylabel("validation perplexity (per byte)")
+    ax.set_ylabel(ylabel)
     ax.set_xscale("log", base=2)
     ax.set_title(title or "jaxquant quickstart")
     ax.grid(True, alpha=0.3)
@@ -386,7 +387,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def make_tune_step(apply_fn: Callable[[Any, jax.Array], jax.Array], tuner: Any) -> Callable:
+def make_tune_step(apply_fn: Callable[[Any, jax.Array], jax.Array], tuner: Any,
+                   loss_fn: Callable[[Any, Any, jax.Array], jax.Array] | None = None, *,
+                   donate: bool = False) -> Callable:
     """The jit'd distillation step ``(qparams, state, teacher_params, tokens) -> (qparams, state, kl)``.
 
     The loss is ``KL(teacher ‖ student)`` per next-token distribution
@@ -394,16 +397,28 @@ def make_tune_step(apply_fn: Callable[[Any, jax.Array], jax.Array], tuner: Any) 
     decoded weights (``decoded_value_and_grad``) and applied by ``tuner.update``. The
     teacher's parameters are an argument, not a closure: closed-over arrays would be
     baked into the program as constants.
+
+    Args:
+        apply_fn: ``apply_fn(params, tokens) -> logits`` of student and teacher.
+        tuner: a ``pv_tuning`` transform.
+        loss_fn: ``loss_fn(params, teacher_params, tokens) -> KL`` to use instead, e.g.
+            ``losses.chunked_distillation_loss`` (the same value in far less memory).
+        donate: donate ``qparams`` and ``state`` to the step, so their buffers hold the
+            results instead of a second copy; the caller must then not read them after
+            the call, and no state leaf may share a buffer with a parameter.
     """
     from jaxquant.finetune import losses, pv  # noqa: PLC0415
 
     def step(qparams: Any, state: Any, teacher_params: Any, tokens: jax.Array) -> tuple[Any, Any, jax.Array]:
-        vg = pv.decoded_value_and_grad(losses.distillation_loss(apply_fn, apply_fn, teacher_params))
+        if loss_fn is None:
+            vg = pv.decoded_value_and_grad(losses.distillation_loss(apply_fn, apply_fn, teacher_params))
+        else:
+            vg = pv.decoded_value_and_grad(lambda p, t: loss_fn(p, teacher_params, t))
         loss, grads = vg(qparams, tokens)
         qparams, state = tuner.update(grads, state, qparams)
         return qparams, state, loss
 
-    return jax.jit(step)
+    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
 def global_finetune(
@@ -417,6 +432,7 @@ def global_finetune(
     progress: bool = False,
     desc: str = "",
     on_step: Callable[[int, Any], None] | None = None,
+    loss_fn: Callable[[Any, Any, jax.Array], jax.Array] | None = None,
 ) -> tuple[Any, list[float]]:
     """PV-Tuning (``mode="pv"``) or straight-through (``"ste"``) of ``qparams`` toward the teacher.
 
@@ -433,6 +449,7 @@ def global_finetune(
         on_step: optional ``on_step(steps_done, qparams)`` called after every step, e.g. to
             evaluate at chosen steps of one long run (the learning rates are constant, so
             the state after step k equals that of a k-step run with the same seed).
+        loss_fn: the distillation loss, if not the plain one (see ``make_tune_step``).
 
     Returns:
         ``(tuned qparams, per-step KL losses)``.
@@ -450,16 +467,19 @@ def global_finetune(
                       trust_ratio=cfg.trust_ratio, every=cfg.every, beam_size=cfg.beam_size, mode=mode,
                       buffer_decay=cfg.buffer_decay, metric=cfg.metric, force_update=cfg.force_update,
                       selection=cfg.selection)
-    state = tuner.init(qparams)
-    step = make_tune_step(apply_fn, tuner)
+    # The step donates its inputs: the caller keeps their arrays, and no state leaf may
+    # share a buffer with a parameter (init may hand the same arrays back).
+    qparams = jax.tree.map(jnp.copy, qparams)
+    state = jax.tree.map(jnp.copy, tuner.init(qparams))
+    step = make_tune_step(apply_fn, tuner, loss_fn, donate=True)
     # Windows of `seqlen` tokens: random_batches adds one token for a target we do not need.
     batches = random_batches(train_tokens, cfg.batch_size, cfg.seqlen - 1, seed=cfg.seed)
     kls: list[Any] = []
     for i in tqdm(range(cfg.steps), desc=desc or f"tuning ({mode})", disable=not progress, leave=False):
         qparams, state, kl = step(qparams, state, teacher_params, jnp.asarray(next(batches)))
         kls.append(kl)
-        if on_step is not None:
-            on_step(i + 1, qparams)
+        if on_step is not None:  # a copy: the next step donates qparams' buffers
+            on_step(i + 1, jax.tree.map(jnp.copy, qparams))
         if i % 10 == 9 and not math.isfinite(float(kl)):  # reading synchronises: only now and then
             raise ValueError(f"the KL loss became {float(kl)} at step {i + 1} (learning rate too high?)")
     losses = [float(x) for x in kls]
@@ -468,7 +488,7 @@ def global_finetune(
     return qparams, losses
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if platform.system() == "Darwin" else peak / 2**10
@@ -576,7 +596,7 @@ def run_quickstart(
         size_mb = tree_bits(qparams)["total_bytes"] / 1e6
         row = {"method": method.label, "kind": method.kind, "bits_per_weight": float(bits), "size_mb": size_mb,
                "perplexity": ppl, "seconds": round(seconds, 3), "recipe": recipe_dict,
-               "peak_rss_mb": round(_peak_rss_mb(), 1), **extra}
+               "peak_rss_mb": round(peak_rss_mb(), 1), **extra}
         rows.append(row)
         log(f"  {method.label:<16} {bits:6.3f} bits/weight  ppl {ppl:8.3f}  ({seconds:.1f} s)")
 
@@ -599,7 +619,7 @@ def run_quickstart(
             "1x16 g8": codebook_overhead(cfg.model, 1, 16, 8),
         },
         "rows": rows,
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
         "total_seconds": round(time.perf_counter() - t_all, 2),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
                     "backend": jax.default_backend()},

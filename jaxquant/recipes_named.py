@@ -4,7 +4,9 @@ Names follow one grammar, so every common case has a name without a table to kee
 step with the recipe classes:
 
 * ``rtn-{bits}[-g{group}]`` and ``gptq-{bits}[-g{group}]``: scalar quantization, groups
-  of 128 input columns unless ``-g`` says otherwise (``-grow``: one group per row);
+  of 128 input columns unless ``-g`` says otherwise (``-grow``: one group per row); when
+  the layers' input widths are known and 128 does not divide them all, the largest power
+  of two that does (64 for SmolLM2's widths 576 and 1536);
 * ``aqlm-{M}x{B}[-g{group}]``: ``M`` codebooks of ``2**B`` codewords over groups of 8
   input columns unless ``-g`` says otherwise (``aqlm-2x8`` and ``aqlm-1x16`` are the
   paper's 2-bit configurations; ``aqlm-1x8-g4`` is 2 code bits with a tiny codebook).
@@ -28,9 +30,11 @@ pairs where the first pattern that matches a layer's path decides::
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tomllib
+from collections.abc import Iterable
 from typing import Any
 
 from jaxquant.recipes import AQLM, GPTQ, RTN, Recipe, recipe_from_dict, recipe_to_dict
@@ -43,8 +47,13 @@ EXAMPLE_NAMES = ("rtn-4", "rtn-3", "rtn-2", "gptq-4", "gptq-3", "gptq-2", "aqlm-
                  "aqlm-1x8", "aqlm-1x8-g4", "gptq-2-g64")
 
 
-def named_recipe(name: str) -> Recipe:
+def named_recipe(name: str, d_ins: Iterable[int] | None = None) -> Recipe:
     """The recipe a name stands for (see the module docstring for the grammar).
+
+    Args:
+        name: the recipe name.
+        d_ins: the input widths of the layers it will quantize; a scalar name without
+            ``-g`` then takes the largest group of at most 128 that divides them all.
 
     Raises:
         ValueError: the name does not follow the grammar, or its numbers are out of range
@@ -54,7 +63,7 @@ def named_recipe(name: str) -> Recipe:
     m = _SCALAR.match(key)
     if m:
         method, bits, group = m.groups()
-        group_size = 128 if group is None else (None if group == "row" else int(group))
+        group_size = _default_group(d_ins) if group is None else (None if group == "row" else int(group))
         cls = RTN if method == "rtn" else GPTQ
         return cls(bits=int(bits), group_size=group_size)
     m = _AQLM.match(key)
@@ -65,6 +74,11 @@ def named_recipe(name: str) -> Recipe:
         f"recipe name {name!r} is not known; names look like {', '.join(EXAMPLE_NAMES)} "
         "(or pass a .json/.toml recipe file)"
     )
+
+
+def _default_group(d_ins: Iterable[int] | None) -> int:
+    # gcd with 128 is a power of two: the largest group <= 128 dividing every width.
+    return 128 if d_ins is None else math.gcd(128, *d_ins)
 
 
 def _one(value: Any, where: str) -> Recipe:
@@ -142,11 +156,12 @@ def load_recipe_file(path: str | os.PathLike) -> RecipeSpec:
     return parse_recipe(data["recipe"], where=f"{os.path.basename(path)}: recipe")
 
 
-def resolve_recipe_arg(value: str) -> RecipeSpec:
-    """A ``--recipe`` argument: a recipe file if it names an existing file, else a name."""
+def resolve_recipe_arg(value: str, d_ins: Iterable[int] | None = None) -> RecipeSpec:
+    """A ``--recipe`` argument: a recipe file if it names an existing file, else a name
+    (fitted to the layers' input widths ``d_ins`` when given, see ``named_recipe``)."""
     if os.path.isfile(value) or value.lower().endswith((".json", ".toml")):
         return load_recipe_file(value)
-    return named_recipe(value)
+    return named_recipe(value, d_ins)
 
 
 def recipe_spec_to_data(spec: Any) -> Any:

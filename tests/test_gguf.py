@@ -186,3 +186,18 @@ def test_known_model_name_without_its_package(monkeypatch):
         known_models.resolve_model("smollm2-135m")
     assert known_models.resolve_model("some/dir") == "some/dir"
 
+
+
+def test_quantize_and_eval_take_a_gguf_file(tmp_path, capsys):
+    path = tmp_path / "m.gguf"
+    write_llama_gguf(path, types={"ffn": Q.Q8_0})
+    out = tmp_path / "q"
+    # 'gptq-4' means groups of 128, which do not divide this model's width of 64: the name fits itself.
+    assert main(["quantize", str(path), "--recipe", "gptq-4", "--calib", "builtin", "--nsamples", "4", "--seqlen",
+                 "32", "--eval-windows", "2", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "groups of 64" in printed
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= set(os.listdir(out))
+    assert json.loads((out / "summary.json").read_text())["bits_per_weight"] == pytest.approx(4.5)
+    assert main(["eval", str(out), "--text", "builtin", "--seqlen", "32"]) == 0
+    assert "perplexity" in capsys.readouterr().out

@@ -98,3 +98,30 @@ def test_data_parallel_batch_gives_same_loss_and_grads(rng):
     chex.assert_trees_all_close(got, vg(params, tokens), rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="not divisible"):
         losses.shard_batch(tokens[:6], mesh)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 64])
+@pytest.mark.parametrize("masked", [False, True])
+def test_chunked_distillation_loss_equals_the_plain_one(rng, chunk, masked):
+    # A tied head, as in SmolLM2: the embedding gets gradient from both ends.
+    from flax import nnx
+
+    from jaxquant.models import LlamaForCausalLM, ModelConfig, functional
+    from jaxquant.models.llama import functional_parts
+
+    cfg = ModelConfig(hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                      max_position_embeddings=64, vocab_size=50, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    apply_fn, teacher = functional(model)
+    student = jax.tree.map(lambda x: x + 0.05 * jnp.asarray(rng.standard_normal(x.shape), x.dtype), teacher)
+    tokens = jnp.asarray(rng.integers(0, 50, (3, 11)), jnp.int32)  # 33 positions: chunks need padding
+    mask = jnp.asarray(rng.random((3, 11)) < 0.7) if masked else None
+    plain = losses.distillation_loss(apply_fn, apply_fn, teacher)
+    chunked = losses.chunked_distillation_loss(*functional_parts(model), chunk_tokens=chunk)
+    v0, g0 = jax.value_and_grad(lambda p: plain(p, tokens, mask))(student)
+    v1, g1 = jax.value_and_grad(lambda p: chunked(p, teacher, tokens, mask))(student)
+    assert float(v0) > 1e-4
+    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5)
+    chex.assert_trees_all_close(g1, g0, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="chunk_tokens=0"):
+        losses.chunked_distillation_loss(*functional_parts(model), chunk_tokens=0)

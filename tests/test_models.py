@@ -165,3 +165,4 @@ def test_config_hf_dict_round_trip():
                       rope_scaling={"rope_type": "linear", "factor": 2.0})
     assert config_from_hf(cfg.to_hf_dict()) == cfg
     hash(cfg)  # jit static arguments need it
+

@@ -2,11 +2,13 @@
 
 import dataclasses
 import json
+import math
 import os
 
 import numpy as np
 import pytest
 
+import jaxquant as jq
 from jaxquant import quickstart as qs
 from jaxquant.data import ByteTokenizer, load_tokenizer
 from jaxquant.models import LlamaForCausalLM, ModelConfig, from_pretrained, generate
@@ -264,3 +266,38 @@ def test_quantized_quickstart_model_same_greedy_tokens_through_every_implementat
     np.testing.assert_array_equal(np.argmax(logits, -1), generated["reference"])
     top2 = np.sort(logits, -1)[:, -2:]
     assert (top2[:, 1] - top2[:, 0]).min() > 1e-4
+
+
+def test_reference_quickstart_on_a_small_gguf_model(tmp_path):
+    """The main job's whole path (GGUF model, calibration, GPTQ, AQLM, PV, two held-out texts,
+    samples, table, plot) on a random 2-layer Llama written as GGUF; SmolLM2 runs it at full size."""
+    from gguf_files import write_llama_gguf
+
+    from jaxquant.reference_quickstart import ReferenceConfig, Row, run_reference_quickstart
+
+    path = tmp_path / "tiny.gguf"
+    write_llama_gguf(path, tied=True)
+    aqlm = jq.AQLM(num_codebooks=1, codebook_bits=4, group_size=4, beam_size=1, max_rounds=1, adam_steps=5,
+                   kmeans_iters=3)
+    rows = (Row("float32", None, "float"), Row("GPTQ 2-bit g64", jq.GPTQ(bits=2, group_size=64)),
+            Row("AQLM", aqlm), Row("AQLM + PV", aqlm, "pv"))
+    cfg = ReferenceConfig(model=str(path), eval_seqlen=32, eval_windows=3, calib_windows=8, calib_seqlen=32,
+                          tune=qs.TuneConfig(steps=3, batch_size=2, seqlen=32, beam_size=2), sample_tokens=5)
+    lines = []
+    out = tmp_path / "out"
+    res = run_reference_quickstart(out_dir=str(out), rows=rows, config=cfg, progress=False, log=lines.append)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(res["rows"]))
+    assert (out / "perplexity_vs_bits.png").read_bytes()[:4] == b"\x89PNG"
+    by = {r["method"]: r for r in res["rows"]}
+    assert list(by) == [r.label for r in rows]
+    assert by["float32"]["bits_per_weight"] == 32.0
+    assert by["GPTQ 2-bit g64"]["bits_per_weight"] == pytest.approx(2.5)  # 2 code bits + fp16 scale/zero per 64
+    assert 1.0 < by["AQLM"]["bits_per_weight"] == by["AQLM + PV"]["bits_per_weight"] < 2.0
+    for r in res["rows"]:
+        assert math.isfinite(r["ppl"]) and math.isfinite(r["ppl_second"]) and r["ppl"] > 1.0
+        assert isinstance(r["sample"], str) and r["sample"]
+    # Tuning moved the model: the PV row is a different model from its AQLM start.
+    assert by["AQLM + PV"]["ppl"] != by["AQLM"]["ppl"] and by["AQLM + PV"]["tune"]["steps"] == 3
+    assert res["eval"]["texts"] == {"builtin validation": 96, "stdlib-docs": 96}
+    assert any("Greedy continuations" in line for line in lines)

@@ -118,3 +118,17 @@ def test_gptq_hypothesis(bits, group_size, damp, symmetric):
     else:
         with pytest.raises(ValueError):
             GPTQ(bits=bits, group_size=group_size, damp=damp, symmetric=symmetric)
+
+
+def test_named_recipes_fit_their_group_to_the_model():
+    from jaxquant.recipes_named import named_recipe
+
+    assert named_recipe("gptq-3") == GPTQ(bits=3, group_size=128)
+    # SmolLM2's input widths 576 and 1536: 128 divides neither 576 nor (so) all, 64 divides both.
+    assert named_recipe("gptq-3", d_ins=(576, 576, 1536)) == GPTQ(bits=3, group_size=64)
+    assert named_recipe("rtn-2", d_ins=(4096, 11008)) == RTN(bits=2, group_size=128)
+    # An explicit group is kept (the layer check then names any width it does not divide).
+    assert named_recipe("gptq-3-g128", d_ins=(576,)) == GPTQ(bits=3, group_size=128)
+    assert named_recipe("aqlm-2x8", d_ins=(576,)) == AQLM(num_codebooks=2, codebook_bits=8, group_size=8)
+    with pytest.raises(ValueError, match="gptq-x"):
+        named_recipe("gptq-x")

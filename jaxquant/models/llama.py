@@ -223,6 +223,16 @@ class LlamaForCausalLM(nnx.Module):
         Returns:
             ``(logits [B, T, vocab] in the model dtype, updated cache or None)``.
         """
+        x, new_cache = self.hidden(tokens, cache, start)
+        return self.head(x), new_cache
+
+    def hidden(
+        self, tokens: jax.Array, cache: KVCache | None = None, start: jax.Array | int = 0
+    ) -> tuple[jax.Array, KVCache | None]:
+        """The final-normalised hidden states ``[B, T, d]`` the head turns into logits.
+
+        Arguments as in ``forward``; ``forward`` is ``head`` of this.
+        """
         t = tokens.shape[1]
         q_pos = jnp.asarray(start, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
         # Recomputed from the static config at trace time: a constant, never a parameter.
@@ -232,12 +242,13 @@ class LlamaForCausalLM(nnx.Module):
         for i, layer in enumerate(self.layers):
             x, c = layer(x, cos, sin, q_pos, None if cache is None else cache[i], start)
             new_cache.append(c)
-        x = self.final_norm(x)
+        return self.final_norm(x), (None if cache is None else tuple(new_cache))
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """Logits ``[..., vocab]`` of final-normalised hidden states ``x [..., d]``."""
         if self.lm_head is None:
-            logits = jnp.einsum("btd,vd->btv", x, self.embed.embedding.get_value().astype(x.dtype))
-        else:
-            logits = self.lm_head(x)
-        return logits, (None if cache is None else tuple(new_cache))
+            return jnp.einsum("...d,vd->...v", x, self.embed.embedding.get_value().astype(x.dtype))
+        return self.lm_head(x)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """Logits ``[B, T, vocab]`` for token ids ``[B, T]`` (no cache)."""
@@ -256,3 +267,21 @@ def functional(model: LlamaForCausalLM) -> tuple[Any, nnx.State]:
         return nnx.merge(graphdef, params)(tokens)
 
     return apply_fn, params
+
+
+def functional_parts(model: LlamaForCausalLM) -> tuple[Any, Any]:
+    """``(hidden_fn, head_fn)``: ``functional``'s ``apply_fn`` cut before the head.
+
+    ``hidden_fn(params, tokens) -> [B, T, d]`` (``LlamaForCausalLM.hidden``) and
+    ``head_fn(params, x) -> logits`` (``LlamaForCausalLM.head``), so that a loss can form
+    logits a slice of tokens at a time (``jaxquant.finetune.losses.chunked_distillation_loss``).
+    """
+    graphdef, _ = nnx.split(model)
+
+    def hidden_fn(params: Any, tokens: jax.Array) -> jax.Array:
+        return nnx.merge(graphdef, params).hidden(tokens)[0]
+
+    def head_fn(params: Any, x: jax.Array) -> jax.Array:
+        return nnx.merge(graphdef, params).head(x)
+
+    return hidden_fn, head_fn

@@ -60,6 +60,13 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive")
     model = from_pretrained(args.model_dir, dtype=_dtype(args.dtype))
+    cfg = model.config
+    fitted = resolve_recipe_arg(args.recipe, d_ins=(cfg.hidden_size, cfg.num_heads * cfg.head_dim,
+                                                    cfg.intermediate_size))
+    if fitted != recipe:
+        print(f"--recipe {args.recipe}: groups of {fitted.group_size}, the largest of at most 128 that divides every "
+              "layer's input width")
+        recipe = fitted
     context = model.config.max_position_embeddings
     if args.seqlen > context:
         raise ValueError(f"--seqlen {args.seqlen} exceeds the model's context of {context} tokens")
