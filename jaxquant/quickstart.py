@@ -346,7 +346,7 @@ def codebook_overhead(config: ModelConfig, num_codebooks: int, codebook_bits: in
 
 
 def plot_results(rows: list[dict[str, Any]], path: str, title: str = "",
-                 ylabel: str = "validation perplexity (per byte)") -> None:
+                 ylabel: str = "validation perplexity (per byte)", log_y: bool = False) -> None:
     """Perplexity against bits per weight, one marker series per method family (PNG)."""
     import io
 
@@ -366,6 +366,8 @@ def plot_results(rows: list[dict[str, Any]], path: str, title: str = "",
     ax.set_xlabel("bits per weight (codes + scales + codebooks)")
     ax.set_ylabel(ylabel)
     ax.set_xscale("log", base=2)
+    if log_y:  # perplexities that span orders of magnitude (a collapsed 2-bit model beside float)
+        ax.set_yscale("log")
     ax.set_title(title or "jaxquant quickstart")
     ax.grid(True, alpha=0.3)
     ax.legend()
@@ -486,6 +488,12 @@ def global_finetune(
     if losses and not all(math.isfinite(x) for x in losses):
         raise ValueError(f"the KL loss became non-finite during {mode} tuning (learning rate too high?)")
     return qparams, losses
+
+
+def machine_record() -> dict[str, Any]:
+    """The platform, CPU count, jax version and backend, as every results file records them."""
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
+            "backend": jax.default_backend()}
 
 
 def peak_rss_mb() -> float:
@@ -621,8 +629,7 @@ def run_quickstart(
         "rows": rows,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "total_seconds": round(time.perf_counter() - t_all, 2),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
-                    "backend": jax.default_backend()},
+        "machine": machine_record(),
     }
     atomic_write_bytes(os.path.join(out_dir, "results.json"), json.dumps(results, indent=2).encode("utf-8"))
     plot_results(rows, os.path.join(out_dir, "perplexity_vs_bits.png"),

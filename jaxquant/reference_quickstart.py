@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,7 +43,7 @@ from jaxquant.models.generate import generate
 from jaxquant.models.llama import functional, functional_parts
 from jaxquant.models.loading import from_pretrained
 from jaxquant.qarray import dequantize, tree_bits
-from jaxquant.quickstart import TuneConfig, global_finetune, peak_rss_mb, plot_results
+from jaxquant.quickstart import TuneConfig, global_finetune, machine_record, peak_rss_mb, plot_results
 
 KINDS = ("float", "oneshot", "pv")
 
@@ -244,14 +243,13 @@ def run_reference_quickstart(
         "rows": results_rows,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "total_seconds": round(time.perf_counter() - t_all, 2),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
-                    "backend": jax.default_backend()},
+        "machine": machine_record(),
     }
     atomic_write_bytes(os.path.join(out_dir, "results.json"), json.dumps(results, indent=2).encode("utf-8"))
     plot_results([{**r, "perplexity": r["ppl"]} for r in results_rows],
                  os.path.join(out_dir, "perplexity_vs_bits.png"),
                  title=f"{config.model}: held-out perplexity against bits per weight",
-                 ylabel="token perplexity (built-in validation split)")
+                 ylabel="token perplexity (built-in validation split)", log_y=True)
     log("")
     log(format_table(results_rows))
     log("")

@@ -48,13 +48,18 @@ def kl_divergence(
         )
     if mask is not None and tuple(mask.shape) != tuple(student_logits.shape[:-1]):
         raise ValueError(f"mask shape {tuple(mask.shape)} must be the logits' leading shape {student_logits.shape[:-1]}")
-    t_logp = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32), axis=-1)
-    s_logp = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
-    per_token = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1)
+    per_token = _per_token_kl(student_logits, teacher_logits)
     if mask is None:
         return jnp.mean(per_token)
     w = mask.astype(jnp.float32)
     return jnp.sum(per_token * w) / jnp.maximum(jnp.sum(w), jnp.float32(1.0))
+
+
+def _per_token_kl(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
+    # KL(softmax(teacher) ‖ softmax(student)) over the last axis, in float32.
+    t_logp = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32), axis=-1)
+    s_logp = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
+    return jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1)
 
 
 def distillation_loss(
@@ -121,9 +126,7 @@ def chunked_distillation_loss(
 
         @jax.checkpoint
         def chunk_sum(params: Any, h_s: jax.Array, h_t: jax.Array, w_c: jax.Array) -> jax.Array:
-            t_logp = jax.nn.log_softmax(head_fn(teacher_params, h_t).astype(jnp.float32), axis=-1)
-            s_logp = jax.nn.log_softmax(head_fn(params, h_s).astype(jnp.float32), axis=-1)
-            return jnp.sum(jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1) * w_c)
+            return jnp.sum(_per_token_kl(head_fn(params, h_s), head_fn(teacher_params, h_t)) * w_c)
 
         def body(total: jax.Array, xs: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, None]:
             return total + chunk_sum(params, *xs), None
@@ -212,4 +215,5 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
-__all__ = ["accumulate_gradients", "chunked_distillation_loss", "data_mesh", "distillation_loss", "kl_divergence", "replicate", "shard_batch"]
+__all__ = ["accumulate_gradients", "chunked_distillation_loss", "data_mesh", "distillation_loss", "kl_divergence",
+           "replicate", "shard_batch"]
