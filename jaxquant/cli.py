@@ -121,7 +121,8 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 def _configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", help="Hugging Face model directory, .gguf file, or known model name (smollm2-135m)")
-    p.add_argument("--text", required=True, help="a UTF-8 text file, or 'builtin' for the built-in corpus")
+    p.add_argument("--text", required=True,
+                   help="a UTF-8 text file, 'builtin' for the built-in corpus, or 'stdlib-docs' for the second corpus")
     p.add_argument("--split", default="validation", help="built-in corpus split: train, validation or test")
     p.add_argument("--seqlen", type=int, default=None, help="window length (default: the model's context, <= 2048)")
     p.add_argument("--batch-size", type=int, default=8)
