@@ -9,7 +9,9 @@ This module imports nothing from jaxquant: any layer may use it.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -64,4 +66,32 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
-__all__ = ["atomic_write", "atomic_write_bytes"]
+def staging_dir(path: str | os.PathLike[str]) -> str:
+    """Where a directory bound for ``path`` is written before ``commit_dir`` renames it.
+
+    Deterministic (not random), so every host of a multi-host run agrees on it, and a
+    leftover of a crashed write to the same path is found and replaced.
+    """
+    parent, name = os.path.split(os.path.abspath(os.fspath(path)))
+    return os.path.join(parent, f".{name}.jaxquant-partial")
+
+
+def commit_dir(staging: str, path: str | os.PathLike[str], overwrite: bool) -> None:
+    """Rename the complete directory ``staging`` to ``path``; an old ``path`` goes only after.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
+    """
+    path = os.fspath(path)
+    if os.path.exists(path):
+        if not overwrite:  # callers check up front too; re-checked in case it appeared meanwhile
+            raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+        trash = f"{staging}-old-{uuid.uuid4().hex}"
+        os.replace(path, trash)
+        os.replace(staging, path)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, path)
+
+
+__all__ = ["atomic_write", "atomic_write_bytes", "commit_dir", "staging_dir"]

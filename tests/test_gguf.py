@@ -118,7 +118,7 @@ def test_convert_writes_a_directory_transformers_loads(mixed_file, tmp_path):
     files = set(os.listdir(out))
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "chat_template.jinja"} <= files
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no staging directory left
     ids = _tokens()
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert ref_model.config.tie_word_embeddings is tied

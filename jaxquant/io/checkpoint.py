@@ -37,7 +37,6 @@ import importlib
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -48,7 +47,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from jaxquant.atomic_files import atomic_write_bytes
+from jaxquant.atomic_files import atomic_write_bytes, commit_dir, staging_dir
 from jaxquant.qarray import QUANTIZED_TYPES
 
 FORMAT = "jaxquant-checkpoint"
@@ -234,12 +233,6 @@ def _sync(name: str) -> None:
         ocp.multihost.sync_global_processes(name)
 
 
-def _staging_dir(path: str) -> str:
-    parent, name = os.path.split(path)
-    # Deterministic (not random) so every host of a multi-host run agrees on it.
-    return os.path.join(parent, f".{name}.jaxquant-partial")
-
-
 def save(path: str | os.PathLike, tree: Any, *, overwrite: bool = False, checksum: bool = True) -> str:
     """Save a pytree (possibly holding quantized arrays) as an orbax checkpoint.
 
@@ -271,7 +264,7 @@ def save(path: str | os.PathLike, tree: Any, *, overwrite: bool = False, checksu
         "structure": structure,
         "leaves": encoder.leaves,
     }
-    staging = _staging_dir(path)
+    staging = staging_dir(path)
     primary = jax.process_index() == 0
     if primary:
         if os.path.exists(staging):  # left over by a crashed save of this same path
@@ -287,13 +280,7 @@ def save(path: str | os.PathLike, tree: Any, *, overwrite: bool = False, checksu
         # The manifest is committed last: a directory without it is incomplete.
         _write_json_atomic(os.path.join(staging, MANIFEST), manifest)
         _fsync_dir(staging)
-        if os.path.exists(path):
-            trash = f"{staging}-old-{uuid.uuid4().hex}"
-            os.replace(path, trash)
-            os.replace(staging, path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, path)
+        commit_dir(staging, path, overwrite=True)  # overwrite was checked before anything was written
         _fsync_dir(os.path.dirname(path))
     _sync("jaxquant_save_commit")
     return path

@@ -192,10 +192,9 @@ def read_gguf(path: str | os.PathLike, *, tensors: bool = True) -> GGUFCheckpoin
             with no Hugging Face name, or a storage type the ``gguf`` package cannot
             dequantize (each message names the file and the tensor).
     """
-    from gguf.quants import dequantize  # noqa: PLC0415
-
     path = os.fspath(path)
-    reader = _reader(path)
+    reader = _reader(path)  # first: it names the package if gguf is missing
+    from gguf.quants import dequantize  # noqa: PLC0415
     meta = read_metadata(reader)
     names = {t.name for t in reader.tensors}
     hf_config = hf_config_from_metadata(meta, names, path)

@@ -37,7 +37,6 @@ import dataclasses
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -46,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxquant.atomic_files import atomic_write_bytes
+from jaxquant.atomic_files import atomic_write_bytes, commit_dir, staging_dir
 from jaxquant.qarray import AdditiveQuantized, code_dtype, is_quantized
 
 QUANT_METHOD = "aqlm"
@@ -231,23 +230,6 @@ def quantization_config(fmt: AqlmFormat, not_quantized: Iterable[str]) -> dict[s
 # ----------------------------------------------------------------------------- files
 
 
-def _staging_dir(path: str) -> str:
-    parent, name = os.path.split(path)
-    return os.path.join(parent, f".{name}.jaxquant-partial")
-
-
-def _commit_dir(staging: str, path: str, overwrite: bool) -> None:
-    if os.path.exists(path):
-        if not overwrite:  # checked up front too; re-checked in case it appeared meanwhile
-            raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
-        trash = f"{staging}-old-{uuid.uuid4().hex}"
-        os.replace(path, trash)
-        os.replace(staging, path)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, path)
-
-
 def _write_json(path: str, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
 
@@ -334,7 +316,7 @@ def write_hf_aqlm(
     cfg = dict(config)
     cfg["quantization_config"] = quantization_config(fmt, not_quantized)
 
-    staging = _staging_dir(out_dir)
+    staging = staging_dir(out_dir)
     if os.path.exists(staging):
         shutil.rmtree(staging)
     os.makedirs(staging)
@@ -357,7 +339,7 @@ def write_hf_aqlm(
                     shutil.copyfile(src, os.path.join(staging, fname))
         # config.json last: it is what marks a Hugging Face model directory as complete.
         _write_json(os.path.join(staging, CONFIG_FILE), cfg)
-        _commit_dir(staging, out_dir, overwrite)
+        commit_dir(staging, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

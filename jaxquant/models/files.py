@@ -13,16 +13,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Any
 
-from jaxquant.atomic_files import atomic_write_bytes
+from jaxquant.atomic_files import atomic_write_bytes, commit_dir, staging_dir
+from jaxquant.io.hf_aqlm import TOKENIZER_FILES
 from jaxquant.known_models import resolve_model
-
-# Files beside the weights that describe the tokenizer or generation defaults.
-TOKENIZER_FILES = ("jaxquant_tokenizer.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json", "generation_config.json")
 
 
 def write_model_files(source: str | os.PathLike, out: str | os.PathLike) -> list[str]:
@@ -86,20 +81,18 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = N
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"--out {out} already exists (pass overwrite=True / --overwrite to replace it)")
     model = from_pretrained(source, dtype=jnp.float32 if dtype is None else dtype)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-convert-")
+    staging = staging_dir(out)
+    if os.path.exists(staging):  # left over by a crashed conversion to the same path
+        shutil.rmtree(staging)
+    os.makedirs(staging)
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would carry over to the final directory
-        write_model_files(source, tmp)
-        save_pretrained(model, tmp)  # last: its config.json states the weights' dtype
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        write_model_files(source, staging)
+        save_pretrained(model, staging)  # last: its config.json states the weights' dtype
+        commit_dir(staging, out, overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
 
 
-__all__ = ["TOKENIZER_FILES", "convert", "write_model_files"]
+__all__ = ["convert", "write_model_files"]
