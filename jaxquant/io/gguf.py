@@ -195,6 +195,7 @@ def read_gguf(path: str | os.PathLike, *, tensors: bool = True) -> GGUFCheckpoin
     path = os.fspath(path)
     reader = _reader(path)  # first: it names the package if gguf is missing
     from gguf.quants import dequantize  # noqa: PLC0415
+
     meta = read_metadata(reader)
     names = {t.name for t in reader.tensors}
     hf_config = hf_config_from_metadata(meta, names, path)
