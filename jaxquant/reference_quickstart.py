@@ -22,7 +22,6 @@ Sizes were chosen by measurement to fit the whole job in 15 minutes on 2 CPU cor
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import os
@@ -174,9 +173,6 @@ def run_reference_quickstart(
     stats = None
     calib_seconds = 0.0
     oneshot: dict[str, tuple[Any, float]] = {}  # repr(recipe) -> (quantized params, seconds)
-    # Rows still to come per recipe: a one-shot result is dropped after its last user, so
-    # finished rows' models do not sit in memory under the PV row's peak.
-    uses = collections.Counter(repr(r.recipe) for r in rows if r.recipe is not None)
 
     def quantized(recipe: Any) -> tuple[Any, float]:
         nonlocal stats, calib_seconds
@@ -196,7 +192,7 @@ def run_reference_quickstart(
         return oneshot[repr(recipe)]
 
     results_rows: list[dict[str, Any]] = []
-    for index, row in enumerate(rows):
+    for row in rows:
         extra: dict[str, Any] = {}
         if row.kind == "float":
             qparams, seconds = params, 0.0
@@ -214,14 +210,6 @@ def run_reference_quickstart(
             seconds = start_seconds + tune_seconds
             extra["tune"] = {**dataclasses.asdict(config.tune), "seconds": round(tune_seconds, 2),
                              "kl_first": kls[0], "kl_last": kls[-1]}
-        if row.recipe is not None:
-            uses[repr(row.recipe)] -= 1
-            if not uses[repr(row.recipe)]:
-                oneshot.pop(repr(row.recipe), None)
-            # XᵀX of every layer (0.5 GB for SmolLM2) only serves one-shot results not yet made.
-            if not any(r.recipe is not None and not isinstance(r.recipe, recipes.RTN) and repr(r.recipe) not in oneshot
-                       for r in rows[index + 1 :]):
-                stats = None
         # Scored on the decoded weights: the same numbers as the quantized kernels give,
         # through one compiled dense forward shared by every row.
         dense = dequantize(qparams)
