@@ -32,7 +32,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shutil
 import tempfile
 import time
@@ -55,6 +54,7 @@ from jaxquant.data import (
 )
 from jaxquant.eval import perplexity, unigram_perplexity
 from jaxquant.finetune.block import BlockFinetuneConfig
+from jaxquant.host_memory import peak_rss_mb, release_freed_memory
 from jaxquant.models.config import ModelConfig
 from jaxquant.models.llama import LlamaForCausalLM, functional
 from jaxquant.models.loading import from_pretrained, save_pretrained
@@ -391,7 +391,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def make_tune_step(apply_fn: Callable[[Any, jax.Array], jax.Array], tuner: Any,
                    loss_fn: Callable[[Any, Any, jax.Array], jax.Array] | None = None, *,
-                   donate: bool = False) -> Callable:
+                   donate: bool = False, layout: Any = None) -> Callable:
     """The jit'd distillation step ``(qparams, state, teacher_params, tokens) -> (qparams, state, kl)``.
 
     The loss is ``KL(teacher ‖ student)`` per next-token distribution
@@ -408,6 +408,8 @@ def make_tune_step(apply_fn: Callable[[Any, jax.Array], jax.Array], tuner: Any,
         donate: donate ``qparams`` and ``state`` to the step, so their buffers hold the
             results instead of a second copy; the caller must then not read them after
             the call, and no state leaf may share a buffer with a parameter.
+        layout: the parameter layout ``loss_fn`` takes (``decoded_value_and_grad``'s), e.g.
+            the ``LayerStack`` of ``jaxquant.models.distill.lean_distillation``.
     """
     from jaxquant.finetune import losses, pv  # noqa: PLC0415
 
@@ -415,7 +417,7 @@ def make_tune_step(apply_fn: Callable[[Any, jax.Array], jax.Array], tuner: Any,
         if loss_fn is None:
             vg = pv.decoded_value_and_grad(losses.distillation_loss(apply_fn, apply_fn, teacher_params))
         else:
-            vg = pv.decoded_value_and_grad(lambda p, t: loss_fn(p, teacher_params, t))
+            vg = pv.decoded_value_and_grad(lambda p, t: loss_fn(p, teacher_params, t), layout=layout)
         loss, grads = vg(qparams, tokens)
         qparams, state = tuner.update(grads, state, qparams)
         return qparams, state, loss
@@ -435,6 +437,7 @@ def global_finetune(
     desc: str = "",
     on_step: Callable[[int, Any], None] | None = None,
     loss_fn: Callable[[Any, Any, jax.Array], jax.Array] | None = None,
+    layout: Any = None,
 ) -> tuple[Any, list[float]]:
     """PV-Tuning (``mode="pv"``) or straight-through (``"ste"``) of ``qparams`` toward the teacher.
 
@@ -452,6 +455,7 @@ def global_finetune(
             evaluate at chosen steps of one long run (the learning rates are constant, so
             the state after step k equals that of a k-step run with the same seed).
         loss_fn: the distillation loss, if not the plain one (see ``make_tune_step``).
+        layout: the parameter layout ``loss_fn`` takes (see ``make_tune_step``).
 
     Returns:
         ``(tuned qparams, per-step KL losses)``.
@@ -473,7 +477,9 @@ def global_finetune(
     # share a buffer with a parameter (init may hand the same arrays back).
     qparams = jax.tree.map(jnp.copy, qparams)
     state = jax.tree.map(jnp.copy, tuner.init(qparams))
-    step = make_tune_step(apply_fn, tuner, loss_fn, donate=True)
+    step = make_tune_step(apply_fn, tuner, loss_fn, donate=True, layout=layout).lower(
+        qparams, state, teacher_params, jnp.zeros((cfg.batch_size, cfg.seqlen), jnp.int32)).compile()
+    release_freed_memory()  # the compiler's freed heap, before the step's buffers
     # Windows of `seqlen` tokens: random_batches adds one token for a target we do not need.
     batches = random_batches(train_tokens, cfg.batch_size, cfg.seqlen - 1, seed=cfg.seed)
     kls: list[Any] = []
@@ -494,12 +500,6 @@ def machine_record() -> dict[str, Any]:
     """The platform, CPU count, jax version and backend, as every results file records them."""
     return {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
             "backend": jax.default_backend()}
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if platform.system() == "Darwin" else peak / 2**10
 
 
 def run_quickstart(

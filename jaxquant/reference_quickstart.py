@@ -37,13 +37,14 @@ from jaxquant import recipes
 from jaxquant.atomic_files import atomic_write_bytes
 from jaxquant.data import SECOND_CORPUS, calibration_windows, eval_windows, load_tokenizer, read_text
 from jaxquant.eval import perplexity
-from jaxquant.finetune.losses import chunked_distillation_loss
 from jaxquant.known_models import resolve_model
 from jaxquant.models.generate import generate
-from jaxquant.models.llama import functional, functional_parts
+from jaxquant.models.distill import lean_distillation
+from jaxquant.models.llama import functional
 from jaxquant.models.loading import from_pretrained
 from jaxquant.qarray import dequantize, tree_bits
-from jaxquant.quickstart import TuneConfig, global_finetune, machine_record, peak_rss_mb, plot_results
+from jaxquant.host_memory import peak_rss_mb
+from jaxquant.quickstart import TuneConfig, global_finetune, machine_record, plot_results
 
 KINDS = ("float", "oneshot", "pv")
 
@@ -201,10 +202,9 @@ def run_reference_quickstart(
         else:
             start_params, start_seconds = quantized(row.recipe)
             t0 = time.perf_counter()
-            # The KL forms SmolLM2's 49,152-way logits 128 positions at a time (1 GB less).
-            kl = chunked_distillation_loss(*functional_parts(model), chunk_tokens=128)
+            kl, layout = lean_distillation(model)  # chunked logits, scanned layers
             qparams, kls = global_finetune(apply_fn, params, start_params, train_ids, config.tune, mode="pv",
-                                           progress=progress, desc=row.label, loss_fn=kl)
+                                           progress=progress, desc=row.label, loss_fn=kl, layout=layout)
             jax.block_until_ready(qparams)
             tune_seconds = time.perf_counter() - t0
             seconds = start_seconds + tune_seconds

@@ -125,3 +125,30 @@ def test_chunked_distillation_loss_equals_the_plain_one(rng, chunk, masked):
     chex.assert_trees_all_close(g1, g0, rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="chunk_tokens=0"):
         losses.chunked_distillation_loss(*functional_parts(model), chunk_tokens=0)
+
+
+def test_lean_distillation_equals_the_plain_loss_on_decoded_weights(rng):
+    # The packed (stacked-layer) student and the layer-by-layer teacher give the plain
+    # loss's value and, unpacked, its gradient with respect to the decoded weights.
+    from flax import nnx
+
+    from jaxquant import recipes
+    from jaxquant.finetune import pv
+    from jaxquant.models import LlamaForCausalLM, ModelConfig, functional
+    from jaxquant.models.distill import lean_distillation
+    from jaxquant.quantize import quantize
+
+    cfg = ModelConfig(hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
+                      max_position_embeddings=64, vocab_size=50, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    apply_fn, teacher = functional(model)
+    qparams = quantize(teacher, None, recipes.RTN(bits=2, group_size=16))
+    tokens = jnp.asarray(rng.integers(0, 50, (2, 9)), jnp.int32)
+    plain = losses.distillation_loss(apply_fn, apply_fn, teacher)
+    lean, layout = lean_distillation(model, chunk_tokens=5)
+    assert layout is not None
+    v0, g0 = jax.jit(pv.decoded_value_and_grad(plain))(qparams, tokens)
+    v1, g1 = jax.jit(pv.decoded_value_and_grad(lambda p, t: lean(p, teacher, t), layout=layout))(qparams, tokens)
+    assert float(v0) > 1e-5  # a random model's logits are nearly flat: the KL is small but not zero
+    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-4)
+    chex.assert_trees_all_close(g1, g0, rtol=1e-4, atol=1e-7)

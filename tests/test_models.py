@@ -1,5 +1,6 @@
 """The NNX Llama decoder: components against simple references, cache, quantized drop-in."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -166,3 +167,55 @@ def test_config_hf_dict_round_trip():
     assert config_from_hf(cfg.to_hf_dict()) == cfg
     hash(cfg)  # jit static arguments need it
 
+
+
+def test_layer_stack_packs_runs_and_unpacks(rng):
+    from flax import nnx
+
+    from jaxquant import recipes
+    from jaxquant.models.llama import LayerStack, functional_parts
+    from jaxquant.quantize import quantize
+
+    cfg = ModelConfig(hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
+                      max_position_embeddings=64, vocab_size=50, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(1))
+    _, params = functional(model)
+    stack = LayerStack.of(model)
+    packed = stack.pack(params)
+    assert "layers" not in packed and packed["stacked_layers"]["mlp"]["up_proj"]["kernel"].get_value().shape == (
+        3, 32, 48)
+    unpacked = stack.unpack(packed)
+    assert jax.tree.structure(unpacked) == jax.tree.structure(params)
+    chex.assert_trees_all_equal(unpacked, params)
+    tokens = jnp.asarray(rng.integers(0, 50, (2, 7)), jnp.int32)
+    hidden, head = functional_parts(model)
+    scanned, _ = functional_parts(model, scan_layers=True)
+    ref = jax.jit(hidden)(params, tokens)
+    for out in (jax.jit(hidden)(packed, tokens), jax.jit(scanned)(params, tokens)):
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(jax.jit(head)(packed, ref)), np.asarray(jax.jit(head)(params, ref)),
+                               rtol=1e-6)
+    # Quantized layers stack too; layers quantized differently cannot.
+    q = quantize(params, None, recipes.RTN(bits=4, group_size=16))
+    chex.assert_trees_all_equal(stack.unpack(stack.pack(q)), q)
+    mixed = quantize(params, None, [("layers/0", recipes.RTN(bits=2, group_size=16)),
+                                    (".*", recipes.RTN(bits=4, group_size=16))])
+    with pytest.raises(ValueError, match="layers/1 differs from layers/0"):
+        stack.pack(mixed)
+
+
+def test_layer_stack_is_none_for_layers_of_different_structure():
+    from flax import nnx
+
+    from jaxquant.models.llama import LayerStack, functional_parts
+
+    # Sliding windows on some layers only (Mistral/Qwen2 style): the layers' graphs differ.
+    cfg = ModelConfig(hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
+                      max_position_embeddings=64, vocab_size=50, sliding_windows=(4, None, None))
+    model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    assert LayerStack.of(model) is None
+    _, params = functional(model)
+    tokens = jnp.zeros((1, 9), jnp.int32)
+    hidden = functional_parts(model)[0]
+    np.testing.assert_allclose(np.asarray(functional_parts(model, scan_layers=True)[0](params, tokens)),
+                               np.asarray(hidden(params, tokens)), rtol=1e-6)  # falls back to the loop

@@ -99,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
     from jaxquant.eval import perplexity  # noqa: PLC0415
     from jaxquant.finetune import losses, pv  # noqa: PLC0415
     from jaxquant.io.hf_aqlm import load_quantized_dir  # noqa: PLC0415
+    from jaxquant.host_memory import release_freed_memory  # noqa: PLC0415
     from jaxquant.models import from_pretrained, functional  # noqa: PLC0415
+    from jaxquant.models.distill import lean_distillation  # noqa: PLC0415
     from jaxquant.models.files import write_model_files  # noqa: PLC0415
     from jaxquant.pipeline.rundir import atomic_write_json  # noqa: PLC0415
     from jaxquant.qarray import dequantize, tree_bits  # noqa: PLC0415
@@ -123,7 +125,28 @@ def run(args: argparse.Namespace) -> int:
                          trust_ratio=args.trust_ratio or None, every=args.every, beam_size=args.beam_size,
                          mode=args.mode, buffer_decay=args.buffer_decay, force_update=args.force_update,
                          metric=args.metric, selection=args.selection)
+    mesh = losses.data_mesh()
+    n_dev = mesh.shape["data"]
+    shard = args.batch_size % n_dev == 0 and n_dev > 1
+    kl, layout = lean_distillation(teacher)  # chunked logits, scanned layers: 2.3 GB less at 4 x 256
+
+    def step(qparams: Any, state: Any, teacher_params: Any, tokens: jax.Array) -> tuple[Any, Any, jax.Array]:
+        # The teacher is an argument, not a closure: closed-over arrays become HLO constants.
+        vg = pv.decoded_value_and_grad(lambda p, t: kl(p, teacher_params, t), layout=layout)
+        loss, grads = losses.accumulate_gradients(vg, qparams, tokens, num_micro=args.micro_batches)
+        qparams, state = tuner.update(grads, state, qparams)
+        return qparams, state, loss
+
+    # The step donates the parameters and the tuner state: their results take their place.
+    step = jax.jit(step, donate_argnums=(0, 1))
+    example = jnp.zeros((args.batch_size, args.seqlen), jnp.int32)
+    if not shard:  # compiled before the tuner state exists, its freed heap given back
+        step = step.lower(qparams, jax.eval_shape(tuner.init, qparams), teacher_params, example).compile()
+        release_freed_memory()
+
     state = tuner.init(qparams)
+    # init may hand a parameter's own array back as its master copy; both are donated.
+    state = state._replace(master=jax.tree.map(jnp.copy, state.master))
     start, history = 0, []
     resume_dir = os.path.join(args.out, "resume")
     history_file = os.path.join(args.out, "history.json")
@@ -141,23 +164,13 @@ def run(args: argparse.Namespace) -> int:
     elif args.resume:
         raise FileNotFoundError(f"--resume: no checkpoint at {resume_dir}")
     os.makedirs(args.out, exist_ok=True)
-
-    mesh = losses.data_mesh()
-    n_dev = mesh.shape["data"]
-    shard = args.batch_size % n_dev == 0 and n_dev > 1
     if shard:  # parameters and tuner state replicated, batches split: GSPMD data parallelism
         qparams, state, teacher_params = losses.replicate((qparams, state, teacher_params), mesh)
 
-    @jax.jit
-    def step(qparams: Any, state: Any, teacher_params: Any, tokens: jax.Array) -> tuple[Any, Any, jax.Array]:
-        # The teacher is an argument, not a closure: closed-over arrays become HLO constants.
-        vg = pv.decoded_value_and_grad(losses.distillation_loss(apply_fn, apply_fn, teacher_params))
-        loss, grads = losses.accumulate_gradients(vg, qparams, tokens, num_micro=args.micro_batches)
-        qparams, state = tuner.update(grads, state, qparams)
-        return qparams, state, loss
-
     def val_ppl(qp: Any) -> float:
-        return perplexity(apply_fn, dequantize(qp), val, args.seqlen)
+        ppl = perplexity(apply_fn, dequantize(qp), val, args.seqlen)
+        release_freed_memory()
+        return ppl
 
     def save_resume(i: int) -> None:
         atomic_write_json(history_file, history)

@@ -94,6 +94,7 @@ def chunked_distillation_loss(
     head_fn: Callable[[Any, jax.Array], jax.Array],
     *,
     chunk_tokens: int = 256,
+    teacher_hidden_fn: Callable[[Any, jax.Array], jax.Array] | None = None,
 ) -> Callable[..., jax.Array]:
     """``KL(teacher ‖ student)`` as ``distillation_loss`` computes it, with logits formed a slice at a time.
 
@@ -108,6 +109,9 @@ def chunked_distillation_loss(
         hidden_fn: ``hidden_fn(params, tokens [B, T]) -> [B, T, d]`` (student and teacher).
         head_fn: ``head_fn(params, x [n, d]) -> logits [n, V]``.
         chunk_tokens: positions per slice.
+        teacher_hidden_fn: the teacher's ``hidden_fn``, if not ``hidden_fn``: the teacher
+            needs no gradient, so a plain forward that keeps nothing suits it where the
+            student's keeps what its backward pass needs (e.g. ``scan_layers``).
 
     Returns:
         ``loss(params, teacher_params, tokens, mask=None) -> float32 scalar``.
@@ -117,7 +121,7 @@ def chunked_distillation_loss(
 
     def loss(params: Any, teacher_params: Any, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         hs = hidden_fn(params, tokens)
-        ht = jax.lax.stop_gradient(hidden_fn(teacher_params, tokens))
+        ht = jax.lax.stop_gradient((teacher_hidden_fn or hidden_fn)(teacher_params, tokens))
         n, d = hs.shape[0] * hs.shape[1], hs.shape[-1]
         w = jnp.ones((n,), jnp.float32) if mask is None else mask.reshape(n).astype(jnp.float32)
         pad = -n % chunk_tokens  # padded positions weigh nothing

@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxquant.in_order import map_in_order
 from jaxquant.methods.aqlm.beam_search import flat_codebooks, search_group, tile_sums
 from jaxquant.qarray import AdditiveQuantized, ScalarQuantized, dequantize, is_quantized, merge, split
 from jaxquant.select import path_to_str
@@ -95,14 +96,18 @@ class PVTuning(NamedTuple):
 
 
 def decoded_value_and_grad(
-    loss_fn: Callable[..., Any], *, has_aux: bool = False
+    loss_fn: Callable[..., Any], *, has_aux: bool = False, layout: Any = None
 ) -> Callable[..., tuple[Any, Any]]:
     """``jax.value_and_grad`` of ``loss_fn`` with respect to the decoded weights.
 
     Args:
         loss_fn: ``loss_fn(params, *args, **kwargs) -> scalar`` (or ``(scalar, aux)``
-            with ``has_aux``), where ``params`` is a dense parameter tree of the model.
+            with ``has_aux``), where ``params`` is a dense parameter tree of the model
+            (in ``layout``'s packed form when given).
         has_aux: as in ``jax.value_and_grad``.
+        layout: optional object with ``pack(tree)`` and ``unpack(tree)`` (e.g.
+            ``jaxquant.models.llama.LayerStack``): the decoded tree is packed before the
+            loss and the gradient unpacked after it, so the loss may scan stacked layers.
 
     Returns:
         ``f(qtree, *args, **kwargs) -> (value, grads)`` where the loss is evaluated at
@@ -112,7 +117,10 @@ def decoded_value_and_grad(
     vg = jax.value_and_grad(loss_fn, has_aux=has_aux)
 
     def wrapped(qtree: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-        return vg(dequantize(qtree), *args, **kwargs)
+        if layout is None:
+            return vg(dequantize(qtree), *args, **kwargs)
+        value, grads = vg(layout.pack(dequantize(qtree)), *args, **kwargs)
+        return value, layout.unpack(grads)
 
     return wrapped
 
@@ -133,10 +141,13 @@ def continuous_grads(grads: Any, qtree: Any) -> Any:
     """
     leaves, treedef = jax.tree_util.tree_flatten(qtree, is_leaf=is_quantized)
     g_leaves = treedef.flatten_up_to(grads)
+    # One layer at a time: each pull-back's temporaries are the size of its layer.
+    pulled = iter(map_in_order(_pull_back, [(leaf, g) for leaf, g in zip(leaves, g_leaves, strict=True)
+                                            if is_quantized(leaf)]))
     out = []
     for leaf, g in zip(leaves, g_leaves, strict=True):
         if is_quantized(leaf):
-            out.append(_pull_back(leaf, g))
+            out.append(next(pulled))
         elif g is not None and jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact):
             out.append(g)
         else:
@@ -704,11 +715,11 @@ def pv_tuning(
         def v_step(args: tuple[dict[str, Any], dict[str, jax.Array]]) -> tuple[dict[str, Any], dict[str, jax.Array]]:
             qs, bufs = args
             weights = v_weights(v_state, bufs)  # inside the cond: no work on steps without a V step
-            new_qs = {
-                p: v_step_leaf(q, bufs[p], mode=mode, update_fraction=update_fraction, trust_ratio=trust_ratio,
-                               beam_size=beam_size, weights=weights[p], force=force_update, selection=selection)
-                for p, q in qs.items()
-            }
+            def one(q: Any, buf: jax.Array, w: jax.Array | None) -> Any:
+                return v_step_leaf(q, buf, mode=mode, update_fraction=update_fraction, trust_ratio=trust_ratio,
+                                   beam_size=beam_size, weights=w, force=force_update, selection=selection)
+
+            new_qs = dict(zip(qs, map_in_order(one, [(q, bufs[p], weights[p]) for p, q in qs.items()]), strict=True))
             if buffer_decay:
                 keep = jnp.float32(1.0 - buffer_decay)
                 bufs = {p: (dec := new_qs[p].decode_out_in(jnp.float32)) + keep * (bufs[p] - dec) for p in bufs}
