@@ -407,7 +407,7 @@ def make_tune_step(apply_fn: Callable[[Any, jax.Array], jax.Array], tuner: Any,
             ``losses.chunked_distillation_loss`` (the same value in far less memory).
         donate: donate ``qparams`` and ``state`` to the step, so their buffers hold the
             results instead of a second copy; the caller must then not read them after
-            the call, and no state leaf may share a buffer with a parameter.
+            the call (``pv_tuning``'s ``init`` shares no buffer with the parameters).
         layout: the parameter layout ``loss_fn`` takes (``decoded_value_and_grad``'s), e.g.
             the ``LayerStack`` of ``jaxquant.models.distill.lean_distillation``.
     """
@@ -473,10 +473,9 @@ def global_finetune(
                       trust_ratio=cfg.trust_ratio, every=cfg.every, beam_size=cfg.beam_size, mode=mode,
                       buffer_decay=cfg.buffer_decay, metric=cfg.metric, force_update=cfg.force_update,
                       selection=cfg.selection)
-    # The step donates its inputs: the caller keeps their arrays, and no state leaf may
-    # share a buffer with a parameter (init may hand the same arrays back).
+    # The step donates its inputs; the caller keeps its arrays (init's state shares none).
     qparams = jax.tree.map(jnp.copy, qparams)
-    state = jax.tree.map(jnp.copy, tuner.init(qparams))
+    state = tuner.init(qparams)
     step = make_tune_step(apply_fn, tuner, loss_fn, donate=True, layout=layout).lower(
         qparams, state, teacher_params, jnp.zeros((cfg.batch_size, cfg.seqlen), jnp.int32)).compile()
     release_freed_memory()  # the compiler's freed heap, before the step's buffers

@@ -37,13 +37,13 @@ from jaxquant import recipes
 from jaxquant.atomic_files import atomic_write_bytes
 from jaxquant.data import SECOND_CORPUS, calibration_windows, eval_windows, load_tokenizer, read_text
 from jaxquant.eval import perplexity
+from jaxquant.host_memory import peak_rss_mb
 from jaxquant.known_models import resolve_model
-from jaxquant.models.generate import generate
 from jaxquant.models.distill import lean_distillation
+from jaxquant.models.generate import generate
 from jaxquant.models.llama import functional
 from jaxquant.models.loading import from_pretrained
 from jaxquant.qarray import dequantize, tree_bits
-from jaxquant.host_memory import peak_rss_mb
 from jaxquant.quickstart import TuneConfig, global_finetune, machine_record, plot_results
 
 KINDS = ("float", "oneshot", "pv")

@@ -202,6 +202,9 @@ def test_layer_stack_packs_runs_and_unpacks(rng):
                                     (".*", recipes.RTN(bits=4, group_size=16))])
     with pytest.raises(ValueError, match="layers/1 differs from layers/0"):
         stack.pack(mixed)
+    # ... and a scanning forward runs such layers one by one instead.
+    np.testing.assert_allclose(np.asarray(jax.jit(scanned)(mixed, tokens)), np.asarray(jax.jit(hidden)(mixed, tokens)),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_layer_stack_is_none_for_layers_of_different_structure():

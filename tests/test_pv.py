@@ -553,3 +553,12 @@ def test_dequantize_tree_matches_grads_structure():
     params, loss_fn, x, y = mse_problem()
     _, grads = pv.decoded_value_and_grad(loss_fn)(params, x, y)
     assert jax.tree.structure(grads) == jax.tree.structure(dequantize(params))
+
+
+def test_init_state_shares_no_buffer_with_the_tree():
+    # A step may donate the tree and the state together: no array may be in both.
+    params, loss_fn, x, y = mse_problem()  # "b" is float32, the case asarray would hand back
+    state = pv.pv_tuning(optax.adam(1e-3), optax.adam(1e-3)).init(params)
+    tree_ptrs = {a.unsafe_buffer_pointer() for a in jax.tree.leaves(params)}
+    assert not tree_ptrs & {a.unsafe_buffer_pointer() for a in jax.tree.leaves(state)}
+    np.testing.assert_array_equal(np.asarray(state.master["b"]), np.asarray(params["b"]))

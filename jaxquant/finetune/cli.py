@@ -146,8 +146,6 @@ def run(args: argparse.Namespace) -> int:
         release_freed_memory()
 
     state = tuner.init(qparams)
-    # init may hand a parameter's own array back as its master copy; both are donated.
-    state = state._replace(master=jax.tree.map(jnp.copy, state.master))
     start, history = 0, []
     resume_dir = os.path.join(args.out, "resume")
     history_file = os.path.join(args.out, "history.json")

@@ -665,7 +665,9 @@ def pv_tuning(
             if not isinstance(leaves[i], AdditiveQuantized | ScalarQuantized):
                 raise TypeError(f"pv_tuning: unsupported quantized array {type(leaves[i]).__name__} at {paths[i]}")
         continuous, _ = split(qtree)
-        master = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), continuous)
+        # Always a copy (asarray would hand float32 leaves back): the state shares no buffer
+        # with the tree, so a step may donate both.
+        master = jax.tree.map(lambda x: jnp.array(x, jnp.float32), continuous)
         buffers = {paths[i]: leaves[i].decode_out_in(jnp.float32) for i in quantized}
         v_state = v_optimizer.init(buffers)
         v_weights(v_state, buffers)  # a v_optimizer without the metric fails here, not mid-jit

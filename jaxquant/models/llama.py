@@ -238,7 +238,8 @@ class LlamaForCausalLM(nnx.Module):
         has the same structure and shapes: a gradient then keeps one ``[B, T, d]``
         input per layer instead of every layer's activations (SmolLM2 at 4 x 256
         tokens: 1.4 GB less), and the compiled program holds one layer instead of all.
-        Otherwise the layers run one by one, as without it.
+        Otherwise (layers of different structure, or parameters of different shapes or
+        types, e.g. quantized by different recipes) the layers run one by one.
         """
         t = tokens.shape[1]
         q_pos = jnp.asarray(start, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
@@ -246,9 +247,9 @@ class LlamaForCausalLM(nnx.Module):
         cos, sin = rotary_tables(self.config.inv_freq(), q_pos)
         x = self.embed(tokens)
         stack = LayerStack.of(self) if scan_layers and cache is None else None
-        if stack is not None:
-            states = jax.tree.map(lambda *xs: jnp.stack(xs), *nnx.split(self.layers)[1].values())
-            return self.final_norm(stack.run(states, x, cos, sin, q_pos, start)), None
+        states = None if stack is None else list(nnx.split(self.layers)[1].values())
+        if stack is not None and _first_mismatch(states) is None:
+            return self.final_norm(stack.run(_stack(states), x, cos, sin, q_pos, start)), None
         new_cache = []
         for i, layer in enumerate(self.layers):
             x, c = layer(x, cos, sin, q_pos, None if cache is None else cache[i], start)
@@ -276,6 +277,21 @@ STACKED = "stacked_layers"
 def _raw(params: Any) -> Any:
     """The nested mapping under an NNX state (or the mapping itself)."""
     return params.raw_mapping if isinstance(params, nnx.State) else params
+
+
+def _first_mismatch(layers: list[Any]) -> int | None:
+    """The first layer state that differs from ``layers[0]`` in structure, shape or dtype."""
+    def signature(state: Any) -> Any:
+        return jax.tree.structure(state), jax.tree.leaves(jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)),
+                                                                        state))
+
+    first = signature(layers[0])
+    return next((i for i, state in enumerate(layers[1:], start=1) if signature(state) != first), None)
+
+
+def _stack(layers: list[Any]) -> Any:
+    """Layer states stacked on a new leading axis (their leaves must match)."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
 
 
 class LayerStack:
@@ -314,15 +330,11 @@ class LayerStack:
         """
         raw = _raw(params)
         layers = [raw["layers"][i] for i in range(self.num_layers)]
-        first = jax.tree.structure(layers[0])
-        signature = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), layers[0])
-        for i, state in enumerate(layers[1:], start=1):
-            if (jax.tree.structure(state) != first
-                    or jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), state) != signature):
-                raise ValueError(f"layers/{i} differs from layers/0 in structure, shape or dtype: the layers cannot "
-                                 "be stacked (quantized by different recipes?)")
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
-        return nnx.State({**{k: v for k, v in raw.items() if k != "layers"}, STACKED: stacked})
+        bad = _first_mismatch(layers)
+        if bad is not None:
+            raise ValueError(f"layers/{bad} differs from layers/0 in structure, shape or dtype: the layers cannot "
+                             "be stacked (quantized by different recipes?)")
+        return nnx.State({**{k: v for k, v in raw.items() if k != "layers"}, STACKED: _stack(layers)})
 
     def unpack(self, params: Any) -> nnx.State:
         """The inverse of ``pack``."""
