@@ -320,7 +320,7 @@ def test_v_step_changes_only_furthest_moved_groups():
     tuner = pv.pv_tuning(optax.sgd(0.0), optax.sgd(20.0), update_fraction=0.05)
     state = tuner.init(params)
     _, grads = pv.decoded_value_and_grad(loss_fn)(params, x, y)
-    buffer = state.buffers["w"] - 20.0 * grads["w"]
+    buffer = state.buffers["w"][0] - 20.0 * grads["w"]
     k = pv.num_selected(pv.num_groups(params["w"]), 0.05)
     top = set(np.argsort(-np.asarray(pv.group_distances(params["w"], buffer)))[:k].tolist())
     new, _ = jax.jit(tuner.update)(grads, state, params)
@@ -367,7 +367,7 @@ def test_gain_selection_changes_top_gain_groups_within_fraction_and_trust_ratio(
                          selection="gain")
     state = tuner.init(params)
     _, grads = pv.decoded_value_and_grad(loss_fn)(params, x, y)
-    buffer = state.buffers["w"] - 20.0 * grads["w"]
+    buffer = state.buffers["w"][0] - 20.0 * grads["w"]
     k = pv.num_selected(pv.num_groups(params["w"]), fraction)
     gains = np.asarray(pv.group_gains(params["w"], buffer, beam_size=8))
     assert (gains > 0).sum() > k  # more groups would gain than the fraction admits
@@ -412,7 +412,7 @@ def test_forced_v_step_moves_small_steps_within_fraction_and_trust_ratio(trust_r
     _, grads = pv.decoded_value_and_grad(loss_fn)(params, x, y)
     state = forced.init(params)
     w0 = params["w"].decode_out_in()
-    buffer = state.buffers["w"] - 1e-3 * grads["w"]
+    buffer = state.buffers["w"][0] - 1e-3 * grads["w"]
     n = pv.num_groups(params["w"])
     k = pv.num_selected(n, 0.1)
     top = set(np.argsort(-np.asarray(pv.group_distances(params["w"], buffer)))[:k].tolist())
@@ -429,7 +429,7 @@ def test_forced_v_step_moves_small_steps_within_fraction_and_trust_ratio(trust_r
     if trust_ratio is not None:
         assert len(changed) < k  # the bound is active
         assert float(jnp.linalg.norm(w1 - w0)) <= trust_ratio * float(jnp.linalg.norm(w0)) * (1 + 1e-5)
-    np.testing.assert_allclose(np.asarray(state.buffers["w"]), np.asarray(w1), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(state.buffers["w"][0]), np.asarray(w1), atol=1e-6)
 
 
 @pytest.mark.parametrize("decay", [0.0, 0.3, 1.0])
@@ -438,12 +438,12 @@ def test_buffer_decay_pulls_buffers_to_the_new_decoding(decay):
     tuner = pv.pv_tuning(optax.sgd(0.0), optax.sgd(20.0), update_fraction=0.1, buffer_decay=decay)
     state = tuner.init(params)
     _, grads = pv.decoded_value_and_grad(loss_fn)(params, x, y)
-    moved = state.buffers["w"] - 20.0 * grads["w"]  # the buffer before the V step
+    moved = state.buffers["w"][0] - 20.0 * grads["w"]  # the buffer before the V step
     new, state = jax.jit(tuner.update)(grads, state, params)
     assert changed_groups(params["w"], new["w"]).sum() > 0
     decoded = new["w"].decode_out_in()
     want = decoded + (1.0 - decay) * (moved - decoded)
-    np.testing.assert_allclose(np.asarray(state.buffers["w"]), np.asarray(want), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(state.buffers["w"][0]), np.asarray(want), atol=1e-6)
 
 
 def test_p_step_alone_leaves_codes_unchanged():
@@ -486,7 +486,7 @@ def test_ste_mode_reencodes_every_group_from_buffer(rng):
     state = tuner.init(params)
     new, state = jax.jit(tuner.update)(grads, state, params)
     buffer = q.decode_out_in() - 0.3 * grads["w"]
-    np.testing.assert_allclose(np.asarray(state.buffers["w"]), np.asarray(buffer), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(state.buffers["w"][0]), np.asarray(buffer), atol=1e-6)
     ref = jax.jit(lambda q, b: pv.reencode_additive(q, b, jnp.arange(32, dtype=jnp.int32), beam_size=8))(q, buffer)
     np.testing.assert_array_equal(np.asarray(new["w"].codes), np.asarray(ref.codes))
     assert changed_groups(q, new["w"]).sum() > 16  # far more than any 1% subspace

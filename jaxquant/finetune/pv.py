@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxquant.in_order import map_in_order
+from jaxquant.in_order import alike_groups, map_stacked, stack, unstack
 from jaxquant.methods.aqlm.beam_search import flat_codebooks, search_group, tile_sums
 from jaxquant.qarray import AdditiveQuantized, ScalarQuantized, dequantize, is_quantized, merge, split
 from jaxquant.select import path_to_str
@@ -69,8 +69,10 @@ class PVState(NamedTuple):
         count: int32 number of ``update`` calls so far.
         master: float32 copy of the continuous part of the tree (``split(qtree)[0]``).
         p_state: ``p_optimizer`` state over ``master``.
-        buffers: ``{leaf path: (d_out, d_in) float32}`` straight-through buffers, one per
-            quantized leaf, in storage layout.
+        buffers: ``{path: (n, d_out, d_in) float32}`` straight-through buffers in storage
+            layout, one per quantized leaf, stacked by kind: the quantized leaves of one
+            type, static fields, shapes and dtypes, in tree order, under the path of the
+            first of them.
         v_state: ``v_optimizer`` state over ``buffers``.
     """
 
@@ -125,12 +127,29 @@ def decoded_value_and_grad(
     return wrapped
 
 
-def _pull_back(q: Any, g: jax.Array) -> Any:
-    """Cotangent of ``q.decode()`` pulled back to ``q``'s continuous part (codes ``None``)."""
+def _pull_back(q: Any, g_out_in: jax.Array) -> Any:
+    """Cotangent of ``q.decode_out_in()`` pulled back to ``q``'s continuous part (codes ``None``)."""
     cont, disc = split(q)
-    _, vjp = jax.vjp(lambda c: merge(c, disc).decode(jnp.float32), cont)
-    (ct,) = vjp(g.astype(jnp.float32))
+    _, vjp = jax.vjp(lambda c: merge(c, disc).decode_out_in(jnp.float32), cont)
+    (ct,) = vjp(g_out_in.astype(jnp.float32))
     return ct
+
+
+def _out_in(leaf: Any, g: jax.Array) -> jax.Array:
+    """A quantized leaf's dense gradient in storage layout ``(d_out, d_in)``, float32."""
+    g = jnp.asarray(g, jnp.float32)
+    return g if leaf.layout == "out_in" else g.T
+
+
+def _quantized_groups(leaves: list[Any]) -> list[list[int]]:
+    """Indices of the quantized ``leaves``, grouped by type, static fields, shapes and dtypes.
+
+    The per-layer work of the P and V steps runs as one ``lax.map`` per group (all of a
+    model's ``q_proj`` weights, say), so the compiled step holds one copy of it per kind
+    of layer instead of one per layer.
+    """
+    quantized = [i for i, leaf in enumerate(leaves) if is_quantized(leaf)]
+    return [[quantized[j] for j in group] for group in alike_groups([leaves[i] for i in quantized])]
 
 
 def continuous_grads(grads: Any, qtree: Any) -> Any:
@@ -141,17 +160,16 @@ def continuous_grads(grads: Any, qtree: Any) -> Any:
     """
     leaves, treedef = jax.tree_util.tree_flatten(qtree, is_leaf=is_quantized)
     g_leaves = treedef.flatten_up_to(grads)
-    # One layer at a time: each pull-back's temporaries are the size of its layer.
-    pulled = iter(map_in_order(_pull_back, [(leaf, g) for leaf, g in zip(leaves, g_leaves, strict=True)
-                                            if is_quantized(leaf)]))
-    out = []
-    for leaf, g in zip(leaves, g_leaves, strict=True):
-        if is_quantized(leaf):
-            out.append(next(pulled))
-        elif g is not None and jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact):
-            out.append(g)
-        else:
-            out.append(None)
+    groups = _quantized_groups(leaves)
+    pulled = map_stacked(_pull_back, [(stack([leaves[i] for i in group]),
+                                       jnp.stack([_out_in(leaves[i], g_leaves[i]) for i in group]))
+                                      for group in groups])
+    out: list[Any] = [None if is_quantized(leaf) or g is None or not jnp.issubdtype(jnp.asarray(leaf).dtype,
+                                                                                   jnp.inexact) else g
+                      for leaf, g in zip(leaves, g_leaves, strict=True)]
+    for group, ct in zip(groups, pulled, strict=True):
+        for i, ct_i in zip(group, unstack(ct, len(group)), strict=True):
+            out[i] = ct_i
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -658,17 +676,18 @@ def pv_tuning(
 
     def init(qtree: Any) -> PVState:
         leaves, _, paths = _quantized_paths(qtree)
-        quantized = [i for i, leaf in enumerate(leaves) if is_quantized(leaf)]
-        if not quantized:
+        groups = _quantized_groups(leaves)
+        if not groups:
             raise ValueError("pv_tuning: the tree holds no quantized arrays")
-        for i in quantized:
+        for i in (i for group in groups for i in group):
             if not isinstance(leaves[i], AdditiveQuantized | ScalarQuantized):
                 raise TypeError(f"pv_tuning: unsupported quantized array {type(leaves[i]).__name__} at {paths[i]}")
         continuous, _ = split(qtree)
         # Always a copy (asarray would hand float32 leaves back): the state shares no buffer
         # with the tree, so a step may donate both.
         master = jax.tree.map(lambda x: jnp.array(x, jnp.float32), continuous)
-        buffers = {paths[i]: leaves[i].decode_out_in(jnp.float32) for i in quantized}
+        buffers = {paths[group[0]]: jnp.stack([leaves[i].decode_out_in(jnp.float32) for i in group])
+                   for group in groups}
         v_state = v_optimizer.init(buffers)
         v_weights(v_state, buffers)  # a v_optimizer without the metric fails here, not mid-jit
         return PVState(
@@ -688,6 +707,11 @@ def pv_tuning(
                 "pv_tuning.update: grads must have the structure of dequantize(qtree) "
                 f"(use decoded_value_and_grad): {e}"
             ) from e
+        groups = _quantized_groups(leaves)
+        keys = [paths[group[0]] for group in groups]
+        if set(keys) != set(state.buffers):
+            raise ValueError(f"pv_tuning.update: the tree's quantized layers group as {keys}, the state's buffers "
+                             f"as {list(state.buffers)} (a state from another tree?)")
 
         # P step: optax on the float32 master copy of the continuous part.
         p_grads = jax.tree.map(lambda g: g.astype(jnp.float32), continuous_grads(grads, qtree))
@@ -702,17 +726,14 @@ def pv_tuning(
         leaves = jax.tree_util.tree_leaves(qtree, is_leaf=is_quantized)
 
         # Straight-through buffers follow the dense gradient every step.
-        v_grads = {}
-        for leaf, g, path in zip(leaves, g_leaves, paths, strict=True):
-            if is_quantized(leaf):
-                g = jnp.asarray(g, jnp.float32)
-                v_grads[path] = g if leaf.layout == "out_in" else g.T
+        v_grads = {key: jnp.stack([_out_in(leaves[i], g_leaves[i]) for i in group])
+                   for key, group in zip(keys, groups, strict=True)}
         with jax.numpy_dtype_promotion("standard"):
             v_updates, v_state = v_optimizer.update(v_grads, state.v_state, state.buffers)
         buffers = optax.apply_updates(state.buffers, v_updates)
 
         # V step: re-encode codes toward the buffers every `every` updates.
-        quantized = {path: leaf for leaf, path in zip(leaves, paths, strict=True) if is_quantized(leaf)}
+        stacked = {key: stack([leaves[i] for i in group]) for key, group in zip(keys, groups, strict=True)}
 
         def v_step(args: tuple[dict[str, Any], dict[str, jax.Array]]) -> tuple[dict[str, Any], dict[str, jax.Array]]:
             qs, bufs = args
@@ -721,15 +742,19 @@ def pv_tuning(
                 return v_step_leaf(q, buf, mode=mode, update_fraction=update_fraction, trust_ratio=trust_ratio,
                                    beam_size=beam_size, weights=w, force=force_update, selection=selection)
 
-            new_qs = dict(zip(qs, map_in_order(one, [(q, bufs[p], weights[p]) for p, q in qs.items()]), strict=True))
+            new_qs = dict(zip(keys, map_stacked(one, [(qs[k], bufs[k], weights[k]) for k in keys]), strict=True))
             if buffer_decay:
                 keep = jnp.float32(1.0 - buffer_decay)
-                bufs = {p: (dec := new_qs[p].decode_out_in(jnp.float32)) + keep * (bufs[p] - dec) for p in bufs}
+                decode = jax.vmap(lambda q: q.decode_out_in(jnp.float32))
+                bufs = {k: (dec := decode(new_qs[k])) + keep * (bufs[k] - dec) for k in bufs}
             return new_qs, bufs
 
         do_v = (state.count + 1) % every == 0
-        quantized, buffers = jax.lax.cond(do_v, v_step, lambda a: a, (quantized, buffers))
-        out = [quantized[p] if is_quantized(leaf) else leaf for leaf, p in zip(leaves, paths, strict=True)]
+        stacked, buffers = jax.lax.cond(do_v, v_step, lambda a: a, (stacked, buffers))
+        out = list(leaves)
+        for key, group in zip(keys, groups, strict=True):
+            for i, q in zip(group, unstack(stacked[key], len(group)), strict=True):
+                out[i] = q
         new_state = PVState(count=state.count + 1, master=master, p_state=p_state, buffers=buffers, v_state=v_state)
         return jax.tree_util.tree_unflatten(treedef, out), new_state
 
