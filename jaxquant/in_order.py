@@ -57,12 +57,13 @@ def after(tree: T, token: Any) -> T:
     return jax.tree.map(tie, tree)
 
 
-def alike_groups(trees: Sequence[Any]) -> list[list[int]]:
+def alike_groups(trees: Sequence[Any], keys: Sequence[Any] | None = None) -> list[list[int]]:
     """Indices of ``trees`` grouped by pytree structure (static fields included), leaf
-    shapes and dtypes, groups in order of first appearance: the trees ``stack`` accepts."""
+    shapes and dtypes, and by ``keys`` when given, groups in order of first appearance:
+    the trees ``stack`` accepts."""
     groups: dict[Any, list[int]] = {}
     for i, tree in enumerate(trees):
-        groups.setdefault(signature(tree), []).append(i)
+        groups.setdefault((None if keys is None else keys[i], signature(tree)), []).append(i)
     return list(groups.values())
 
 

@@ -198,6 +198,7 @@ def test_layer_stack_packs_runs_and_unpacks(rng):
     # Quantized layers stack too; layers quantized differently cannot.
     q = quantize(params, None, recipes.RTN(bits=4, group_size=16))
     chex.assert_trees_all_equal(stack.unpack(stack.pack(q)), q)
+    chex.assert_trees_all_close(stack.pack_decoded(q), stack.pack(jq.dequantize(q)), rtol=1e-6, atol=1e-7)
     mixed = quantize(params, None, [("layers/0", recipes.RTN(bits=2, group_size=16)),
                                     (".*", recipes.RTN(bits=4, group_size=16))])
     with pytest.raises(ValueError, match="layers/1 differs from layers/0"):

@@ -561,4 +561,4 @@ def test_init_state_shares_no_buffer_with_the_tree():
     state = pv.pv_tuning(optax.adam(1e-3), optax.adam(1e-3)).init(params)
     tree_ptrs = {a.unsafe_buffer_pointer() for a in jax.tree.leaves(params)}
     assert not tree_ptrs & {a.unsafe_buffer_pointer() for a in jax.tree.leaves(state)}
-    np.testing.assert_array_equal(np.asarray(state.master["b"]), np.asarray(params["b"]))
+    assert state.master["b"] is None  # a float32 leaf is its own master: no copy of it in the state

