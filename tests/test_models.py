@@ -208,6 +208,35 @@ def test_layer_stack_packs_runs_and_unpacks(rng):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_layer_stack_gradient_equals_the_unrolled_layers_and_overwrites_the_weights(rng):
+    from flax import nnx
+
+    from jaxquant.models.llama import LayerStack, functional_parts
+
+    cfg = ModelConfig(hidden_size=64, intermediate_size=96, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
+                      max_position_embeddings=64, vocab_size=50, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(2))
+    _, params = functional(model)
+    stack = LayerStack.of(model)
+    hidden, _ = functional_parts(model)
+    tokens = jnp.asarray(rng.integers(0, 50, (2, 9)), jnp.int32)
+    target = jnp.asarray(rng.standard_normal((2, 9, 64)), jnp.float32)
+
+    def loss(p):
+        return jnp.sum((hidden(p, tokens) - target) ** 2)
+
+    want = stack.pack(jax.jit(jax.grad(loss))(params))  # layer by layer, plain autodiff
+    got = jax.jit(jax.grad(loss))(stack.pack(params))  # scanned, gradient written over the weights
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(b))) + 1e-7
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    # The packed gradient takes the place of the packed weights: one stack, not two.
+    temp = {name: jax.jit(jax.grad(loss)).lower(p).compile().memory_analysis().temp_size_in_bytes
+            for name, p in (("unrolled", params), ("stacked", stack.pack(params)))}
+    layers_bytes = sum(x.nbytes for x in jax.tree.leaves(stack.pack(params)["stacked_layers"]))
+    assert temp["stacked"] < layers_bytes, temp
+
+
 def test_layer_stack_is_none_for_layers_of_different_structure():
     from flax import nnx
 

@@ -358,14 +358,65 @@ class LayerStack:
 
     def run(self, states: Any, x: jax.Array, cos: jax.Array, sin: jax.Array, q_pos: jax.Array,
             start: jax.Array | int = 0) -> jax.Array:
-        """The layers over ``x`` (no cache), each rematerialized in the backward pass."""
+        """The layers over ``x`` (no cache), each rematerialized in the backward pass.
+
+        When every leaf of ``states`` is floating, the gradient with respect to
+        ``states`` is written over the stacked weights themselves, layer by layer as the
+        backward pass finishes with each (``_scan_with_in_place_grads``): weights and
+        gradient then share one stack instead of two (SmolLM2: 0.4 GB less).
+        """
         graphdef = self.layer_graphdef
+
+        def layer(state: Any, x: jax.Array) -> jax.Array:
+            return nnx.merge(graphdef, state)(x, cos, sin, q_pos, None, start)[0]
+
+        if all(jnp.issubdtype(jnp.result_type(leaf), jnp.floating) for leaf in jax.tree.leaves(states)):
+            return _scan_with_in_place_grads(layer, states, x)
 
         @jax.checkpoint
         def body(x: jax.Array, state: Any) -> tuple[jax.Array, None]:
-            return nnx.merge(graphdef, state)(x, cos, sin, q_pos, None, start)[0], None
+            return layer(state, x), None
 
         return jax.lax.scan(body, x, states)[0]
+
+
+def _scan_with_in_place_grads(layer: Any, states: Any, x: jax.Array) -> jax.Array:
+    """``layer`` applied over the stacked ``states`` in order, differentiable in both.
+
+    The forward pass keeps each layer's input. The backward pass walks the layers in
+    reverse, recomputes each one's forward for its pull-back, and writes the layer's
+    parameter gradient into the slot of the stack that held its parameters, which no
+    later step reads: the stack arrives as the loop's carry and leaves as the gradient.
+    ``layer`` may close over arrays that are not differentiated (rotary tables,
+    positions).
+    """
+
+    @jax.custom_vjp
+    def run(states: Any, x: jax.Array) -> jax.Array:
+        return jax.lax.scan(lambda h, state: (layer(state, h), None), x, states)[0]
+
+    def forward(states: Any, x: jax.Array) -> tuple[jax.Array, tuple[Any, jax.Array]]:
+        out, inputs = jax.lax.scan(lambda h, state: (layer(state, h), h), x, states)
+        return out, (states, inputs)
+
+    def backward(saved: tuple[Any, jax.Array], g: jax.Array) -> tuple[Any, jax.Array]:
+        stack, inputs = saved
+        n = inputs.shape[0]
+
+        def step(k: jax.Array, carry: tuple[Any, jax.Array]) -> tuple[Any, jax.Array]:
+            stack, g = carry
+            i = n - 1 - k
+            state = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), stack)
+            _, pull_back = jax.vjp(layer, state, jax.lax.dynamic_index_in_dim(inputs, i, keepdims=False))
+            d_state, g = pull_back(g)
+            stack = jax.tree.map(lambda a, d: jax.lax.dynamic_update_index_in_dim(a, d.astype(a.dtype), i, 0),
+                                 stack, d_state)
+            return stack, g
+
+        return jax.lax.fori_loop(0, n, step, (stack, g))
+
+    run.defvjp(forward, backward)
+    return run(states, x)
 
 
 def functional(model: LlamaForCausalLM) -> tuple[Any, nnx.State]:
