@@ -466,9 +466,9 @@ def global_finetune(
     import optax  # noqa: PLC0415
     from tqdm.auto import tqdm  # noqa: PLC0415
 
-    from jaxquant.finetune.pv import pv_tuning  # noqa: PLC0415
+    from jaxquant.finetune.pv import adam, pv_tuning  # noqa: PLC0415
 
-    tuner = pv_tuning(optax.adam(cfg.p_lr), optax.adam(cfg.v_lr, b1=cfg.v_b1, b2=cfg.v_b2),
+    tuner = pv_tuning(optax.adam(cfg.p_lr), adam(cfg.v_lr, b1=cfg.v_b1, b2=cfg.v_b2),
                       update_fraction=cfg.update_fraction,
                       trust_ratio=cfg.trust_ratio, every=cfg.every, beam_size=cfg.beam_size, mode=mode,
                       buffer_decay=cfg.buffer_decay, metric=cfg.metric, force_update=cfg.force_update,

@@ -562,3 +562,20 @@ def test_init_state_shares_no_buffer_with_the_tree():
     tree_ptrs = {a.unsafe_buffer_pointer() for a in jax.tree.leaves(params)}
     assert not tree_ptrs & {a.unsafe_buffer_pointer() for a in jax.tree.leaves(state)}
     assert state.master["b"] is None  # a float32 leaf is its own master: no copy of it in the state
+
+
+def test_adam_without_first_moment_equals_optax_adam_and_keeps_no_first_moment(rng):
+    params = {"w": jnp.asarray(rng.standard_normal((8, 6)), jnp.float32)}
+    lean, ref = pv.adam(1e-2, b1=0.0, b2=0.95), optax.adam(1e-2, b1=0.0, b2=0.95)
+    s_lean, s_ref = lean.init(params), ref.init(params)
+    for _ in range(4):
+        g = {"w": jnp.asarray(rng.standard_normal((8, 6)), jnp.float32)}
+        with jax.numpy_dtype_promotion("standard"):  # as pv_tuning runs its optimizers
+            u_lean, s_lean = lean.update(g, s_lean, params)
+            u_ref, s_ref = ref.update(g, s_ref, params)
+        np.testing.assert_allclose(np.asarray(u_lean["w"]), np.asarray(u_ref["w"]), rtol=1e-5, atol=1e-7)
+    state_bytes = {name: sum(x.nbytes for x in jax.tree.leaves(s)) for name, s in (("lean", s_lean), ("ref", s_ref))}
+    assert state_bytes["lean"] < 0.6 * state_bytes["ref"], state_bytes  # nu only
+    assert optax.tree_utils.tree_get(s_lean, "nu")["w"].shape == (8, 6)  # metric="adam" finds it
+    with pytest.raises(ValueError, match="b1"):
+        pv.adam(1e-3, b1=1.0)

@@ -35,6 +35,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     # straight-through rate over 10 held-out seeds; at 200 steps below the old defaults
     # (1e-4, 1%), which moved no code.
     p.add_argument("--v-lr", type=float, default=1e-3, help="Adam learning rate of the straight-through buffers")
+    p.add_argument("--v-beta1", type=float, default=0.9,
+                   help="first-moment decay of the buffers' Adam; 0 keeps no first moment (the AQLM reference's "
+                        "recommended --code_beta1 0), 0.4 GB less on SmolLM2")
+    p.add_argument("--v-beta2", type=float, default=0.999, help="second-moment decay of the buffers' Adam")
+    p.add_argument("--mu-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="storage dtype of the Adam first moments (P step and buffers)")
     p.add_argument("--update-fraction", type=float, default=0.03, help="groups re-encoded per V step")
     p.add_argument("--trust-ratio", type=float, default=0.005,
                    help="bound on |dW|/|W| per layer per V step (0 turns it off)")
@@ -83,6 +89,9 @@ def _check(args: argparse.Namespace) -> None:
                          + (" and --force-update" if args.force_update else ""))
     if args.force_update and args.metric != "euclidean":
         raise ValueError(f"--force-update needs --metric euclidean, got --metric {args.metric}")
+    for name in ("v_beta1", "v_beta2"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be in [0, 1)")
     if args.batch_size % args.micro_batches:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by --micro-batches {args.micro_batches}")
 
@@ -112,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     if teacher.config.hidden_size != config.hidden_size or teacher.config.num_layers != config.num_layers:
         raise ValueError(f"--teacher {args.teacher!r} has a different architecture from {args.quant_dir!r}")
     apply_fn, teacher_params = functional(teacher)
-    if jax.tree.structure(dequantize(qparams)) != jax.tree.structure(teacher_params):
+    if jax.tree.structure(jax.eval_shape(dequantize, qparams)) != jax.tree.structure(teacher_params):
         raise ValueError(f"the parameters in {args.quant_dir!r} do not match the teacher's structure")
     if args.seqlen + 1 > config.max_position_embeddings:
         raise ValueError(f"--seqlen {args.seqlen} exceeds the model's context of {config.max_position_embeddings}")
@@ -121,7 +130,10 @@ def run(args: argparse.Namespace) -> int:
     val_ids = tokenizer.encode(read_text(args.text, split="validation"))
     val = eval_windows(val_ids, args.seqlen)[: args.eval_windows].reshape(-1)
 
-    tuner = pv.pv_tuning(optax.adam(args.p_lr), optax.adam(args.v_lr), update_fraction=args.update_fraction,
+    mu_dtype = jnp.dtype(args.mu_dtype)
+    tuner = pv.pv_tuning(optax.adam(args.p_lr, mu_dtype=mu_dtype),
+                         pv.adam(args.v_lr, b1=args.v_beta1, b2=args.v_beta2, mu_dtype=mu_dtype),
+                         update_fraction=args.update_fraction,
                          trust_ratio=args.trust_ratio or None, every=args.every, beam_size=args.beam_size,
                          mode=args.mode, buffer_decay=args.buffer_decay, force_update=args.force_update,
                          metric=args.metric, selection=args.selection)
@@ -167,7 +179,9 @@ def run(args: argparse.Namespace) -> int:
         qparams, state, teacher_params = losses.replicate((qparams, state, teacher_params), mesh)
 
     def val_ppl(qp: Any) -> float:
-        ppl = perplexity(apply_fn, dequantize(qp), val, args.seqlen)
+        # One window per forward pass: eight windows' logits and softmax temporaries
+        # (SmolLM2: about 1 GB at 256 tokens) would outgrow the training step itself.
+        ppl = perplexity(apply_fn, dequantize(qp), val, args.seqlen, batch_size=1)
         release_freed_memory()
         return ppl
 
@@ -203,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
     io.save(os.path.join(args.out, "params"), qparams, overwrite=True)
     save_resume(args.steps)
     write_model_files(args.teacher, args.out)
-    teacher_ppl = perplexity(apply_fn, teacher_params, val, args.seqlen)
+    teacher_ppl = perplexity(apply_fn, teacher_params, val, args.seqlen, batch_size=1)
     report = {"quant_dir": os.path.abspath(args.quant_dir), "teacher": os.path.abspath(args.teacher),
               "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
               "bits_per_weight": tree_bits(qparams)["bits_per_weight"], "teacher_val_ppl": teacher_ppl,

@@ -96,6 +96,31 @@ class PVTuning(NamedTuple):
     update: Callable[[Any, PVState, Any], tuple[Any, PVState]]
 
 
+# ----------------------------------------------------------------------------- optimizers
+
+
+def adam(learning_rate: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+         mu_dtype: Any = None) -> optax.GradientTransformation:
+    """``optax.adam``, without a first moment in memory when ``b1 == 0``.
+
+    Adam with ``b1 = 0`` (the AQLM reference's recommended V-step setting,
+    ``--code_beta1 0``) is RMSprop with bias correction and ``eps`` outside the square
+    root; ``optax.adam`` would still keep a zero-decay first moment, one more float32
+    copy of every weight for the straight-through buffers. The state has ``nu`` either
+    way, so ``metric="adam"`` works with both.
+
+    Args:
+        learning_rate, b1, b2, eps: as in ``optax.adam``.
+        mu_dtype: dtype of the first moment (e.g. ``jnp.bfloat16``; ``None``: float32).
+    """
+    if not 0.0 <= b1 < 1.0 or not 0.0 <= b2 < 1.0:
+        raise ValueError(f"adam: b1={b1!r} and b2={b2!r} must be in [0, 1)")
+    if b1 == 0.0:
+        return optax.chain(optax.scale_by_rms(decay=b2, eps=eps, eps_in_sqrt=False, bias_correction=True),
+                           optax.scale(-learning_rate))
+    return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
+
+
 # ----------------------------------------------------------------------------- gradients
 
 
@@ -782,6 +807,7 @@ def pv_tuning(
 __all__ = [
     "PVState",
     "PVTuning",
+    "adam",
     "continuous_grads",
     "decoded_value_and_grad",
     "group_distances",
