@@ -4,14 +4,13 @@ XLA's CPU compiler removes ``lax.optimization_barrier`` before it schedules, and
 scheduler tends to run each kind of operation for every layer before the next kind: all
 210 of SmolLM2's gradient transposes, then all 210 scatters, and so on. Every layer's
 temporaries are then alive at once (1.3 GB in PV-Tuning's P step, against 0.1 GB in
-order). A data dependence is the one ordering every backend keeps, so ``after`` makes
-one layer's inputs depend, by a zero that no compiler pass can prove zero, on the
-previous layer's result.
+order). A data dependence is the one ordering every backend keeps.
 
-Layers of one kind (same structure, shapes and dtypes) are better still run as one
-``lax.map`` over their stacked arguments (``map_stacked``): the compiled program then
-holds one copy of the per-layer work for each kind instead of one per layer, which
-shrinks both its compile time and the memory the compiled program keeps.
+``map_stacked`` runs the layers of one kind (same structure, shapes and dtypes, stacked)
+as one ``lax.scan``, one layer after another, and makes each kind's first index depend,
+by a zero that no compiler pass can prove zero, on the previous kind's result. The
+compiled program then holds one copy of the per-layer work for each kind instead of one
+per layer, which shrinks both its compile time and the memory it keeps.
 """
 
 from __future__ import annotations
@@ -26,35 +25,14 @@ T = TypeVar("T")
 
 
 def _zero_after(token: Any) -> jax.Array | None:
-    """A float32 zero that exists only once every array of ``token`` does (NaN if one of
-    their first elements is NaN); ``None`` for a token without elements."""
+    """A float32 zero that exists only once every array of ``token`` does: ``min(t, 0)``
+    where ``t`` sums the magnitude of one element of each array, which no compiler pass
+    can prove zero (NaN if one of those elements is NaN); ``None`` for a token without
+    elements."""
     firsts = [jnp.ravel(x)[0].astype(jnp.float32) for x in jax.tree.leaves(token) if jnp.size(x)]
     if not firsts:
         return None
     return jnp.minimum(sum(jnp.abs(f) for f in firsts), jnp.float32(0.0))
-
-
-def after(tree: T, token: Any) -> T:
-    """``tree`` unchanged in value, but computed only once ``token`` exists.
-
-    Every floating leaf gets ``+ min(t, 0)`` added, where ``t`` sums the magnitude of one
-    element of each array of ``token`` (so it exists only once all of them do): zero
-    unless one of those elements is NaN, which then propagates. Integer leaves are returned as they are; they are ordered through the
-    floating leaves computed from them.
-
-    Args:
-        tree: a pytree of arrays.
-        token: a pytree of arrays (e.g. the previous layer's result).
-    """
-    zero = _zero_after(token)
-    if zero is None:
-        return tree
-
-    def tie(x: Any) -> Any:
-        x = jnp.asarray(x)
-        return x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-
-    return jax.tree.map(tie, tree)
 
 
 def alike_groups(trees: Sequence[Any], keys: Sequence[Any] | None = None) -> list[list[int]]:
@@ -89,7 +67,8 @@ def map_stacked(fn: Callable[..., T], groups: Iterable[tuple[Any, ...]]) -> list
     Each group compiles ``fn`` once, whatever its length, as a ``lax.scan`` that reads its
     element of every argument in place (no copy of the stacked arguments), and holds one
     call's temporaries at a time. A group's first index is made to depend on the previous
-    group's result (``after``'s zero), which orders the groups without copying them.
+    group's result, which orders the groups without copying them (adding a zero to the
+    arguments instead would write a new stacked copy of each).
 
     Args:
         fn: ``fn(*args)`` on one element of a group.
@@ -116,4 +95,4 @@ def map_stacked(fn: Callable[..., T], groups: Iterable[tuple[Any, ...]]) -> list
     return out
 
 
-__all__ = ["after", "alike_groups", "map_stacked", "signature", "stack", "unstack"]
+__all__ = ["alike_groups", "map_stacked", "signature", "stack", "unstack"]

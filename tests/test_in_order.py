@@ -5,26 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant.in_order import after, alike_groups, map_stacked, stack, unstack
-
-
-def test_after_changes_no_value(rng):
-    tree = {"w": jnp.asarray(rng.standard_normal((5, 3)), jnp.float32),
-            "h": jnp.asarray(rng.standard_normal(4), jnp.float16),
-            "codes": jnp.asarray(rng.integers(0, 255, (6,)), jnp.uint8),
-            "neg_zero": jnp.asarray([-0.0, 1.0], jnp.float32)}
-    token = (jnp.asarray([-3.5, 2.0]), jnp.asarray([7], jnp.int32), jnp.asarray(np.inf))
-    out = jax.jit(after)(tree, token)
-    for k in ("w", "h", "codes"):
-        assert out[k].dtype == tree[k].dtype
-        np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(tree[k]))
-    np.testing.assert_array_equal(np.asarray(out["neg_zero"]), [0.0, 1.0])  # -0.0 + 0.0 is 0.0
-    assert after(tree, ()) is tree  # nothing to wait for
-
-
-def test_after_propagates_a_nan_token(rng):
-    out = after(jnp.ones(3), jnp.asarray([np.nan, 1.0]))
-    assert np.isnan(np.asarray(out)).all()
+from jaxquant.in_order import alike_groups, map_stacked, stack, unstack
 
 
 def test_alike_groups_stack_and_unstack_round_trip(rng):

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from jaxquant import ops
+from jaxquant.in_order import signature, stack
 from jaxquant.models.config import ModelConfig
 from jaxquant.qarray import dequantize
 
@@ -247,10 +248,10 @@ class LlamaForCausalLM(nnx.Module):
         # Recomputed from the static config at trace time: a constant, never a parameter.
         cos, sin = rotary_tables(self.config.inv_freq(), q_pos)
         x = self.embed(tokens)
-        stack = LayerStack.of(self) if scan_layers and cache is None else None
-        states = None if stack is None else list(nnx.split(self.layers)[1].values())
-        if stack is not None and _first_mismatch(states) is None:
-            return self.final_norm(stack.run(_stack(states), x, cos, sin, q_pos, start)), None
+        layer_stack = LayerStack.of(self) if scan_layers and cache is None else None
+        states = None if layer_stack is None else list(nnx.split(self.layers)[1].values())
+        if layer_stack is not None and _first_mismatch(states) is None:
+            return self.final_norm(layer_stack.run(stack(states), x, cos, sin, q_pos, start)), None
         new_cache = []
         for i, layer in enumerate(self.layers):
             x, c = layer(x, cos, sin, q_pos, None if cache is None else cache[i], start)
@@ -282,17 +283,8 @@ def _raw(params: Any) -> Any:
 
 def _first_mismatch(layers: list[Any]) -> int | None:
     """The first layer state that differs from ``layers[0]`` in structure, shape or dtype."""
-    def signature(state: Any) -> Any:
-        return jax.tree.structure(state), jax.tree.leaves(jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)),
-                                                                        state))
-
     first = signature(layers[0])
     return next((i for i, state in enumerate(layers[1:], start=1) if signature(state) != first), None)
-
-
-def _stack(layers: list[Any]) -> Any:
-    """Layer states stacked on a new leading axis (their leaves must match)."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
 
 
 class LayerStack:
@@ -335,7 +327,7 @@ class LayerStack:
         if bad is not None:
             raise ValueError(f"layers/{bad} differs from layers/0 in structure, shape or dtype: the layers cannot "
                              "be stacked (quantized by different recipes?)")
-        return nnx.State({**{k: v for k, v in raw.items() if k != "layers"}, STACKED: _stack(layers)})
+        return nnx.State({**{k: v for k, v in raw.items() if k != "layers"}, STACKED: stack(layers)})
 
     def pack_decoded(self, qparams: Any) -> nnx.State:
         """``pack(dequantize(qparams))`` (float32), with the stacked layers decoded from
@@ -400,20 +392,20 @@ def _scan_with_in_place_grads(layer: Any, states: Any, x: jax.Array) -> jax.Arra
         return out, (states, inputs)
 
     def backward(saved: tuple[Any, jax.Array], g: jax.Array) -> tuple[Any, jax.Array]:
-        stack, inputs = saved
+        slots, inputs = saved
         n = inputs.shape[0]
 
         def step(k: jax.Array, carry: tuple[Any, jax.Array]) -> tuple[Any, jax.Array]:
-            stack, g = carry
+            slots, g = carry
             i = n - 1 - k
-            state = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), stack)
+            state = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), slots)
             _, pull_back = jax.vjp(layer, state, jax.lax.dynamic_index_in_dim(inputs, i, keepdims=False))
             d_state, g = pull_back(g)
-            stack = jax.tree.map(lambda a, d: jax.lax.dynamic_update_index_in_dim(a, d.astype(a.dtype), i, 0),
-                                 stack, d_state)
-            return stack, g
+            slots = jax.tree.map(lambda a, d: jax.lax.dynamic_update_index_in_dim(a, d.astype(a.dtype), i, 0),
+                                 slots, d_state)
+            return slots, g
 
-        return jax.lax.fori_loop(0, n, step, (stack, g))
+        return jax.lax.fori_loop(0, n, step, (slots, g))
 
     run.defvjp(forward, backward)
     return run(states, x)
@@ -445,14 +437,14 @@ def functional_parts(model: LlamaForCausalLM, *, scan_layers: bool = False) -> t
     graphdef, _ = nnx.split(model)
     embed, final_norm = nnx.graphdef(model.embed), nnx.graphdef(model.final_norm)
     lm_head = None if model.lm_head is None else nnx.graphdef(model.lm_head)
-    stack, inv_freq = LayerStack.of(model), model.config.inv_freq()
+    layer_stack, inv_freq = LayerStack.of(model), model.config.inv_freq()
 
     def hidden_fn(params: Any, tokens: jax.Array) -> jax.Array:
         if STACKED not in params:
             return nnx.merge(graphdef, params).hidden(tokens, scan_layers=scan_layers)[0]
         q_pos = jnp.arange(tokens.shape[1], dtype=jnp.int32)
         cos, sin = rotary_tables(inv_freq, q_pos)
-        x = stack.run(params[STACKED], nnx.merge(embed, params["embed"])(tokens), cos, sin, q_pos)
+        x = layer_stack.run(params[STACKED], nnx.merge(embed, params["embed"])(tokens), cos, sin, q_pos)
         return nnx.merge(final_norm, params["final_norm"])(x)
 
     def head_fn(params: Any, x: jax.Array) -> jax.Array:
