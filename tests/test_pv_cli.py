@@ -6,7 +6,9 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -79,6 +81,8 @@ def test_finetune_bad_arguments(dirs, capsys):
     assert "--selection gain is a PV V step without --force-update; got --mode ste" in capsys.readouterr().err
     assert main(_args(quant, teacher, str(root / "bad7"), 2, "--force-update", "--metric", "adam")) == 1
     assert "--force-update needs --metric euclidean, got --metric adam" in capsys.readouterr().err
+    assert main(_args(quant, teacher, str(root / "bad8"), 2, "--v-beta1", "1")) == 1
+    assert "--v-beta1 1.0 must be in [0, 1)" in capsys.readouterr().err
     assert main(_args(quant, teacher, str(root / "bad2"), 2, "--resume")) == 1
     assert "no checkpoint" in capsys.readouterr().err
 
@@ -110,8 +114,11 @@ def test_finetune_v_step_defaults_reach_the_tuner(dirs, monkeypatch):
     seen = []
     real = pv.pv_tuning
 
+    optimizers = []
+
     def recording(*args, **kwargs):
         seen.append(kwargs)
+        optimizers.append(args[:2])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(pv, "pv_tuning", recording)
@@ -120,9 +127,16 @@ def test_finetune_v_step_defaults_reach_the_tuner(dirs, monkeypatch):
     assert main([*base, "--out", str(root / "defaults")]) == 0
     assert main([*base, "--out", str(root / "no_trust"), "--trust-ratio", "0"]) == 0
     assert main([*base, "--out", str(root / "gain_adam"), "--selection", "gain", "--metric", "adam"]) == 0
+    assert main([*base, "--out", str(root / "lean"), "--v-beta1", "0", "--mu-dtype", "bfloat16"]) == 0
     assert (seen[0]["update_fraction"], seen[0]["trust_ratio"], seen[0]["buffer_decay"]) == (0.03, 0.005, 0.0)
     assert (seen[0]["selection"], seen[0]["metric"]) == ("distance", "euclidean")
     assert seen[1]["trust_ratio"] is None
     assert (seen[2]["selection"], seen[2]["metric"]) == ("gain", "adam")
+    # The lean V optimizer keeps no first moment for the buffers; the P step's is bfloat16.
+    w = {"w": jnp.zeros((2, 3), jnp.float32)}
+    p_opt, v_opt = optimizers[3]
+    assert optax.tree_utils.tree_get(p_opt.init(w), "mu")["w"].dtype == jnp.bfloat16
+    assert optax.tree_utils.tree_get(v_opt.init(w), "mu") is None
+    assert optax.tree_utils.tree_get(optimizers[0][1].init(w), "mu")["w"].dtype == jnp.float32
     settings = json.load(open(os.path.join(root / "defaults", "finetune.json")))["settings"]
     assert settings["v_lr"] == 1e-3
