@@ -35,11 +35,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     # straight-through rate over 10 held-out seeds; at 200 steps below the old defaults
     # (1e-4, 1%), which moved no code.
     p.add_argument("--v-lr", type=float, default=1e-3, help="Adam learning rate of the straight-through buffers")
-    p.add_argument("--v-beta1", type=float, default=0.9,
+    # Lean by default: benchmarks/protocols/lean_v_optimizer.md (0.6 GB less on SmolLM2, no
+    # loss beyond its margin); --v-beta1 0.9 --mu-dtype float32 is the earlier setting.
+    p.add_argument("--v-beta1", type=float, default=0.0,
                    help="first-moment decay of the buffers' Adam; 0 keeps no first moment (the AQLM reference's "
-                        "recommended --code_beta1 0), 0.4 GB less on SmolLM2")
+                        "recommended --code_beta1 0)")
     p.add_argument("--v-beta2", type=float, default=0.999, help="second-moment decay of the buffers' Adam")
-    p.add_argument("--mu-dtype", default="float32", choices=["float32", "bfloat16"],
+    p.add_argument("--mu-dtype", default="bfloat16", choices=["float32", "bfloat16"],
                    help="storage dtype of the Adam first moments (P step and buffers)")
     p.add_argument("--update-fraction", type=float, default=0.03, help="groups re-encoded per V step")
     p.add_argument("--trust-ratio", type=float, default=0.005,
