@@ -169,18 +169,24 @@ def test_config_hf_dict_round_trip():
 
 
 
-def test_layer_stack_packs_runs_and_unpacks(rng):
+def _stacked_model(seed, **config):
+    """A small Llama (4 heads, 2 KV heads, vocabulary 50), its parameters and its LayerStack."""
     from flax import nnx
 
+    from jaxquant.models.llama import LayerStack
+
+    model = LlamaForCausalLM(ModelConfig(num_heads=4, num_kv_heads=2, max_position_embeddings=64, vocab_size=50,
+                                         **config), rngs=nnx.Rngs(seed))
+    return model, functional(model)[1], LayerStack.of(model)
+
+
+def test_layer_stack_packs_runs_and_unpacks(rng):
     from jaxquant import recipes
-    from jaxquant.models.llama import LayerStack, functional_parts
+    from jaxquant.models.llama import functional_parts
     from jaxquant.quantize import quantize
 
-    cfg = ModelConfig(hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
-                      max_position_embeddings=64, vocab_size=50, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(1))
-    _, params = functional(model)
-    stack = LayerStack.of(model)
+    model, params, stack = _stacked_model(1, hidden_size=32, intermediate_size=48, num_layers=3, head_dim=8,
+                                          tie_word_embeddings=False)
     packed = stack.pack(params)
     assert "layers" not in packed and packed["stacked_layers"]["mlp"]["up_proj"]["kernel"].get_value().shape == (
         3, 32, 48)
@@ -209,15 +215,10 @@ def test_layer_stack_packs_runs_and_unpacks(rng):
 
 
 def test_layer_stack_gradient_equals_the_unrolled_layers_and_overwrites_the_weights(rng):
-    from flax import nnx
+    from jaxquant.models.llama import functional_parts
 
-    from jaxquant.models.llama import LayerStack, functional_parts
-
-    cfg = ModelConfig(hidden_size=64, intermediate_size=96, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
-                      max_position_embeddings=64, vocab_size=50, tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(2))
-    _, params = functional(model)
-    stack = LayerStack.of(model)
+    model, params, stack = _stacked_model(2, hidden_size=64, intermediate_size=96, num_layers=4, head_dim=16,
+                                          tie_word_embeddings=True)
     hidden, _ = functional_parts(model)
     tokens = jnp.asarray(rng.integers(0, 50, (2, 9)), jnp.int32)
     target = jnp.asarray(rng.standard_normal((2, 9, 64)), jnp.float32)

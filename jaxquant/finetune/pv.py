@@ -188,15 +188,22 @@ def continuous_grads(grads: Any, qtree: Any) -> Any:
     leaves, treedef, paths = _quantized_paths(qtree)
     g_leaves = treedef.flatten_up_to(grads)
     groups = _quantized_groups(leaves, paths)
-    pulled = map_stacked(_pull_back, [(stack([leaves[i] for i in group]), _stacked_grads(g_leaves, group))
-                                      for group in groups])
+    stacked = [_stacked_grads(g_leaves, group) for group in groups]
+    return jax.tree_util.tree_unflatten(treedef, _pulled_back(leaves, g_leaves, groups, stacked))
+
+
+def _pulled_back(leaves: list[Any], g_leaves: list[Any], groups: list[list[int]],
+                 stacked_grads: list[jax.Array]) -> list[Any]:
+    """``continuous_grads``'s leaves, from each group's already stacked dense gradient."""
+    pulled = map_stacked(_pull_back, [(stack([leaves[i] for i in group]), g)
+                                      for group, g in zip(groups, stacked_grads, strict=True)])
     out: list[Any] = [None if is_quantized(leaf) or g is None or not jnp.issubdtype(jnp.asarray(leaf).dtype,
                                                                                    jnp.inexact) else g
                       for leaf, g in zip(leaves, g_leaves, strict=True)]
     for group, ct in zip(groups, pulled, strict=True):
         for i, ct_i in zip(group, unstack(ct, len(group)), strict=True):
             out[i] = ct_i
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return out
 
 
 def _stacked_grads(g_leaves: list[Any], group: list[int]) -> jax.Array:
@@ -753,8 +760,12 @@ def pv_tuning(
             raise ValueError(f"pv_tuning.update: the tree's quantized layers group as {keys}, the state's buffers "
                              f"as {list(state.buffers)} (a state from another tree?)")
 
+        # One stacked dense gradient per group serves the P step's pull-back and the buffers.
+        stacked_grads = [_stacked_grads(g_leaves, group) for group in groups]
+
         # P step: optax on the float32 master copy of the continuous part.
-        p_grads = jax.tree.map(lambda g: g.astype(jnp.float32), continuous_grads(grads, qtree))
+        p_grads = jax.tree_util.tree_unflatten(treedef, _pulled_back(leaves, g_leaves, groups, stacked_grads))
+        p_grads = jax.tree.map(lambda g: g.astype(jnp.float32), p_grads)
         # optax's bias corrections mix Python floats with int32 counts, which strict dtype
         # promotion rejects; the user's optimizers run under standard promotion.
         continuous, discrete = split(qtree)
@@ -768,7 +779,7 @@ def pv_tuning(
         leaves = jax.tree_util.tree_leaves(qtree, is_leaf=is_quantized)
 
         # Straight-through buffers follow the dense gradient every step.
-        v_grads = {key: _stacked_grads(g_leaves, group) for key, group in zip(keys, groups, strict=True)}
+        v_grads = dict(zip(keys, stacked_grads, strict=True))
         with jax.numpy_dtype_promotion("standard"):
             v_updates, v_state = v_optimizer.update(v_grads, state.v_state, state.buffers)
         buffers = optax.apply_updates(state.buffers, v_updates)

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from jaxquant import ops
-from jaxquant.in_order import signature, stack
+from jaxquant.in_order import signature, stack, unstack
 from jaxquant.models.config import ModelConfig
 from jaxquant.qarray import dequantize
 
@@ -345,7 +345,7 @@ class LayerStack:
     def unpack(self, params: Any) -> nnx.State:
         """The inverse of ``pack``."""
         raw = _raw(params)
-        layers = {i: jax.tree.map(lambda x, i=i: x[i], raw[STACKED]) for i in range(self.num_layers)}
+        layers = dict(enumerate(unstack(raw[STACKED], self.num_layers)))
         return nnx.State({**{k: v for k, v in raw.items() if k != STACKED}, "layers": layers})
 
     def run(self, states: Any, x: jax.Array, cos: jax.Array, sin: jax.Array, q_pos: jax.Array,
