@@ -5,6 +5,7 @@ The public API, re-exported by name; nothing is defined here.
 
 from jaxquant import io, models, ops, pipeline, select
 from jaxquant.calibrate import calibrate
+from jaxquant.embeddings import store_embeddings
 from jaxquant.finetune.pv import decoded_value_and_grad, pv_tuning
 from jaxquant.qarray import (
     AdditiveQuantized,
@@ -40,5 +41,6 @@ __all__ = [
     "recipe_to_dict",
     "select",
     "split",
+    "store_embeddings",
     "tree_bits",
 ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -29,6 +30,11 @@ import numpy as np
 
 Layout = Literal["out_in", "in_out"]
 _LAYOUTS = ("out_in", "in_out")
+
+# Paths of token embeddings and output heads (``embed/embedding``, ``Embed_0/embedding``,
+# ``embed_tokens/weight``, ``wte``, ``lm_head/kernel``, ``head/kernel``): ``tree_bits``
+# counts them apart from the linear layers, whose bits per weight a method is judged by.
+EMBEDDING_OR_HEAD = re.compile(r"(^|/)(embed\w*|wte|wpe|lm_head|head)(/|$)", re.IGNORECASE)
 
 
 def _static(default: Any = dataclasses.MISSING) -> Any:
@@ -122,6 +128,29 @@ class ScalarQuantized:
     def decode(self, dtype: Any = jnp.float32) -> jax.Array:
         """Dense weight with the shape and layout of the leaf it replaced."""
         return _to_leaf_layout(self.decode_out_in(dtype), self.layout)
+
+    def take_rows(self, rows: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+        """Decoded rows ``W[rows]`` of an ``out_in`` array, without decoding the others.
+
+        This is an embedding lookup on a quantized table ``[vocab, d]``.
+
+        Args:
+            rows: integer indices of any shape.
+            dtype: dtype of the result.
+
+        Returns:
+            ``[*rows.shape, d_in]``.
+        """
+        if self.layout != "out_in":
+            raise ValueError(f"take_rows needs an out_in array (rows are output channels), got {self!r}")
+        n_groups = self.scales.shape[-1]
+        codes = self.codes[rows].astype(jnp.float32).reshape(*rows.shape, n_groups, self.group_size)
+        if self.zeros is None:
+            zeros = jnp.float32((2**self.bits - 1) / 2)
+        else:
+            zeros = self.zeros[rows].astype(jnp.float32)[..., None]
+        w = (codes - zeros) * self.scales[rows].astype(jnp.float32)[..., None]
+        return w.reshape(*rows.shape, self.d_in).astype(dtype)
 
     @property
     def storage_bits(self) -> int:
@@ -315,28 +344,57 @@ def merge(continuous: Any, discrete: Any) -> Any:
 def tree_bits(tree: Any) -> dict[str, float]:
     """Honest size accounting of a whole tree.
 
+    Token embeddings and output heads (paths matching ``EMBEDDING_OR_HEAD``) are counted
+    on their own, quantized or not, so that ``bits_per_weight`` stays the linear layers'
+    figure whatever the embeddings are stored at.
+
     Returns:
-        ``{"quantized_weights", "quantized_bits", "bits_per_weight", "other_params",
-        "other_bits", "total_bytes"}``: bits per weight over the quantized leaves, and the
-        total stored bytes including every dense leaf at its dtype.
+        ``{"quantized_weights", "quantized_bits", "bits_per_weight", "embedding_params",
+        "embedding_bits", "other_params", "other_bits", "total_bytes"}``: bits per weight
+        over the quantized leaves outside the embeddings and head; the embeddings' and
+        head's weights and stored bits; every other leaf at its dtype; and the total
+        stored bytes of all of them.
     """
-    leaves = jax.tree.leaves(tree, is_leaf=is_quantized)
-    q_weights = q_bits = other_params = other_bits = 0
-    for leaf in leaves:
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
+    q_weights = q_bits = emb_params = emb_bits = other_params = other_bits = 0
+    for key_path, leaf in flat:
         if is_quantized(leaf):
-            q_weights += leaf.d_out * leaf.d_in
-            q_bits += leaf.storage_bits
+            n, bits = leaf.d_out * leaf.d_in, leaf.storage_bits
         elif hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-            other_params += int(np.prod(leaf.shape))
-            other_bits += _array_bits(leaf)
+            n, bits = int(np.prod(leaf.shape)), _array_bits(leaf)
+        else:
+            continue
+        if EMBEDDING_OR_HEAD.search(path_to_str(key_path)):
+            emb_params, emb_bits = emb_params + n, emb_bits + bits
+        elif is_quantized(leaf):
+            q_weights, q_bits = q_weights + n, q_bits + bits
+        else:
+            other_params, other_bits = other_params + n, other_bits + bits
     return {
         "quantized_weights": q_weights,
         "quantized_bits": q_bits,
         "bits_per_weight": q_bits / q_weights if q_weights else float("nan"),
+        "embedding_params": emb_params,
+        "embedding_bits": emb_bits,
         "other_params": other_params,
         "other_bits": other_bits,
-        "total_bytes": math.ceil((q_bits + other_bits) / 8),
+        "total_bytes": math.ceil((q_bits + emb_bits + other_bits) / 8),
     }
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def path_to_str(path: Any) -> str:
+    """Join a JAX key path into ``a/b/c``, dropping NNX's trailing ``value`` attribute."""
+    names = [_key_name(k) for k in path]
+    if names and names[-1] in ("value", "raw_value") and isinstance(path[-1], jax.tree_util.GetAttrKey):
+        names = names[:-1]
+    return "/".join(names)
 
 
 def _describe(q: QuantizedArray) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxquant.qarray import is_quantized
+from jaxquant.qarray import is_quantized, path_to_str
 
 Predicate = Callable[[str, Any], bool]
 Selector = Predicate | str | Sequence[Predicate | str]
@@ -31,21 +31,6 @@ _DEFAULT_EXCLUDE = re.compile(
     re.IGNORECASE,
 )
 _KERNEL_NAMES = ("kernel", "weight")
-
-
-def _key_name(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def path_to_str(path: Sequence[Any]) -> str:
-    """Join a JAX key path into ``a/b/c``, dropping NNX's trailing ``value`` attribute."""
-    names = [_key_name(k) for k in path]
-    if names and names[-1] in ("value", "raw_value") and isinstance(path[-1], jax.tree_util.GetAttrKey):
-        names = names[:-1]
-    return "/".join(names)
 
 
 def linear_kernels(path: str, leaf: Any) -> bool:

@@ -27,7 +27,7 @@ from flax import nnx
 from jaxquant import ops
 from jaxquant.in_order import signature, stack, unstack
 from jaxquant.models.config import ModelConfig
-from jaxquant.qarray import dequantize
+from jaxquant.qarray import ScalarQuantized, dequantize, is_quantized
 
 # Per layer (keys, values), each [batch, cache_len, num_kv_heads, head_dim].
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
@@ -175,13 +175,23 @@ class DecoderLayer(nnx.Module):
 
 
 class Embedding(nnx.Module):
-    """Token embedding table ``[vocab, d]``."""
+    """Token embedding table ``[vocab, d]``: dense (any float dtype) or ``ScalarQuantized``.
+
+    Rows come out in the model's dtype, whatever the table is stored in
+    (``jaxquant.store_embeddings``).
+    """
 
     def __init__(self, vocab: int, dim: int, *, dtype: Any, rngs: nnx.Rngs) -> None:
+        self.dtype = jnp.dtype(dtype)
         self.embedding = nnx.Param(_normal(rngs, (vocab, dim), dtype))
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding.get_value(), tokens, axis=0)
+        table = self.embedding.get_value()
+        if isinstance(table, ScalarQuantized):
+            return table.take_rows(tokens, self.dtype)
+        if is_quantized(table):  # no row decoder: decode the table (never made by jaxquant)
+            table = table.decode(self.dtype)
+        return jnp.take(table, tokens, axis=0).astype(self.dtype)
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -269,7 +279,9 @@ class LlamaForCausalLM(nnx.Module):
         return self.forward(tokens)[0]
 
 
-def _tied_logits(x: jax.Array, embedding: jax.Array) -> jax.Array:
+def _tied_logits(x: jax.Array, embedding: Any) -> jax.Array:
+    if is_quantized(embedding):  # the table [vocab, d] is the head's out_in weight
+        return ops.matmul(x, embedding)
     return jnp.einsum("...d,vd->...v", x, embedding.astype(x.dtype))
 
 

@@ -37,6 +37,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "when --calib builtin, else none ('none' disables)")
     p.add_argument("--eval-windows", type=int, default=16, help="evaluation windows of --seqlen tokens")
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    p.add_argument("--embed-bits", type=int, choices=(32, 16, 8), default=None,
+                   help="store the token embeddings and output head at 32 (float32), 16 (float16) or 8 bits "
+                        "(round-to-nearest per row); default: as the model has them")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -82,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     finetune = BlockFinetuneConfig(lr=args.finetune_lr, max_epochs=args.finetune_epochs) if args.finetune else None
     result = quantize_model(model, tokens, recipe, key=jax.random.key(args.seed), finetune=finetune,
                             out_dir=args.out, resume=args.resume, progress=not args.no_progress,
-                            batch_size=args.batch_size, offload=args.offload)
+                            batch_size=args.batch_size, offload=args.offload,
+                            embed_bits=args.embed_bits)
     summary = dict(result.summary)
 
     eval_source = args.eval if args.eval is not None else ("builtin" if args.calib == "builtin" else "none")
@@ -106,10 +110,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(s: dict[str, Any], out: str) -> None:
+    embed = s.get("embedding_bits_per_weight")
     lines = [
         f"quantized {s['layers']} layers in {s['blocks']} blocks ({s['recipe']}) in {s['quantize_seconds']:.1f} s",
         f"bits per weight {s['bits_per_weight']:.3f} (codes + codebooks/scales, quantized layers); "
-        f"model size {s['total_bytes'] / 2**20:.2f} MiB",
+        + ("" if embed is None else f"embeddings and head {embed:.3f} bits per weight; ")
+        + f"whole model {s['total_bytes'] / 2**20:.2f} MiB",
         f"mean layer relative error {s['mean_layer_rel_error']:.4g}"
         + ("" if s.get("mean_layer_rel_error_finetuned") is None
            else f" ({s['mean_layer_rel_error_finetuned']:.4g} after fine-tuning)"),

@@ -41,6 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxquant import io as jq_io
 from jaxquant.calibrate import calibrate
+from jaxquant.embeddings import EMBEDDING_BITS, store_embeddings
 from jaxquant.finetune.block import BlockFinetuneConfig, finetune_block, relative_error
 from jaxquant.pipeline import rundir as rd
 from jaxquant.pipeline.blocks import BlockwiseModel, as_blockwise
@@ -198,9 +199,11 @@ def run_config(
     key: jax.Array,
     finetune: BlockFinetuneConfig | None,
     batch_size: int,
+    embed_bits: int | None = None,
 ) -> dict[str, Any]:
     """Everything that determines a run's result (its hash names the run)."""
-    return {
+    # ``embed_bits`` enters only when set, so runs made before it existed still resume.
+    return {**({} if embed_bits is None else {"embed_bits": embed_bits}),
         "format": rd.FORMAT_VERSION,
         "model": {"type": type(blockwise).__name__, "num_blocks": blockwise.num_blocks,
                   "dtype": jnp.dtype(blockwise.dtype).name, "fingerprint": _fingerprint(blockwise.params)},
@@ -287,6 +290,7 @@ def quantize_model(
     where: Selector | None = None,
     batch_size: int = 8,
     offload: bool = False,
+    embed_bits: int | None = None,
 ) -> QuantizeResult:
     """Quantize a model block by block on the inputs of its already-quantized blocks.
 
@@ -310,6 +314,10 @@ def quantize_model(
         batch_size: calibration samples per forward pass (a multiple of the device count
             shards every batch).
         offload: keep activations in memory-mapped files in ``out_dir`` instead of RAM.
+        embed_bits: store the token embeddings and output head at 32, 16 or 8 bits
+            (``jaxquant.store_embeddings``) once every block is done; ``None`` leaves
+            them as the model has them. The blocks are calibrated on the model's own
+            embeddings either way.
 
     Returns:
         A ``QuantizeResult``: the quantized parameter tree, summary and logs.
@@ -332,6 +340,8 @@ def quantize_model(
         raise ValueError(f"batch_size={batch_size!r} must be a positive int")
     if offload and out_dir is None:
         raise ValueError("offload=True keeps activations in files under out_dir; pass out_dir")
+    if embed_bits is not None and embed_bits not in EMBEDDING_BITS:
+        raise ValueError(f"embed_bits={embed_bits!r} must be None or one of {EMBEDDING_BITS}")
     tokens = _check_tokens(calib_tokens, blockwise, finetune)
     key = _check_key(key)
     plan = resolve_recipes(blockwise.params, recipe, where)
@@ -341,7 +351,7 @@ def quantize_model(
     run: rd.RunDir | None = None
     saved = None
     if out_dir is not None:
-        run = rd.RunDir(out_dir, run_config(blockwise, tokens, recipe, where, key, finetune, batch_size))
+        run = rd.RunDir(out_dir, run_config(blockwise, tokens, recipe, where, key, finetune, batch_size, embed_bits))
         saved = run.open(resume)
     if run is not None and saved is not None and saved.get("complete"):
         return _load_complete(run, saved, progress)
@@ -391,6 +401,8 @@ def quantize_model(
         bar.close()
 
     params = assemble(blockwise, qblocks)
+    if embed_bits is not None:
+        params = store_embeddings(params, embed_bits)
     summary = _summary(params, layers, blocks, time.perf_counter() - t_start)
     if run is not None:
         jq_io.save(run.file(rd.PARAMS_DIR), params, overwrite=True)
@@ -504,6 +516,8 @@ def _summary(params: Any, layers: list[dict[str, Any]], blocks: list[dict[str, A
         "bits_per_weight": bits["bits_per_weight"],
         "quantized_weights": bits["quantized_weights"],
         "total_bytes": bits["total_bytes"],
+        "embedding_params": bits["embedding_params"],
+        "embedding_bits_per_weight": bits["embedding_bits"] / bits["embedding_params"] if bits["embedding_params"] else None,
         "other_params": bits["other_params"],
         "layers": len(layers),
         "blocks": len(blocks),
