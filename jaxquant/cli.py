@@ -20,6 +20,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from jaxquant.cli_checks import require, require_positive
+
 # Exception types that mean "the input was bad", reported as one line.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, FileNotFoundError, NotADirectoryError,
                                                   PermissionError, OSError, KeyError, ImportError)
@@ -64,6 +66,7 @@ def _configure_quickstart(p: argparse.ArgumentParser) -> None:
     p.add_argument("--toy", action="store_true",
                    help="the quickstart model trained here (1.8 M parameters, about 10 minutes) instead of SmolLM2")
     p.add_argument("--out", default="quickstart-results", help="directory for results.json and the plot")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
     p.add_argument("--cache-dir", default=None, help="toy model cache (default: ~/.cache/jaxquant)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--all", action="store_true",
@@ -73,6 +76,9 @@ def _configure_quickstart(p: argparse.ArgumentParser) -> None:
 def _run_quickstart(args: argparse.Namespace) -> int:
     if args.fast and args.toy:
         raise ValueError("--fast and --toy each pick a trained toy model; give one")
+    if os.path.exists(os.path.join(args.out, "results.json")) and not args.overwrite:
+        raise ValueError(f"--out {args.out} holds the results of an earlier run; pass --overwrite to replace them, "
+                         "or choose another --out")
     if args.fast or args.toy:
         from jaxquant.quickstart import MAIN_METHODS, METHODS, run_quickstart  # noqa: PLC0415
 
@@ -104,6 +110,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     from jaxquant.data import load_tokenizer  # noqa: PLC0415
     from jaxquant.models import from_pretrained, generate  # noqa: PLC0415
 
+    require_positive(args, "max_new_tokens")
+    require(args, "temperature", args.temperature >= 0, "must be >= 0 (0 is greedy)")
+    require(args, "top_p", 0.0 < args.top_p <= 1.0, "must be in (0, 1]")
     dtype = _dtype(args.dtype)
     tokenizer = load_tokenizer(args.model_dir)
     model = from_pretrained(args.model_dir, dtype=dtype)
@@ -134,6 +143,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     from jaxquant.eval import perplexity  # noqa: PLC0415
     from jaxquant.models import from_pretrained, functional  # noqa: PLC0415
 
+    require_positive(args, "batch_size")
+    if args.seqlen is not None:
+        require(args, "seqlen", args.seqlen >= 2, "must be at least 2 (a window predicts its tokens after the first)")
     dtype = _dtype(args.dtype)
     tokenizer = load_tokenizer(args.model_dir)
     model = from_pretrained(args.model_dir, dtype=dtype)

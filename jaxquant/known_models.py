@@ -60,10 +60,16 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
     Raises:
         ModuleNotFoundError: a known name whose package is not installed (the message
             gives the pip command).
-        FileNotFoundError: the package is installed but lacks the file.
+        FileNotFoundError: a path that does not exist and is no known name, or a known
+            name whose package is installed but lacks the file.
     """
     path = os.fspath(name_or_path)
     if not is_known_model(path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"model {path!r} does not exist; give a Hugging Face directory, a .gguf file or a known name "
+                f"({', '.join(sorted(KNOWN_MODELS))})"
+            )
         return path
     model = KNOWN_MODELS[path.lower()]
     try:

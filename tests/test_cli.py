@@ -60,7 +60,7 @@ def test_empty_eval_text(model_dir, tmp_path, capsys):
 
 def test_missing_model_and_tokenizer(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nope"), "--text", "builtin"]) == 1
-    assert "missing tokenizer" in _one_error_line(capsys)
+    assert f"model '{tmp_path / 'nope'}' does not exist; give a Hugging Face directory" in _one_error_line(capsys)
     model = LlamaForCausalLM(CFG, rngs=nnx.Rngs(0))
     save_pretrained(model, tmp_path / "m")
     assert main(["generate", str(tmp_path / "m"), "--prompt", "hi"]) == 1
@@ -93,6 +93,26 @@ def test_debug_shows_traceback(tmp_path):
 def test_seqlen_beyond_context(model_dir, capsys):
     assert main(["eval", str(model_dir), "--text", "builtin", "--seqlen", "64"]) == 1
     assert "--seqlen 64 exceeds the model's context of 32" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["generate", "{m}", "--prompt", "hi", "--top-p", "7"], "--top-p 7.0 must be in (0, 1]"),
+    (["generate", "{m}", "--prompt", "hi", "--max-new-tokens", "-4"], "--max-new-tokens -4 must be positive"),
+    (["generate", "{m}", "--prompt", "hi", "--temperature", "-1"], "--temperature -1.0 must be >= 0"),
+    (["eval", "{m}", "--text", "builtin", "--seqlen", "-3"], "--seqlen -3 must be at least 2"),
+    (["quantize", "{m}", "--recipe", "rtn-4", "--calib", "builtin", "--out", "{m}/q", "--finetune-epochs", "-1"],
+     "--finetune-epochs -1 must be positive"),
+])
+def test_errors_name_the_flags(model_dir, capsys, argv, said):
+    assert main([a.format(m=model_dir) for a in argv]) == 1
+    assert said in _one_error_line(capsys)
+
+
+def test_quickstart_keeps_earlier_results_unless_told(tmp_path, capsys):
+    (tmp_path / "results.json").write_text("{}")
+    assert main(["quickstart", "--fast", "--out", str(tmp_path), "--no-progress"]) == 1
+    assert f"--out {tmp_path} holds the results of an earlier run; pass --overwrite" in _one_error_line(capsys)
+    assert (tmp_path / "results.json").read_text() == "{}"
 
 
 def test_subcommands_registry():

@@ -149,8 +149,11 @@ def test_unknown_architecture(saved):
 
 
 def test_missing_files(tmp_path, saved):
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match="nowhere' does not exist"):
         from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        from_pretrained(tmp_path / "empty")
     _, path = saved
     (path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no model.safetensors or model.safetensors.index.json"):

@@ -46,10 +46,13 @@ def gptq_run(model, tokens, tmp_path_factory):
                                batch_size=8)
 
 
-def test_rtn_equals_one_shot_quantize(model, tokens):
+def test_rtn_equals_one_shot_quantize(model, tokens, capsys):
     # RTN ignores data, and layer keys derive from full paths exactly as in jaxquant.quantize.
     recipe = RTN(bits=3, group_size=32)
-    res = quantize_model(model, tokens, recipe, key=KEY, progress=False, batch_size=4)
+    res = quantize_model(model, tokens, recipe, key=KEY, progress=False, batch_size=4, log=True)
+    # Without bars, one line per block, numbered from 1.
+    said = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in said] == ["block 1/2", "block 2/2"] and "7 layers" in said[0]
     ref = jq.quantize(nnx.state(model), None, recipe, key=KEY)
     got, want = _quantized(res.params), _quantized(ref)
     assert sorted(got) == sorted(want) and len(got) == 14
@@ -65,6 +68,8 @@ def test_rtn_equals_one_shot_quantize(model, tokens):
     # The quantized tree runs in the model.
     logits = jq.models.functional(model)[0](res.params, jnp.asarray(tokens[:2]))
     assert bool(jnp.all(jnp.isfinite(logits)))
+    quantize_model(model, tokens, recipe, key=KEY, progress=False, batch_size=4)
+    assert capsys.readouterr().out == ""  # the library is silent unless asked
 
 
 def test_gptq_matches_block_by_block_reference(model, tokens, gptq_run):

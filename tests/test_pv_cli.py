@@ -58,8 +58,11 @@ def test_finetune_writes_model_and_resumes(dirs, capsys):
     config, tuned = load_quantized_dir(full)
     assert config.hidden_size == 32
     assert jax.tree.structure(tuned) == jax.tree.structure(load_quantized_dir(quant)[1])
+    # Only the model stays: the optimizer state is removed unless kept.
+    assert not os.path.exists(os.path.join(full, "resume")) and not os.path.exists(os.path.join(full, "history.json"))
     # 2 steps, then resume to 4: the same parameters as the uninterrupted run.
-    assert main(_args(quant, teacher, part, 2)) == 0
+    assert main(_args(quant, teacher, part, 2, "--keep-resume")) == 0
+    assert os.path.isdir(os.path.join(part, "resume"))
     assert main(_args(quant, teacher, part, 4, "--resume")) == 0
     _, resumed = load_quantized_dir(part)
     for a, b in zip(jax.tree.leaves(tuned), jax.tree.leaves(resumed), strict=True):
@@ -85,6 +88,9 @@ def test_finetune_bad_arguments(dirs, capsys):
     assert "--v-beta1 1.0 must be in [0, 1)" in capsys.readouterr().err
     assert main(_args(quant, teacher, str(root / "bad2"), 2, "--resume")) == 1
     assert "no checkpoint" in capsys.readouterr().err
+    # One token more than the model's context is refused.
+    assert main(_args(quant, teacher, str(root / "bad9"), 2, "--seqlen", "65")) == 1
+    assert "--seqlen 65 exceeds the model's context of 64" in capsys.readouterr().err
 
 
 def test_finetune_force_update_reaches_the_tuner(dirs):

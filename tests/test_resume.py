@@ -97,6 +97,11 @@ def test_sigkill_and_resume_gives_the_uninterrupted_result(model_dir, reference,
 
     rerun = subprocess.run(cmd, env=_env(4), capture_output=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr.decode()[-2000:]
+    # --no-progress still logs where it resumes and one line per block it does.
+    said = rerun.stdout.decode()
+    assert f"from block {done['blocks_done'] + 1}/{CFG.num_layers} ({done['blocks_done']} done)" in said
+    assert [f"block {b}/{CFG.num_layers}:" in said for b in range(1, CFG.num_layers + 1)] == [
+        b > done["blocks_done"] for b in range(1, CFG.num_layers + 1)]
     got, want = _leaves(out), _leaves(reference)
     assert got.keys() == want.keys() and any(k.endswith("/codes") for k in got)
     for k in want:

@@ -18,7 +18,10 @@ import argparse
 import json
 import math
 import os
+import shutil
 from typing import Any
+
+from jaxquant.cli_checks import require, require_positive
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -69,20 +72,21 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, default=100, help="resume checkpoint every N steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/resume")
+    p.add_argument("--keep-resume", action="store_true",
+                   help="keep OUT/resume after the last step (parameters and optimizer state, about 20x the "
+                        "model), to continue later with --resume --steps N; by default it is removed")
     p.add_argument("--no-progress", action="store_true")
 
 
 def _check(args: argparse.Namespace) -> None:
-    for name in ("steps", "batch_size", "micro_batches", "seqlen", "eval_windows", "save_every", "every",
-                 "beam_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive")
-    if args.eval_every < 0:
-        raise ValueError(f"--eval-every {args.eval_every} must be >= 0")
-    if args.trust_ratio < 0:
-        raise ValueError(f"--trust-ratio {args.trust_ratio} must be >= 0 (0 turns it off)")
-    if not 0.0 <= args.buffer_decay <= 1.0:
-        raise ValueError(f"--buffer-decay {args.buffer_decay} must be in [0, 1]")
+    require_positive(args, "steps", "batch_size", "micro_batches", "seqlen", "eval_windows", "save_every", "every",
+                     "beam_size")
+    for name in ("p_lr", "v_lr"):
+        require(args, name, getattr(args, name) >= 0, "must be >= 0 (0 freezes that step)")
+    require(args, "update_fraction", 0.0 < args.update_fraction <= 1.0, "must be in (0, 1]")
+    require(args, "eval_every", args.eval_every >= 0, "must be >= 0")
+    require(args, "trust_ratio", args.trust_ratio >= 0, "must be >= 0 (0 turns it off)")
+    require(args, "buffer_decay", 0.0 <= args.buffer_decay <= 1.0, "must be in [0, 1]")
     if args.force_update and args.mode != "pv":
         raise ValueError(f"--force-update is a PV V step; --mode {args.mode} re-encodes every group to its "
                          "nearest codes")
@@ -92,8 +96,7 @@ def _check(args: argparse.Namespace) -> None:
     if args.force_update and args.metric != "euclidean":
         raise ValueError(f"--force-update needs --metric euclidean, got --metric {args.metric}")
     for name in ("v_beta1", "v_beta2"):
-        if not 0.0 <= getattr(args, name) < 1.0:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be in [0, 1)")
+        require(args, name, 0.0 <= getattr(args, name) < 1.0, "must be in [0, 1)")
     if args.batch_size % args.micro_batches:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by --micro-batches {args.micro_batches}")
 
@@ -125,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     apply_fn, teacher_params = functional(teacher)
     if jax.tree.structure(jax.eval_shape(dequantize, qparams)) != jax.tree.structure(teacher_params):
         raise ValueError(f"the parameters in {args.quant_dir!r} do not match the teacher's structure")
-    if args.seqlen + 1 > config.max_position_embeddings:
+    if args.seqlen > config.max_position_embeddings:  # training and validation windows are --seqlen tokens
         raise ValueError(f"--seqlen {args.seqlen} exceeds the model's context of {config.max_position_embeddings}")
     tokenizer = load_tokenizer(args.teacher)
     train_ids = tokenizer.encode(read_text(args.text, split="train"))
@@ -217,7 +220,12 @@ def run(args: argparse.Namespace) -> int:
     if not history or history[-1]["step"] != args.steps:
         history.append({"step": args.steps, "val_ppl": val_ppl(qparams), "kl": loss})
     io.save(os.path.join(args.out, "params"), qparams, overwrite=True)
-    save_resume(args.steps)
+    if args.keep_resume:
+        save_resume(args.steps)
+    else:  # the finished model is in params/; the optimizer state only serves a longer run
+        shutil.rmtree(resume_dir, ignore_errors=True)
+        if os.path.exists(history_file):
+            os.remove(history_file)
     write_model_files(args.teacher, args.out)
     teacher_ppl = perplexity(apply_fn, teacher_params, val, args.seqlen, batch_size=1)
     report = {"quant_dir": os.path.abspath(args.quant_dir), "teacher": os.path.abspath(args.teacher),

@@ -595,6 +595,8 @@ def export_command(args: argparse.Namespace) -> int:
     fmt = getattr(args, "format", "hf-aqlm")
     if fmt != "hf-aqlm":
         raise ValueError(f"export: --format {fmt!r} is not supported (only 'hf-aqlm')")
+    if os.path.exists(args.out) and not getattr(args, "overwrite", False):
+        raise FileExistsError(f"export: --out {args.out} already exists; pass --overwrite to replace it")
     config, state = load_quantized_dir(args.quant_dir)
     shard_mb = getattr(args, "max_shard_mb", None)
     out = export_hf_aqlm(

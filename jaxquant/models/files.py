@@ -79,7 +79,7 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = N
 
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"--out {out} already exists (pass overwrite=True / --overwrite to replace it)")
+        raise FileExistsError(f"--out {out} already exists (pass --overwrite, or overwrite=True, to replace it)")
     model = from_pretrained(source, dtype=jnp.float32 if dtype is None else dtype)
     staging = staging_dir(out)
     if os.path.exists(staging):  # left over by a crashed conversion to the same path

@@ -11,9 +11,10 @@ converts AQLM runs to the Hugging Face format).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import Any
+
+from jaxquant.cli_checks import require_positive
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -59,9 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxquant.recipes_named import resolve_recipe_arg  # noqa: PLC0415
 
     recipe = resolve_recipe_arg(args.recipe)
-    for name in ("nsamples", "seqlen", "batch_size", "eval_windows"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive")
+    require_positive(args, "nsamples", "seqlen", "batch_size", "eval_windows", "finetune_epochs", "finetune_lr")
     model = from_pretrained(args.model_dir, dtype=_dtype(args.dtype))
     cfg = model.config
     fitted = resolve_recipe_arg(args.recipe, d_ins=(cfg.hidden_size, cfg.num_heads * cfg.head_dim,
@@ -86,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     result = quantize_model(model, tokens, recipe, key=jax.random.key(args.seed), finetune=finetune,
                             out_dir=args.out, resume=args.resume, progress=not args.no_progress,
                             batch_size=args.batch_size, offload=args.offload,
-                            embed_bits=args.embed_bits)
+                            embed_bits=args.embed_bits, log=True)
     summary = dict(result.summary)
 
     eval_source = args.eval if args.eval is not None else ("builtin" if args.calib == "builtin" else "none")
@@ -126,7 +125,6 @@ def _print_summary(s: dict[str, Any], out: str) -> None:
                      f"{ppl['full_precision']:.4f} full precision -> {ppl['quantized']:.4f} quantized")
     lines.append(f"output: {out} (params/, config.json, layers.jsonl, summary.json)")
     print("\n".join(lines))
-    print(json.dumps({"bits_per_weight": s["bits_per_weight"], "seconds": s["quantize_seconds"]}))
 
 
 __all__ = ["configure", "run"]

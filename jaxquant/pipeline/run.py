@@ -291,6 +291,7 @@ def quantize_model(
     batch_size: int = 8,
     offload: bool = False,
     embed_bits: int | None = None,
+    log: bool | None = None,
 ) -> QuantizeResult:
     """Quantize a model block by block on the inputs of its already-quantized blocks.
 
@@ -318,6 +319,8 @@ def quantize_model(
             (``jaxquant.store_embeddings``) once every block is done; ``None`` leaves
             them as the model has them. The blocks are calibrated on the model's own
             embeddings either way.
+        log: print one line per finished block, and where a run resumes; default:
+            as ``progress`` (the command line logs even without bars).
 
     Returns:
         A ``QuantizeResult``: the quantized parameter tree, summary and logs.
@@ -353,8 +356,9 @@ def quantize_model(
     if out_dir is not None:
         run = rd.RunDir(out_dir, run_config(blockwise, tokens, recipe, where, key, finetune, batch_size, embed_bits))
         saved = run.open(resume)
+    log = progress if log is None else log
     if run is not None and saved is not None and saved.get("complete"):
-        return _load_complete(run, saved, progress)
+        return _load_complete(run, saved, log)
 
     devs = _Devices()
     n_blocks = blockwise.num_blocks
@@ -371,6 +375,8 @@ def quantize_model(
     if run is not None:
         run.clean_state(os.path.join(run.state, saved["inputs"]) if saved else None, start)
         run.write_layers(layers)
+    if log and start:
+        print(f"jaxquant: resuming the run in {run.path} from block {start + 1}/{n_blocks} ({start} done)", flush=True)
 
     from tqdm.auto import tqdm  # noqa: PLC0415
 
@@ -378,7 +384,7 @@ def quantize_model(
     try:
         for i in range(start, n_blocks):
             x, qblock, layer_recs, block_rec = _quantize_block(
-                blockwise, i, x, per_block[i], key, finetune, batch_size, devs, run, offload, progress, bar
+                blockwise, i, x, per_block[i], key, finetune, batch_size, devs, run, offload, progress, log, bar
             )
             qblocks.append(qblock)
             layers += layer_recs
@@ -395,7 +401,7 @@ def quantize_model(
                     x = np.load(next_file, mmap_mode="r")
             bar.update(1)
             after = block_rec["rel_error_finetuned"]
-            bar.set_postfix_str(f"block {i} err {block_rec['rel_error']:.4g}"
+            bar.set_postfix_str(f"block {i + 1} err {block_rec['rel_error']:.4g}"
                                 + ("" if after is None else f" -> {after:.4g}"))
     finally:
         bar.close()
@@ -438,6 +444,7 @@ def _quantize_block(
     run: rd.RunDir | None,
     offload: bool,
     progress: bool,
+    log: bool,
     bar: Any,
 ) -> tuple[np.ndarray, Any, list[dict[str, Any]], dict[str, Any]]:
     """One block: targets, statistics, layers, fine-tuning, next inputs."""
@@ -455,7 +462,7 @@ def _quantize_block(
 
     recs: list[dict[str, Any]] = []
     new: dict[str, Any] = {}
-    layer_bar = tqdm(total=len(todo), desc=f"block {i}", unit="layer", leave=False, disable=not progress)
+    layer_bar = tqdm(total=len(todo), desc=f"block {i + 1}/{blockwise.num_blocks}", unit="layer", leave=False, disable=not progress)
     try:
         for rel, (path, recipe) in todo.items():
             t1 = time.perf_counter()
@@ -480,7 +487,7 @@ def _quantize_block(
         ft_key = jax.random.fold_in(jax.random.fold_in(key, _FINETUNE_TAG), i)
 
         def on_epoch(epoch: int, err: float) -> None:
-            bar.set_postfix_str(f"block {i} fine-tune epoch {epoch} held-out err {err:.4g}")
+            bar.set_postfix_str(f"block {i + 1} fine-tune epoch {epoch} held-out err {err:.4g}")
 
         qblock, report = finetune_block(fn, qblock, x, targets, finetune, key=ft_key, on_epoch=on_epoch)
         qblock = jax.device_get(qblock)
@@ -500,7 +507,7 @@ def _quantize_block(
     else:
         x_next = _map_blocks(fn, devs.params(qblock), x, np.empty(x.shape, np.float32), batch_size, devs)
     block_rec["seconds"] = time.perf_counter() - t0
-    if progress:
+    if log:
         after = block_rec["rel_error_finetuned"]
         tqdm.write(f"block {i + 1}/{blockwise.num_blocks}: {len(recs)} layers, output error {block_err:.4g}"
                    + ("" if after is None else f" -> {after:.4g} after fine-tuning")
@@ -530,11 +537,11 @@ def _summary(params: Any, layers: list[dict[str, Any]], blocks: list[dict[str, A
     }
 
 
-def _load_complete(run: rd.RunDir, saved: dict[str, Any], progress: bool) -> QuantizeResult:
+def _load_complete(run: rd.RunDir, saved: dict[str, Any], log: bool) -> QuantizeResult:
     params = jq_io.load(run.file(rd.PARAMS_DIR))
     with open(run.file(rd.SUMMARY_FILE), encoding="utf-8") as f:
         summary = json.load(f)
-    if progress:
+    if log:
         print(f"jaxquant: the run in {run.path} is already complete; loaded its result")
     return QuantizeResult(params=params, summary=summary, layers=list(saved["layers"]), blocks=list(saved["blocks"]))
 
