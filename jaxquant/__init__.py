@@ -1,46 +1,47 @@
 """jaxquant: 1-4 bit quantization of language models in JAX.
 
 The public API, re-exported by name; nothing is defined here.
+
+Names are imported on first use (``jaxquant.lazy_exports``).
 """
 
-from jaxquant import io, models, ops, pipeline, select
-from jaxquant.calibrate import calibrate
-from jaxquant.embeddings import store_embeddings
-from jaxquant.finetune.pv import decoded_value_and_grad, pv_tuning
-from jaxquant.qarray import (
-    AdditiveQuantized,
-    ScalarQuantized,
-    dequantize,
-    is_quantized,
-    merge,
-    split,
-    tree_bits,
-)
-from jaxquant.quantize import quantize, quantize_weight
-from jaxquant.recipes import AQLM, GPTQ, RTN, recipe_from_dict, recipe_to_dict
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "AQLM",
-    "GPTQ",
-    "RTN",
-    "AdditiveQuantized",
-    "ScalarQuantized",
-    "calibrate",
-    "decoded_value_and_grad",
-    "dequantize",
-    "is_quantized",
-    "merge",
-    "io",
-    "models",
-    "ops",
-    "pipeline",
-    "pv_tuning",
-    "quantize",
-    "quantize_weight",
-    "recipe_from_dict",
-    "recipe_to_dict",
-    "select",
-    "split",
-    "store_embeddings",
-    "tree_bits",
-]
+from jaxquant.lazy_exports import install_lazy_exports
+
+_EXPORTS = {
+    "io": "jaxquant.io",
+    "models": "jaxquant.models",
+    "ops": "jaxquant.ops",
+    "pipeline": "jaxquant.pipeline",
+    "select": "jaxquant.select",
+    "calibrate": "jaxquant.calibrate:calibrate",
+    "store_embeddings": "jaxquant.embeddings:store_embeddings",
+    "decoded_value_and_grad": "jaxquant.finetune.pv:decoded_value_and_grad",
+    "pv_tuning": "jaxquant.finetune.pv:pv_tuning",
+    "AdditiveQuantized": "jaxquant.qarray:AdditiveQuantized",
+    "ScalarQuantized": "jaxquant.qarray:ScalarQuantized",
+    "dequantize": "jaxquant.qarray:dequantize",
+    "is_quantized": "jaxquant.qarray:is_quantized",
+    "merge": "jaxquant.qarray:merge",
+    "split": "jaxquant.qarray:split",
+    "tree_bits": "jaxquant.qarray:tree_bits",
+    "quantize": "jaxquant.quantize:quantize",
+    "quantize_weight": "jaxquant.quantize:quantize_weight",
+    "AQLM": "jaxquant.recipes:AQLM",
+    "GPTQ": "jaxquant.recipes:GPTQ",
+    "RTN": "jaxquant.recipes:RTN",
+    "recipe_from_dict": "jaxquant.recipes:recipe_from_dict",
+    "recipe_to_dict": "jaxquant.recipes:recipe_to_dict",
+}
+install_lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from jaxquant import io, models, ops, pipeline, select
+    from jaxquant.calibrate import calibrate
+    from jaxquant.embeddings import store_embeddings
+    from jaxquant.finetune.pv import decoded_value_and_grad, pv_tuning
+    from jaxquant.qarray import AdditiveQuantized, ScalarQuantized, dequantize, is_quantized, merge, split, tree_bits
+    from jaxquant.quantize import quantize, quantize_weight
+    from jaxquant.recipes import AQLM, GPTQ, RTN, recipe_from_dict, recipe_to_dict

@@ -221,9 +221,11 @@ register(Command("finetune", "PV-Tuning of a quantized model against its teacher
 
 
 def _configure_export(p: argparse.ArgumentParser) -> None:
-    from jaxquant.io.hf_aqlm import add_export_arguments  # noqa: PLC0415
-
-    add_export_arguments(p)
+    p.add_argument("quant_dir", help="quantized model directory (config.json + jaxquant checkpoint)")
+    p.add_argument("--format", default="hf-aqlm", choices=["hf-aqlm"], help="output format")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--max-shard-mb", type=int, default=None, help="shard the safetensors above this size")
 
 
 def _run_export(args: argparse.Namespace) -> int:

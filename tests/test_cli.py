@@ -1,6 +1,8 @@
 """The jaxquant command: eval and generate on a model directory; one-line errors."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -113,6 +115,16 @@ def test_quickstart_keeps_earlier_results_unless_told(tmp_path, capsys):
     assert main(["quickstart", "--fast", "--out", str(tmp_path), "--no-progress"]) == 1
     assert f"--out {tmp_path} holds the results of an earlier run; pass --overwrite" in _one_error_line(capsys)
     assert (tmp_path / "results.json").read_text() == "{}"
+
+
+def test_the_parser_loads_no_jax():
+    # `jaxquant --help` must not pay for JAX, Flax and orbax (seconds); the package's
+    # names are imported on first use.
+    code = ("import sys, jaxquant, jaxquant.cli as c; c.build_parser(); "
+            "print(sorted(m for m in ('jax', 'flax', 'orbax', 'optax') if m in sys.modules)); "
+            "jaxquant.quantize; print('jax' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:2] == ["[]", "True"]
 
 
 def test_subcommands_registry():

@@ -6,7 +6,6 @@ The consumer tests load jaxquant's export with transformers + the ``aqlm`` packa
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -16,6 +15,7 @@ import pytest
 from flax import nnx
 
 import jaxquant.io as jio
+from jaxquant.cli import main
 from jaxquant.io import hf_aqlm
 from jaxquant.models.config import ModelConfig
 from jaxquant.models.llama import LlamaForCausalLM
@@ -287,10 +287,7 @@ def test_export_command_from_quantized_dir(tmp_path, rng):
     save_pretrained(LlamaForCausalLM(_tiny_config(), rngs=nnx.Rngs(0)), quant_dir)  # config.json
     (quant_dir / "tokenizer_config.json").write_text("{}")
     jio.save(quant_dir / "params", nnx.state(model, nnx.Param))
-    parser = argparse.ArgumentParser()
-    hf_aqlm.add_export_arguments(parser)
-    args = parser.parse_args([str(quant_dir), "--format", "hf-aqlm", "--out", str(tmp_path / "out")])
-    assert hf_aqlm.export_command(args) == 0
+    assert main(["export", str(quant_dir), "--format", "hf-aqlm", "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "tokenizer_config.json").exists()
     loaded = hf_aqlm.load_hf_aqlm(tmp_path / "out")
     state = dict(flatten_with_paths(nnx.state(loaded, nnx.Param)))

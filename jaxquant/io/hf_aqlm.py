@@ -581,15 +581,6 @@ def load_quantized_dir(quant_dir: str | os.PathLike) -> tuple[Any, Any]:
     )
 
 
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``jaxquant export`` (for the CLI to attach to its subparser)."""
-    parser.add_argument("quant_dir", help="quantized model directory (config.json + jaxquant checkpoint)")
-    parser.add_argument("--format", default="hf-aqlm", choices=["hf-aqlm"], help="output format")
-    parser.add_argument("--out", required=True, help="output model directory")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    parser.add_argument("--max-shard-mb", type=int, default=None, help="shard the safetensors above this size")
-
-
 def export_command(args: argparse.Namespace) -> int:
     """``jaxquant export QUANT_DIR --format hf-aqlm --out DIR``: returns the exit status."""
     fmt = getattr(args, "format", "hf-aqlm")
