@@ -16,6 +16,7 @@ from jaxquant.calibrate import calibrate
 from jaxquant.models.config import ModelConfig
 from jaxquant.models.llama import LlamaForCausalLM
 from jaxquant.pipeline import LlamaBlocks, quantize_model
+from jaxquant.pipeline import run as run_module
 from jaxquant.recipes import GPTQ, RTN
 from jaxquant.select import flatten_with_paths
 
@@ -172,3 +173,51 @@ def test_bad_input_is_reported_and_nothing_is_overwritten(model, tokens, gptq_ru
     with pytest.raises(TypeError, match="PRNG key"):
         quantize_model(model, tokens, recipe, key=3)
     assert not any((tmp_path / n).exists() for n in ("b", "c"))
+
+
+def _interrupted_run(model, tokens, out, monkeypatch) -> None:
+    """A GPTQ run (the settings of ``gptq_run``) stopped after its first block is committed."""
+    real = run_module._quantize_block
+
+    def stop_at_second(blockwise, i, *args):
+        if i == 1:
+            raise KeyboardInterrupt
+        return real(blockwise, i, *args)
+
+    monkeypatch.setattr(run_module, "_quantize_block", stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(model, tokens, GPTQ(bits=2, group_size=32), key=KEY, out_dir=out, progress=False, batch_size=8)
+    monkeypatch.undo()
+
+
+@pytest.mark.parametrize("damage", ["block", "inputs"])
+def test_resume_redoes_what_was_damaged(model, tokens, gptq_run, tmp_path, monkeypatch, capsys, damage):
+    out = tmp_path / "run"
+    _interrupted_run(model, tokens, out, monkeypatch)
+    state = out / "state"
+    if damage == "block":
+        victim = max((p for p in (state / "block-0000").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+        expected = "the checkpoint of block 1"
+    else:
+        victim = state / "inputs-0001.npy"
+        expected = f"{victim} is damaged"
+    victim.write_bytes(b"garbage")
+    capsys.readouterr()
+    res = quantize_model(model, tokens, GPTQ(bits=2, group_size=32), key=KEY, out_dir=out, resume=True,
+                         progress=False, batch_size=8, log=True)
+    said = capsys.readouterr().out
+    assert expected in said and "is damaged" in said
+    assert ("from block 2/2" in said) == (damage == "inputs")  # a damaged block 1 is redone from scratch
+    got, want = _quantized(res.params), _quantized(gptq_run[1].params)
+    for p in want:
+        np.testing.assert_array_equal(np.asarray(got[p].codes), np.asarray(want[p].codes), err_msg=p)
+    assert [r["name"] for r in res.layers] == [r["name"] for r in gptq_run[1].layers]
+
+
+def test_a_damaged_progress_record_is_named(model, tokens, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _interrupted_run(model, tokens, out, monkeypatch)
+    (out / "state" / "progress.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"progress.json is damaged .*Delete .*state to start the run over"):
+        quantize_model(model, tokens, GPTQ(bits=2, group_size=32), key=KEY, out_dir=out, resume=True, progress=False,
+                       batch_size=8)

@@ -365,13 +365,25 @@ def quantize_model(
     start = int(saved["blocks_done"]) if saved else 0
     layers: list[dict[str, Any]] = list(saved["layers"]) if saved else []
     blocks: list[dict[str, Any]] = list(saved["blocks"]) if saved else []
-    qblocks = [jq_io.load(run.block_dir(i)) for i in range(start)] if run is not None else []
-    if start == 0:
-        x = _embed(blockwise, tokens, batch_size, devs)
-    else:
+    qblocks: list[Any] = []
+    x = None
+    if start:
         assert run is not None
-        inputs = os.path.join(run.state, saved["inputs"])
-        x = np.load(inputs, mmap_mode="r" if offload else None)
+        qblocks = _committed_blocks(run, start)
+        if len(qblocks) < start:  # a damaged block: redo it and everything after it
+            start, layers, blocks = len(qblocks), [r for r in layers if r["block"] < len(qblocks)], blocks[: len(qblocks)]
+        else:
+            x = _committed_inputs(run, saved["inputs"], offload)
+        if x is None:
+            x = _inputs_after(blockwise, qblocks, tokens, batch_size, devs)
+            rd.atomic_save_npy(run.inputs_file(start), x)
+            saved = {**saved, "blocks_done": start, "inputs": os.path.basename(run.inputs_file(start)),
+                     "layers": layers, "blocks": blocks}
+            run.commit(saved)
+            if offload:
+                x = np.load(run.inputs_file(start), mmap_mode="r")
+    else:
+        x = _embed(blockwise, tokens, batch_size, devs)
     if run is not None:
         run.clean_state(os.path.join(run.state, saved["inputs"]) if saved else None, start)
         run.write_layers(layers)
@@ -416,6 +428,38 @@ def quantize_model(
         run.commit({"blocks_done": n_blocks, "inputs": None, "layers": layers, "blocks": blocks, "complete": True})
         run.remove_block_state()
     return QuantizeResult(params=params, summary=summary, layers=layers, blocks=blocks)
+
+
+def _committed_blocks(run: rd.RunDir, blocks_done: int) -> list[Any]:
+    """The committed blocks' checkpoints, up to the first damaged one (which is reported)."""
+    qblocks = []
+    for i in range(blocks_done):
+        try:
+            qblocks.append(jq_io.load(run.block_dir(i)))
+        except (ValueError, OSError, RuntimeError) as e:  # jq_io.CheckpointError, or orbax's own errors
+            print(f"jaxquant: the checkpoint of block {i + 1} ({run.block_dir(i)}) is damaged ({e}); "
+                  f"redoing the run from block {i + 1}", flush=True)
+            break
+    return qblocks
+
+
+def _committed_inputs(run: rd.RunDir, name: str, offload: bool) -> np.ndarray | None:
+    """The committed inputs of the next block, or ``None`` (reported) when damaged."""
+    path = os.path.join(run.state, name)
+    try:
+        return np.load(path, mmap_mode="r" if offload else None)
+    except (OSError, ValueError, EOFError) as e:
+        print(f"jaxquant: {path} is damaged ({e}); recomputing it from the committed blocks", flush=True)
+        return None
+
+
+def _inputs_after(blockwise: BlockwiseModel, qblocks: list[Any], tokens: np.ndarray, batch_size: int,
+                  devs: _Devices) -> np.ndarray:
+    """The inputs of block ``len(qblocks)``: the calibration tokens through the quantized blocks."""
+    x = _embed(blockwise, tokens, batch_size, devs)
+    for i, qblock in enumerate(qblocks):
+        x = _map_blocks(blockwise.block_fn(i), devs.params(qblock), x, np.empty(x.shape, np.float32), batch_size, devs)
+    return x
 
 
 def _embed(blockwise: BlockwiseModel, tokens: np.ndarray, batch_size: int, devs: _Devices) -> np.ndarray:

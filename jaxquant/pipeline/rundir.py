@@ -138,8 +138,13 @@ class RunDir:
         path = os.path.join(self.state, PROGRESS_FILE)
         if not os.path.isfile(path):
             return None
-        with open(path, encoding="utf-8") as f:
-            progress = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                progress = json.load(f)
+            progress["blocks_done"], progress["layers"], progress["blocks"]  # noqa: B018 - fields a resume reads
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}); nothing was changed. Delete {self.state} "
+                             "to start the run over") from None
         if progress.get("config_hash") != self.hash:
             raise ValueError(f"{path} belongs to another run (config hash mismatch); nothing was overwritten")
         return progress
