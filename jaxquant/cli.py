@@ -136,6 +136,7 @@ def _configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqlen", type=int, default=None, help="window length (default: the model's context, <= 2048)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -156,7 +157,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     text = read_text(args.text, split=args.split)
     tokens = tokenizer.encode(text)
     apply_fn, params = functional(model)
-    ppl = perplexity(apply_fn, params, tokens, seqlen, batch_size=args.batch_size)
+    ppl = perplexity(apply_fn, params, tokens, seqlen, batch_size=args.batch_size, progress=not args.no_progress)
     windows = len(tokens) // seqlen
     print(f"perplexity {ppl:.4f} over {windows * (seqlen - 1)} predicted tokens "
           f"({windows} windows of {seqlen}, {len(tokens)} tokens in the text)")

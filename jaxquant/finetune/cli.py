@@ -235,7 +235,9 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_json(os.path.join(args.out, "finetune.json"), report)
     first, last = history[0]["val_ppl"], history[-1]["val_ppl"]
     print(f"validation perplexity {first:.4f} -> {last:.4f} after {args.steps} {args.mode} steps "
-          f"(teacher {teacher_ppl:.4f}, {report['bits_per_weight']:.3f} bits/weight); wrote {args.out}")
+          f"(teacher {teacher_ppl:.4f}, {report['bits_per_weight']:.3f} bits/weight); wrote {args.out}\n"
+          f"(perplexities on the first {len(val) // args.seqlen} windows of {args.seqlen} tokens of the validation "
+          f"split of --text {args.text}; jaxquant eval scores a whole text)")
     return 0
 
 

@@ -121,7 +121,8 @@ def _print_summary(s: dict[str, Any], out: str) -> None:
     ]
     ppl = s.get("perplexity")
     if ppl:
-        lines.append(f"perplexity on {ppl['text']} ({ppl['windows']} x {ppl['seqlen']} tokens): "
+        lines.append(f"perplexity on the first {ppl['windows']} windows of {ppl['seqlen']} tokens of {ppl['text']} "
+                     "(validation split): "
                      f"{ppl['full_precision']:.4f} full precision -> {ppl['quantized']:.4f} quantized")
     lines.append(f"output: {out} (params/, config.json, layers.jsonl, summary.json)")
     print("\n".join(lines))
