@@ -27,6 +27,8 @@ _EXPORTS = {
     "split": "jaxquant.qarray:split",
     "tree_bits": "jaxquant.qarray:tree_bits",
     "quantize": "jaxquant.quantize:quantize",
+    "swap_linear": "jaxquant.ops.intercept:swap_linear",
+    "quantized_linen_interceptor": "jaxquant.ops.intercept:quantized_linen_interceptor",
     "quantize_weight": "jaxquant.quantize:quantize_weight",
     "AQLM": "jaxquant.recipes:AQLM",
     "GPTQ": "jaxquant.recipes:GPTQ",
@@ -42,6 +44,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from jaxquant.calibrate import calibrate
     from jaxquant.embeddings import store_embeddings
     from jaxquant.finetune.pv import decoded_value_and_grad, pv_tuning
+    from jaxquant.ops.intercept import quantized_linen_interceptor, swap_linear
     from jaxquant.qarray import AdditiveQuantized, ScalarQuantized, dequantize, is_quantized, merge, split, tree_bits
     from jaxquant.quantize import quantize, quantize_weight
     from jaxquant.recipes import AQLM, GPTQ, RTN, recipe_from_dict, recipe_to_dict
