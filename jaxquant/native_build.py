@@ -1,13 +1,14 @@
 """Build a C++ source into a shared library at first use and register its XLA FFI targets.
 
-jaxquant's native CPU kernels (the lookup-table product in ``ops/cpu_ffi.py``, the AQLM
-beam search, k-means and codebook gradients in ``methods/aqlm/native_*.py``) are C++
-sources held as Python strings. Each is compiled once with the machine's C++ compiler
+jaxquant's native CPU kernels (the lookup-table product behind ``ops/cpu_ffi.py``, the
+AQLM beam search, k-means and codebook gradients behind ``methods/aqlm/native_*.py``) are
+C++ files in ``jaxquant/native/`` with one shared header (``jaxquant_ffi.h``: the FFI
+preamble and a block-parallel loop). Each is compiled once with the machine's C++ compiler
 (``-O3 -march=native``) into the user cache directory: one file per source, compiler,
 flags, jaxlib version and CPU, built under a temporary name and renamed, so concurrent
 builders never load a half-written file. The library is loaded with ``ctypes`` and its
-handlers registered with ``jax.ffi.register_ffi_target``. CUDA sources (``ops/cuda_ffi.py``)
-take the same path with ``nvcc``, for the first GPU's compute capability, registered for
+handlers registered with ``jax.ffi.register_ffi_target``. The CUDA source (``aq_lut_cuda.cu``)
+takes the same path with ``nvcc``, for the first GPU's compute capability, registered for
 the ``CUDA`` platform. When no compiler is found or the build fails the library reports
 itself unavailable (with the reason) and callers fall back to their XLA or Pallas paths.
 ``JAXQUANT_NO_FFI=1`` disables every native kernel.
@@ -31,30 +32,14 @@ import jax
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 CUDA_FLAGS = ("-O3", "-std=c++17", "--shared", "-Xcompiler", "-fPIC")
 
-# C++ shared by the kernel sources (inside their anonymous namespace, after
-# ``namespace ffi = xla::ffi;`` and the <algorithm>, <atomic>, <memory> and <thread> headers).
-PARALLEL_BLOCKS_CPP = r"""
-// Runs fn(b) for every block b in [0, n_blocks) on this thread and the pool's threads, and
-// returns once all are done. A pool task that starts after the last block was claimed
-// returns without touching fn, which (with what it refers to) lives on the caller's stack.
-template <typename Fn>
-void ParallelBlocks(ffi::ThreadPool& pool, int64_t n_blocks, const Fn& fn) {
-  struct Counters {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto sh = std::make_shared<Counters>();
-  auto work = [sh, &fn, n_blocks] {
-    for (int64_t b; (b = sh->next.fetch_add(1)) < n_blocks;) {
-      fn(b);
-      sh->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t n_tasks = std::min<int64_t>(pool.num_threads(), n_blocks - 1);
-  for (int64_t t = 0; t < n_tasks; ++t) pool.Schedule([work] { work(); });
-  work();
-  while (sh->done.load(std::memory_order_acquire) < n_blocks) std::this_thread::yield();
-}
-"""
+# The kernels' sources (.cc, .cu) and their shared header, shipped as package data.
+SOURCE_DIR = Path(__file__).parent / "native"
+
+
+def _source_key_text(source_file: str) -> str:
+    """The source and every header beside it: what a build's result depends on."""
+    headers = sorted(SOURCE_DIR.glob("*.h"))
+    return "\0".join(p.read_text() for p in [SOURCE_DIR / source_file, *headers])
 
 
 def cache_dir() -> Path:
@@ -95,27 +80,28 @@ def _cuda_arch() -> str:
     return f"sm_{major}{minor}"
 
 
-def _toolchain(platform_name: str, cuda_arch: str | None) -> tuple[str, tuple[str, ...], str, str]:
-    """(compiler, flags, source suffix, machine id for the cache key) for ``cpu`` or ``CUDA``."""
+def _toolchain(platform_name: str, cuda_arch: str | None) -> tuple[str, tuple[str, ...], str]:
+    """(compiler, flags, machine id for the cache key) for ``cpu`` or ``CUDA``."""
     if platform_name == "CUDA":
         default = "/usr/local/cuda/bin/nvcc"  # CUDA's install path, often not on PATH
         nvcc = os.environ.get("NVCC") or shutil.which("nvcc") or (default if os.path.exists(default) else None)
         if nvcc is None:
             raise RuntimeError("no nvcc found (set NVCC)")
         arch = cuda_arch or _cuda_arch()
-        return nvcc, (*CUDA_FLAGS, f"-arch={arch}"), ".cu", arch
+        return nvcc, (*CUDA_FLAGS, f"-arch={arch}"), arch
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX)")
-    return cxx, FLAGS, ".cc", cpu_id()
+    return cxx, FLAGS, cpu_id()
 
 
-def build(name: str, source: str, platform_name: str = "cpu", cuda_arch: str | None = None) -> ctypes.CDLL:
-    """Compile ``source`` (cached by content, flags, compiler, jaxlib and machine) and load it.
+def build(name: str, source_file: str, platform_name: str = "cpu", cuda_arch: str | None = None) -> ctypes.CDLL:
+    """Compile a source of ``jaxquant/native/`` (cached by its text and headers, flags,
+    compiler, jaxlib and machine) and load it.
 
     Args:
         name: file name stem of the library.
-        source: C++ (``platform_name="cpu"``) or CUDA (``"CUDA"``) source.
+        source_file: the C++ (``platform_name="cpu"``) or CUDA (``"CUDA"``) file's name.
         platform_name: ``"cpu"`` builds with the C++ compiler, ``"CUDA"`` with nvcc for
             the first GPU's compute capability.
         cuda_arch: nvcc ``-arch`` (``"sm_90"``) instead of the first GPU's; lets a
@@ -124,18 +110,18 @@ def build(name: str, source: str, platform_name: str = "cpu", cuda_arch: str | N
     Raises:
         RuntimeError: no compiler, or the compiler failed (its stderr tail included).
     """
-    compiler, flags, suffix, machine = _toolchain(platform_name, cuda_arch)
+    compiler, flags, machine = _toolchain(platform_name, cuda_arch)
     import jaxlib
 
-    key = hashlib.sha256("\0".join([source, *flags, compiler, jaxlib.__version__, machine]).encode()).hexdigest()[:16]
+    parts = [_source_key_text(source_file), *flags, compiler, jaxlib.__version__, machine]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     out = cache_dir() / f"{name}_{key}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            src = Path(tmp) / f"{name}{suffix}"
-            src.write_text(source)
             so = Path(tmp) / f"{name}.so"
-            cmd = [compiler, *flags, f"-I{jax.ffi.include_dir()}", str(src), "-o", str(so)]
+            cmd = [compiler, *flags, f"-I{jax.ffi.include_dir()}", f"-I{SOURCE_DIR}", str(SOURCE_DIR / source_file),
+                   "-o", str(so)]
             proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
             if proc.returncode != 0:
                 raise RuntimeError(f"compiling the FFI kernel {name} failed:\n{proc.stderr[-4000:]}")
@@ -144,19 +130,19 @@ def build(name: str, source: str, platform_name: str = "cpu", cuda_arch: str | N
 
 
 class NativeLibrary:
-    """A C++ source with FFI handlers, built and registered on first ``available()``.
+    """A native source with FFI handlers, built and registered on first ``available()``.
 
     Args:
         name: file name stem of the built library.
-        source: the C++ source.
+        source_file: the source's file name in ``jaxquant/native/``.
         targets: FFI target name -> exported handler symbol.
         platform: ``"cpu"`` (C++ source) or ``"CUDA"`` (CUDA source, built with nvcc).
     """
 
-    def __init__(self, name: str, source: str, targets: dict[str, str], platform: str = "cpu") -> None:
+    def __init__(self, name: str, source_file: str, targets: dict[str, str], platform: str = "cpu") -> None:
         self.name = name
         self.platform = platform
-        self.source = source
+        self.source_file = source_file
         self.targets = dict(targets)
         self.state: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -169,7 +155,7 @@ class NativeLibrary:
                     self.state.update(ok=False, error="disabled by JAXQUANT_NO_FFI")
                 else:
                     try:
-                        lib = build(self.name, self.source, self.platform)
+                        lib = build(self.name, self.source_file, self.platform)
                         for target, symbol in self.targets.items():
                             jax.ffi.register_ffi_target(
                                 target, jax.ffi.pycapsule(getattr(lib, symbol)), platform=self.platform)

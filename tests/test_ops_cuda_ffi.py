@@ -61,7 +61,7 @@ def test_bad_block_settings_name_the_argument(rng, kwargs):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_cuda_source_builds_for_hopper_and_exports_every_handler(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    lib = native_build.build("aq_lut_cuda_check", cuda_ffi._SOURCE, "CUDA", cuda_arch="sm_90")
+    lib = native_build.build("aq_lut_cuda_check", cuda_ffi.SOURCE_FILE, "CUDA", cuda_arch="sm_90")
     assert len(cuda_ffi.LIBRARY.targets) == 4  # two table kernels, the decode kernel for uint8 and uint16 codes
     for symbol in cuda_ffi.LIBRARY.targets.values():
         assert hasattr(lib, symbol), symbol
