@@ -233,21 +233,11 @@ ffi::Error AqDecodeImpl(ffi::AnyBuffer codes, ffi::Buffer<ffi::F32> codebooks,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantAqLutF32, AqLutImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("col_block_bytes")
-                                  .Attr<int64_t>("block_rows"));
+namespace bind = jaxquant::bind;
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantAqDecodeF32, AqDecodeImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantAqLutF32, AqLutImpl, bind::Pooled().Arg<bind::F32>().Arg<bind::U8>()
+                              .Arg<bind::F32>().Arg<bind::F32>().Ret<bind::F32>()
+                              .Attr<int64_t>("col_block_bytes").Attr<int64_t>("block_rows"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantAqDecodeF32, AqDecodeImpl, bind::Plain().Arg<bind::Any>().Arg<bind::F32>()
+                              .Arg<bind::F32>().Arg<bind::S32>().Ret<bind::F32>());

@@ -173,21 +173,11 @@ ffi::Error GradsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> rh, ffi::Buffer
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantAqlmResidualF32, ResidualImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+namespace bind = jaxquant::bind;
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantAqlmCodebookGradsF32, GradsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantAqlmResidualF32, ResidualImpl, bind::Pooled().Arg<bind::S32>()
+                              .Arg<bind::F32>().Arg<bind::F32>().Arg<bind::F32>().Ret<bind::F32>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantAqlmCodebookGradsF32, GradsImpl, bind::Pooled().Arg<bind::F32>()
+                              .Arg<bind::S32>().Arg<bind::F32>().Arg<bind::F32>().Ret<bind::F32>()
+                              .Ret<bind::F32>());

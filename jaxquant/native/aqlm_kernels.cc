@@ -679,36 +679,16 @@ ffi::Error LloydImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> points, ffi::Bu
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantKmeansNearestF32, NearestImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int64_t>("block_rows"));
+namespace bind = jaxquant::bind;
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantKmeansLloydF32, LloydImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int64_t>("iters")
-                                  .Attr<int64_t>("block_rows"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantKmeansNearestF32, NearestImpl, bind::Pooled().Arg<bind::F32>()
+                              .Arg<bind::F32>().Ret<bind::S32>().Attr<int64_t>("block_rows"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantAqlmBeamSearchF32, BeamSearchImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("beam_size")
-                                  .Attr<int64_t>("block_rows"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantKmeansLloydF32, LloydImpl, bind::Pooled().Arg<bind::F32>()
+                              .Arg<bind::F32>().Ret<bind::F32>().Ret<bind::S32>().Attr<int64_t>("iters")
+                              .Attr<int64_t>("block_rows"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantAqlmBeamSearchF32, BeamSearchImpl, bind::Pooled().Arg<bind::S32>()
+                              .Arg<bind::F32>().Arg<bind::F32>().Arg<bind::F32>().Arg<bind::F32>()
+                              .Arg<bind::F32>().Arg<bind::S32>().Arg<bind::S32>().Ret<bind::S32>()
+                              .Ret<bind::F32>().Attr<int64_t>("beam_size").Attr<int64_t>("block_rows"));

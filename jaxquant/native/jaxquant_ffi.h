@@ -37,4 +37,15 @@ void ParallelBlocks(ffi::ThreadPool& pool, int64_t n_blocks, const Fn& fn) {
 
 }  // namespace jaxquant
 
+// Short names for the handler bindings: buffer types, and a binding that starts with
+// XLA's intra-op thread pool.
+namespace jaxquant::bind {
+using F32 = ffi::Buffer<ffi::F32>;
+using S32 = ffi::Buffer<ffi::S32>;
+using U8 = ffi::Buffer<ffi::U8>;
+using Any = ffi::AnyBuffer;
+inline auto Plain() { return ffi::Ffi::Bind(); }
+inline auto Pooled() { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>(); }
+}  // namespace jaxquant::bind
+
 #endif  // JAXQUANT_FFI_H_
