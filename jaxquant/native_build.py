@@ -2,7 +2,7 @@
 
 jaxquant's native CPU kernels (the lookup-table product behind ``ops/cpu_ffi.py``, the
 AQLM beam search, k-means and codebook gradients behind ``methods/aqlm/native_*.py``) are
-C++ files in ``jaxquant/native/`` with one shared header (``jaxquant_ffi.h``: the FFI
+C++ files in ``jaxquant/ops/_native/`` with one shared header (``jaxquant_ffi.h``: the FFI
 preamble and a block-parallel loop). Each is compiled once with the machine's C++ compiler
 (``-O3 -march=native``) into the user cache directory: one file per source, compiler,
 flags, jaxlib version and CPU, built under a temporary name and renamed, so concurrent
@@ -33,7 +33,7 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 CUDA_FLAGS = ("-O3", "-std=c++17", "--shared", "-Xcompiler", "-fPIC")
 
 # The kernels' sources (.cc, .cu) and their shared header, shipped as package data.
-SOURCE_DIR = Path(__file__).parent / "native"
+SOURCE_DIR = Path(__file__).parent / "ops" / "_native"
 
 
 def _source_key_text(source_file: str) -> str:
@@ -96,7 +96,7 @@ def _toolchain(platform_name: str, cuda_arch: str | None) -> tuple[str, tuple[st
 
 
 def build(name: str, source_file: str, platform_name: str = "cpu", cuda_arch: str | None = None) -> ctypes.CDLL:
-    """Compile a source of ``jaxquant/native/`` (cached by its text and headers, flags,
+    """Compile a source of ``jaxquant/ops/_native/`` (cached by its text and headers, flags,
     compiler, jaxlib and machine) and load it.
 
     Args:
@@ -134,7 +134,7 @@ class NativeLibrary:
 
     Args:
         name: file name stem of the built library.
-        source_file: the source's file name in ``jaxquant/native/``.
+        source_file: the source's file name in ``jaxquant/ops/_native/``.
         targets: FFI target name -> exported handler symbol.
         platform: ``"cpu"`` (C++ source) or ``"CUDA"`` (CUDA source, built with nvcc).
     """

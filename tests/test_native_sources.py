@@ -1,4 +1,4 @@
-"""Native kernels live in jaxquant/native/ as C++/CUDA files, never in Python strings."""
+"""Native kernels live in jaxquant/ops/_native/ as C++/CUDA files, never in Python strings."""
 
 from __future__ import annotations
 

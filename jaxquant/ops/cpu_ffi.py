@@ -35,7 +35,7 @@ DECODE_TARGET_NAME = "jaxquant_aq_decode_f32"
 # rows per unit of work handed to a thread (their codes stay in L2 across steps).
 COL_BLOCK_BYTES = 32 * 1024
 BLOCK_ROWS = 256
-SOURCE_FILE = "aq_lut.cc"  # in jaxquant/native/
+SOURCE_FILE = "aq_lut.cc"  # in jaxquant/ops/_native/
 
 LIBRARY = NativeLibrary(
     "aq_lut", SOURCE_FILE, {TARGET_NAME: "JaxquantAqLutF32", DECODE_TARGET_NAME: "JaxquantAqDecodeF32"}

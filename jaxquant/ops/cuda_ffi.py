@@ -65,7 +65,7 @@ LUT_FLOATS_ONE_ROW = 8192
 LUT_FLOATS = 16384
 OUT_PER_BLOCK = 512
 
-SOURCE_FILE = "aq_lut_cuda.cu"  # in jaxquant/native/
+SOURCE_FILE = "aq_lut_cuda.cu"  # in jaxquant/ops/_native/
 
 PREFETCH_TARGET = "jaxquant_aq_lut_prefetch_cuda_f32"
 DECODE_TARGETS = {"uint8": "jaxquant_aq_decode_warp_cuda_u8", "uint16": "jaxquant_aq_decode_warp_cuda_u16"}

@@ -31,7 +31,7 @@ from jaxquant.native_build import NativeLibrary
 
 RESIDUAL_TARGET_NAME = "jaxquant_aqlm_residual_f32"
 GRADS_TARGET_NAME = "jaxquant_aqlm_codebook_grads_f32"
-SOURCE_FILE = "aqlm_grads.cc"  # in jaxquant/native/
+SOURCE_FILE = "aqlm_grads.cc"  # in jaxquant/ops/_native/
 
 LIBRARY = NativeLibrary(
     "aqlm_grads",

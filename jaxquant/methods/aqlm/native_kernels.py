@@ -51,7 +51,7 @@ NEAREST_BLOCK_ROWS = 1024
 # rows, large enough that the claim is negligible.
 BLOCK_ROWS = 4
 
-SOURCE_FILE = "aqlm_kernels.cc"  # in jaxquant/native/
+SOURCE_FILE = "aqlm_kernels.cc"  # in jaxquant/ops/_native/
 
 LIBRARY = NativeLibrary(
     "aqlm_kernels",
