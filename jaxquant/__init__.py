@@ -16,6 +16,7 @@ _EXPORTS = {
     "pipeline": "jaxquant.pipeline",
     "select": "jaxquant.select",
     "calibrate": "jaxquant.calibrate:calibrate",
+    "LayerStats": "jaxquant.stats:LayerStats",
     "store_embeddings": "jaxquant.embeddings:store_embeddings",
     "decoded_value_and_grad": "jaxquant.finetune.pv:decoded_value_and_grad",
     "pv_tuning": "jaxquant.finetune.pv:pv_tuning",
@@ -48,3 +49,4 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from jaxquant.qarray import AdditiveQuantized, ScalarQuantized, dequantize, is_quantized, merge, split, tree_bits
     from jaxquant.quantize import quantize, quantize_weight
     from jaxquant.recipes import AQLM, GPTQ, RTN, recipe_from_dict, recipe_to_dict
+    from jaxquant.stats import LayerStats

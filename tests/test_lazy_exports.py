@@ -23,6 +23,6 @@ def test_a_submodule_import_does_not_hide_the_function_of_its_name():
 
 def test_exports_and_errors():
     assert isinstance(jq.io, types.ModuleType) and callable(jq.store_embeddings)
-    assert {"quantize", "tree_bits", "AQLM", "io"} <= set(dir(jq)) and set(jq.__all__) <= set(dir(jq))
+    assert {"quantize", "tree_bits", "AQLM", "io", "LayerStats"} <= set(dir(jq)) and set(jq.__all__) <= set(dir(jq))
     with pytest.raises(AttributeError, match="module 'jaxquant' has no attribute 'nonsense'"):
         jq.nonsense  # noqa: B018
