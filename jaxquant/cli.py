@@ -18,9 +18,8 @@ import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 
-from jaxquant.cli_checks import require, require_positive
+from jaxquant.cli_checks import compute_dtype, require, require_positive
 
 # Exception types that mean "the input was bad", reported as one line.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, FileNotFoundError, NotADirectoryError,
@@ -46,15 +45,6 @@ def register(command: Command) -> Command:
         raise ValueError(f"subcommand {command.name!r} is already registered")
     COMMANDS.append(command)
     return command
-
-
-def _dtype(name: str) -> Any:
-    import jax.numpy as jnp  # noqa: PLC0415
-
-    choices = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-    if name not in choices:
-        raise ValueError(f"--dtype {name!r} must be one of {sorted(choices)}")
-    return choices[name]
 
 
 # ----------------------------------------------------------------------------- quickstart
@@ -113,7 +103,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     require_positive(args, "max_new_tokens")
     require(args, "temperature", args.temperature >= 0, "must be >= 0 (0 is greedy)")
     require(args, "top_p", 0.0 < args.top_p <= 1.0, "must be in (0, 1]")
-    dtype = _dtype(args.dtype)
+    dtype = compute_dtype(args.dtype)
     tokenizer = load_tokenizer(args.model_dir)
     model = from_pretrained(args.model_dir, dtype=dtype)
     prompt = tokenizer.encode(args.prompt, add_bos=True)
@@ -147,7 +137,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     require_positive(args, "batch_size")
     if args.seqlen is not None:
         require(args, "seqlen", args.seqlen >= 2, "must be at least 2 (a window predicts its tokens after the first)")
-    dtype = _dtype(args.dtype)
+    dtype = compute_dtype(args.dtype)
     tokenizer = load_tokenizer(args.model_dir)
     model = from_pretrained(args.model_dir, dtype=dtype)
     context = model.config.max_position_embeddings
@@ -177,7 +167,7 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
 def _run_convert(args: argparse.Namespace) -> int:
     from jaxquant.models.files import convert  # noqa: PLC0415
 
-    out = convert(args.model, args.out, dtype=_dtype(args.dtype), overwrite=args.overwrite)
+    out = convert(args.model, args.out, dtype=compute_dtype(args.dtype), overwrite=args.overwrite)
     print(f"wrote {out} ({', '.join(sorted(os.listdir(out)))})")
     return 0
 

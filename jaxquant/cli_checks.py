@@ -1,8 +1,9 @@
-"""Checks of command-line values that name the flag a user typed, not an internal field."""
+"""Command-line values checked and converted, with errors that name the flag a user typed."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
 def flag(name: str) -> str:
@@ -23,4 +24,14 @@ def require_positive(args: argparse.Namespace, *names: str) -> None:
         require(args, name, value >= 1 if isinstance(value, int) else value > 0, "must be positive")
 
 
-__all__ = ["flag", "require", "require_positive"]
+def compute_dtype(name: str) -> Any:
+    """The JAX dtype a ``--dtype`` value names (float32 or bfloat16)."""
+    import jax.numpy as jnp  # noqa: PLC0415 - the command line starts without JAX
+
+    choices = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if name not in choices:
+        raise ValueError(f"--dtype {name!r} must be one of {sorted(choices)}")
+    return choices[name]
+
+
+__all__ = ["compute_dtype", "flag", "require", "require_positive"]

@@ -14,7 +14,7 @@ import argparse
 import os
 from typing import Any
 
-from jaxquant.cli_checks import require_positive
+from jaxquant.cli_checks import compute_dtype, require_positive
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -48,7 +48,6 @@ def run(args: argparse.Namespace) -> int:
     """Run ``jaxquant quantize``; returns the exit status."""
     import jax  # noqa: PLC0415
 
-    from jaxquant.cli import _dtype  # noqa: PLC0415
     from jaxquant.data import calibration_windows, eval_windows, load_tokenizer, read_text  # noqa: PLC0415
     from jaxquant.eval import perplexity  # noqa: PLC0415
     from jaxquant.finetune.block import BlockFinetuneConfig  # noqa: PLC0415
@@ -61,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = resolve_recipe_arg(args.recipe)
     require_positive(args, "nsamples", "seqlen", "batch_size", "eval_windows", "finetune_epochs", "finetune_lr")
-    model = from_pretrained(args.model_dir, dtype=_dtype(args.dtype))
+    model = from_pretrained(args.model_dir, dtype=compute_dtype(args.dtype))
     cfg = model.config
     fitted = resolve_recipe_arg(args.recipe, d_ins=(cfg.hidden_size, cfg.num_heads * cfg.head_dim,
                                                     cfg.intermediate_size))
