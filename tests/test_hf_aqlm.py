@@ -19,7 +19,9 @@ from jaxquant.cli import main
 from jaxquant.io import hf_aqlm
 from jaxquant.models.config import ModelConfig
 from jaxquant.models.llama import LlamaForCausalLM
-from jaxquant.models.loading import read_checkpoint_tensors, save_pretrained
+from jaxquant.io.safetensors import read_checkpoint_tensors
+from jaxquant.models.loading import save_pretrained
+from jaxquant.models import quantized_dirs
 from jaxquant.qarray import AdditiveQuantized, ScalarQuantized
 from jaxquant.select import flatten_with_paths
 
@@ -221,7 +223,7 @@ def test_model_export_import_round_trip(tmp_path, rng):
     qs = _quantize_linears(model, rng)
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok" / "tokenizer.json").write_text('{"fake": true}')
-    out = hf_aqlm.export_hf_aqlm(model, tmp_path / "hf", tokenizer_dir=tmp_path / "tok")
+    out = quantized_dirs.export_hf_aqlm(model, tmp_path / "hf", tokenizer_dir=tmp_path / "tok")
     assert (tmp_path / "hf" / "tokenizer.json").read_text() == '{"fake": true}'
     qc = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
     assert qc["linear_weights_not_to_quantize"] == ["lm_head", "lm_head.weight", "model.embed_tokens",
@@ -232,7 +234,7 @@ def test_model_export_import_round_trip(tmp_path, rng):
     assert raw["lm_head.weight"].shape == (96, 64)  # PyTorch (d_out, d_in)
     assert hf_aqlm.is_hf_aqlm(out)
 
-    loaded = hf_aqlm.load_hf_aqlm(out)
+    loaded = quantized_dirs.load_hf_aqlm(out)
     state = dict(flatten_with_paths(nnx.state(loaded, nnx.Param)))
     for path, q in qs.items():
         r = state[path]
@@ -246,11 +248,11 @@ def test_model_export_import_round_trip(tmp_path, rng):
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     cfg["quantization_config"]["linear_weights_not_to_quantize"] = ["model.embed_tokens.weight", "lm_head.weight"]
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
-    again = hf_aqlm.load_hf_aqlm(out)
+    again = quantized_dirs.load_hf_aqlm(out)
     np.testing.assert_array_equal(_logits(again, tokens), _logits(model, tokens))
 
     # Re-export of the imported model reproduces every tensor exactly.
-    out2 = hf_aqlm.export_hf_aqlm(again, tmp_path / "hf2")
+    out2 = quantized_dirs.export_hf_aqlm(again, tmp_path / "hf2")
     raw2 = read_checkpoint_tensors(out2)
     assert sorted(raw2) == sorted(raw)
     for k in raw:
@@ -260,11 +262,11 @@ def test_model_export_import_round_trip(tmp_path, rng):
 def test_tied_head_is_listed_unquantized(tmp_path, rng):
     model = LlamaForCausalLM(_tiny_config(tie_word_embeddings=True), rngs=nnx.Rngs(0))
     _quantize_linears(model, rng, m=1)
-    out = hf_aqlm.export_hf_aqlm(model, tmp_path / "hf")
+    out = quantized_dirs.export_hf_aqlm(model, tmp_path / "hf")
     qc = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
     assert {"lm_head", "lm_head.weight"} <= set(qc["linear_weights_not_to_quantize"])
     assert "lm_head.weight" not in read_checkpoint_tensors(out)
-    loaded = hf_aqlm.load_hf_aqlm(out)
+    loaded = quantized_dirs.load_hf_aqlm(out)
     tokens = jnp.asarray(_tokens())
     np.testing.assert_array_equal(_logits(loaded, tokens), _logits(model, tokens))
 
@@ -272,12 +274,12 @@ def test_tied_head_is_listed_unquantized(tmp_path, rng):
 def test_import_reports_shape_mismatch(tmp_path, rng):
     model = LlamaForCausalLM(_tiny_config(), rngs=nnx.Rngs(0))
     _quantize_linears(model, rng)
-    out = hf_aqlm.export_hf_aqlm(model, tmp_path / "hf")
+    out = quantized_dirs.export_hf_aqlm(model, tmp_path / "hf")
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     cfg["intermediate_size"] = 256
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"tensor model.layers.0.mlp.(gate|up|down)_proj.weight has shape .*, the config implies .*256"):
-        hf_aqlm.load_hf_aqlm(out)
+        quantized_dirs.load_hf_aqlm(out)
 
 
 def test_export_command_from_quantized_dir(tmp_path, rng):
@@ -289,7 +291,7 @@ def test_export_command_from_quantized_dir(tmp_path, rng):
     jio.save(quant_dir / "params", nnx.state(model, nnx.Param))
     assert main(["export", str(quant_dir), "--format", "hf-aqlm", "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "tokenizer_config.json").exists()
-    loaded = hf_aqlm.load_hf_aqlm(tmp_path / "out")
+    loaded = quantized_dirs.load_hf_aqlm(tmp_path / "out")
     state = dict(flatten_with_paths(nnx.state(loaded, nnx.Param)))
     for path, q in qs.items():
         np.testing.assert_array_equal(np.asarray(state[path].codes), np.asarray(q.codes))
@@ -321,7 +323,7 @@ def _consumer_roundtrip(tmp_path, rng, *, m: int, bits: int, float32_codebooks: 
     model = from_pretrained(tmp_path / "src")
     cb_dtype = jnp.float32 if float32_codebooks else jnp.float16
     _quantize_linears(model, rng, m=m, bits=bits, cb_dtype=cb_dtype)
-    out = hf_aqlm.export_hf_aqlm(model, tmp_path / "aqlm", tokenizer_dir=tmp_path / "src")
+    out = quantized_dirs.export_hf_aqlm(model, tmp_path / "aqlm", tokenizer_dir=tmp_path / "src")
 
     # aqlm 1.1.7's CPU 2x8 kernel (numba_gemm_lut) runs `prange` over input groups and
     # accumulates into one shared output vector without atomics: with more than one
@@ -332,7 +334,7 @@ def _consumer_roundtrip(tmp_path, rng, *, m: int, bits: int, float32_codebooks: 
     tokens = _tokens()
     with torch.no_grad():
         ref = torch_model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
-    exported = hf_aqlm.load_hf_aqlm(out)
+    exported = quantized_dirs.load_hf_aqlm(out)
     return ref, _logits(exported, tokens), _logits(model, tokens), torch_model
 
 
@@ -370,7 +372,7 @@ def test_from_pretrained_loads_hf_aqlm_directory(tmp_path, rng):
 
     model = LlamaForCausalLM(_tiny_config(), rngs=nnx.Rngs(0))
     quantized = _quantize_linears(model, rng)
-    out = hf_aqlm.export_hf_aqlm(model, tmp_path / "aqlm")
+    out = quantized_dirs.export_hf_aqlm(model, tmp_path / "aqlm")
     loaded = from_pretrained(out)
     state = dict(flatten_with_paths(nnx.state(loaded, nnx.Param)))
     for path, q in quantized.items():

@@ -16,10 +16,9 @@ from jaxquant.models import (
     from_pretrained,
     hf_to_nnx_name,
     nnx_to_hf_name,
-    read_safetensors,
     save_pretrained,
-    write_safetensors,
 )
+from jaxquant.io.safetensors import read_safetensors, write_safetensors
 from jaxquant.models.loading import expected_hf_names
 
 CFG = ModelConfig(hidden_size=16, intermediate_size=24, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8,

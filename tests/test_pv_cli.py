@@ -16,7 +16,7 @@ import jaxquant as jq
 from jaxquant import io
 from jaxquant.cli import main
 from jaxquant.data import BYTE_TOKENIZER_FILE
-from jaxquant.io.hf_aqlm import load_quantized_dir
+from jaxquant.models.quantized_dirs import load_quantized_dir
 from jaxquant.models import LlamaForCausalLM, ModelConfig, functional, save_pretrained
 
 

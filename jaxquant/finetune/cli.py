@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxquant.data import eval_windows, load_tokenizer, random_batches, read_text  # noqa: PLC0415
     from jaxquant.eval import perplexity  # noqa: PLC0415
     from jaxquant.finetune import losses, pv  # noqa: PLC0415
-    from jaxquant.io.hf_aqlm import load_quantized_dir  # noqa: PLC0415
+    from jaxquant.models.quantized_dirs import load_quantized_dir  # noqa: PLC0415
     from jaxquant.host_memory import release_freed_memory  # noqa: PLC0415
     from jaxquant.models import from_pretrained, functional  # noqa: PLC0415
     from jaxquant.models.distill import lean_distillation  # noqa: PLC0415

@@ -1,30 +1,26 @@
-"""Storage of quantized trees: orbax checkpoints and the Hugging Face AQLM format.
+"""Storage of quantized trees and tensors: orbax checkpoints, safetensors, GGUF, and the
+Hugging Face AQLM format.
 
 ``save``/``load`` write and read any parameter tree (quantized arrays included) as an
-orbax checkpoint with a JSON manifest; ``export_hf_aqlm``/``load_hf_aqlm`` convert
-between jaxquant models and Hugging Face AQLM model directories, which transformers
-loads through the ``aqlm`` package.
+orbax checkpoint with a JSON manifest; ``read_hf_aqlm``/``write_hf_aqlm`` convert between
+quantized arrays and the tensors of a Hugging Face AQLM directory (which transformers loads
+through the ``aqlm`` package). Loading such directories into models, and exporting models
+to them, is ``jaxquant.models``' job.
 """
 
 from jaxquant.io.checkpoint import CheckpointError, is_checkpoint, load, save
-from jaxquant.io.hf_aqlm import (
-    export_command,
-    export_hf_aqlm,
-    is_hf_aqlm,
-    load_hf_aqlm,
-    read_hf_aqlm,
-    write_hf_aqlm,
-)
+from jaxquant.io.hf_aqlm import is_hf_aqlm, read_hf_aqlm, write_hf_aqlm
+from jaxquant.io.safetensors import read_checkpoint_tensors, read_safetensors, write_safetensors
 
 __all__ = [
     "CheckpointError",
-    "export_command",
-    "export_hf_aqlm",
     "is_checkpoint",
     "is_hf_aqlm",
     "load",
-    "load_hf_aqlm",
+    "read_checkpoint_tensors",
     "read_hf_aqlm",
+    "read_safetensors",
     "save",
     "write_hf_aqlm",
+    "write_safetensors",
 ]

@@ -1,4 +1,7 @@
-"""The Hugging Face AQLM format: export quantized models to it and import them from it.
+"""The Hugging Face AQLM format's tensors and config, to and from quantized arrays.
+
+Mapping them onto a model's parameters (loading a directory into a model, exporting a
+model) is ``jaxquant.models.quantized_dirs``.
 
 A Hugging Face AQLM model directory (what ``transformers`` loads through the ``aqlm``
 package, and what published AQLM checkpoints look like) holds:
@@ -27,12 +30,11 @@ the head (NaN logits). Export therefore lists both ``"<module>"`` and
 Layouts: ``AdditiveQuantized`` stores codes in ``(d_out, d_in)`` order whatever its
 ``layout``, which is the AQLM order, so codes, codebooks and scales cross this boundary
 untouched; only dense linear weights are transposed between Flax ``(d_in, d_out)``
-kernels and PyTorch ``(d_out, d_in)`` weights, through the models' name table.
+kernels and PyTorch ``(d_out, d_in)`` weights, by the models' name table.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -43,9 +45,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxquant.atomic_files import atomic_write_bytes, commit_dir, staging_dir
+from jaxquant.io.safetensors import read_checkpoint_tensors, write_safetensors
 from jaxquant.qarray import AdditiveQuantized, code_dtype, is_quantized
 
 QUANT_METHOD = "aqlm"
@@ -282,7 +284,6 @@ def write_hf_aqlm(
             ``*.weight``.
         FileExistsError: ``out_dir`` exists and ``overwrite`` is false.
     """
-    from jaxquant.models.loading import write_safetensors  # noqa: PLC0415 - keeps io importable alone
 
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not overwrite:
@@ -381,7 +382,6 @@ def read_hf_aqlm(model_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str
             codebooks and scales; a module both quantized and listed as not quantized;
             shapes inconsistent with the config.
     """
-    from jaxquant.models.loading import read_checkpoint_tensors  # noqa: PLC0415
 
     model_dir = os.fspath(model_dir)
     cfg = read_config(model_dir)
@@ -413,192 +413,3 @@ def read_hf_aqlm(model_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str
             module, parts["codes"], parts["codebooks"], parts["scales"], fmt
         )
     return cfg, out
-
-
-# ----------------------------------------------------------------------------- models
-
-
-def _nnx_params(model_or_state: Any) -> dict[str, Any]:
-    from jaxquant.select import flatten_with_paths  # noqa: PLC0415
-
-    state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state
-    return dict(flatten_with_paths(state))
-
-
-def hf_tensors_from_state(state: Any) -> dict[str, Any]:
-    """Hugging Face-named tensors from an NNX model or state with quantized kernels.
-
-    Dense linear kernels are transposed to PyTorch ``(d_out, d_in)``; quantized
-    kernels are passed through (their codes are already in ``(d_out, d_in)`` order).
-    """
-    from jaxquant.models.loading import nnx_to_hf_name  # noqa: PLC0415
-
-    out: dict[str, Any] = {}
-    for path, leaf in _nnx_params(state).items():
-        hit = nnx_to_hf_name(path)
-        if hit is None:
-            raise ValueError(f"export: parameter {path} has no Hugging Face name in the models' name table")
-        name, transpose = hit
-        if is_quantized(leaf):
-            out[name] = leaf
-        else:
-            arr = np.asarray(jax.device_get(leaf))
-            out[name] = np.ascontiguousarray(arr.T) if transpose else arr
-    return out
-
-
-def export_hf_aqlm(
-    model_or_state: Any,
-    out_dir: str | os.PathLike,
-    *,
-    config: Any = None,
-    tokenizer_dir: str | os.PathLike | None = None,
-    overwrite: bool = False,
-    max_shard_bytes: int | None = None,
-) -> str:
-    """Export a jaxquant model with ``AdditiveQuantized`` kernels as a Hugging Face AQLM directory.
-
-    Args:
-        model_or_state: a ``jaxquant.models.LlamaForCausalLM`` or its NNX state (``Param``
-            variables) in which the layers to ship quantized hold ``AdditiveQuantized``
-            arrays, all with one configuration.
-        out_dir: output directory.
-        config: ``ModelConfig`` (or a ``config.json`` dict); taken from the model when
-            omitted. Required with a bare state.
-        tokenizer_dir: directory whose tokenizer files are copied.
-        overwrite: replace an existing ``out_dir``.
-        max_shard_bytes: shard the weights above this size (with an index file).
-
-    Returns:
-        The absolute output directory.
-    """
-    if config is None:
-        config = getattr(model_or_state, "config", None)
-        if config is None:
-            raise ValueError("export_hf_aqlm: pass config= (a ModelConfig or config.json dict) with a bare state")
-    cfg = dict(config) if isinstance(config, Mapping) else config.to_hf_dict()
-    tensors = hf_tensors_from_state(model_or_state)
-    dense = [np.asarray(t).dtype for t in tensors.values() if not is_quantized(t)]
-    if dense and not isinstance(config, Mapping):
-        cfg["dtype"] = np.dtype(dense[0]).name  # what transformers' dtype="auto" then uses
-    extra = []
-    if cfg.get("tie_word_embeddings") and "lm_head.weight" not in tensors:
-        extra.append("lm_head")  # the tied head is a Linear in transformers: keep it dense
-    return write_hf_aqlm(
-        out_dir,
-        tensors,
-        cfg,
-        extra_not_quantized=extra,
-        tokenizer_dir=tokenizer_dir,
-        overwrite=overwrite,
-        max_shard_bytes=max_shard_bytes,
-    )
-
-
-def load_hf_aqlm(model_dir: str | os.PathLike, dtype: Any = jnp.float32) -> Any:
-    """Load a Hugging Face AQLM directory into a ``jaxquant.models.LlamaForCausalLM``.
-
-    Quantized modules become ``AdditiveQuantized`` kernels (``layout="in_out"``, the Flax
-    kernel convention of the model; codes, codebooks and scales exactly as stored);
-    every other tensor is loaded as ``from_pretrained`` would (cast to ``dtype``).
-
-    Raises:
-        ValueError: unsupported architecture, a tensor the model does not have, a
-            missing tensor, or a shape disagreeing with the config (names the tensor).
-    """
-    from jaxquant.models.config import load_config  # noqa: PLC0415
-    from jaxquant.models.llama import LlamaForCausalLM  # noqa: PLC0415
-    from jaxquant.models.loading import hf_to_nnx_name, nnx_to_hf_name  # noqa: PLC0415
-    from jaxquant.select import path_to_str  # noqa: PLC0415
-
-    model_dir = os.fspath(model_dir)
-    config = load_config(model_dir)
-    _, tensors = read_hf_aqlm(model_dir)
-    model = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    state = nnx.state(model, nnx.Param)
-    expected = _nnx_params(state)
-    mapped: dict[str, Any] = {}
-    extra = []
-    for name, x in tensors.items():
-        if name.endswith("rotary_emb.inv_freq"):
-            continue
-        hit = hf_to_nnx_name(name)
-        if hit is None or hit[0] not in expected:
-            extra.append(name)
-            continue
-        path, transpose = hit
-        want = tuple(expected[path].shape)
-        if isinstance(x, AdditiveQuantized):
-            if not transpose:
-                raise ValueError(f"{model_dir}: {name} is quantized but is not a linear weight")
-            x = dataclasses.replace(x, shape=(x.d_in, x.d_out), layout="in_out")
-            got = x.shape
-        else:
-            x = x.T if transpose else x
-            got = tuple(x.shape)
-        if got != want:
-            shown = (got[::-1], want[::-1]) if transpose else (got, want)
-            raise ValueError(f"{model_dir}: tensor {name} has shape {shown[0]}, the config implies {shown[1]}")
-        mapped[path] = x
-    if extra:
-        raise ValueError(f"{model_dir} has tensors the {config.architecture} model does not use: {sorted(extra)[:8]}")
-    missing = [nnx_to_hf_name(p)[0] for p in expected if p not in mapped]
-    if missing:
-        raise ValueError(f"{model_dir} is missing tensors: {missing[:8]}")
-    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
-    leaves = []
-    for p, _ in flat:
-        x = mapped[path_to_str(p)]
-        leaves.append(x if is_quantized(x) else jnp.asarray(x, dtype=dtype))
-    nnx.update(model, jax.tree_util.tree_unflatten(treedef, leaves))
-    return model
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-_CHECKPOINT_CANDIDATES = ("params", "checkpoint", "quantized", ".")
-
-
-def load_quantized_dir(quant_dir: str | os.PathLike) -> tuple[Any, Any]:
-    """Read a jaxquant quantized-model directory: ``(ModelConfig, params state)``.
-
-    The directory holds the model's Hugging Face ``config.json`` (and tokenizer files)
-    and a ``jaxquant.io.save`` checkpoint of the model's NNX ``Param`` state, in
-    ``params/`` (or ``checkpoint/``, ``quantized/``, or the directory itself).
-    """
-    from jaxquant.io.checkpoint import is_checkpoint, load  # noqa: PLC0415
-    from jaxquant.models.config import load_config  # noqa: PLC0415
-
-    quant_dir = os.fspath(quant_dir)
-    config = load_config(quant_dir)
-    for sub in _CHECKPOINT_CANDIDATES:
-        path = os.path.normpath(os.path.join(quant_dir, sub))
-        if is_checkpoint(path):
-            return config, load(path)
-    raise FileNotFoundError(
-        f"no jaxquant checkpoint in {quant_dir!r} (looked in {', '.join(_CHECKPOINT_CANDIDATES)})"
-    )
-
-
-def export_command(args: argparse.Namespace) -> int:
-    """``jaxquant export QUANT_DIR --format hf-aqlm --out DIR``: returns the exit status."""
-    fmt = getattr(args, "format", "hf-aqlm")
-    if fmt != "hf-aqlm":
-        raise ValueError(f"export: --format {fmt!r} is not supported (only 'hf-aqlm')")
-    if os.path.exists(args.out) and not getattr(args, "overwrite", False):
-        raise FileExistsError(f"export: --out {args.out} already exists; pass --overwrite to replace it")
-    config, state = load_quantized_dir(args.quant_dir)
-    shard_mb = getattr(args, "max_shard_mb", None)
-    out = export_hf_aqlm(
-        state,
-        args.out,
-        config=config,
-        tokenizer_dir=args.quant_dir,
-        overwrite=bool(getattr(args, "overwrite", False)),
-        max_shard_bytes=None if shard_mb is None else int(shard_mb) * 2**20,
-    )
-    leaves = jax.tree.leaves(state, is_leaf=is_quantized)
-    n_q = sum(1 for t in leaves if is_quantized(t))
-    print(f"exported {n_q} AQLM layers and {len(leaves) - n_q} dense tensors to {out}")
-    return 0

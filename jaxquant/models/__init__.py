@@ -1,4 +1,4 @@
-"""Llama-family models in Flax NNX, Hugging Face loading/saving, and generation.
+"""Llama-family models in Flax NNX; loading and saving (Hugging Face, GGUF, quantized directories); generation.
 
 transformers provides configurations and tokenizers only; the model code is jaxquant's.
 """
@@ -6,16 +6,9 @@ transformers provides configurations and tokenizers only; the model code is jaxq
 from jaxquant.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, config_from_hf, load_config
 from jaxquant.models.generate import generate, sample_token
 from jaxquant.models.llama import KVCache, LlamaForCausalLM, functional
-from jaxquant.models.loading import (
-    NAME_TABLE,
-    from_pretrained,
-    hf_to_nnx_name,
-    nnx_to_hf_name,
-    read_checkpoint_tensors,
-    read_safetensors,
-    save_pretrained,
-    write_safetensors,
-)
+from jaxquant.models.loading import from_pretrained, save_pretrained
+from jaxquant.models.names import NAME_TABLE, hf_to_nnx_name, nnx_to_hf_name
+from jaxquant.models.quantized_dirs import export_hf_aqlm, load_hf_aqlm, load_quantized_dir
 
 __all__ = [
     "NAME_TABLE",
@@ -24,15 +17,15 @@ __all__ = [
     "LlamaForCausalLM",
     "ModelConfig",
     "config_from_hf",
+    "export_hf_aqlm",
     "from_pretrained",
     "functional",
     "generate",
     "hf_to_nnx_name",
+    "load_hf_aqlm",
     "load_config",
+    "load_quantized_dir",
     "nnx_to_hf_name",
-    "read_checkpoint_tensors",
-    "read_safetensors",
     "sample_token",
     "save_pretrained",
-    "write_safetensors",
 ]

@@ -1,13 +1,10 @@
 """Hugging Face checkpoints (``config.json`` + safetensors) to and from NNX models, without torch.
 
-Names map through one table, ``NAME_TABLE``: each row pairs a Hugging Face tensor name
-pattern with the NNX parameter path and says whether the tensor is a linear weight,
-stored ``(d_out, d_in)`` by PyTorch and transposed here, at this one boundary, into a
-Flax ``(d_in, d_out)`` kernel.
+Names map through one table (``jaxquant.models.names``); linear weights, stored
+``(d_out, d_in)`` by PyTorch, are transposed here, at this one boundary, into Flax
+``(d_in, d_out)`` kernels.
 
-safetensors files are parsed here directly (an 8-byte little-endian header length, a
-JSON header of ``{name: {dtype, shape, data_offsets}}``, then raw little-endian bytes),
-so bfloat16 needs no framework and a corrupt or truncated file is reported precisely.
+The safetensors files themselves are read and written by ``jaxquant.io.safetensors``.
 """
 
 from __future__ import annotations
@@ -15,202 +12,28 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from collections.abc import Iterable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
 from jaxquant.atomic_files import atomic_write
+from jaxquant.io import gguf
+from jaxquant.io.checkpoint import is_checkpoint
+from jaxquant.io.hf_aqlm import is_hf_aqlm
+from jaxquant.io.safetensors import INDEX_FILE, SINGLE_FILE, read_checkpoint_tensors, write_safetensors
 from jaxquant.known_models import resolve_model
 from jaxquant.models.config import ModelConfig, config_from_hf, load_config
 from jaxquant.models.llama import LlamaForCausalLM
+from jaxquant.models.names import NAME_TABLE, hf_to_nnx_name, nnx_to_hf_name
+from jaxquant.models.quantized_dirs import load_hf_aqlm, load_quantized_dir
 from jaxquant.qarray import is_quantized
-
-# (Hugging Face name, NNX path, transpose). "{i}" stands for the layer index.
-NAME_TABLE: tuple[tuple[str, str, bool], ...] = (
-    ("model.embed_tokens.weight", "embed/embedding", False),
-    ("model.layers.{i}.input_layernorm.weight", "layers/{i}/input_norm/scale", False),
-    ("model.layers.{i}.self_attn.q_proj.weight", "layers/{i}/attn/q_proj/kernel", True),
-    ("model.layers.{i}.self_attn.q_proj.bias", "layers/{i}/attn/q_proj/bias", False),
-    ("model.layers.{i}.self_attn.k_proj.weight", "layers/{i}/attn/k_proj/kernel", True),
-    ("model.layers.{i}.self_attn.k_proj.bias", "layers/{i}/attn/k_proj/bias", False),
-    ("model.layers.{i}.self_attn.v_proj.weight", "layers/{i}/attn/v_proj/kernel", True),
-    ("model.layers.{i}.self_attn.v_proj.bias", "layers/{i}/attn/v_proj/bias", False),
-    ("model.layers.{i}.self_attn.o_proj.weight", "layers/{i}/attn/o_proj/kernel", True),
-    ("model.layers.{i}.self_attn.o_proj.bias", "layers/{i}/attn/o_proj/bias", False),
-    ("model.layers.{i}.post_attention_layernorm.weight", "layers/{i}/post_attn_norm/scale", False),
-    ("model.layers.{i}.mlp.gate_proj.weight", "layers/{i}/mlp/gate_proj/kernel", True),
-    ("model.layers.{i}.mlp.gate_proj.bias", "layers/{i}/mlp/gate_proj/bias", False),
-    ("model.layers.{i}.mlp.up_proj.weight", "layers/{i}/mlp/up_proj/kernel", True),
-    ("model.layers.{i}.mlp.up_proj.bias", "layers/{i}/mlp/up_proj/bias", False),
-    ("model.layers.{i}.mlp.down_proj.weight", "layers/{i}/mlp/down_proj/kernel", True),
-    ("model.layers.{i}.mlp.down_proj.bias", "layers/{i}/mlp/down_proj/bias", False),
-    ("model.norm.weight", "final_norm/scale", False),
-    ("lm_head.weight", "lm_head/kernel", True),
-)
 
 # Buffers some checkpoints carry that are recomputed here, never parameters.
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias$|\.attn\.bias$)")
-
-_DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16),
-    "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_),
-}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024
-
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-
-
-def _compile_table() -> list[tuple[re.Pattern[str], str, re.Pattern[str], str, bool]]:
-    rows = []
-    for hf, nnx_path, transpose in NAME_TABLE:
-        hf_re = re.compile("^" + re.escape(hf).replace(r"\{i\}", r"(\d+)") + "$")
-        nnx_re = re.compile("^" + re.escape(nnx_path).replace(r"\{i\}", r"(\d+)") + "$")
-        rows.append((hf_re, hf, nnx_re, nnx_path, transpose))
-    return rows
-
-
-_TABLE = _compile_table()
-
-
-def hf_to_nnx_name(name: str) -> tuple[str, bool] | None:
-    """NNX path and transpose flag of a Hugging Face tensor name (``None`` if unmapped)."""
-    for hf_re, _, _, nnx_path, transpose in _TABLE:
-        m = hf_re.match(name)
-        if m:
-            return (nnx_path.replace("{i}", m.group(1)) if m.groups() else nnx_path), transpose
-    return None
-
-
-def nnx_to_hf_name(path: str) -> tuple[str, bool] | None:
-    """Hugging Face tensor name and transpose flag of an NNX path (``None`` if unmapped)."""
-    for _, hf, nnx_re, _, transpose in _TABLE:
-        m = nnx_re.match(path)
-        if m:
-            return (hf.replace("{i}", m.group(1)) if m.groups() else hf), transpose
-    return None
-
-
-# ----------------------------------------------------------------------------- safetensors
-
-
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read every tensor of a ``.safetensors`` file into numpy arrays.
-
-    Raises:
-        ValueError: the file is truncated or its header is corrupt (names the file and
-            what is wrong).
-    """
-    path = os.fspath(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"corrupt safetensors file {path}: {size} bytes, too short for a header")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(_MAX_HEADER, size - 8):
-            raise ValueError(f"corrupt safetensors file {path}: header length {n} exceeds the file size {size}")
-        try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"corrupt safetensors file {path}: header is not valid JSON ({e})") from None
-        data = f.read()
-    if not isinstance(header, dict):
-        raise ValueError(f"corrupt safetensors file {path}: header is not a JSON object")
-    out: dict[str, np.ndarray] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = _DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"corrupt safetensors file {path}: bad header entry for {name!r}: {info!r}") from None
-        expected = int(np.prod(shape)) * dtype.itemsize
-        if end - begin != expected or begin < 0:
-            raise ValueError(
-                f"corrupt safetensors file {path}: {name!r} of shape {shape} {info['dtype']} needs "
-                f"{expected} bytes, header gives {end - begin}"
-            )
-        if end > len(data):
-            raise ValueError(
-                f"truncated safetensors file {path}: {name!r} ends at byte {end} of the data section "
-                f"but only {len(data)} bytes are present"
-            )
-        out[name] = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=begin).reshape(shape)
-    return out
-
-
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    """Write ``tensors`` to a ``.safetensors`` file atomically (temp file + rename)."""
-    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offset = 0
-    arrays = []
-    for name in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[name])
-        if arr.dtype not in _DTYPE_NAMES:
-            raise TypeError(f"tensor {name!r} has dtype {arr.dtype}, which safetensors cannot store here")
-        header[name] = {"dtype": _DTYPE_NAMES[arr.dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-        arrays.append(arr)
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)  # the format aligns the data section to 8 bytes
-
-    def write(f: Any) -> None:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for arr in arrays:
-            f.write(arr.tobytes())
-
-    atomic_write(os.fspath(path), write)
-
-
-def read_checkpoint_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of a model directory: ``model.safetensors`` or shards listed in the index.
-
-    Raises:
-        FileNotFoundError: neither file exists, or a shard named by the index is missing.
-        ValueError: a file is corrupt, or a shard lacks a tensor its index promises.
-    """
-    path = os.fspath(path)
-    index = os.path.join(path, INDEX_FILE)
-    single = os.path.join(path, SINGLE_FILE)
-    if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"corrupt index {index}: {e}") from None
-        tensors: dict[str, np.ndarray] = {}
-        for shard in sorted(set(weight_map.values())):
-            shard_path = os.path.join(path, shard)
-            if not os.path.isfile(shard_path):
-                raise FileNotFoundError(f"shard {shard} listed in {INDEX_FILE} is missing from {path}")
-            tensors.update(read_safetensors(shard_path))
-        missing = sorted(set(weight_map) - set(tensors))
-        if missing:
-            raise ValueError(f"tensors {missing[:5]} listed in {INDEX_FILE} are in none of the shards")
-        return tensors
-    if os.path.isfile(single):
-        return read_safetensors(single)
-    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in model directory {path!r}")
 
 
 # ----------------------------------------------------------------------------- models
@@ -312,8 +135,6 @@ def from_pretrained(
 
 
 def _load_gguf_model(path: str, dtype: Any, config: ModelConfig | None) -> LlamaForCausalLM:
-    from jaxquant.io import gguf  # noqa: PLC0415 - io sits above models; lazy by design
-
     checkpoint = gguf.read_gguf(path)
     config = config_from_hf(checkpoint.hf_config) if config is None else config
     model = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
@@ -323,13 +144,11 @@ def _load_gguf_model(path: str, dtype: Any, config: ModelConfig | None) -> Llama
 
 def _load_quantized_model(path: str | os.PathLike, dtype: Any) -> LlamaForCausalLM | None:
     """The model of a quantized directory (HF AQLM or jaxquant run), or ``None`` for a dense one."""
-    from jaxquant.io import checkpoint, hf_aqlm  # noqa: PLC0415 - io sits above models; lazy by design
-
-    if hf_aqlm.is_hf_aqlm(path):
-        return hf_aqlm.load_hf_aqlm(path, dtype)
-    if not any(checkpoint.is_checkpoint(os.path.join(path, sub)) for sub in ("params", "checkpoint", "quantized")):
+    if is_hf_aqlm(path):
+        return load_hf_aqlm(path, dtype)
+    if not any(is_checkpoint(os.path.join(path, sub)) for sub in ("params", "checkpoint", "quantized")):
         return None
-    config, params = hf_aqlm.load_quantized_dir(path)
+    config, params = load_quantized_dir(path)
     model = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
     nnx.update(model, params)
     return model

@@ -4,7 +4,7 @@ The output directory holds, besides the run's state and logs (``run.json``,
 ``layers.jsonl``, ``summary.json``; see ``jaxquant.pipeline.rundir``), a loadable
 quantized model: ``config.json`` and the tokenizer files of ``MODEL_DIR`` plus
 ``params/``, a ``jaxquant.io.save`` checkpoint of the model's NNX state with quantized
-kernels (``jaxquant.io.hf_aqlm.load_quantized_dir`` reads it; ``jaxquant export``
+kernels (``jaxquant.models.load_quantized_dir`` reads it; ``jaxquant export``
 converts AQLM runs to the Hugging Face format).
 """
 
