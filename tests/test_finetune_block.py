@@ -13,7 +13,7 @@ import jaxquant as jq
 from jaxquant.finetune import block as fb
 from jaxquant.models.config import ModelConfig
 from jaxquant.models.llama import LlamaForCausalLM
-from jaxquant.pipeline import LlamaBlocks
+from jaxquant.models import LlamaBlocks
 from jaxquant.recipes import RTN
 from jaxquant.select import flatten_with_paths
 

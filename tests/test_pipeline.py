@@ -15,7 +15,8 @@ import jaxquant as jq
 from jaxquant.calibrate import calibrate
 from jaxquant.models.config import ModelConfig
 from jaxquant.models.llama import LlamaForCausalLM
-from jaxquant.pipeline import LlamaBlocks, quantize_model
+from jaxquant.models import LlamaBlocks
+from jaxquant.pipeline import quantize_model
 from jaxquant.pipeline import run as run_module
 from jaxquant.recipes import GPTQ, RTN
 from jaxquant.select import flatten_with_paths

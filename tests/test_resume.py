@@ -79,7 +79,7 @@ def reference(model_dir, tmp_path_factory):
 
 def test_sigkill_and_resume_gives_the_uninterrupted_result(model_dir, reference, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "jaxquant.cli", *_args(model_dir, out)]
+    cmd = [sys.executable, "-m", "jaxquant", *_args(model_dir, out)]
     proc = subprocess.Popen(cmd, env=_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     progress = out / "state" / "progress.json"
     deadline = time.monotonic() + 300
@@ -113,7 +113,7 @@ def test_sigkill_and_resume_gives_the_uninterrupted_result(model_dir, reference,
 
 def test_one_device_gives_the_codes_of_four(model_dir, reference, tmp_path):
     out = tmp_path / "one"
-    cmd = [sys.executable, "-m", "jaxquant.cli", *_args(model_dir, out)]
+    cmd = [sys.executable, "-m", "jaxquant", *_args(model_dir, out)]
     run = subprocess.run(cmd, env=_env(1), capture_output=True, timeout=600)
     assert run.returncode == 0, run.stderr.decode()[-2000:]
     got, want = _leaves(out), _leaves(reference)
@@ -133,7 +133,7 @@ def test_aqlm_one_device_gives_the_codes_of_four(model_dir, tmp_path):
                                              "kmeans_iters": 3}}))
     four, one = tmp_path / "four", tmp_path / "one"
     assert main(_args(model_dir, four, recipe, finetune=False)) == 0
-    cmd = [sys.executable, "-m", "jaxquant.cli", *_args(model_dir, one, recipe, finetune=False)]
+    cmd = [sys.executable, "-m", "jaxquant", *_args(model_dir, one, recipe, finetune=False)]
     run = subprocess.run(cmd, env=_env(1), capture_output=True, timeout=600)
     assert run.returncode == 0, run.stderr.decode()[-2000:]
     got, want = _leaves(one), _leaves(four)

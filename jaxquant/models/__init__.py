@@ -3,6 +3,7 @@
 transformers provides configurations and tokenizers only; the model code is jaxquant's.
 """
 
+from jaxquant.models.blocks import LlamaBlockFn, LlamaBlocks
 from jaxquant.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, config_from_hf, load_config
 from jaxquant.models.generate import generate, sample_token
 from jaxquant.models.llama import KVCache, LlamaForCausalLM, functional
@@ -14,6 +15,8 @@ __all__ = [
     "NAME_TABLE",
     "SUPPORTED_ARCHITECTURES",
     "KVCache",
+    "LlamaBlockFn",
+    "LlamaBlocks",
     "LlamaForCausalLM",
     "ModelConfig",
     "config_from_hf",

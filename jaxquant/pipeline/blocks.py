@@ -1,4 +1,4 @@
-"""The protocol a model implements to be quantized block by block, and its Llama implementation.
+"""The protocol a model implements to be quantized block by block.
 
 ``quantize_model`` sees a model as three pure pieces over one parameter tree:
 
@@ -17,8 +17,9 @@ so every block of one shape shares one compilation. Blocks must route their line
 layers through ``jaxquant.ops.matmul`` (or Flax ``Dense``/``nnx.Linear``) so calibration
 sees their inputs and quantized weights run in place of dense ones.
 
-To quantize another architecture, implement ``BlockwiseModel`` (see ``LlamaBlocks``) and
-pass the object to ``quantize_model`` instead of the model.
+To quantize another architecture, implement ``BlockwiseModel`` (see
+``jaxquant.models.blocks.LlamaBlocks``) and pass the object to ``quantize_model``, or
+register an adapter for the model's type with ``register_blockwise``.
 """
 
 from __future__ import annotations
@@ -28,11 +29,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
-from jaxquant.models.llama import LlamaForCausalLM, rotary_tables
 
 BlockFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -73,81 +70,30 @@ class BlockwiseModel(Protocol):
         ...
 
 
-@dataclasses.dataclass(frozen=True)
-class LlamaBlockFn:
-    """One Llama decoder layer as a pure function of its parameters (hashable, jit-static).
-
-    Attributes:
-        graphdef: NNX graph definition of the layer (equal for layers of equal structure).
-        inv_freq: RoPE inverse frequencies (a tuple, so the object hashes).
-        dtype: activation dtype name.
-    """
-
-    graphdef: Any
-    inv_freq: tuple[float, ...]
-    dtype: str
-
-    def __call__(self, params: Any, x: jax.Array) -> jax.Array:
-        layer = nnx.merge(self.graphdef, params)
-        q_pos = jnp.arange(x.shape[1], dtype=jnp.int32)
-        cos, sin = rotary_tables(np.asarray(self.inv_freq, np.float32), q_pos)
-        y, _ = layer(x.astype(self.dtype), cos, sin, q_pos, None, 0)
-        return y
+# Model types that have a ``BlockwiseModel`` adapter: ``jaxquant.models`` registers its own.
+_ADAPTERS: dict[type, Callable[[Any], BlockwiseModel]] = {}
 
 
-class LlamaBlocks:
-    """``BlockwiseModel`` for ``jaxquant.models.LlamaForCausalLM`` (Llama, Mistral, Qwen2).
-
-    Blocks are the decoder layers (``layers/{i}``); the embedding, the final norm and the
-    head stay outside. Attention runs without a cache over positions ``0 .. T-1``.
-    """
-
-    def __init__(self, model: LlamaForCausalLM) -> None:
-        if not isinstance(model, LlamaForCausalLM):
-            raise TypeError(f"LlamaBlocks needs a LlamaForCausalLM, got {type(model).__name__}")
-        self.config = model.config
-        self.dtype = jnp.dtype(model.dtype)
-        self.graphdef, self.params = nnx.split(model)
-        self.num_blocks = len(model.layers)
-        self.vocab_size = model.config.vocab_size
-        inv_freq = tuple(float(f) for f in model.config.inv_freq())
-        self._fns = [
-            LlamaBlockFn(nnx.split(layer)[0], inv_freq, self.dtype.name) for layer in model.layers
-        ]
-
-    def block_prefix(self, i: int) -> str:
-        return f"layers/{i}"
-
-    def block_params(self, params: Any, i: int) -> Any:
-        return params["layers"][i]
-
-    def block_fn(self, i: int) -> BlockFn:
-        return self._fns[i]
-
-    def embed(self, params: Any, tokens: jax.Array) -> jax.Array:
-        return nnx.merge(self.graphdef, params).embed(tokens)
-
-    def head(self, params: Any, hidden: jax.Array) -> jax.Array:
-        model = nnx.merge(self.graphdef, params)
-        x = model.final_norm(hidden.astype(self.dtype))
-        if model.lm_head is None:
-            return jnp.einsum("btd,vd->btv", x, model.embed.embedding.get_value().astype(x.dtype))
-        return model.lm_head(x)
+def register_blockwise(model_type: type, adapter: Callable[[Any], BlockwiseModel]) -> None:
+    """Let ``quantize_model`` take models of ``model_type`` directly, through ``adapter(model)``."""
+    _ADAPTERS[model_type] = adapter
 
 
 def as_blockwise(model: Any) -> BlockwiseModel:
-    """Wrap a supported model (``LlamaForCausalLM``) or accept a ``BlockwiseModel`` as is.
+    """Wrap a model of a registered type (``LlamaForCausalLM``) or accept a ``BlockwiseModel`` as is.
 
     Raises:
         TypeError: neither.
     """
-    if isinstance(model, LlamaForCausalLM):
-        return LlamaBlocks(model)
+    for model_type, adapter in _ADAPTERS.items():
+        if isinstance(model, model_type):
+            return adapter(model)
     missing = [n for n in ("params", "num_blocks", "dtype", "block_prefix", "block_params", "block_fn", "embed", "head")
                if not hasattr(model, n)]
     if missing:
         raise TypeError(
-            f"model must be a LlamaForCausalLM or implement jaxquant.pipeline.BlockwiseModel; "
+            f"model must be of a registered type ({', '.join(t.__name__ for t in _ADAPTERS) or 'none'}) or implement "
+            "jaxquant.pipeline.BlockwiseModel; "
             f"{type(model).__name__} lacks {missing}"
         )
     return model
@@ -167,4 +113,4 @@ class ComposedApply:
         return m.head(params, x)
 
 
-__all__ = ["BlockFn", "BlockwiseModel", "ComposedApply", "LlamaBlockFn", "LlamaBlocks", "as_blockwise"]
+__all__ = ["BlockFn", "BlockwiseModel", "ComposedApply", "as_blockwise", "register_blockwise"]

@@ -21,7 +21,7 @@ import os
 import shutil
 from typing import Any
 
-from jaxquant.cli_checks import require, require_positive
+from jaxquant.cli.checks import require, require_positive
 
 
 def configure(p: argparse.ArgumentParser) -> None:

@@ -14,7 +14,7 @@ import argparse
 import os
 from typing import Any
 
-from jaxquant.cli_checks import compute_dtype, require_positive
+from jaxquant.cli.checks import compute_dtype, require_positive
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     from jaxquant.finetune.block import BlockFinetuneConfig  # noqa: PLC0415
     from jaxquant.models import from_pretrained  # noqa: PLC0415
     from jaxquant.models.files import write_model_files  # noqa: PLC0415
-    from jaxquant.pipeline.blocks import ComposedApply, LlamaBlocks  # noqa: PLC0415
+    from jaxquant.models.blocks import LlamaBlocks  # noqa: PLC0415
+    from jaxquant.pipeline.blocks import ComposedApply  # noqa: PLC0415
     from jaxquant.pipeline.rundir import SUMMARY_FILE, atomic_write_json  # noqa: PLC0415
     from jaxquant.pipeline.run import quantize_model  # noqa: PLC0415
     from jaxquant.recipes_named import resolve_recipe_arg  # noqa: PLC0415

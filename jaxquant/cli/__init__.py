@@ -1,6 +1,7 @@
-"""The ``jaxquant`` command.
+"""The ``jaxquant`` command (also ``python -m jaxquant``): thin commands over library functions.
 
-Subcommands are registered in ``COMMANDS``: each is a ``Command`` holding a name, a help
+``quantize`` and ``finetune`` live in ``cli/quantize.py`` and ``cli/finetune.py``; the
+smaller commands here. Subcommands are registered in ``COMMANDS``: each is a ``Command`` holding a name, a help
 line, a function that adds its arguments to an ``argparse`` parser, and a function that
 runs it from the parsed arguments and returns an exit status. Adding ``quantize``,
 ``finetune`` or ``export`` means writing those two functions (here or in another module)
@@ -19,7 +20,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from jaxquant.cli_checks import compute_dtype, require, require_positive
+from jaxquant.cli.checks import compute_dtype, require, require_positive
 
 # Exception types that mean "the input was bad", reported as one line.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, FileNotFoundError, NotADirectoryError,
@@ -181,13 +182,13 @@ register(Command("convert", "write a GGUF file (or any model source) as a Huggin
 
 
 def _configure_quantize(p: argparse.ArgumentParser) -> None:
-    from jaxquant.pipeline.command import configure  # noqa: PLC0415
+    from jaxquant.cli.quantize import configure  # noqa: PLC0415
 
     configure(p)
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
-    from jaxquant.pipeline.command import run  # noqa: PLC0415
+    from jaxquant.cli.quantize import run  # noqa: PLC0415
 
     return run(args)
 
@@ -196,13 +197,13 @@ register(Command("quantize", "quantize a model block by block (resumable)", _con
 
 
 def _configure_finetune(p: argparse.ArgumentParser) -> None:
-    from jaxquant.finetune.cli import configure  # noqa: PLC0415
+    from jaxquant.cli.finetune import configure  # noqa: PLC0415
 
     configure(p)
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
-    from jaxquant.finetune.cli import run  # noqa: PLC0415
+    from jaxquant.cli.finetune import run  # noqa: PLC0415
 
     return run(args)
 
@@ -276,7 +277,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         print(f"jaxquant: error: {message.splitlines()[0] if message else type(e).__name__}", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
