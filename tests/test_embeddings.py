@@ -113,11 +113,13 @@ def test_quantize_command_stores_and_reports_8_bit_embeddings(tmp_path, capsys):
     save_pretrained(_model(True), model_dir, extra_files={BYTE_TOKENIZER_FILE: ByteTokenizer().note()})
     out = tmp_path / "out"
     assert main(["quantize", str(model_dir), "--recipe", "rtn-4-g32", "--calib", "builtin", "--nsamples", "4",
-                 "--seqlen", "32", "--out", str(out), "--eval", "none", "--no-progress", "--embed-bits", "8"]) == 0
+                 "--seqlen", "32", "--out", str(out), "--eval-windows", "2", "--no-progress", "--embed-bits", "8"]) == 0
     with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
         summary = json.load(f)
     assert summary["embedding_bits_per_weight"] == pytest.approx(8 + 32 / CFG.hidden_size)
     assert summary["bits_per_weight"] == pytest.approx(5.0)
+    # The evaluation runs the model with its 8-bit table as embedding and head.
+    assert np.isfinite(summary["perplexity"]["quantized"]) and summary["perplexity"]["quantized"] > 1
     assert "embeddings and head 8.500 bits per weight" in capsys.readouterr().out
     params = jq.io.load(os.path.join(out, "params"))
     assert isinstance(_leaf(params, "embed/embedding"), jq.ScalarQuantized)
