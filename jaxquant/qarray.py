@@ -114,16 +114,15 @@ class ScalarQuantized:
     def ndim(self) -> int:
         return 2
 
+    def _values(self, codes: jax.Array, scales: jax.Array, zeros: jax.Array | None) -> jax.Array:
+        """Weights of rows of codes ``[..., d_in]`` with their scales and zeros ``[..., groups]``."""
+        groups = codes.astype(jnp.float32).reshape(*codes.shape[:-1], scales.shape[-1], self.group_size)
+        zeros = jnp.float32((2**self.bits - 1) / 2) if zeros is None else zeros.astype(jnp.float32)[..., None]
+        return ((groups - zeros) * scales.astype(jnp.float32)[..., None]).reshape(codes.shape)
+
     def decode_out_in(self, dtype: Any = jnp.float32) -> jax.Array:
         """Dense weight in the storage layout ``(d_out, d_in)``."""
-        n_groups = self.scales.shape[-1]
-        codes = self.codes.astype(jnp.float32).reshape(self.d_out, n_groups, self.group_size)
-        if self.zeros is None:
-            zeros = jnp.float32((2**self.bits - 1) / 2)
-        else:
-            zeros = self.zeros.astype(jnp.float32)[..., None]
-        w = (codes - zeros) * self.scales.astype(jnp.float32)[..., None]
-        return w.reshape(self.d_out, self.d_in).astype(dtype)
+        return self._values(self.codes, self.scales, self.zeros).astype(dtype)
 
     def decode(self, dtype: Any = jnp.float32) -> jax.Array:
         """Dense weight with the shape and layout of the leaf it replaced."""
@@ -143,14 +142,8 @@ class ScalarQuantized:
         """
         if self.layout != "out_in":
             raise ValueError(f"take_rows needs an out_in array (rows are output channels), got {self!r}")
-        n_groups = self.scales.shape[-1]
-        codes = self.codes[rows].astype(jnp.float32).reshape(*rows.shape, n_groups, self.group_size)
-        if self.zeros is None:
-            zeros = jnp.float32((2**self.bits - 1) / 2)
-        else:
-            zeros = self.zeros[rows].astype(jnp.float32)[..., None]
-        w = (codes - zeros) * self.scales[rows].astype(jnp.float32)[..., None]
-        return w.reshape(*rows.shape, self.d_in).astype(dtype)
+        zeros = None if self.zeros is None else self.zeros[rows]
+        return self._values(self.codes[rows], self.scales[rows], zeros).astype(dtype)
 
     @property
     def storage_bits(self) -> int:
