@@ -67,7 +67,14 @@ def test_finetune_writes_model_and_resumes(dirs, capsys):
     _, resumed = load_quantized_dir(part)
     for a, b in zip(jax.tree.leaves(tuned), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-    assert "validation perplexity" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "validation perplexity" in said
+    # --no-progress still says how the run goes: a line per tenth of the steps, with the
+    # validation perplexity where it was measured.
+    assert "step 3/4: kl " in said and "step 4/4: kl " in said
+    assert [line.split(":")[0] for line in said.splitlines() if line.startswith("step ")][:4] == [
+        "step 1/4", "step 2/4", "step 3/4", "step 4/4"]
+    assert any(line.startswith("step 2/4: kl ") and "validation perplexity" in line for line in said.splitlines())
 
 
 def test_finetune_bad_arguments(dirs, capsys):

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import time
 from typing import Any
 
 from jaxquant.cli.checks import require, require_positive
@@ -203,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
     bar = tqdm(range(start, args.steps), desc=f"finetune ({args.mode})", disable=args.no_progress,
                initial=start, total=args.steps)
     loss = float("nan")
+    log_every, t_loop = max(1, (args.steps - start) // 10), time.perf_counter()
     for i in bar:
         tokens = jnp.asarray(next(batches))
         if shard:
@@ -215,6 +217,9 @@ def run(args: argparse.Namespace) -> int:
         if args.eval_every and done % args.eval_every == 0 and done != args.steps:
             history.append({"step": done, "val_ppl": val_ppl(qparams), "kl": loss})
             bar.set_postfix(kl=f"{loss:.4f}", val_ppl=f"{history[-1]['val_ppl']:.3f}")
+        if args.no_progress and (done % log_every == 0 or done == args.steps):  # a line now and then, without bars
+            said = f", validation perplexity {history[-1]['val_ppl']:.4f}" if history[-1]["step"] == done else ""
+            print(f"step {done}/{args.steps}: kl {loss:.4f}{said}, {time.perf_counter() - t_loop:.0f} s", flush=True)
         if done % args.save_every == 0 and done != args.steps:
             save_resume(done)
     if not history or history[-1]["step"] != args.steps:
