@@ -6,10 +6,11 @@ full-precision teacher by KL distillation on random training windows.
 ``QUANT_DIR`` is a quantized-model directory (what ``jaxquant quantize`` writes:
 ``config.json``, tokenizer files, ``params/`` checkpoint). ``OUT`` receives the same
 layout (so ``jaxquant eval``-style loading and ``jaxquant export`` read it), plus
-``finetune.json`` (settings and the validation-perplexity history) and ``resume/``, an
-orbax checkpoint of the quantized parameters, the tuner state and the step, written
-every ``--save-every`` steps (atomically: ``jaxquant.io.save``). ``--resume`` continues
-from it, replaying the data stream to the same position.
+``finetune.json`` (settings and the validation-perplexity history). While it runs, ``resume/``
+holds an orbax checkpoint of the quantized parameters, the tuner state and the step,
+written every ``--save-every`` steps (atomically: ``jaxquant.io.save``); ``--resume``
+continues from it, replaying the data stream to the same position. It is removed at the
+end unless ``--keep-resume`` keeps it for a longer run.
 """
 
 from __future__ import annotations
