@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxquant.qarray import EMBEDDING_OR_HEAD, is_quantized, path_to_str
+from jaxquant.qarray import EMBEDDING_OR_HEAD, flatten_by_path, is_quantized
 from jaxquant.quantize import quantize_weight
 from jaxquant.recipes import RTN
 
@@ -73,15 +73,14 @@ def store_embeddings(tree: Any, bits: int, *, group_size: int | None = None) -> 
     """
     if bits not in EMBEDDING_BITS:
         raise ValueError(f"bits={bits!r} must be one of {EMBEDDING_BITS}")
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)
-    paths = [path_to_str(p) for p, _ in flat]
-    if not any(_is_table(path, leaf) for path, (_, leaf) in zip(paths, flat)):
+    flat, treedef = flatten_by_path(tree)
+    tables = [_is_table(path, leaf) for path, leaf in flat]
+    if not any(tables):
+        paths = [path for path, _ in flat]
         raise ValueError(
             f"store_embeddings: no 2-D float leaf's path matches {EMBEDDING_OR_HEAD.pattern!r} "
             f"(paths: {paths[:8]}{' ...' if len(paths) > 8 else ''})"
         )
-    leaves = [
-        _stored(jnp.asarray(leaf), path, bits, group_size) if _is_table(path, leaf) else leaf
-        for path, (_, leaf) in zip(paths, flat)
-    ]
+    leaves = [_stored(jnp.asarray(leaf), path, bits, group_size) if table else leaf
+              for (path, leaf), table in zip(flat, tables, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -348,16 +348,15 @@ def tree_bits(tree: Any) -> dict[str, float]:
         head's weights and stored bits; every other leaf at its dtype; and the total
         stored bytes of all of them.
     """
-    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
     q_weights = q_bits = emb_params = emb_bits = other_params = other_bits = 0
-    for key_path, leaf in flat:
+    for path, leaf in flatten_by_path(tree)[0]:
         if is_quantized(leaf):
             n, bits = leaf.d_out * leaf.d_in, leaf.storage_bits
         elif hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
             n, bits = int(np.prod(leaf.shape)), _array_bits(leaf)
         else:
             continue
-        if EMBEDDING_OR_HEAD.search(path_to_str(key_path)):
+        if EMBEDDING_OR_HEAD.search(path):
             emb_params, emb_bits = emb_params + n, emb_bits + bits
         elif is_quantized(leaf):
             q_weights, q_bits = q_weights + n, q_bits + bits
@@ -388,6 +387,12 @@ def path_to_str(path: Any) -> str:
     if names and names[-1] in ("value", "raw_value") and isinstance(path[-1], jax.tree_util.GetAttrKey):
         names = names[:-1]
     return "/".join(names)
+
+
+def flatten_by_path(tree: Any) -> tuple[list[tuple[str, Any]], Any]:
+    """``([(path string, leaf)], treedef)`` of ``tree``, quantized arrays as leaves."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)
+    return [(path_to_str(p), leaf) for p, leaf in flat], treedef
 
 
 def _describe(q: QuantizedArray) -> str:

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant import methods
-from jaxquant.qarray import Layout, check_layout, is_quantized
+from jaxquant.qarray import Layout, check_layout, flatten_by_path
 from jaxquant.recipes import AQLM, GPTQ, RTN
-from jaxquant.select import Selector, path_to_str, resolve_recipes
+from jaxquant.select import Selector, resolve_recipes
 from jaxquant.stats import as_xtx
 
 _LAYOUT_BY_NAME: dict[str, Layout] = {"kernel": "in_out", "weight": "out_in"}
@@ -188,12 +188,12 @@ def quantize(
     plan = resolve_recipes(tree, recipe, where)
     stats = {} if stats is None else stats
     key = jax.random.key(0) if key is None else key
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)
-    todo = [i for i, (p, _) in enumerate(flat) if path_to_str(p) in plan]
+    flat, treedef = flatten_by_path(tree)
+    todo = [i for i, (path, _) in enumerate(flat) if path in plan]
     # Validate cheap, whole-tree facts before spending time on any leaf.
     for i in todo:
-        path = path_to_str(flat[i][0])
-        _check_leaf(flat[i][1], path)
+        path, leaf = flat[i]
+        _check_leaf(leaf, path)
         leaf_layout(path, layout)
     it: Any = todo
     if progress:
@@ -202,7 +202,7 @@ def quantize(
         it = tqdm(todo, desc="quantize", unit="layer")
     leaves = [leaf for _, leaf in flat]
     for i in it:
-        path = path_to_str(flat[i][0])
+        path = flat[i][0]
         r = plan[path]
         xtx = stats.get(path)
         if xtx is None and methods.needs_statistics(r):

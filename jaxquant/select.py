@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxquant.qarray import is_quantized, path_to_str
+from jaxquant.qarray import flatten_by_path, is_quantized, path_to_str
 
 Predicate = Callable[[str, Any], bool]
 Selector = Predicate | str | Sequence[Predicate | str]
@@ -68,8 +68,7 @@ def matching(pattern: str) -> Predicate:
 
 def flatten_with_paths(tree: Any) -> list[tuple[str, Any]]:
     """``[(path string, leaf)]`` for every leaf, treating quantized arrays as leaves."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)
-    return [(path_to_str(p), leaf) for p, leaf in flat]
+    return flatten_by_path(tree)[0]
 
 
 def selected_paths(tree: Any, where: Selector | None = None) -> list[str]:

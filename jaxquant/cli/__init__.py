@@ -1,11 +1,10 @@
 """The ``jaxquant`` command (also ``python -m jaxquant``): thin commands over library functions.
 
-``quantize`` and ``finetune`` live in ``cli/quantize.py`` and ``cli/finetune.py``; the
-smaller commands here. Subcommands are registered in ``COMMANDS``: each is a ``Command`` holding a name, a help
-line, a function that adds its arguments to an ``argparse`` parser, and a function that
-runs it from the parsed arguments and returns an exit status. Adding ``quantize``,
-``finetune`` or ``export`` means writing those two functions (here or in another module)
-and appending one ``Command`` (or calling ``register``).
+``quantize`` and ``finetune`` live in ``cli/quantize.py`` and ``cli/finetune.py``, the
+smaller commands here. Subcommands are registered in ``COMMANDS``: each is a ``Command``
+holding a name, a help line, a function that adds its arguments to an ``argparse``
+parser, and a function that runs it from the parsed arguments and returns an exit
+status. A new command is those two functions and one ``register`` call.
 
 Errors a user can cause (bad paths, bad settings, bad files) print one line,
 ``jaxquant: error: ...``, and exit with status 1; ``--debug`` shows the traceback.

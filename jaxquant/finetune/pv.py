@@ -55,8 +55,15 @@ import optax
 
 from jaxquant.in_order import alike_groups, map_stacked, stack, unstack
 from jaxquant.methods.aqlm.beam_search import flat_codebooks, search_group, tile_sums
-from jaxquant.qarray import AdditiveQuantized, ScalarQuantized, dequantize, is_quantized, merge, split
-from jaxquant.select import path_to_str
+from jaxquant.qarray import (
+    AdditiveQuantized,
+    ScalarQuantized,
+    dequantize,
+    flatten_by_path,
+    is_quantized,
+    merge,
+    split,
+)
 
 Mode = Literal["pv", "ste"]
 Metric = Literal["euclidean", "adam"]
@@ -611,8 +618,8 @@ def _with_master(master: Any, continuous: Any) -> Any:
 
 
 def _quantized_paths(qtree: Any) -> tuple[list[Any], Any, list[str]]:
-    flat, treedef = jax.tree_util.tree_flatten_with_path(qtree, is_leaf=is_quantized)
-    return [leaf for _, leaf in flat], treedef, [path_to_str(p) for p, _ in flat]
+    flat, treedef = flatten_by_path(qtree)
+    return [leaf for _, leaf in flat], treedef, [path for path, _ in flat]
 
 
 def _check_args(update_fraction: float, trust_ratio: float | None, every: int, beam_size: int, mode: str,

@@ -45,11 +45,11 @@ from jaxquant.embeddings import EMBEDDING_BITS, store_embeddings
 from jaxquant.finetune.block import BlockFinetuneConfig, finetune_block, relative_error
 from jaxquant.pipeline import rundir as rd
 from jaxquant.pipeline.blocks import BlockwiseModel, as_blockwise
-from jaxquant.qarray import is_quantized, tree_bits
+from jaxquant.qarray import flatten_by_path, tree_bits
 from jaxquant.quantize import leaf_key, leaf_layout, quantize_weight
 from jaxquant.recipes import AQLM, GPTQ, RTN
 from jaxquant.recipes_named import recipe_spec_to_data
-from jaxquant.select import Selector, path_to_str, resolve_recipes
+from jaxquant.select import Selector, resolve_recipes
 from jaxquant.stats import LayerStats
 
 _FINETUNE_TAG = 0x66745F62  # folded into the key for fine-tuning, apart from layer keys
@@ -78,14 +78,9 @@ class QuantizeResult:
 # ----------------------------------------------------------------------------- trees
 
 
-def _flat(tree: Any) -> tuple[list[tuple[str, Any]], Any]:
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)
-    return [(path_to_str(p), leaf) for p, leaf in flat], treedef
-
-
 def _replace(tree: Any, new: dict[str, Any]) -> Any:
     """``tree`` with the leaves at the given path strings replaced."""
-    flat, treedef = _flat(tree)
+    flat, treedef = flatten_by_path(tree)
     return jax.tree_util.tree_unflatten(treedef, [new.get(p, leaf) for p, leaf in flat])
 
 
@@ -94,7 +89,7 @@ def assemble(blockwise: BlockwiseModel, blocks: list[Any]) -> Any:
     new: dict[str, Any] = {}
     for i, block in enumerate(blocks):
         prefix = blockwise.block_prefix(i)
-        for rel, leaf in _flat(block)[0]:
+        for rel, leaf in flatten_by_path(block)[0]:
             new[f"{prefix}/{rel}"] = leaf
     return _replace(blockwise.params, new)
 
@@ -150,7 +145,7 @@ def _assign_blocks(plan: dict[str, Any], blockwise: BlockwiseModel) -> list[dict
 
 def _check_groups(params: Any, plan: dict[str, Any]) -> None:
     """Every planned leaf divides into its recipe's groups (checked before any work)."""
-    shapes = {p: tuple(leaf.shape) for p, leaf in _flat(params)[0] if p in plan}
+    shapes = {p: tuple(leaf.shape) for p, leaf in flatten_by_path(params)[0] if p in plan}
     for path, recipe in plan.items():
         shape = shapes[path]
         if len(shape) != 2:
@@ -177,7 +172,7 @@ def _describe_where(where: Selector | None) -> Any:
 
 def _fingerprint(params: Any) -> str:
     h = hashlib.sha256()
-    for path, leaf in _flat(params)[0]:
+    for path, leaf in flatten_by_path(params)[0]:
         arr = np.asarray(jax.device_get(leaf))
         h.update(f"{path}|{arr.dtype.name}|{arr.shape}|".encode())
         h.update(np.ascontiguousarray(arr).tobytes())
@@ -502,7 +497,7 @@ def _quantize_block(
 
     wanted = set(todo)
     stats = calibrate(fn, fp_dev, _batches(x, batch_size), where=lambda p, leaf: p in wanted)
-    fp_leaves = dict(_flat(fp)[0])
+    fp_leaves = dict(flatten_by_path(fp)[0])
 
     recs: list[dict[str, Any]] = []
     new: dict[str, Any] = {}
@@ -535,7 +530,7 @@ def _quantize_block(
 
         qblock, report = finetune_block(fn, qblock, x, targets, finetune, key=ft_key, on_epoch=on_epoch)
         qblock = jax.device_get(qblock)
-        tuned = dict(_flat(qblock)[0])
+        tuned = dict(flatten_by_path(qblock)[0])
         for rec, rel in zip(recs, todo, strict=True):
             rec["rel_error_finetuned"] = _rel_error(fp_leaves[rel], tuned[rel], stats[rel], rec["name"])
         block_rec["rel_error_finetuned"] = relative_error(fn, qblock, x, targets, batch_size=batch_size)
