@@ -29,7 +29,7 @@ import numpy as np
 
 from jaxquant.atomic_files import atomic_write, atomic_write_bytes
 from jaxquant import quickstart as qs
-from jaxquant import recipes
+from jaxquant import recipes, recipes_named
 from jaxquant.data import ByteTokenizer, builtin_corpus, split_text
 from jaxquant.eval import perplexity
 from jaxquant.models import functional
@@ -176,7 +176,7 @@ def main() -> None:
         + (f" --hidden-size {args.hidden_size} --num-layers {args.num_layers}"
            if cfg is not qs.DEFAULT else "")
         + "".join(f" --seed {s}" for s in seeds) + "".join(f" --eval-at {k}" for k in eval_at),
-        "model_dir": model_dir, "model": dataclasses.asdict(cfg.model), "recipe": recipes.recipe_to_dict(recipe),
+        "model_dir": model_dir, "model": dataclasses.asdict(cfg.model), "recipe": recipes_named.recipe_to_dict(recipe),
         "bits_per_weight": tree_bits(start)["bits_per_weight"], "tune": dataclasses.asdict(cfg.tune), "runs": runs,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__},
     }

@@ -22,6 +22,12 @@ _EXPORTS = {
     "pv_tuning": "jaxquant.finetune.pv:pv_tuning",
     "AdditiveQuantized": "jaxquant.qarray:AdditiveQuantized",
     "ScalarQuantized": "jaxquant.qarray:ScalarQuantized",
+    "QuantizedArray": "jaxquant.qarray:QuantizedArray",
+    "register_array_type": "jaxquant.qarray:register_array_type",
+    "Method": "jaxquant.methods:Method",
+    "Reencoder": "jaxquant.methods.reencoding:Reencoder",
+    "register_method": "jaxquant.methods:register",
+    "named_recipe": "jaxquant.recipes_named:named_recipe",
     "dequantize": "jaxquant.qarray:dequantize",
     "is_quantized": "jaxquant.qarray:is_quantized",
     "merge": "jaxquant.qarray:merge",
@@ -34,8 +40,8 @@ _EXPORTS = {
     "AQLM": "jaxquant.recipes:AQLM",
     "GPTQ": "jaxquant.recipes:GPTQ",
     "RTN": "jaxquant.recipes:RTN",
-    "recipe_from_dict": "jaxquant.recipes:recipe_from_dict",
-    "recipe_to_dict": "jaxquant.recipes:recipe_to_dict",
+    "recipe_from_dict": "jaxquant.recipes_named:recipe_from_dict",
+    "recipe_to_dict": "jaxquant.recipes_named:recipe_to_dict",
 }
 install_lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)
@@ -46,7 +52,21 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from jaxquant.embeddings import store_embeddings
     from jaxquant.finetune.pv import decoded_value_and_grad, pv_tuning
     from jaxquant.ops.intercept import quantized_linen_interceptor, swap_linear
-    from jaxquant.qarray import AdditiveQuantized, ScalarQuantized, dequantize, is_quantized, merge, split, tree_bits
+    from jaxquant.methods import Method
+    from jaxquant.methods import register as register_method
+    from jaxquant.methods.reencoding import Reencoder
+    from jaxquant.qarray import (
+        AdditiveQuantized,
+        QuantizedArray,
+        ScalarQuantized,
+        dequantize,
+        is_quantized,
+        merge,
+        register_array_type,
+        split,
+        tree_bits,
+    )
     from jaxquant.quantize import quantize, quantize_weight
-    from jaxquant.recipes import AQLM, GPTQ, RTN, recipe_from_dict, recipe_to_dict
+    from jaxquant.recipes import AQLM, GPTQ, RTN
+    from jaxquant.recipes_named import named_recipe, recipe_from_dict, recipe_to_dict
     from jaxquant.stats import LayerStats

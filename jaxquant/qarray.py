@@ -18,6 +18,7 @@ fewer than 8 bits still take a byte each.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 import re
@@ -66,9 +67,146 @@ def _nbytes(x: Any) -> int:
     return 0 if x is None else int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
 
 
+
+class QuantizedArray(abc.ABC):
+    """The interface every quantized array type implements.
+
+    A quantized array is a registered pytree dataclass standing for one 2-D weight. Its
+    array fields are children: floating ones are the continuous part (what the P step and
+    optax update) and integer ones the discrete part (codes), so ``split`` and ``merge``
+    need no knowledge of the type. Its configuration fields are static metadata and must
+    include ``shape`` (the dense leaf's shape) and ``layout`` (``"out_in"`` or
+    ``"in_out"``).
+
+    A subclass implements ``decode_out_in``, ``decode_rows``, ``storage_bits``,
+    ``resident_bytes``, ``scheme`` and ``dtype``, and is registered by name with
+    ``register_array_type`` so that checkpoints can name it. How fine-tuning re-encodes
+    it toward a target lives with its method (``jaxquant.methods.Reencoder``).
+    """
+
+    shape: tuple[int, int]
+    layout: Layout
+
+    @abc.abstractmethod
+    def decode_out_in(self, dtype: Any = jnp.float32) -> jax.Array:
+        """Dense weight in the storage layout ``(d_out, d_in)``."""
+
+    @abc.abstractmethod
+    def decode_rows(self, start: jax.Array, n_rows: int) -> jax.Array:
+        """Rows ``start : start + n_rows`` of ``decode_out_in()`` as float32 ``[n_rows, d_in]``.
+
+        ``start`` may be traced; it and ``n_rows`` are multiples of ``row_group``. The
+        generic matmul of ``jaxquant.ops`` decodes a weight tile by tile through this.
+        """
+
+    @property
+    @abc.abstractmethod
+    def storage_bits(self) -> int:
+        """Total bits stored: codes at their nominal width, other arrays at their dtype's."""
+
+    @property
+    @abc.abstractmethod
+    def resident_bytes(self) -> int:
+        """Bytes the arrays occupy in memory now."""
+
+    @property
+    @abc.abstractmethod
+    def scheme(self) -> str:
+        """A short description of the format, e.g. ``int3 asym g64``."""
+
+    @property
+    @abc.abstractmethod
+    def dtype(self) -> jnp.dtype:
+        """The dtype of the continuous part."""
+
+    @property
+    def row_group(self) -> int:
+        """Output rows that share codes: ``decode_rows`` takes whole multiples of it."""
+        return 1
+
+    @property
+    def d_out(self) -> int:
+        return self.shape[0] if self.layout == "out_in" else self.shape[1]
+
+    @property
+    def d_in(self) -> int:
+        return self.shape[1] if self.layout == "out_in" else self.shape[0]
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.storage_bits / (self.d_out * self.d_in)
+
+    def decode(self, dtype: Any = jnp.float32) -> jax.Array:
+        """Dense weight with the shape and layout of the leaf it replaced."""
+        return _to_leaf_layout(self.decode_out_in(dtype), self.layout)
+
+    def take_rows(self, rows: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+        """Decoded rows ``W[rows]`` of an ``out_in`` array (an embedding lookup).
+
+        This default decodes the whole table; a type with a cheaper row decoder overrides it.
+        """
+        if self.layout != "out_in":
+            raise ValueError(f"take_rows needs an out_in array (rows are output channels), got {self!r}")
+        return self.decode_out_in(dtype)[rows]
+
+    def __repr__(self) -> str:
+        return _describe(self)
+
+
+_ARRAY_TYPES: dict[str, type[QuantizedArray]] = {}
+
+
+def register_array_type(cls: type[QuantizedArray], name: str | None = None) -> type[QuantizedArray]:
+    """Register a quantized array type under ``name`` (its class name by default).
+
+    Checkpoints record a quantized leaf by this name and rebuild it from the class
+    registered under it. Registering the same class again is allowed; another class
+    under a taken name is not.
+
+    Raises:
+        TypeError: ``cls`` is not a dataclass subclass of ``QuantizedArray``.
+        ValueError: ``name`` belongs to another class.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, QuantizedArray) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"register_array_type: {cls!r} must be a dataclass subclass of QuantizedArray")
+    name = cls.__name__ if name is None else name
+    if _ARRAY_TYPES.get(name, cls) is not cls:
+        raise ValueError(f"register_array_type: the name {name!r} is taken by {_ARRAY_TYPES[name]!r}")
+    _ARRAY_TYPES[name] = cls
+    return cls
+
+
+def array_type(name: str) -> type[QuantizedArray]:
+    """The quantized array type registered under ``name``.
+
+    Raises:
+        KeyError: no type has that name (the registered names are listed).
+    """
+    if name not in _ARRAY_TYPES:
+        raise KeyError(f"no quantized array type is registered as {name!r}; registered: {sorted(_ARRAY_TYPES)}")
+    return _ARRAY_TYPES[name]
+
+
+def array_type_name(cls: type) -> str:
+    """The name ``cls`` is registered under.
+
+    Raises:
+        KeyError: ``cls`` is not registered.
+    """
+    for name, registered in _ARRAY_TYPES.items():
+        if registered is cls:
+            return name
+    raise KeyError(f"{cls.__name__} is not a registered quantized array type; call "
+                   "jaxquant.register_array_type (or register its method) first")
+
+
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class ScalarQuantized:
+@dataclasses.dataclass(frozen=True, repr=False)  # repr: QuantizedArray's one-line summary
+class ScalarQuantized(QuantizedArray):
     """Uniform (scalar) quantization with per-group scale and optional zero point.
 
     ``W[o, i] ≈ (codes[o, i] - zero[o, g(i)]) * scale[o, g(i)]`` with ``g(i) = i //
@@ -95,24 +233,12 @@ class ScalarQuantized:
     layout: Layout = _static("out_in")
 
     @property
-    def d_out(self) -> int:
-        return self.shape[0] if self.layout == "out_in" else self.shape[1]
-
-    @property
-    def d_in(self) -> int:
-        return self.shape[1] if self.layout == "out_in" else self.shape[0]
-
-    @property
     def symmetric(self) -> bool:
         return self.zeros is None
 
     @property
     def dtype(self) -> jnp.dtype:
         return self.scales.dtype
-
-    @property
-    def ndim(self) -> int:
-        return 2
 
     def _values(self, codes: jax.Array, scales: jax.Array, zeros: jax.Array | None) -> jax.Array:
         """Weights of rows of codes ``[..., d_in]`` with their scales and zeros ``[..., groups]``."""
@@ -124,9 +250,11 @@ class ScalarQuantized:
         """Dense weight in the storage layout ``(d_out, d_in)``."""
         return self._values(self.codes, self.scales, self.zeros).astype(dtype)
 
-    def decode(self, dtype: Any = jnp.float32) -> jax.Array:
-        """Dense weight with the shape and layout of the leaf it replaced."""
-        return _to_leaf_layout(self.decode_out_in(dtype), self.layout)
+    def decode_rows(self, start: jax.Array, n_rows: int) -> jax.Array:
+        codes = jax.lax.dynamic_slice_in_dim(self.codes, start, n_rows, axis=0)
+        scales = jax.lax.dynamic_slice_in_dim(self.scales, start, n_rows, axis=0)
+        zeros = None if self.zeros is None else jax.lax.dynamic_slice_in_dim(self.zeros, start, n_rows, axis=0)
+        return self._values(codes, scales, zeros)
 
     def take_rows(self, rows: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
         """Decoded rows ``W[rows]`` of an ``out_in`` array, without decoding the others.
@@ -153,10 +281,6 @@ class ScalarQuantized:
         )
 
     @property
-    def bits_per_weight(self) -> float:
-        return self.storage_bits / (self.d_out * self.d_in)
-
-    @property
     def resident_bytes(self) -> int:
         """Bytes the arrays occupy in memory now (codes unpacked, one byte each)."""
         return _nbytes(self.codes) + _nbytes(self.scales) + _nbytes(self.zeros)
@@ -166,13 +290,10 @@ class ScalarQuantized:
         kind = "sym" if self.symmetric else "asym"
         return f"int{self.bits} {kind} g{self.group_size}"
 
-    def __repr__(self) -> str:
-        return _describe(self)
-
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class AdditiveQuantized:
+@dataclasses.dataclass(frozen=True, repr=False)  # repr: QuantizedArray's one-line summary
+class AdditiveQuantized(QuantizedArray):
     """Additive multi-codebook quantization (AQLM layout).
 
     The weight is cut into tiles of ``out_group_size × in_group_size``; each tile is the
@@ -209,28 +330,22 @@ class AdditiveQuantized:
         return self.codebooks.shape[3]
 
     @property
-    def d_out(self) -> int:
-        return self.shape[0] if self.layout == "out_in" else self.shape[1]
-
-    @property
-    def d_in(self) -> int:
-        return self.shape[1] if self.layout == "out_in" else self.shape[0]
-
-    @property
     def dtype(self) -> jnp.dtype:
         return self.codebooks.dtype
 
     @property
-    def ndim(self) -> int:
-        return 2
+    def row_group(self) -> int:
+        return self.out_group_size
 
     def decode_out_in(self, dtype: Any = jnp.float32) -> jax.Array:
         """Dense weight in the storage layout ``(d_out, d_in)``."""
         return decode_additive(self.codes, self.codebooks, self.scales).astype(dtype)
 
-    def decode(self, dtype: Any = jnp.float32) -> jax.Array:
-        """Dense weight with the shape and layout of the leaf it replaced."""
-        return _to_leaf_layout(self.decode_out_in(dtype), self.layout)
+    def decode_rows(self, start: jax.Array, n_rows: int) -> jax.Array:
+        og = self.out_group_size
+        codes = jax.lax.dynamic_slice_in_dim(self.codes, start // og, n_rows // og, axis=0)
+        scales = jax.lax.dynamic_slice_in_dim(self.scales, start // og, n_rows // og, axis=0)
+        return decode_additive(codes, self.codebooks, scales)
 
     @property
     def storage_bits(self) -> int:
@@ -242,10 +357,6 @@ class AdditiveQuantized:
         )
 
     @property
-    def bits_per_weight(self) -> float:
-        return self.storage_bits / (self.d_out * self.d_in)
-
-    @property
     def resident_bytes(self) -> int:
         return _nbytes(self.codes) + _nbytes(self.codebooks) + _nbytes(self.scales)
 
@@ -255,12 +366,9 @@ class AdditiveQuantized:
         groups = f"g{ig}" if og == 1 else f"g{og}x{ig}"
         return f"aqlm {self.num_codebooks}x{self.codebook_bits} {groups}"
 
-    def __repr__(self) -> str:
-        return _describe(self)
 
-
-QuantizedArray = ScalarQuantized | AdditiveQuantized
-QUANTIZED_TYPES = (ScalarQuantized, AdditiveQuantized)
+register_array_type(ScalarQuantized)
+register_array_type(AdditiveQuantized)
 
 
 def decode_additive(codes: jax.Array, codebooks: jax.Array, scales: jax.Array) -> jax.Array:
@@ -286,8 +394,8 @@ def decode_additive(codes: jax.Array, codebooks: jax.Array, scales: jax.Array) -
 
 
 def is_quantized(x: Any) -> bool:
-    """True for a quantized array leaf."""
-    return isinstance(x, QUANTIZED_TYPES)
+    """True for a quantized array leaf (an instance of any ``QuantizedArray`` type)."""
+    return isinstance(x, QuantizedArray)
 
 
 def dequantize(tree: Any, dtype: Any = None) -> Any:

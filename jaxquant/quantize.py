@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from jaxquant import methods
 from jaxquant.qarray import Layout, check_layout, flatten_by_path
-from jaxquant.recipes import AQLM, GPTQ, RTN
+from jaxquant.recipes import check_divisible
 from jaxquant.select import Selector, resolve_recipes
 from jaxquant.stats import as_xtx
 
@@ -49,15 +49,6 @@ def leaf_layout(path: str, layout: str | None = None) -> Layout:
 def leaf_key(key: jax.Array, path: str) -> jax.Array:
     """A per-leaf key: ``key`` folded with a stable (unsalted) hash of the path."""
     return jax.random.fold_in(key, zlib.crc32(path.encode("utf-8")) & 0x7FFFFFFF)
-
-
-def _group_sizes(recipe: Any, d_out: int, d_in: int) -> list[tuple[str, int, str, int]]:
-    """``[(dimension name, size, recipe field, group)]`` that must divide evenly."""
-    if isinstance(recipe, RTN | GPTQ):
-        return [] if recipe.group_size is None else [("d_in", d_in, "group_size", recipe.group_size)]
-    if isinstance(recipe, AQLM):
-        return [("d_in", d_in, "group_size", recipe.group_size), ("d_out", d_out, "out_group_size", recipe.out_group_size)]
-    return []
 
 
 def _check_leaf(w: Any, path: str) -> None:
@@ -106,19 +97,9 @@ def quantize_weight(
     w = jnp.asarray(w)
     w_out_in = w if layout == "out_in" else w.T
     d_out, d_in = w_out_in.shape
-    for dim, size, field, group in _group_sizes(recipe, d_out, d_in):
-        if size % group:
-            raise ValueError(f"{dim}={size} is not divisible by {field}={group} at {path}")
+    check_divisible(recipe, d_out, d_in, path)
     if not _all_finite(w):
         raise ValueError(f"the weight at {path} holds NaN or Inf")
-    if isinstance(recipe, RTN | GPTQ):
-        limit = float(jnp.finfo(jnp.dtype(recipe.param_dtype)).max)
-        amax = float(jnp.max(jnp.abs(w))) if w.size else 0.0
-        if amax > limit:
-            raise ValueError(
-                f"the weight at {path} has max |w|={amax:g}, beyond what {recipe.param_dtype} "
-                f"scales can represent ({limit:g}); use param_dtype='float32'"
-            )
     if xtx is not None:
         xtx = as_xtx(xtx)
         if xtx.shape != (d_in, d_in):

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant import recipes
+from jaxquant import methods, recipes, recipes_named
 from jaxquant.atomic_files import atomic_write_bytes
 from jaxquant.data import (
     BYTE_TOKENIZER_FILE,
@@ -566,10 +566,10 @@ def run_quickstart(
             bits = 8.0 * jnp.dtype(jax.tree.leaves(params)[0].dtype).itemsize
         else:
             recipe = cfg.recipe(method, group)
-            recipe_dict = recipes.recipe_to_dict(recipe)
+            recipe_dict = recipes_named.recipe_to_dict(recipe)
             start = time.perf_counter()
             if method.kind == "oneshot":
-                needs_stats = not isinstance(recipe, recipes.RTN)
+                needs_stats = methods.needs_statistics(recipe)
                 if needs_stats and stats is None:  # calibrate once, on first need
                     c0 = time.perf_counter()
                     batches = [jnp.asarray(windows[i : i + cfg.calib_batch])

@@ -2,8 +2,8 @@
 
 A recipe is a small immutable description of *how* to quantize a weight. Recipes are
 validated when constructed, so a bad configuration fails where it is written rather than
-deep inside a compiled search. ``recipe_from_dict`` builds one from JSON/TOML-like data
-and names any unknown field.
+deep inside a compiled search. ``jaxquant.recipes_named`` builds them from names and
+from JSON/TOML-like data.
 """
 
 from __future__ import annotations
@@ -47,6 +47,27 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} must be one of {choices}")
 
 
+def _input_groups(group_size: int | None) -> tuple[tuple[str, str, int], ...]:
+    return () if group_size is None else (("d_in", "group_size", group_size),)
+
+
+def check_divisible(recipe: Any, d_out: int, d_in: int, path: str) -> None:
+    """Raise unless the weight's dimensions divide into the recipe's groups.
+
+    A recipe declares its groups with an optional ``divisors()`` method returning
+    ``(dimension, field, size)`` pairs, ``dimension`` being ``"d_out"`` or ``"d_in"``.
+
+    Raises:
+        ValueError: naming the dimension, the recipe field and the leaf path.
+    """
+    sizes = {"d_out": d_out, "d_in": d_in}
+    divisors = getattr(recipe, "divisors", tuple)()
+    for dim, field, group in divisors:
+        if sizes[dim] % group:
+            name = getattr(recipe, "name", type(recipe).__name__)
+            raise ValueError(f"{dim}={sizes[dim]} is not divisible by {field}={group} at {path} ({name})")
+
+
 @dataclasses.dataclass(frozen=True)
 class RTN:
     """Round-to-nearest scalar quantization.
@@ -76,6 +97,10 @@ class RTN:
     @property
     def name(self) -> str:
         return f"rtn-{self.bits}bit-g{self.group_size or 'row'}"
+
+    def divisors(self) -> tuple[tuple[str, str, int], ...]:
+        """``(dimension, field, size)`` pairs: each dimension must be a multiple of its size."""
+        return _input_groups(self.group_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +142,10 @@ class GPTQ:
     @property
     def name(self) -> str:
         return f"gptq-{self.bits}bit-g{self.group_size or 'row'}"
+
+    def divisors(self) -> tuple[tuple[str, str, int], ...]:
+        """``(dimension, field, size)`` pairs: each dimension must be a multiple of its size."""
+        return _input_groups(self.group_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,31 +220,9 @@ class AQLM:
     def name(self) -> str:
         return f"aqlm-{self.num_codebooks}x{self.codebook_bits}-g{self.group_size}"
 
-
-Recipe = RTN | GPTQ | AQLM
-RECIPE_TYPES: dict[str, type] = {"rtn": RTN, "gptq": GPTQ, "aqlm": AQLM}
-
-
-def recipe_from_dict(data: dict[str, Any]) -> Recipe:
-    """Build a recipe from plain data, e.g. ``{"method": "gptq", "bits": 3}``.
-
-    Raises:
-        ValueError: unknown method.
-        TypeError: unknown fields (all of them are named, with the allowed ones).
-    """
-    data = dict(data)
-    method = str(data.pop("method", "")).lower()
-    if method not in RECIPE_TYPES:
-        raise ValueError(f"method={method!r} must be one of {sorted(RECIPE_TYPES)}")
-    cls = RECIPE_TYPES[method]
-    allowed = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise TypeError(f"unknown {cls.__name__} fields {unknown}; allowed: {sorted(allowed)}")
-    return cls(**data)
+    def divisors(self) -> tuple[tuple[str, str, int], ...]:
+        """``(dimension, field, size)`` pairs: each dimension must be a multiple of its size."""
+        return (*_input_groups(self.group_size), ("d_out", "out_group_size", self.out_group_size))
 
 
-def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
-    """Inverse of ``recipe_from_dict``."""
-    method = next(k for k, v in RECIPE_TYPES.items() if isinstance(recipe, v))
-    return {"method": method, **dataclasses.asdict(recipe)}
+Recipe = Any  # an instance of any registered recipe type (see jaxquant.methods.register)

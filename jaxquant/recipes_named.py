@@ -29,26 +29,29 @@ pairs where the first pattern that matches a layer's path decides::
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import os
 import re
 import tomllib
 from collections.abc import Iterable
 from typing import Any
 
-from jaxquant.recipes import AQLM, GPTQ, RTN, Recipe, recipe_from_dict, recipe_to_dict
+from jaxquant import methods
+from jaxquant.recipes import Recipe
 
 RecipeSpec = Recipe | list[tuple[str, Recipe]]
 
-_SCALAR = re.compile(r"^(rtn|gptq)-(\d+)(?:-g(\d+|row))?$")
-_AQLM = re.compile(r"^aqlm-(\d+)x(\d+)(?:-g(\d+))?$")
-EXAMPLE_NAMES = ("rtn-4", "rtn-3", "rtn-2", "gptq-4", "gptq-3", "gptq-2", "aqlm-2x8", "aqlm-1x16",
-                 "aqlm-1x8", "aqlm-1x8-g4", "gptq-2-g64")
+
+def example_names() -> list[str]:
+    """Recipe names of every registered method, for messages and help texts."""
+    return [name for method in methods.registered() for name in method.examples]
 
 
 def named_recipe(name: str, d_ins: Iterable[int] | None = None) -> Recipe:
     """The recipe a name stands for (see the module docstring for the grammar).
+
+    Every registered method with a ``name_pattern`` is tried in registration order.
 
     Args:
         name: the recipe name.
@@ -56,29 +59,39 @@ def named_recipe(name: str, d_ins: Iterable[int] | None = None) -> Recipe:
             ``-g`` then takes the largest group of at most 128 that divides them all.
 
     Raises:
-        ValueError: the name does not follow the grammar, or its numbers are out of range
-            (the message lists example names).
+        ValueError: no method knows the name, or its numbers are out of range (the
+            message lists example names).
     """
     key = name.strip().lower()
-    m = _SCALAR.match(key)
-    if m:
-        method, bits, group = m.groups()
-        group_size = _default_group(d_ins) if group is None else (None if group == "row" else int(group))
-        cls = RTN if method == "rtn" else GPTQ
-        return cls(bits=int(bits), group_size=group_size)
-    m = _AQLM.match(key)
-    if m:
-        num, bits, group = m.groups()
-        return AQLM(num_codebooks=int(num), codebook_bits=int(bits), group_size=8 if group is None else int(group))
+    for method in methods.registered():
+        m = None if method.name_pattern is None else re.fullmatch(method.name_pattern, key)
+        if m:
+            return method.from_name(m, d_ins)
     raise ValueError(
-        f"recipe name {name!r} is not known; names look like {', '.join(EXAMPLE_NAMES)} "
+        f"recipe name {name!r} is not known; names look like {', '.join(example_names())} "
         "(or pass a .json/.toml recipe file)"
     )
 
 
-def _default_group(d_ins: Iterable[int] | None) -> int:
-    # gcd with 128 is a power of two: the largest group <= 128 dividing every width.
-    return 128 if d_ins is None else math.gcd(128, *d_ins)
+def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    """Build a recipe from plain data, e.g. ``{"method": "gptq", "bits": 3}``.
+
+    Raises:
+        ValueError: unknown method.
+        TypeError: unknown fields (all of them are named, with the allowed ones).
+    """
+    data = dict(data)
+    cls = methods.method_named(str(data.pop("method", ""))).recipe_type
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise TypeError(f"unknown {cls.__name__} fields {unknown}; allowed: {sorted(allowed)}")
+    return cls(**data)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """Inverse of ``recipe_from_dict``."""
+    return {"method": methods.method_of(recipe).family, **dataclasses.asdict(recipe)}
 
 
 def _one(value: Any, where: str) -> Recipe:
@@ -174,10 +187,12 @@ def recipe_spec_to_data(spec: Any) -> Any:
 
 
 __all__ = [
-    "EXAMPLE_NAMES",
+    "example_names",
     "RecipeSpec",
     "load_recipe_file",
     "named_recipe",
+    "recipe_from_dict",
+    "recipe_to_dict",
     "parse_recipe",
     "recipe_spec_to_data",
     "resolve_recipe_arg",

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant import recipes
+from jaxquant import methods, recipes, recipes_named
 from jaxquant.atomic_files import atomic_write_bytes
 from jaxquant.data import SECOND_CORPUS, calibration_windows, eval_windows, load_tokenizer, read_text
 from jaxquant.eval import perplexity
@@ -178,7 +178,7 @@ def run_reference_quickstart(
     def quantized(recipe: Any) -> tuple[Any, float]:
         nonlocal stats, calib_seconds
         if repr(recipe) not in oneshot:
-            needs_stats = not isinstance(recipe, recipes.RTN)
+            needs_stats = methods.needs_statistics(recipe)
             if needs_stats and stats is None:  # calibrate once, on first need
                 c0 = time.perf_counter()
                 stats = calibrate(apply_fn, params, [jnp.asarray(calib[i : i + config.calib_batch])
@@ -222,7 +222,7 @@ def run_reference_quickstart(
             "method": row.label, "kind": row.kind, "bits_per_weight": float(bits),
             "size_mb": sizes["total_bytes"] / 1e6, "ppl": ppl["builtin validation"], "ppl_second": ppl[SECOND_CORPUS],
             "seconds": round(seconds, 2), "peak_rss_mb": round(peak_rss_mb(), 1), "sample": sample,
-            "recipe": None if row.recipe is None else recipes.recipe_to_dict(row.recipe), **extra,
+            "recipe": None if row.recipe is None else recipes_named.recipe_to_dict(row.recipe), **extra,
         })
         log(f"  {row.label:<18} {bits:6.3f} bits/weight  ppl {ppl['builtin validation']:8.3f} / "
             f"{ppl[SECOND_CORPUS]:8.3f}  ({seconds:.1f} s)")

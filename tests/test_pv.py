@@ -10,6 +10,9 @@ import optax
 import pytest
 
 from jaxquant.finetune import pv
+from jaxquant.methods.aqlm import reencode as aqlm_reencode
+from jaxquant.methods.aqlm.reencode import reencode_additive
+from jaxquant.methods.scalar_reencode import reencode_scalar
 from jaxquant.qarray import AdditiveQuantized, ScalarQuantized, dequantize
 
 
@@ -30,7 +33,7 @@ def make_additive(w_out_in: jax.Array, m: int, b: int, g: int, seed: int = 0, la
     return q
 
 
-_reencode = jax.jit(lambda q, w, idx: pv.reencode_additive(q, w, idx, beam_size=4))
+_reencode = jax.jit(lambda q, w, idx: reencode_additive(q, w, idx, beam_size=4))
 
 
 def changed_groups(a: AdditiveQuantized, b: AdditiveQuantized) -> np.ndarray:
@@ -76,7 +79,7 @@ def test_reencode_single_codebook_is_exact_nearest(rng):
     codes = jnp.asarray(rng.integers(0, 16, (8, 6, 1)), jnp.uint8)
     q = AdditiveQuantized(codes, books, scales, 4, (8, 24))
     target = jnp.asarray(rng.standard_normal((8, 24)), jnp.float32)
-    out = jax.jit(lambda q, t: pv.reencode_additive(q, t, jnp.arange(48, dtype=jnp.int32), beam_size=2))(q, target)
+    out = jax.jit(lambda q, t: reencode_additive(q, t, jnp.arange(48, dtype=jnp.int32), beam_size=2))(q, target)
     # Reference: brute force over the 16 codewords for every tile.
     t = np.asarray(target).reshape(8, 6, 4)
     cand = np.asarray(scales).reshape(8, 1, 1, 1) * np.asarray(books)[0, :, 0][None, None]  # [8, 1, 16, 4]
@@ -109,10 +112,10 @@ def test_reencode_in_chunks_matches_one_piece(rng, monkeypatch, force):
     idx = jnp.asarray(rng.permutation(192)[:150], jnp.int32)
 
     def run():  # a fresh trace each time: the chunk size is read when tracing
-        return jax.jit(lambda q, t, i: pv.reencode_additive(q, t, i, beam_size=4, force=force))(q, target, idx)
+        return jax.jit(lambda q, t, i: reencode_additive(q, t, i, beam_size=4, force=force))(q, target, idx)
 
     whole = run()
-    monkeypatch.setattr(pv, "SEARCH_CHUNK", 64)  # 150 groups: 3 chunks, the last one padded
+    monkeypatch.setattr(aqlm_reencode, "SEARCH_CHUNK", 64)  # 150 groups: 3 chunks, the last one padded
     chunked = run()
     np.testing.assert_array_equal(np.asarray(chunked.codes), np.asarray(whole.codes))
     assert changed_groups(q, whole).any()  # the comparison is not between two no-ops
@@ -131,7 +134,7 @@ def test_weighted_reencode_single_codebook_is_exact_weighted_nearest(rng):
     q = AdditiveQuantized(codes, books, scales, 4, (8, 24))
     target = jnp.asarray(rng.standard_normal((8, 24)), jnp.float32)
     weights = jnp.asarray(rng.uniform(0.0, 3.0, (8, 24)) ** 3, jnp.float32)  # far from uniform
-    out = jax.jit(lambda q, t, w: pv.reencode_additive(q, t, jnp.arange(48, dtype=jnp.int32), beam_size=2,
+    out = jax.jit(lambda q, t, w: reencode_additive(q, t, jnp.arange(48, dtype=jnp.int32), beam_size=2,
                                                        weights=w))(q, target, weights)
     t = np.asarray(target).reshape(8, 6, 4)
     h = np.asarray(weights).reshape(8, 6, 4)
@@ -152,7 +155,7 @@ def test_weighted_reencode_never_worsens_and_chunks_agree(rng, monkeypatch):
     idx = jnp.asarray(rng.permutation(192)[:150], jnp.int32)
 
     def run():  # a fresh trace each time: the chunk size is read when tracing
-        return jax.jit(lambda q, t, i, h: pv.reencode_additive(q, t, i, beam_size=4, weights=h))(
+        return jax.jit(lambda q, t, i, h: reencode_additive(q, t, i, beam_size=4, weights=h))(
             q, target, idx, weights)
 
     whole = run()
@@ -160,7 +163,7 @@ def test_weighted_reencode_never_worsens_and_chunks_agree(rng, monkeypatch):
     changed = changed_groups(q, whole)
     assert changed.any() and set(np.flatnonzero(changed).tolist()) <= set(np.asarray(idx).tolist())
     assert np.all(after <= before + 1e-6) and np.all(after[changed] < before[changed])
-    monkeypatch.setattr(pv, "SEARCH_CHUNK", 64)  # 150 groups: 3 chunks, the last one padded
+    monkeypatch.setattr(aqlm_reencode, "SEARCH_CHUNK", 64)  # 150 groups: 3 chunks, the last one padded
     np.testing.assert_array_equal(np.asarray(run().codes), np.asarray(whole.codes))
 
 
@@ -202,7 +205,7 @@ def test_reencode_scalar_matches_rounding(rng):
     zeros = jnp.asarray(rng.uniform(0.5, 2.5, (4, 2)), jnp.float32)
     q = ScalarQuantized(codes, scales, zeros, 2, 8, (4, 16))
     target = jnp.asarray(rng.standard_normal((4, 16)) * 0.3, jnp.float32)
-    out = jax.jit(lambda q, t: pv.reencode_scalar(q, t, jnp.arange(64, dtype=jnp.int32)))(q, target)
+    out = jax.jit(lambda q, t: reencode_scalar(q, t, jnp.arange(64, dtype=jnp.int32)))(q, target)
     s = np.repeat(np.asarray(scales), 8, 1)
     z = np.repeat(np.asarray(zeros), 8, 1)
     ref = np.clip(np.round(np.asarray(target) / s + z), 0, 3)
@@ -252,8 +255,8 @@ def test_directional_move_matches_brute_force(rng):
         # A small step from the current decoding: the old codes are almost always the nearest.
         target = q.decode_out_in() + jnp.asarray(rng.standard_normal((8, 24)) * 0.05, jnp.float32)
         idx = jnp.arange(48, dtype=jnp.int32)
-        out = jax.jit(lambda q, t, i: pv.reencode_additive(q, t, i, beam_size=4, force=True))(q, target, idx)
-        plain = jax.jit(lambda q, t, i: pv.reencode_additive(q, t, i, beam_size=4))(q, target, idx)
+        out = jax.jit(lambda q, t, i: reencode_additive(q, t, i, beam_size=4, force=True))(q, target, idx)
+        plain = jax.jit(lambda q, t, i: reencode_additive(q, t, i, beam_size=4))(q, target, idx)
         ref = _brute_directional_move(q, target, idx)
         old_tiles = np.asarray(q.decode_out_in()).reshape(8, 6, 4)
         new_tiles = np.asarray(out.decode_out_in()).reshape(8, 6, 4)
@@ -282,7 +285,7 @@ def test_forced_scalar_moves_at_least_one_step_toward_target(rng):
     q = ScalarQuantized(codes, scales, zeros, 2, 8, (4, 16))
     w = q.decode_out_in()
     target = w + jnp.asarray(rng.standard_normal((4, 16)) * 0.01, jnp.float32)  # less than half a step
-    out = jax.jit(lambda q, t: pv.reencode_scalar(q, t, jnp.arange(64, dtype=jnp.int32), force=True))(q, target)
+    out = jax.jit(lambda q, t: reencode_scalar(q, t, jnp.arange(64, dtype=jnp.int32), force=True))(q, target)
     old, new = np.asarray(codes, np.int64), np.asarray(out.codes, np.int64)
     level = (np.asarray(target) / np.repeat(np.asarray(scales), 8, 1)) + np.repeat(np.asarray(zeros), 8, 1)
     want = np.clip(old + np.sign(level - old).astype(np.int64), 0, 3)  # one grid step, stopped at the ends
@@ -487,7 +490,7 @@ def test_ste_mode_reencodes_every_group_from_buffer(rng):
     new, state = jax.jit(tuner.update)(grads, state, params)
     buffer = q.decode_out_in() - 0.3 * grads["w"]
     np.testing.assert_allclose(np.asarray(state.buffers["w"][0]), np.asarray(buffer), atol=1e-6)
-    ref = jax.jit(lambda q, b: pv.reencode_additive(q, b, jnp.arange(32, dtype=jnp.int32), beam_size=8))(q, buffer)
+    ref = jax.jit(lambda q, b: reencode_additive(q, b, jnp.arange(32, dtype=jnp.int32), beam_size=8))(q, buffer)
     np.testing.assert_array_equal(np.asarray(new["w"].codes), np.asarray(ref.codes))
     assert changed_groups(q, new["w"]).sum() > 16  # far more than any 1% subspace
     del w

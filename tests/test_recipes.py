@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxquant.recipes import AQLM, GPTQ, RTN, recipe_from_dict, recipe_to_dict
+from jaxquant.recipes import AQLM, GPTQ, RTN
+from jaxquant.recipes_named import recipe_from_dict, recipe_to_dict
 
 
 def test_defaults_and_names():

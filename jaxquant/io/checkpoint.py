@@ -48,14 +48,13 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from jaxquant.atomic_files import atomic_write_bytes, commit_dir, staging_dir
-from jaxquant.qarray import QUANTIZED_TYPES
+from jaxquant.qarray import array_type, array_type_name, is_quantized
 
 FORMAT = "jaxquant-checkpoint"
 VERSION = 1
 MANIFEST = "manifest.json"
 ARRAYS = "arrays"
 
-_QUANTIZED_KINDS: dict[str, type] = {t.__name__: t for t in QUANTIZED_TYPES}
 _PY_SCALARS = {"bool": bool, "int": int, "float": float}
 
 ShardingSpec = jax.sharding.Sharding | Callable[[str, jax.ShapeDtypeStruct], Any] | str | None
@@ -118,7 +117,7 @@ class _Encoder:
     def node(self, x: Any, path: tuple[str, ...]) -> dict[str, Any]:
         if x is None:
             return {"t": "none"}
-        if isinstance(x, QUANTIZED_TYPES):
+        if is_quantized(x):
             return self._leaf_quantized(x, path)
         if isinstance(x, nnx.Variable):
             cls = type(x)
@@ -205,7 +204,7 @@ class _Encoder:
             {
                 "key": key,
                 "path": "/".join(path),
-                "kind": cls.__name__,
+                "kind": array_type_name(cls),
                 "static": static,
                 "arrays": records,
             }
@@ -366,8 +365,7 @@ def _restore_plan(manifest: dict[str, Any], shardings: ShardingSpec) -> tuple[di
             else:
                 restore_args[key] = ocp.RestoreArgs(restore_type=np.ndarray)
             continue
-        if leaf["kind"] not in _QUANTIZED_KINDS:
-            raise CheckpointError(f"unknown leaf kind {leaf['kind']!r} at {leaf['path']}")
+        _quantized_class(leaf)
         restore_args[key], expected[key] = {}, {}
         for name, rec in arrays.items():
             if rec is None:
@@ -444,6 +442,15 @@ def _variable_class(spec: str) -> type:
     return obj
 
 
+def _quantized_class(leaf: dict[str, Any]) -> type:
+    """The registered quantized array type a leaf record names."""
+    try:
+        return array_type(leaf["kind"])
+    except KeyError as e:
+        raise CheckpointError(f"unknown leaf kind at {leaf['path']}: {e.args[0]} (import the module that "
+                              "registers it before loading)") from None
+
+
 def _build_leaf(leaf: dict[str, Any], arrays: Any) -> Any:
     if leaf["kind"] == "array":
         x = arrays
@@ -453,7 +460,7 @@ def _build_leaf(leaf: dict[str, Any], arrays: Any) -> Any:
             x = np.asarray(x)
             return x[()] if x.ndim == 0 and leaf.get("scalar") else x
         return x
-    cls = _QUANTIZED_KINDS[leaf["kind"]]
+    cls = _quantized_class(leaf)
     kwargs: dict[str, Any] = {}
     for name, value in leaf["static"].items():
         kwargs[name] = tuple(value) if isinstance(value, list) else value

@@ -24,6 +24,8 @@ GPTQ quantizer's grid: 80 ratios from 1.0 down to 0.21).
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -152,6 +154,29 @@ def expand_groups(x: jax.Array, group_size: int) -> jax.Array:
 def effective_group_size(group_size: int | None, d_in: int) -> int:
     """``group_size``, or ``d_in`` (one group per row) when it is ``None``."""
     return d_in if group_size is None else int(group_size)
+
+
+def checked_group_size(w: jax.Array, recipe: Any, method: str, where: str) -> int:
+    """The group size of a scalar recipe for ``w``, after the checks RTN and GPTQ share.
+
+    Raises:
+        ValueError: ``w`` is not 2-D, its groups do not divide ``d_in``, or it holds a value
+            beyond what ``recipe.param_dtype`` scales can represent.
+    """
+    if w.ndim != 2:
+        raise ValueError(f"{method} expects a 2-D weight, got shape {w.shape} at {where}")
+    d_in = w.shape[1]
+    group_size = effective_group_size(recipe.group_size, d_in)
+    if d_in % group_size:
+        raise ValueError(f"d_in={d_in} is not divisible by group_size={group_size} at {where}")
+    limit = float(jnp.finfo(jnp.dtype(recipe.param_dtype)).max)
+    amax = float(jnp.max(jnp.abs(w))) if w.size else 0.0
+    if amax > limit:
+        raise ValueError(
+            f"the weight at {where} has max |w|={amax:g}, beyond what {recipe.param_dtype} "
+            f"scales can represent ({limit:g}); use param_dtype='float32'"
+        )
+    return group_size
 
 
 def to_scalar_quantized(

@@ -267,17 +267,13 @@ def quantize_gptq(
     del key
     where = path or "<weight>"
     w = jnp.asarray(w)
-    if w.ndim != 2:
-        raise ValueError(f"GPTQ expects a 2-D weight, got shape {w.shape} at {where}")
-    d_out, d_in = w.shape
+    group_size = _grid.checked_group_size(w, recipe, "GPTQ", where)
+    d_in = w.shape[1]
     if xtx is None:
         raise ValueError(f"GPTQ needs XᵀX statistics but none were given for {where}")
     xtx = jnp.asarray(xtx)
     if xtx.shape != (d_in, d_in):
         raise ValueError(f"XᵀX has shape {tuple(xtx.shape)}, expected ({d_in}, {d_in}) for the weight at {where}")
-    group_size = _grid.effective_group_size(recipe.group_size, d_in)
-    if d_in % group_size:
-        raise ValueError(f"d_in={d_in} is not divisible by group_size={group_size} at {where}")
     dt = jnp.float64 if w.dtype == jnp.float64 else jnp.float32
     codes, scale, zero, ok = _gptq(
         w.astype(dt),

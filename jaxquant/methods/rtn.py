@@ -50,12 +50,7 @@ def quantize_rtn(
     """
     del xtx, key
     w = jnp.asarray(w)
-    if w.ndim != 2:
-        raise ValueError(f"RTN expects a 2-D weight, got shape {w.shape} at {path or '<weight>'}")
-    d_in = w.shape[1]
-    group_size = _grid.effective_group_size(recipe.group_size, d_in)
-    if d_in % group_size:
-        raise ValueError(f"d_in={d_in} is not divisible by group_size={group_size} at {path or '<weight>'}")
+    group_size = _grid.checked_group_size(w, recipe, "RTN", path or "<weight>")
     if w.dtype != jnp.float64:  # float64 is kept (x64 tests); everything else computes in float32
         w = w.astype(jnp.float32)
     codes, scale, zero = _rtn(

@@ -27,7 +27,7 @@ from flax import nnx
 from jaxquant import ops
 from jaxquant.in_order import signature, stack, unstack
 from jaxquant.models.config import ModelConfig
-from jaxquant.qarray import ScalarQuantized, dequantize, is_quantized
+from jaxquant.qarray import dequantize, is_quantized
 
 # Per layer (keys, values), each [batch, cache_len, num_kv_heads, head_dim].
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
@@ -175,7 +175,7 @@ class DecoderLayer(nnx.Module):
 
 
 class Embedding(nnx.Module):
-    """Token embedding table ``[vocab, d]``: dense (any float dtype) or ``ScalarQuantized``.
+    """Token embedding table ``[vocab, d]``: dense (any float dtype) or quantized.
 
     Rows come out in the model's dtype, whatever the table is stored in
     (``jaxquant.store_embeddings``).
@@ -187,10 +187,8 @@ class Embedding(nnx.Module):
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         table = self.embedding.get_value()
-        if isinstance(table, ScalarQuantized):
+        if is_quantized(table):
             return table.take_rows(tokens, self.dtype)
-        if is_quantized(table):  # no row decoder: decode the table (never made by jaxquant)
-            table = table.decode(self.dtype)
         return jnp.take(table, tokens, axis=0).astype(self.dtype)
 
 

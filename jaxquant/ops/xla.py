@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxquant.ops import cpu_ffi
-from jaxquant.qarray import AdditiveQuantized, ScalarQuantized, is_quantized
+from jaxquant.qarray import AdditiveQuantized, is_quantized
 
 # Gathered floats per loop step of the LUT kernel (per row of x): 64 codes per output
 # row is one 64-byte cache line of uint8 codes; times d_out rows it stays in L2.
@@ -115,35 +115,13 @@ def lut_matmul(x: jax.Array, w: AdditiveQuantized, *, codes_per_step: int | None
 
 
 def _decode_rows_out_in(w: Any, start: jax.Array, n_rows: int, native: bool = False) -> jax.Array:
-    """Decode ``n_rows`` output rows of ``w`` from ``start`` (a multiple of the out group)."""
-    if isinstance(w, AdditiveQuantized):
-        og = w.out_group_size
-        g0 = start // og
-        if native:
-            try:
-                return cpu_ffi.decode_rows_ffi(w, g0, n_rows // og)
-            except NotImplementedError:
-                pass  # no compiler / not CPU: the XLA gather below always works
-        codes = lax.dynamic_slice_in_dim(w.codes, g0, n_rows // og, axis=0)
-        scales = lax.dynamic_slice_in_dim(w.scales, g0, n_rows // og, axis=0)
-        n_g, n_in_groups, m = codes.shape
-        idx = codes.astype(jnp.int32)
-        tiles = jnp.zeros((n_g, n_in_groups, og, w.in_group_size), jnp.float32)
-        for j in range(m):  # M is small and static
-            tiles = tiles + jnp.take(w.codebooks[j].astype(jnp.float32), idx[..., j], axis=0, mode="clip")
-        tiles = tiles * scales.astype(jnp.float32)
-        return tiles.transpose(0, 2, 1, 3).reshape(n_rows, w.d_in)
-    if isinstance(w, ScalarQuantized):
-        codes = lax.dynamic_slice_in_dim(w.codes, start, n_rows, axis=0)
-        scales = lax.dynamic_slice_in_dim(w.scales, start, n_rows, axis=0).astype(jnp.float32)
-        n_groups = scales.shape[-1]
-        c = codes.astype(jnp.float32).reshape(n_rows, n_groups, w.group_size)
-        if w.zeros is None:
-            zeros = jnp.float32((2**w.bits - 1) / 2)
-        else:
-            zeros = lax.dynamic_slice_in_dim(w.zeros, start, n_rows, axis=0).astype(jnp.float32)[..., None]
-        return ((c - zeros) * scales[..., None]).reshape(n_rows, w.d_in)
-    raise TypeError(f"expected a quantized array, got {type(w).__name__}")
+    """Decode ``n_rows`` output rows of ``w`` from ``start`` (a multiple of ``w.row_group``)."""
+    if native:
+        try:
+            return cpu_ffi.decode_rows_ffi(w, start // w.row_group, n_rows // w.row_group)
+        except NotImplementedError:
+            pass  # no native decoder for this array, no compiler, or not CPU: decode in XLA
+    return w.decode_rows(start, n_rows)
 
 
 def decode_matmul(
@@ -169,7 +147,7 @@ def decode_matmul(
     if not is_quantized(w):
         raise NotImplementedError(f"decode_matmul needs a quantized array, got {type(w).__name__}")
     _check_x(x, w)
-    og = w.out_group_size if isinstance(w, AdditiveQuantized) else 1
+    og = w.row_group
     n_out_groups = w.d_out // og
     want = tile_rows or max(og, _DECODE_TILE_FLOATS // w.d_in)
     groups_per_tile = _largest_divisor_at_most(n_out_groups, max(1, want // og))

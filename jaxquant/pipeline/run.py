@@ -47,7 +47,7 @@ from jaxquant.pipeline import rundir as rd
 from jaxquant.pipeline.blocks import BlockwiseModel, as_blockwise
 from jaxquant.qarray import flatten_by_path, tree_bits
 from jaxquant.quantize import leaf_key, leaf_layout, quantize_weight
-from jaxquant.recipes import AQLM, GPTQ, RTN
+from jaxquant.recipes import check_divisible
 from jaxquant.recipes_named import recipe_spec_to_data
 from jaxquant.select import Selector, resolve_recipes
 from jaxquant.stats import LayerStats
@@ -151,15 +151,7 @@ def _check_groups(params: Any, plan: dict[str, Any]) -> None:
         if len(shape) != 2:
             raise ValueError(f"the leaf at {path} has shape {shape}; only 2-D weights can be quantized")
         d_out, d_in = shape if leaf_layout(path) == "out_in" else shape[::-1]
-        checks = []
-        if isinstance(recipe, RTN | GPTQ) and recipe.group_size is not None:
-            checks.append(("d_in", d_in, "group_size", recipe.group_size))
-        if isinstance(recipe, AQLM):
-            checks += [("d_in", d_in, "group_size", recipe.group_size),
-                       ("d_out", d_out, "out_group_size", recipe.out_group_size)]
-        for dim, size, field, group in checks:
-            if size % group:
-                raise ValueError(f"{dim}={size} is not divisible by {field}={group} at {path} ({recipe.name})")
+        check_divisible(recipe, d_out, d_in, path)
 
 
 def _describe_where(where: Selector | None) -> Any:

@@ -1,0 +1,75 @@
+"""How fine-tuning re-encodes a quantized array toward a dense target.
+
+PV-Tuning's V step and the straight-through baseline work on *groups*, the unit of
+codes of an array type (an ``og × ig`` tile with its ``M`` codes for additive arrays,
+one weight for scalar ones). A type's ``Reencoder`` tells them how many groups it has,
+how to sum a per-weight quantity over each group, and how to give selected groups new
+codes; the method that makes the type registers it with the type
+(``jaxquant.methods.register``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+
+
+class Reencode(Protocol):
+    def __call__(
+        self,
+        q: Any,
+        target: jax.Array,
+        idx: jax.Array,
+        *,
+        beam_size: int,
+        trust_ratio: float | None = None,
+        weights: jax.Array | None = None,
+        force: bool = False,
+    ) -> Any: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Reencoder:
+    """The re-encoding operations of one quantized array type.
+
+    Attributes:
+        num_groups: ``q -> int``, the number of code groups (static).
+        group_sums: ``(q, per_weight) -> [num_groups]``, a ``(d_out, d_in)`` per-weight
+            quantity summed over each group (in group order).
+        reencode: ``(q, target, idx, *, beam_size, trust_ratio, weights, force) -> q'``:
+            ``q`` with the groups ``idx`` re-encoded toward the ``(d_out, d_in)`` float32
+            ``target``. A group keeps its codes unless the new ones are strictly closer
+            (or, with ``force``, unless no code moves it toward the target), and with
+            ``trust_ratio`` the changes are accepted in the order of ``idx`` while
+            ``‖ΔŴ‖_F ≤ trust_ratio · ‖Ŵ‖_F`` (``accept_changes``). ``weights`` is an
+            optional per-weight metric of the error; ``beam_size`` is for searches that
+            use one.
+        group_gains: optional ``(q, target, *, beam_size, weights) -> [num_groups]``: how
+            much ``reencode`` would lower each group's error (``selection="gain"``).
+    """
+
+    num_groups: Callable[[Any], int]
+    group_sums: Callable[[Any, jax.Array], jax.Array]
+    reencode: Reencode
+    group_gains: Callable[..., jax.Array] | None = None
+
+
+def accept_changes(better: jax.Array, delta_sq: jax.Array, w_sq: jax.Array, trust_ratio: float | None) -> jax.Array:
+    """Which candidate changes to keep: strictly better ones and, with a trust ratio, in
+    selection order each one that still fits ``Σ ‖Δ‖² ≤ (trust_ratio · ‖Ŵ‖)²`` (greedy)."""
+    if trust_ratio is None:
+        return better
+    bound = jnp.float32(trust_ratio) ** 2 * w_sq
+
+    def admit(total: jax.Array, cand: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        ok, d = cand
+        ok = ok & (total + d <= bound)
+        return total + jnp.where(ok, d, jnp.float32(0.0)), ok
+
+    # Sequential over the (few) selected groups: a greedy knapsack in selection order.
+    _, keep = jax.lax.scan(admit, jnp.float32(0.0), (better, delta_sq.astype(jnp.float32)))
+    return keep
