@@ -105,12 +105,24 @@ def _dir_mb(path: str) -> float:
     return round(total / 1e6, 2)
 
 
+def _recipe_arg(cfg: dict[str, Any], run_dir: str) -> str:
+    """The ``--recipe`` of a configuration: its name, or with ``recipe_fields`` a recipe file
+    in the run directory holding the named recipe with those fields set."""
+    if not cfg.get("recipe_fields"):
+        return cfg["recipe"]
+    from jaxquant.recipes_named import named_recipe, recipe_to_dict  # noqa: PLC0415
+
+    path = os.path.join(run_dir, "recipe.json")
+    _write_json(path, {"recipe": {**recipe_to_dict(named_recipe(cfg["recipe"])), **cfg["recipe_fields"]}})
+    return path
+
+
 def _command(cfg: dict[str, Any], protocol: dict[str, Any], seed: int, run_dir: str, work: str) -> list[str]:
     """The ``jaxquant`` command line of one run."""
     model = protocol["model"]
     if cfg["kind"] == "quantize":
         cal = protocol["calibration"]
-        return ["jaxquant", "quantize", model, "--recipe", cfg["recipe"], "--calib", cal["text"],
+        return ["jaxquant", "quantize", model, "--recipe", _recipe_arg(cfg, run_dir), "--calib", cal["text"],
                 "--nsamples", str(cal["windows"]), "--seqlen", str(cal["seqlen"]), "--seed", str(seed),
                 "--out", os.path.join(run_dir, "model"), "--eval", "none", "--no-progress", *cfg.get("args", [])]
     if cfg["kind"] == "finetune":

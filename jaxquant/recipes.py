@@ -174,9 +174,11 @@ class AQLM:
         param_dtype: storage dtype of codebooks and scales.
         grad_dtype: operand dtype of the ``(Ŵ-W)·XᵀX`` product that gives the codebook
             and scale gradients (accumulated in float32; the loss that decides when to
-            stop is always float32). ``"auto"``: bfloat16 on CPUs where that product was
-            measured at least 1.25× faster (once per machine, see
-            ``methods.aqlm.grad_dtype``; up to 4× with AMX), else float32.
+            stop is always float32). ``"float32"`` (the default) gives the same codes on
+            every CPU. ``"bfloat16"`` is faster where the CPU multiplies bfloat16 fast (up
+            to 4× with AMX). ``"auto"`` picks bfloat16 on CPUs where that product was
+            measured at least 1.25× faster (once per machine, ``methods.aqlm.grad_dtype``),
+            so its codes depend on the machine.
     """
 
     num_codebooks: int = 2
@@ -195,7 +197,7 @@ class AQLM:
     kmeans_max_points: int = 65536
     chunk_rows: int = 1024
     param_dtype: str = "float16"
-    grad_dtype: str = "auto"
+    grad_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         _check_int("num_codebooks", self.num_codebooks, 1)

@@ -437,6 +437,24 @@ def test_auto_grad_dtype_is_measured_once_per_machine(tmp_path, monkeypatch):
     grad_dtype_mod.bf16_product_speedup.cache_clear()
 
 
+def test_default_recipe_gives_the_same_codes_on_every_cpu(small_problem, tmp_path, monkeypatch):
+    """The default grad_dtype does not depend on how fast this machine multiplies bfloat16."""
+    w, h = small_problem
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(grad_dtype_mod, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    codes = []
+    for speedup in (4.0, 1.0):  # a CPU with AMX, then one without a fast bfloat16 product
+        monkeypatch.setattr(grad_dtype_mod, "_time_products", lambda s=speedup: s)
+        grad_dtype_mod.bf16_product_speedup.cache_clear()
+        for f in tmp_path.rglob("bf16_product_*.json"):
+            f.unlink()
+        q = quantize_aqlm(jnp.asarray(w), jnp.asarray(h), jq.AQLM(**_SMALL), jax.random.key(0))
+        codes.append(np.asarray(q.codes))
+    grad_dtype_mod.bf16_product_speedup.cache_clear()
+    assert jq.AQLM().grad_dtype == "float32"
+    np.testing.assert_array_equal(codes[0], codes[1])
+
+
 def test_out_groups_and_wide_codes(small_problem):
     w, h = small_problem
     recipe = jq.AQLM(num_codebooks=1, codebook_bits=9, group_size=4, out_group_size=2, max_rounds=1, adam_steps=2)
