@@ -130,15 +130,17 @@ class _Collector:
         if path is None:
             return next_fun(*args, **kwargs)
         x = args[0] if args else kwargs["inputs"]
-        if isinstance(module, nn.DenseGeneral):
-            if _as_axes(module.batch_dims):
-                raise ValueError(f"calibrate: DenseGeneral with batch_dims is not supported at {path}")
-            axes = _as_axes(module.axis)
-        else:
-            axes = (-1,)
+        general = isinstance(module, nn.DenseGeneral)
+        if general and _as_axes(module.batch_dims):
+            raise ValueError(f"calibrate: DenseGeneral with batch_dims is not supported at {path}")
+        return self.observe(path, kernel, x, _as_axes(module.axis) if general else (-1,),
+                            lambda: next_fun(*args, **kwargs))
+
+    def observe(self, path: str, kernel: Any, x: jax.Array, axes: tuple[int, ...], call: Callable[[], Any]) -> Any:
+        """Record the inputs ``x`` of the layer at ``path``, then run it (``call``)."""
         self.add(path, x, axes)
         with self.layer(kernel):
-            return next_fun(*args, **kwargs)
+            return call()
 
     def nnx_call(self, original: Callable) -> Callable:
         collector = self
@@ -148,15 +150,11 @@ class _Collector:
             path = collector.lookup(kernel)
             if path is None:
                 return original(module, inputs, *args, **kwargs)
-            if isinstance(module, nnx.LinearGeneral):
-                if module.batch_axis:
-                    raise ValueError(f"calibrate: LinearGeneral with batch_axis is not supported at {path}")
-                axes = _as_axes(module.axis)
-            else:
-                axes = (-1,)
-            collector.add(path, inputs, axes)
-            with collector.layer(kernel):
-                return original(module, inputs, *args, **kwargs)
+            general = isinstance(module, nnx.LinearGeneral)
+            if general and module.batch_axis:
+                raise ValueError(f"calibrate: LinearGeneral with batch_axis is not supported at {path}")
+            return collector.observe(path, kernel, inputs, _as_axes(module.axis) if general else (-1,),
+                                     lambda: original(module, inputs, *args, **kwargs))
 
         return __call__
 

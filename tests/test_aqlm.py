@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import jaxquant as jq
+from reference_decode import additive_decode_np
 from jaxquant.methods import method_for
 from jaxquant.methods.aqlm import beam_search as bs
 from jaxquant.methods.aqlm import codebooks as cb
@@ -32,18 +33,6 @@ def _problem(rng: np.random.Generator, d_out: int, d_in: int, n_tokens: int = 25
 def _objective(w: np.ndarray, w_hat: np.ndarray, xtx: np.ndarray) -> float:
     r = (w - w_hat).astype(np.float64)
     return float(np.sum((r @ xtx.astype(np.float64)) * r))
-
-
-def _decode_np(codes: np.ndarray, codebooks: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """Reference decode straight from the DESIGN layout, one tile at a time."""
-    n_og, n_ig, num_codebooks = codes.shape
-    _, _, og, ig = codebooks.shape
-    out = np.zeros((n_og * og, n_ig * ig), np.float64)
-    for o in range(n_og):
-        for i in range(n_ig):
-            tile = sum(codebooks[m, codes[o, i, m]].astype(np.float64) for m in range(num_codebooks))
-            out[o * og : (o + 1) * og, i * ig : (i + 1) * ig] = float(scales[o, 0, 0, 0]) * tile
-    return out
 
 
 def _search_np_inputs(rng: np.random.Generator, rows: int, og: int, d_in: int, m: int, k: int, ig: int):
@@ -82,9 +71,9 @@ def _search(w, h, codebooks, codes, scales, beam_size, seed=0, impl="xla"):  # n
 def test_beam_search_never_increases_objective(rng, beam_size, og, impl):
     w, h, codebooks, codes, scales = _search_np_inputs(rng, rows=12, og=og, d_in=16, m=2, k=8, ig=4)
     s4 = scales.reshape(-1, 1, 1, 1)
-    before = _objective(w, _decode_np(codes, codebooks, s4), h)
+    before = _objective(w, additive_decode_np(codes, codebooks, s4), h)
     new, dloss = _search(w, h, codebooks, codes, scales, beam_size, impl=impl)
-    after = _objective(w, _decode_np(new, codebooks, s4), h)
+    after = _objective(w, additive_decode_np(new, codebooks, s4), h)
     assert after <= before * (1 + 1e-6)
     assert after < 0.9 * before  # random codes leave plenty to gain
     # The incrementally tracked change matches the recomputed one.
@@ -107,10 +96,10 @@ def test_wide_beam_finds_exhaustive_optimum(rng, d_in, impl):
         best, best_codes = np.inf, None
         for combo in itertools.product(range(k), repeat=m * n_ig):
             c = np.asarray(combo, np.int32).reshape(1, n_ig, m)
-            val = _objective(w[r : r + 1], _decode_np(c, codebooks, scales[r].reshape(1, 1, 1, 1)), h)
+            val = _objective(w[r : r + 1], additive_decode_np(c, codebooks, scales[r].reshape(1, 1, 1, 1)), h)
             if val < best:
                 best, best_codes = val, c
-        got = _objective(w[r : r + 1], _decode_np(new[r : r + 1], codebooks, scales[r].reshape(1, 1, 1, 1)), h)
+        got = _objective(w[r : r + 1], additive_decode_np(new[r : r + 1], codebooks, scales[r].reshape(1, 1, 1, 1)), h)
         np.testing.assert_allclose(got, best, rtol=1e-5)
         np.testing.assert_array_equal(new[r : r + 1], best_codes)
 
@@ -169,11 +158,11 @@ def test_native_search_matches_xla_reference(rng, og, m, k, ig, beam_size):
     """
     w, h, codebooks, codes, scales = _search_np_inputs(rng, rows=48, og=og, d_in=32, m=m, k=k, ig=ig)
     s4 = scales.reshape(-1, 1, 1, 1)
-    before = _objective(w, _decode_np(codes, codebooks, s4), h)
+    before = _objective(w, additive_decode_np(codes, codebooks, s4), h)
     ref, _ = _search(w, h, codebooks, codes, scales, beam_size, impl="xla")
     got, d_got = _search(w, h, codebooks, codes, scales, beam_size, impl="native")
-    after_ref = _objective(w, _decode_np(ref, codebooks, s4), h)
-    after_got = _objective(w, _decode_np(got, codebooks, s4), h)
+    after_ref = _objective(w, additive_decode_np(ref, codebooks, s4), h)
+    after_got = _objective(w, additive_decode_np(got, codebooks, s4), h)
     assert after_got < before
     np.testing.assert_allclose(d_got, after_got - before, rtol=1e-3, atol=1e-6 * before)  # tracked change is exact
     np.testing.assert_allclose(after_got, after_ref, rtol=0.01)
@@ -320,7 +309,7 @@ def test_quantize_layout_bits_and_quality(small_problem):
     assert q.codebooks.shape == (2, 16, 1, 4) and q.codebooks.dtype == jnp.float16
     assert q.scales.shape == (64, 1, 1, 1) and q.scales.dtype == jnp.float16
     # Decode follows the DESIGN layout exactly.
-    ref = _decode_np(np.asarray(q.codes), np.asarray(q.codebooks), np.asarray(q.scales))
+    ref = additive_decode_np(np.asarray(q.codes), np.asarray(q.codebooks), np.asarray(q.scales))
     np.testing.assert_allclose(np.asarray(q.decode()), ref, rtol=1e-6, atol=1e-7)
     # Honest bits: 2 codes of 4 bits per 4 weights + fp16 codebooks + fp16 scales.
     expected = (64 * 8 * 2 * 4 + 2 * 16 * 4 * 16 + 64 * 16) / (64 * 32)
@@ -461,7 +450,7 @@ def test_out_groups_and_wide_codes(small_problem):
     q = quantize_aqlm(jnp.asarray(w), jnp.asarray(h), recipe, jax.random.key(0))
     assert q.codes.shape == (32, 8, 1) and q.codes.dtype == jnp.uint16
     assert q.codebooks.shape == (1, 512, 2, 4) and q.scales.shape == (32, 1, 1, 1)
-    ref = _decode_np(np.asarray(q.codes), np.asarray(q.codebooks), np.asarray(q.scales))
+    ref = additive_decode_np(np.asarray(q.codes), np.asarray(q.codebooks), np.asarray(q.scales))
     np.testing.assert_allclose(np.asarray(q.decode()), ref, rtol=1e-6, atol=1e-7)
     assert _objective(w, ref, h) < 0.5 * _objective(w, np.zeros_like(w), h)
 

@@ -40,6 +40,16 @@ def test_greedy_cache_equals_no_cache_and_reference(model, rng):
     assert len(set(cached[0].tolist())) > 3  # a non-trivial continuation
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_on_token_streams_every_token_in_order(model, rng, use_cache):
+    prompt = rng.integers(0, 60, (2, 9))
+    seen: list[np.ndarray] = []
+    new = generate(model, prompt, 7, use_cache=use_cache, on_token=lambda t: seen.append(np.asarray(t)))
+    assert len(seen) == 7
+    np.testing.assert_array_equal(np.stack(seen, axis=1), new)
+    np.testing.assert_array_equal(new, generate(model, prompt, 7, use_cache=use_cache))  # streaming changes nothing
+
+
 def test_one_compilation_per_bucket(model, rng):
     before = generate_module._generate_jit._cache_size()
     for length in (5, 7, 11):  # all pad to the same 64-token bucket

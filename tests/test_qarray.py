@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxquant as jq
+from reference_decode import additive_decode_np
 from jaxquant.qarray import AdditiveQuantized, ScalarQuantized, code_dtype, decode_additive
 
 
@@ -66,18 +67,6 @@ def _additive(rng, d_out, d_in, m, b, og, ig, *, layout="out_in", dtype=np.float
     return q, codes, codebooks, scales
 
 
-def _np_additive_decode(codes, codebooks, scales):
-    """Tile by tile: W[o*og:(o+1)*og, i*ig:(i+1)*ig] = s[o] * Σ_m C[m, codes[o, i, m]]."""
-    n_o, n_i, m = codes.shape
-    _, _, og, ig = codebooks.shape
-    w = np.zeros((n_o * og, n_i * ig), np.float64)
-    for o in range(n_o):
-        for i in range(n_i):
-            tile = sum(codebooks[k, codes[o, i, k]].astype(np.float64) for k in range(m))
-            w[o * og : (o + 1) * og, i * ig : (i + 1) * ig] = float(scales[o, 0, 0, 0]) * tile
-    return w
-
-
 # --- decode round trips ------------------------------------------------------------
 
 
@@ -105,7 +94,7 @@ def test_symmetric_grid_is_centred(rng):
 @pytest.mark.parametrize("m,b,og,ig", [(2, 8, 1, 8), (1, 4, 2, 4), (3, 3, 1, 2)])
 def test_additive_decode_matches_numpy(rng, layout, m, b, og, ig):
     q, codes, codebooks, scales = _additive(rng, 8, 16, m, b, og, ig, layout=layout)
-    ref = _np_additive_decode(codes, codebooks, scales)
+    ref = additive_decode_np(codes, codebooks, scales)
     np.testing.assert_allclose(np.asarray(q.decode_out_in()), ref, rtol=1e-5, atol=1e-5)
     out = np.asarray(q.decode())
     np.testing.assert_allclose(out, ref if layout == "out_in" else ref.T, rtol=1e-5, atol=1e-5)
@@ -204,7 +193,7 @@ def test_dequantize_nnx_state(rng):
     dense = jq.dequantize(state)
     kernel = dense["kernel"].get_value()
     assert kernel.shape == (16, 8)
-    np.testing.assert_allclose(np.asarray(kernel), _np_additive_decode(codes, codebooks, scales).T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(kernel), additive_decode_np(codes, codebooks, scales).T, rtol=1e-5, atol=1e-5)
     nnx.update(model, dense)
     x = jnp.ones((2, 16), jnp.float32)
     np.testing.assert_allclose(np.asarray(model(x)), np.asarray(x @ kernel), rtol=1e-5, atol=1e-5)
@@ -290,7 +279,7 @@ def test_additive_hypothesis(m, b, og, ig, n_o, n_i, layout, seed):
     if b == 1:
         b = 2  # codes drawn from [1, 2**b): keep more than one non-zero choice
     q, codes, codebooks, scales = _additive(rng, d_out, d_in, m, b, og, ig, layout=layout)
-    ref = _np_additive_decode(codes, codebooks, scales)
+    ref = additive_decode_np(codes, codebooks, scales)
     np.testing.assert_allclose(np.asarray(_jit_decode(q)), ref if layout == "out_in" else ref.T, rtol=1e-4, atol=1e-4)
     expected = (n_o * n_i * m * b + m * 2**b * og * ig * 16 + n_o * 16) / (d_out * d_in)
     assert q.bits_per_weight == pytest.approx(expected)

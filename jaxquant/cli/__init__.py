@@ -18,6 +18,7 @@ import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from jaxquant.cli.checks import compute_dtype, require, require_positive
 
@@ -109,10 +110,39 @@ def _run_generate(args: argparse.Namespace) -> int:
     prompt = tokenizer.encode(args.prompt, add_bos=True)
     if not prompt:
         raise ValueError("--prompt is empty")
+    stream = _TextStream(tokenizer, args.prompt)
     new = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   key=jax.random.PRNGKey(args.seed))
-    print(args.prompt + tokenizer.decode(new))
+                   key=jax.random.PRNGKey(args.seed), on_token=stream.add)
+    stream.finish(tokenizer.decode(new))
     return 0
+
+
+class _TextStream:
+    """Prints a continuation as its tokens arrive: the text decoded so far, less what is
+    already printed, held back while it ends inside a multi-byte character."""
+
+    def __init__(self, tokenizer: Any, prompt: str) -> None:
+        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+
+    def add(self, tokens: Any) -> None:
+        self.ids.append(int(tokens[0]))
+        self._show(self.tokenizer.decode(self.ids))
+
+    def _show(self, text: str) -> None:
+        if text.startswith(self.printed) and not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(self.printed):])
+            sys.stdout.flush()
+            self.printed = text
+
+    def finish(self, text: str) -> None:
+        if not text.startswith(self.printed):  # a decoding that changed earlier text: say it whole
+            sys.stdout.write("\n" + text)
+        else:
+            sys.stdout.write(text[len(self.printed):])
+        sys.stdout.write("\n")
+        sys.stdout.flush()
 
 
 # ----------------------------------------------------------------------------- eval

@@ -180,17 +180,11 @@ def checked_group_size(w: jax.Array, recipe: Any, method: str, where: str) -> in
 
 
 def to_scalar_quantized(
-    codes: jax.Array,
-    scale: jax.Array,
-    zero: jax.Array,
-    *,
-    bits: int,
-    group_size: int,
-    symmetric: bool,
-    param_dtype: str,
-    layout: str,
+    codes: jax.Array, scale: jax.Array, zero: jax.Array, recipe: Any, *, group_size: int, layout: str
 ) -> ScalarQuantized:
-    """Package fitted codes and grids (all ``(d_out, ·)``) as a ``ScalarQuantized``."""
+    """Package fitted codes and grids (all ``(d_out, ·)``) of an RTN or GPTQ ``recipe`` as a
+    ``ScalarQuantized``."""
+    bits, symmetric, param_dtype = recipe.bits, recipe.symmetric, recipe.param_dtype
     d_out, d_in = codes.shape
     check_layout(layout)
     shape = (d_out, d_in) if layout == "out_in" else (d_in, d_out)

@@ -238,27 +238,12 @@ def _gptq_impl(
 _gptq = jax.jit(_gptq_impl, static_argnames=_STATIC_ARGNAMES)
 
 
-def quantize_gptq(
-    w: jax.Array,
-    xtx: Any,
-    recipe: GPTQ,
-    key: jax.Array,
-    *,
-    layout: str = "out_in",
-    path: str = "",
-) -> ScalarQuantized:
-    """GPTQ quantization of one weight.
+def quantize_gptq(w: jax.Array, xtx: Any, recipe: GPTQ, key: jax.Array, *, layout: str = "out_in",
+                  path: str = "") -> ScalarQuantized:
+    """GPTQ quantization of one weight: the ``QuantizeFn`` of ``jaxquant.methods``.
 
-    Args:
-        w: ``(d_out, d_in)`` float weight (storage order).
-        xtx: ``(d_in, d_in)`` input second moment ``XᵀX`` (any positive scale).
-        recipe: the ``GPTQ`` recipe.
-        key: ignored (GPTQ is deterministic).
-        layout: layout of the leaf the result replaces.
-        path: leaf path, for error messages.
-
-    Returns:
-        The ``ScalarQuantized`` weight.
+    ``xtx`` is the ``(d_in, d_in)`` input second moment (any positive scale); ``key``
+    is ignored (GPTQ is deterministic).
 
     Raises:
         ValueError: missing or mis-shaped ``xtx``, a group size that does not divide
@@ -293,13 +278,4 @@ def quantize_gptq(
             "(a fraction of its mean diagonal); the statistics are not a valid Gram matrix, or "
             "increase GPTQ(damp=...)"
         )
-    return _grid.to_scalar_quantized(
-        codes,
-        scale,
-        zero,
-        bits=recipe.bits,
-        group_size=group_size,
-        symmetric=recipe.symmetric,
-        param_dtype=recipe.param_dtype,
-        layout=layout,
-    )
+    return _grid.to_scalar_quantized(codes, scale, zero, recipe, group_size=group_size, layout=layout)

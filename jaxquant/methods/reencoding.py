@@ -12,24 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-
-
-class Reencode(Protocol):
-    def __call__(
-        self,
-        q: Any,
-        target: jax.Array,
-        idx: jax.Array,
-        *,
-        beam_size: int,
-        trust_ratio: float | None = None,
-        weights: jax.Array | None = None,
-        force: bool = False,
-    ) -> Any: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +40,7 @@ class Reencoder:
 
     num_groups: Callable[[Any], int]
     group_sums: Callable[[Any, jax.Array], jax.Array]
-    reencode: Reencode
+    reencode: Callable[..., Any]
     group_gains: Callable[..., jax.Array] | None = None
 
 

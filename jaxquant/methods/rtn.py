@@ -26,27 +26,11 @@ def _rtn(
     return codes.reshape(d_out, d_in), scale, zero
 
 
-def quantize_rtn(
-    w: jax.Array,
-    xtx: Any,
-    recipe: RTN,
-    key: jax.Array,
-    *,
-    layout: str = "out_in",
-    path: str = "",
-) -> ScalarQuantized:
-    """Round-to-nearest quantization of one weight.
+def quantize_rtn(w: jax.Array, xtx: Any, recipe: RTN, key: jax.Array, *, layout: str = "out_in",
+                 path: str = "") -> ScalarQuantized:
+    """Round-to-nearest quantization of one weight: the ``QuantizeFn`` of ``jaxquant.methods``.
 
-    Args:
-        w: ``(d_out, d_in)`` float weight (storage order).
-        xtx: ignored (RTN is data-free); accepted for the common method signature.
-        recipe: the ``RTN`` recipe.
-        key: ignored (RTN is deterministic).
-        layout: layout of the leaf the result replaces.
-        path: leaf path, for error messages.
-
-    Returns:
-        The ``ScalarQuantized`` weight.
+    ``xtx`` and ``key`` are ignored (RTN is data-free and deterministic).
     """
     del xtx, key
     w = jnp.asarray(w)
@@ -61,13 +45,4 @@ def quantize_rtn(
         clip_search=recipe.clip_search,
         param_dtype=recipe.param_dtype,
     )
-    return _grid.to_scalar_quantized(
-        codes,
-        scale,
-        zero,
-        bits=recipe.bits,
-        group_size=group_size,
-        symmetric=recipe.symmetric,
-        param_dtype=recipe.param_dtype,
-        layout=layout,
-    )
+    return _grid.to_scalar_quantized(codes, scale, zero, recipe, group_size=group_size, layout=layout)

@@ -12,6 +12,7 @@ each step; it exists to check the cache, and the two give identical greedy token
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -50,7 +51,7 @@ def _check_sampling(temperature: float, top_p: float) -> None:
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "temperature", "top_p", "use_cache"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "temperature", "top_p", "use_cache", "on_token"))
 def _generate_jit(
     graphdef: Any,
     params: Any,
@@ -62,8 +63,14 @@ def _generate_jit(
     temperature: float,
     top_p: float,
     use_cache: bool,
+    on_token: Any = None,
 ) -> jax.Array:
     model = nnx.merge(graphdef, params)
+
+    def emit(tokens: jax.Array) -> None:
+        if on_token is not None:  # ordered: the host sees the tokens in the order they are made
+            jax.debug.callback(on_token, tokens, ordered=True)
+
     batch, total = buffer.shape
     keys = jax.random.split(key, steps)
 
@@ -74,6 +81,7 @@ def _generate_jit(
         logits, cache = model.forward(buffer, cache, 0)
         last = jax.lax.dynamic_index_in_dim(logits, prompt_len - 1, axis=1, keepdims=False)
         first = sample_token(last, keys[0], temperature, top_p)
+        emit(first)
         buffer = jax.lax.dynamic_update_slice(buffer, first[:, None], (0, prompt_len))
 
         def step(carry: tuple, k: jax.Array) -> tuple:
@@ -81,6 +89,7 @@ def _generate_jit(
             tok = jax.lax.dynamic_slice(buf, (0, pos), (batch, 1))
             logits, cache = model.forward(tok, cache, pos)
             nxt = sample_token(logits[:, 0], k, temperature, top_p)
+            emit(nxt)
             buf = jax.lax.dynamic_update_slice(buf, nxt[:, None], (0, pos + 1))
             return (buf, cache, pos + 1), None
 
@@ -92,6 +101,7 @@ def _generate_jit(
         logits = model(buf)
         last = jax.lax.dynamic_index_in_dim(logits, pos - 1, axis=1, keepdims=False)
         nxt = sample_token(last, k, temperature, top_p)
+        emit(nxt)
         buf = jax.lax.dynamic_update_slice(buf, nxt[:, None], (0, pos))
         return (buf, pos + 1), None
 
@@ -111,6 +121,7 @@ def generate(
     use_cache: bool = True,
     bucket: int = 64,
     max_length: int | None = None,
+    on_token: Callable[[np.ndarray], None] | None = None,
 ) -> np.ndarray:
     """Continue ``prompt`` by ``max_new_tokens`` tokens.
 
@@ -125,6 +136,9 @@ def generate(
         use_cache: decode with the KV cache (fast) or by recomputing the sequence.
         bucket: pad lengths to a multiple of this to share compilations.
         max_length: context limit; defaults to ``config.max_position_embeddings``.
+        on_token: called on the host with each new token's ids ``[B]`` as it is made, in
+            order (to stream text). A new function compiles the loop anew; pass the same
+            one to reuse a compilation.
 
     Returns:
         ``[B, max_new_tokens]`` (or ``[max_new_tokens]`` for a 1-D prompt) new token ids.
@@ -161,6 +175,7 @@ def generate(
     out = _generate_jit(
         graphdef, params, jnp.asarray(buffer), jnp.int32(t), key,
         steps=max_new_tokens, temperature=float(temperature), top_p=float(top_p), use_cache=use_cache,
+        on_token=on_token,
     )
     new = np.asarray(out)[:, t : t + max_new_tokens]
     return new[0] if squeeze else new

@@ -77,37 +77,30 @@ def _require_small_batch(x: jax.Array, name: str) -> None:
         raise NotImplementedError(f"{name}: {x.shape[0]} rows > DECODE_BATCH_ROWS={DECODE_BATCH_ROWS}")
 
 
-def _pallas_gpu(x: jax.Array, w: Any) -> jax.Array:
-    if jax.default_backend() != "gpu":
-        raise NotImplementedError("pallas_gpu: backend is not gpu")
-    if not isinstance(w, AdditiveQuantized):
-        raise NotImplementedError("pallas_gpu: AdditiveQuantized only")
-    _require_small_batch(x, "pallas_gpu")
-    import pallas_kernels  # only on GPU: the dispatcher must not need Pallas elsewhere
+def _pallas(backend: str) -> Impl:
+    """The Pallas AQLM kernel of ``backend`` ("gpu" or "tpu") as a matmul implementation."""
+    name = f"pallas_{backend}"
 
-    if not pallas_kernels.gpu_eligible(w.codes.shape, w.codebooks.shape):
-        raise NotImplementedError(f"pallas_gpu: unsupported {w!r}")
-    return pallas_kernels.aqlm_matmul_gpu(x, w.codes, w.codebooks, w.scales)
+    def run(x: jax.Array, w: Any) -> jax.Array:
+        if jax.default_backend() != backend:
+            raise NotImplementedError(f"{name}: backend is not {backend}")
+        if not isinstance(w, AdditiveQuantized):
+            raise NotImplementedError(f"{name}: AdditiveQuantized only")
+        _require_small_batch(x, name)
+        import pallas_kernels  # only on GPU/TPU: the dispatcher must not need Pallas elsewhere
 
+        if not getattr(pallas_kernels, f"{backend}_eligible")(w.codes.shape, w.codebooks.shape):
+            raise NotImplementedError(f"{name}: unsupported {w!r}")
+        return getattr(pallas_kernels, f"aqlm_matmul_{backend}")(x, w.codes, w.codebooks, w.scales)
 
-def _pallas_tpu(x: jax.Array, w: Any) -> jax.Array:
-    if jax.default_backend() != "tpu":
-        raise NotImplementedError("pallas_tpu: backend is not tpu")
-    if not isinstance(w, AdditiveQuantized):
-        raise NotImplementedError("pallas_tpu: AdditiveQuantized only")
-    _require_small_batch(x, "pallas_tpu")
-    import pallas_kernels
-
-    if not pallas_kernels.tpu_eligible(w.codes.shape, w.codebooks.shape):
-        raise NotImplementedError(f"pallas_tpu: unsupported {w!r}")
-    return pallas_kernels.aqlm_matmul_tpu(x, w.codes, w.codebooks, w.scales)
+    return run
 
 
 # Tried in this order; the last one accepts every quantized array.
 IMPLEMENTATIONS: dict[str, Impl] = {
     "cuda_ffi": cuda_ffi.matmul_cuda,  # refuses more than cuda_ffi.MAX_ROWS rows itself
-    "pallas_gpu": _pallas_gpu,
-    "pallas_tpu": _pallas_tpu,
+    "pallas_gpu": _pallas("gpu"),
+    "pallas_tpu": _pallas("tpu"),
     "cpu_ffi": cpu_ffi.lut_matmul_ffi,
     "xla_lut": xla.lut_matmul,
     "xla_decode": xla.decode_matmul,
