@@ -1,4 +1,5 @@
-"""Run the layer benchmark, the decode benchmark and the main job at two commits, side by side.
+"""Run the layer benchmark, the decode benchmark, PV-Tuning on a fixed problem and the main job
+at two commits, side by side.
 
 Usage::
 
@@ -43,6 +44,8 @@ LAYER_RUNS = [
 DECODE_RUN = ["benchmarks/decode.py", "--shapes", "4096x4096", "11008x4096", "--batches", "1", "--configs", "2x8",
               "--repeats", "30"]
 # The jaxquant command through its entry point (jaxquant.cli:main at both commits).
+# Run from this checkout's benchmarks/ against each commit's package (it speaks both PV APIs).
+PV_RUN = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "pv_fixed_problem.py")]
 MAIN_JOB = ["-c", "import sys, jaxquant.cli; sys.exit(jaxquant.cli.main())", "quickstart", "--no-progress"]
 
 
@@ -122,6 +125,14 @@ def main(argv: list[str] | None = None) -> int:
         got[side] = _decode(out)
     report["decode"] = got
     print(f"decode: {json.dumps(got)}", flush=True)
+    got = {}
+    for side in refs:
+        out = os.path.join(args.work, f"{side}-pv.json")
+        report["seconds"][f"{side}/pv"] = _run(trees[side], [*PV_RUN, "--out", out], out + ".log")
+        with open(out, encoding="utf-8") as f:
+            got[side] = json.load(f)
+    report["pv_fixed_problem"] = {**got, "identical": got["before"] == got["after"]}
+    print(f"PV on a fixed problem identical: {got['before'] == got['after']}", flush=True)
     if not args.skip_main_job:
         got = {}
         for side in refs:

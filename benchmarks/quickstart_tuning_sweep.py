@@ -68,12 +68,8 @@ def main() -> None:
     p.add_argument("--trust-ratio", type=float, default=None)
     p.add_argument("--every", type=int, default=qs.TuneConfig.every, help="V step every this many steps")
     p.add_argument("--buffer-decay", type=float, default=0.0)
-    p.add_argument("--metric", choices=("euclidean", "adam"), default="euclidean",
-                   help="distance of the V step's selection and re-encoding (pv_tuning's metric)")
     p.add_argument("--force-update", action="store_true",
-                   help="PV: move every selected group along its buffer (pv_tuning's force_update)")
-    p.add_argument("--selection", choices=("distance", "gain"), default="distance",
-                   help="how PV picks its groups (pv_tuning's selection)")
+                   help="PV: move every selected group along its buffer (VStep's force_update)")
     p.add_argument("--modes", default="pv,ste", help="comma-separated: pv, ste")
     p.add_argument("--seed", type=int, action="append", default=None,
                    help="data-order seed of the tuning batches (repeat for several; default 0)")
@@ -132,16 +128,13 @@ def main() -> None:
     # Recorded (in runs and the command) only when changed, so older result files stay comparable.
     adam_moments = {} if (args.v_b1, args.v_b2) == default_moments else {"v_b1": args.v_b1, "v_b2": args.v_b2}
     forced = {"force_update": True} if args.force_update else {}
-    gain = {"selection": args.selection} if args.selection != "distance" else {}
-    if gain and "ste" in args.modes.split(","):
-        p.error("--selection gain is a PV V step: run it with --modes pv")
     every = {} if args.every == qs.TuneConfig.every else {"every": args.every}
     for seed, v_lr in ((seed, v_lr) for seed in seeds for v_lr in args.v_lr):
         tune = dataclasses.replace(cfg.tune, v_lr=v_lr, p_lr=args.p_lr, steps=args.steps,
                                    update_fraction=args.update_fraction, trust_ratio=args.trust_ratio,
-                                   buffer_decay=args.buffer_decay, metric=args.metric, seed=seed,
+                                   buffer_decay=args.buffer_decay, seed=seed,
                                    v_b1=args.v_b1, v_b2=args.v_b2, force_update=args.force_update,
-                                   every=args.every, selection=args.selection)
+                                   every=args.every)
         for mode in args.modes.split(","):
             t0 = time.perf_counter()
             at: dict[str, float] = {}
@@ -155,8 +148,10 @@ def main() -> None:
             runs.append({
                 "mode": mode, "seed": seed, "v_lr": v_lr, "p_lr": args.p_lr, "steps": args.steps,
                 "update_fraction": args.update_fraction, "trust_ratio": args.trust_ratio,
-                "buffer_decay": args.buffer_decay, "metric": args.metric,
-                **adam_moments, **forced, **every, **gain, "perplexity": ppl(tuned),
+                # metric: the V step's distance, recorded so that earlier files (which also
+                # tried "adam") stay comparable in benchmarks/paired_seeds.py.
+                "buffer_decay": args.buffer_decay, "metric": "euclidean",
+                **adam_moments, **forced, **every, "perplexity": ppl(tuned),
                 **({"perplexity_at": at} if eval_at else {}),
                 "codes_changed": float(np.mean(_codes(tuned) != start_codes)),
                 "kl_first": kls[0], "kl_last10": float(np.mean(kls[-10:])),
@@ -168,8 +163,7 @@ def main() -> None:
         + f" --p-lr {args.p_lr:g} --steps {args.steps} --update-fraction {args.update_fraction:g}"
         + (f" --trust-ratio {args.trust_ratio:g}" if args.trust_ratio is not None else "")
         + "".join(f" --{k.replace('_', '-')} {v:g}" for k, v in {**adam_moments, **every}.items())
-        + f" --buffer-decay {args.buffer_decay:g} --metric {args.metric}" + (" --force-update" if forced else "")
-        + (f" --selection {args.selection}" if gain else "")
+        + f" --buffer-decay {args.buffer_decay:g}" + (" --force-update" if forced else "")
         + f" --modes {args.modes}"
         + f" --tolerance {args.tolerance:g} --num-codebooks {args.num_codebooks} --group-size {args.group_size}"
         + (f" --codebook-bits {args.codebook_bits}" if args.codebook_bits != 8 else "")

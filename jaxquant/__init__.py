@@ -20,6 +20,7 @@ _EXPORTS = {
     "store_embeddings": "jaxquant.embeddings:store_embeddings",
     "decoded_value_and_grad": "jaxquant.finetune.pv:decoded_value_and_grad",
     "pv_tuning": "jaxquant.finetune.pv:pv_tuning",
+    "VStep": "jaxquant.finetune.pv:VStep",
     "AdditiveQuantized": "jaxquant.qarray:AdditiveQuantized",
     "ScalarQuantized": "jaxquant.qarray:ScalarQuantized",
     "QuantizedArray": "jaxquant.qarray:QuantizedArray",
@@ -50,7 +51,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from jaxquant import io, models, ops, pipeline, select
     from jaxquant.calibrate import calibrate
     from jaxquant.embeddings import store_embeddings
-    from jaxquant.finetune.pv import decoded_value_and_grad, pv_tuning
+    from jaxquant.finetune.pv import VStep, decoded_value_and_grad, pv_tuning
     from jaxquant.ops.intercept import quantized_linen_interceptor, swap_linear
     from jaxquant.methods import Method
     from jaxquant.methods import register as register_method

@@ -42,7 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant import methods, recipes, recipes_named
+from jaxquant import recipes, recipes_named
+from jaxquant.methods import needs_statistics
 from jaxquant.atomic_files import atomic_write_bytes
 from jaxquant.data import (
     BYTE_TOKENIZER_FILE,
@@ -86,9 +87,7 @@ class TuneConfig:
             after each V step (0 keeps them, 1 resets them).
         every: V step every this many steps.
         beam_size: beam width of the re-encoding search.
-        metric: the V step's distance, ``"euclidean"`` or ``"adam"`` (see ``pv_tuning``).
-        force_update: move every selected group along its buffer (see ``pv_tuning``; PV).
-        selection: how PV picks its groups, ``"distance"`` or ``"gain"`` (see ``pv_tuning``).
+        force_update: move every selected group along its buffer (see ``VStep``; PV).
         seed: data-order seed.
     """
 
@@ -109,9 +108,7 @@ class TuneConfig:
     buffer_decay: float = 0.1
     every: int = 1
     beam_size: int = 8
-    metric: str = "euclidean"
     force_update: bool = False
-    selection: str = "distance"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -131,8 +128,7 @@ class TuneConfig:
         if mode == "pv":
             return self
         if mode == "ste":
-            return dataclasses.replace(self, v_lr=self.ste_v_lr, buffer_decay=0.0, force_update=False,
-                                       selection="distance")
+            return dataclasses.replace(self, v_lr=self.ste_v_lr, buffer_decay=0.0, force_update=False)
         raise ValueError(f"mode={mode!r} must be 'pv' or 'ste'")
 
 
@@ -466,13 +462,11 @@ def global_finetune(
     import optax  # noqa: PLC0415
     from tqdm.auto import tqdm  # noqa: PLC0415
 
-    from jaxquant.finetune.pv import adam, pv_tuning  # noqa: PLC0415
+    from jaxquant.finetune.pv import VStep, adam, pv_tuning  # noqa: PLC0415
 
-    tuner = pv_tuning(optax.adam(cfg.p_lr), adam(cfg.v_lr, b1=cfg.v_b1, b2=cfg.v_b2),
-                      update_fraction=cfg.update_fraction,
-                      trust_ratio=cfg.trust_ratio, every=cfg.every, beam_size=cfg.beam_size, mode=mode,
-                      buffer_decay=cfg.buffer_decay, metric=cfg.metric, force_update=cfg.force_update,
-                      selection=cfg.selection)
+    v_step = VStep(mode=mode, update_fraction=cfg.update_fraction, trust_ratio=cfg.trust_ratio,
+                   beam_size=cfg.beam_size, force_update=cfg.force_update, buffer_decay=cfg.buffer_decay)
+    tuner = pv_tuning(optax.adam(cfg.p_lr), adam(cfg.v_lr, b1=cfg.v_b1, b2=cfg.v_b2), v_step, every=cfg.every)
     # The step donates its inputs; the caller keeps its arrays (init's state shares none).
     qparams = jax.tree.map(jnp.copy, qparams)
     state = tuner.init(qparams)
@@ -569,7 +563,7 @@ def run_quickstart(
             recipe_dict = recipes_named.recipe_to_dict(recipe)
             start = time.perf_counter()
             if method.kind == "oneshot":
-                needs_stats = methods.needs_statistics(recipe)
+                needs_stats = needs_statistics(recipe)
                 if needs_stats and stats is None:  # calibrate once, on first need
                     c0 = time.perf_counter()
                     batches = [jnp.asarray(windows[i : i + cfg.calib_batch])

@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant import methods, recipes, recipes_named
+from jaxquant import recipes, recipes_named
+from jaxquant.methods import needs_statistics
 from jaxquant.atomic_files import atomic_write_bytes
 from jaxquant.data import SECOND_CORPUS, calibration_windows, eval_windows, load_tokenizer, read_text
 from jaxquant.eval import perplexity
@@ -178,7 +179,7 @@ def run_reference_quickstart(
     def quantized(recipe: Any) -> tuple[Any, float]:
         nonlocal stats, calib_seconds
         if repr(recipe) not in oneshot:
-            needs_stats = methods.needs_statistics(recipe)
+            needs_stats = needs_statistics(recipe)
             if needs_stats and stats is None:  # calibrate once, on first need
                 c0 = time.perf_counter()
                 stats = calibrate(apply_fn, params, [jnp.asarray(calib[i : i + config.calib_batch])

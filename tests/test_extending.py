@@ -90,10 +90,9 @@ def quantize_sign(w: jax.Array, xtx: Any, recipe: Sign, key: jax.Array, *, layou
 
 
 def reencode_sign(q: SignQuantized, target: jax.Array, idx: jax.Array, *, beam_size: int,
-                  trust_ratio: float | None = None, weights: jax.Array | None = None,
-                  force: bool = False) -> SignQuantized:
+                  trust_ratio: float | None = None, force: bool = False) -> SignQuantized:
     """Each selected weight takes the sign of its target; a flip moves it by ``2 · s``."""
-    del beam_size, weights, force  # the nearest of two values needs no search and no metric
+    del beam_size, force  # the nearest of two values needs no search, and any change moves it
     cur = q.codes.reshape(-1)[idx]
     new = (target.reshape(-1)[idx] >= 0).astype(jnp.uint8)
     scale = jnp.repeat(q.scales[:, 0], q.d_in)[idx]
@@ -183,8 +182,7 @@ def test_v_step_reencodes_the_furthest_weights_within_the_fraction(tree):
     target = -q.decode_out_in() * jnp.linspace(0.1, 2.0, q.d_out * q.d_in).reshape(q.d_out, q.d_in)
     n = pv.num_groups(q)
     k = pv.num_selected(n, 0.1)
-    out = jax.jit(lambda q, t: pv.v_step_leaf(q, t, mode="pv", update_fraction=0.1, trust_ratio=None,
-                                              beam_size=1))(q, target)
+    out = jax.jit(lambda q, t: pv.v_step_leaf(q, t, pv.VStep(update_fraction=0.1, beam_size=1)))(q, target)
     changed = np.flatnonzero(np.asarray(out.codes != q.codes).reshape(-1))
     furthest = np.argsort(-np.asarray(pv.group_distances(q, target)))[:k]
     assert len(changed) == k and set(changed) == set(furthest.tolist())
@@ -198,7 +196,7 @@ def test_pv_tuning_moves_codes_toward_a_sign_flipped_teacher(tree):
     def loss_fn(p: Any) -> jax.Array:
         return jnp.mean((jq.ops.matmul(x, p["mlp"]["kernel"]) - x @ flipped) ** 2)
 
-    tuner = jq.pv_tuning(optax.sgd(0.0), optax.sgd(50.0), update_fraction=0.25)
+    tuner = jq.pv_tuning(optax.sgd(0.0), optax.sgd(50.0), pv.VStep(update_fraction=0.25))
     state = tuner.init(params)
     value_and_grad = jq.decoded_value_and_grad(loss_fn)
 

@@ -32,7 +32,7 @@ def tiny():
 def test_tuning_lowers_kl(tiny, mode):
     apply_fn, teacher, qparams, tokens = tiny
     loss_fn = losses.distillation_loss(apply_fn, apply_fn, teacher)
-    tuner = pv.pv_tuning(optax.adam(3e-3), optax.adam(3e-3), update_fraction=0.05, mode=mode)
+    tuner = pv.pv_tuning(optax.adam(3e-3), optax.adam(3e-3), pv.VStep(update_fraction=0.05, mode=mode))
     state = tuner.init(qparams)
 
     @jax.jit

@@ -129,7 +129,7 @@ def test_global_finetune_improves_kl_without_retracing(run):
     from jaxquant import quantize, recipes
     from jaxquant.data import builtin_corpus, split_text
     from jaxquant.finetune.losses import kl_divergence
-    from jaxquant.finetune.pv import pv_tuning
+    from jaxquant.finetune.pv import VStep, pv_tuning
     from jaxquant.models import functional
     from jaxquant.qarray import is_quantized
 
@@ -171,7 +171,7 @@ def test_global_finetune_improves_kl_without_retracing(run):
     assert np.mean(codes(ste) != codes(qparams)) > 0
 
     # One compilation for every step.
-    tuner = pv_tuning(optax.adam(1e-3), optax.adam(1e-3), update_fraction=0.05)
+    tuner = pv_tuning(optax.adam(1e-3), optax.adam(1e-3), VStep(update_fraction=0.05))
     step = qs.make_tune_step(chex.assert_max_traces(apply_fn, n=2), tuner)  # student + teacher per trace
     state, qp = tuner.init(qparams), qparams
     for i in range(3):

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import re
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def flag(name: str) -> str:
@@ -24,6 +28,18 @@ def require_positive(args: argparse.Namespace, *names: str) -> None:
         require(args, name, value >= 1 if isinstance(value, int) else value > 0, "must be positive")
 
 
+def with_flags(args: argparse.Namespace, make: Callable[[], T]) -> T:
+    """``make()``, its ``ValueError`` reworded to name flags: ``update_fraction=2.0 ...``
+    becomes ``--update-fraction 2.0 ...`` for every destination of ``args``."""
+    try:
+        return make()
+    except ValueError as e:
+        message = str(e)
+        for name in vars(args):
+            message = re.sub(rf"\b{re.escape(name)}=", flag(name) + " ", message)
+        raise ValueError(message) from None
+
+
 def compute_dtype(name: str) -> Any:
     """The JAX dtype a ``--dtype`` value names (float32 or bfloat16)."""
     import jax.numpy as jnp  # noqa: PLC0415 - the command line starts without JAX
@@ -34,4 +50,4 @@ def compute_dtype(name: str) -> Any:
     return choices[name]
 
 
-__all__ = ["compute_dtype", "flag", "require", "require_positive"]
+__all__ = ["compute_dtype", "flag", "require", "require_positive", "with_flags"]

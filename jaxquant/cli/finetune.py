@@ -23,7 +23,7 @@ import shutil
 import time
 from typing import Any
 
-from jaxquant.cli.checks import require, require_positive
+from jaxquant.cli.checks import require, require_positive, with_flags
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -57,12 +57,6 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force-update", action="store_true",
                    help="PV: move every selected group one step along its buffer even when its old codes are the "
                         "nearest (use with --buffer-decay 1 and --trust-ratio)")
-    p.add_argument("--selection", default="distance", choices=["distance", "gain"],
-                   help="PV: re-encode the groups whose buffer moved furthest (distance, the paper's) or those "
-                        "whose re-encoding lowers their distance to the buffer most (gain)")
-    p.add_argument("--metric", default="euclidean", choices=["euclidean", "adam"],
-                   help="distance of the V step: plain squared error, or each weight weighted by sqrt of the "
-                        "buffer optimizer's Adam second moment")
     p.add_argument("--every", type=int, default=1, help="V step every this many steps")
     p.add_argument("--beam-size", type=int, default=8)
     p.add_argument("--text", default="builtin", help="training text file, or 'builtin'")
@@ -85,22 +79,21 @@ def _check(args: argparse.Namespace) -> None:
                      "beam_size")
     for name in ("p_lr", "v_lr"):
         require(args, name, getattr(args, name) >= 0, "must be >= 0 (0 freezes that step)")
-    require(args, "update_fraction", 0.0 < args.update_fraction <= 1.0, "must be in (0, 1]")
     require(args, "eval_every", args.eval_every >= 0, "must be >= 0")
     require(args, "trust_ratio", args.trust_ratio >= 0, "must be >= 0 (0 turns it off)")
-    require(args, "buffer_decay", 0.0 <= args.buffer_decay <= 1.0, "must be in [0, 1]")
-    if args.force_update and args.mode != "pv":
-        raise ValueError(f"--force-update is a PV V step; --mode {args.mode} re-encodes every group to its "
-                         "nearest codes")
-    if args.selection == "gain" and (args.mode != "pv" or args.force_update):
-        raise ValueError(f"--selection gain is a PV V step without --force-update; got --mode {args.mode}"
-                         + (" and --force-update" if args.force_update else ""))
-    if args.force_update and args.metric != "euclidean":
-        raise ValueError(f"--force-update needs --metric euclidean, got --metric {args.metric}")
     for name in ("v_beta1", "v_beta2"):
         require(args, name, 0.0 <= getattr(args, name) < 1.0, "must be in [0, 1)")
     if args.batch_size % args.micro_batches:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by --micro-batches {args.micro_batches}")
+
+
+def v_step_config(args: argparse.Namespace) -> Any:
+    """The ``VStep`` the flags describe (``--trust-ratio 0``: no bound); its errors name the flags."""
+    from jaxquant.finetune.pv import VStep  # noqa: PLC0415
+
+    return with_flags(args, lambda: VStep(mode=args.mode, update_fraction=args.update_fraction,
+                                          trust_ratio=args.trust_ratio or None, beam_size=args.beam_size,
+                                          force_update=args.force_update, buffer_decay=args.buffer_decay))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxquant.qarray import dequantize, tree_bits  # noqa: PLC0415
 
     _check(args)
+    v_step_config(args)  # bad V-step flags fail before anything loads
     config, qparams = load_quantized_dir(args.quant_dir)
     teacher = from_pretrained(args.teacher)
     if teacher.config.hidden_size != config.hidden_size or teacher.config.num_layers != config.num_layers:
@@ -140,10 +134,7 @@ def run(args: argparse.Namespace) -> int:
     mu_dtype = jnp.dtype(args.mu_dtype)
     tuner = pv.pv_tuning(optax.adam(args.p_lr, mu_dtype=mu_dtype),
                          pv.adam(args.v_lr, b1=args.v_beta1, b2=args.v_beta2, mu_dtype=mu_dtype),
-                         update_fraction=args.update_fraction,
-                         trust_ratio=args.trust_ratio or None, every=args.every, beam_size=args.beam_size,
-                         mode=args.mode, buffer_decay=args.buffer_decay, force_update=args.force_update,
-                         metric=args.metric, selection=args.selection)
+                         v_step_config(args), every=args.every)
     mesh = losses.data_mesh()
     n_dev = mesh.shape["data"]
     shard = args.batch_size % n_dev == 0 and n_dev > 1

@@ -18,6 +18,10 @@ _EXPORTS = {
     "shard_batch": "jaxquant.finetune.losses:shard_batch",
     "PVState": "jaxquant.finetune.pv:PVState",
     "PVTuning": "jaxquant.finetune.pv:PVTuning",
+    "VStep": "jaxquant.finetune.pv:VStep",
+    "v_step": "jaxquant.finetune.pv:v_step",
+    "straight_through_buffers": "jaxquant.finetune.pv:straight_through_buffers",
+    "continuous_grads": "jaxquant.finetune.pv:continuous_grads",
     "decoded_value_and_grad": "jaxquant.finetune.pv:decoded_value_and_grad",
     "pv_tuning": "jaxquant.finetune.pv:pv_tuning",
 }
@@ -27,4 +31,13 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from jaxquant.finetune.block import BlockFinetuneConfig, FinetuneReport, finetune_block, relative_error
     from jaxquant.finetune.losses import accumulate_gradients, distillation_loss, kl_divergence, shard_batch
-    from jaxquant.finetune.pv import PVState, PVTuning, decoded_value_and_grad, pv_tuning
+    from jaxquant.finetune.pv import (
+        PVState,
+        PVTuning,
+        VStep,
+        continuous_grads,
+        decoded_value_and_grad,
+        pv_tuning,
+        straight_through_buffers,
+        v_step,
+    )

@@ -19,14 +19,15 @@ with respect to the *decoded* weights ``∂L/∂Ŵ``:
   never change. With ``force_update`` the selected groups move even where their old
   codes are the closest to the buffer: each takes the closest codes whose change points
   along ``buffer - Ŵ`` (the reference implementation's forced, directional update, made
-  for buffers reset every step). ``metric="adam"`` (not in the paper) weighs the
-  selection distance and the re-encoding error of each weight by ``sqrt(ν)``,
-  ``v_optimizer``'s Adam second moment, and re-encodes by coordinate descent over the
-  codebooks. ``selection="gain"`` (not in the paper) picks instead the groups whose
-  re-encoding lowers their distance to the buffer most.
+  for buffers reset every step).
 
-``mode="ste"`` is the straight-through baseline with the same object: each V step
-re-encodes *every* group from its buffer (no subspace selection, no trust ratio).
+``VStep(mode="ste")`` is the straight-through baseline with the same object: each V
+step re-encodes *every* group from its buffer (no subspace selection, no trust ratio).
+
+The pieces compose on their own as well: ``continuous_grads`` gives the P step's
+gradients for any optax loop over ``split(qtree)[0]``, ``straight_through_buffers``
+starts the buffers, and ``v_step(qtree, buffers, VStep(...))`` is the V step as a pure
+function. ``pv_tuning`` puts them together with a float32 master copy (below).
 
 Everything in ``update`` has static shapes (the number of selected groups is fixed
 from the fraction and the layer's shape at trace time), so one compilation serves
@@ -46,6 +47,7 @@ tuning.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
@@ -65,8 +67,52 @@ from jaxquant.qarray import (
 )
 
 Mode = Literal["pv", "ste"]
-Metric = Literal["euclidean", "adam"]
-Selection = Literal["distance", "gain"]
+
+
+@dataclasses.dataclass(frozen=True)
+class VStep:
+    """Settings of the V step (code re-encoding), validated on construction.
+
+    Attributes:
+        mode: ``"pv"`` re-encodes the ``update_fraction`` of each layer's groups whose
+            buffer moved furthest from their decoded value (the paper's subspace V step);
+            ``"ste"`` re-encodes every group (the straight-through baseline; no trust
+            ratio, no forced moves).
+        update_fraction: fraction of each layer's groups re-encoded per V step ("pv").
+        trust_ratio: optional per-layer bound on ``‖ΔŴ‖_F / ‖Ŵ‖_F`` per V step ("pv").
+        beam_size: beam width of the re-encoding search (AQLM arrays).
+        force_update: every selected group moves one step along ``buffer - Ŵ`` even where
+            its old codes are the closest to the buffer (the reference implementation's
+            ``force_code_update``, meant for ``buffer_decay=1``: the buffer then holds only
+            the last optimizer step, and ``update_fraction`` and ``trust_ratio`` set how
+            many codes move per step). "pv" only.
+        buffer_decay: after each V step, pull the buffers toward the decoded weights:
+            ``b ← Ŵ + (1 - buffer_decay)(b - Ŵ)`` (0 keeps them; 1 resets them, the
+            paper's linearized V step). A buffer then holds a decaying sum of recent
+            steps, so it needs a larger buffer learning rate to reach a new codeword.
+    """
+
+    mode: Mode = "pv"
+    update_fraction: float = 0.01
+    trust_ratio: float | None = None
+    beam_size: int = 8
+    force_update: bool = False
+    buffer_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("pv", "ste"):
+            raise ValueError(f"mode={self.mode!r} must be 'pv' or 'ste'")
+        if self.force_update and self.mode != "pv":
+            raise ValueError(f"force_update=True is a PV V step; mode={self.mode!r} re-encodes every group to "
+                             "its nearest codes")
+        if isinstance(self.update_fraction, bool) or not 0.0 < float(self.update_fraction) <= 1.0:
+            raise ValueError(f"update_fraction={self.update_fraction!r} must be in (0, 1]")
+        if self.trust_ratio is not None and not float(self.trust_ratio) > 0.0:
+            raise ValueError(f"trust_ratio={self.trust_ratio!r} must be positive or None")
+        if isinstance(self.beam_size, bool) or not isinstance(self.beam_size, int) or self.beam_size < 1:
+            raise ValueError(f"beam_size={self.beam_size!r} must be an integer >= 1")
+        if not 0.0 <= float(self.buffer_decay) <= 1.0:
+            raise ValueError(f"buffer_decay={self.buffer_decay!r} must be in [0, 1]")
 
 
 class PVState(NamedTuple):
@@ -112,8 +158,7 @@ def adam(learning_rate: float, b1: float = 0.9, b2: float = 0.999, eps: float = 
     Adam with ``b1 = 0`` (the AQLM reference's recommended V-step setting,
     ``--code_beta1 0``) is RMSprop with bias correction and ``eps`` outside the square
     root; ``optax.adam`` would still keep a zero-decay first moment, one more float32
-    copy of every weight for the straight-through buffers. The state has ``nu`` either
-    way, so ``metric="adam"`` works with both.
+    copy of every weight for the straight-through buffers.
 
     Args:
         learning_rate, b1, b2, eps: as in ``optax.adam``.
@@ -225,28 +270,10 @@ def num_selected(n_groups: int, fraction: float) -> int:
     return max(1, min(n_groups, math.ceil(fraction * n_groups - 1e-9)))
 
 
-def group_distances(q: Any, target: jax.Array, weights: jax.Array | None = None) -> jax.Array:
-    """Squared distance per group between ``target`` and ``q``'s decoding, each weight's
-    term multiplied by ``weights`` when given: ``[n_groups]``."""
+def group_distances(q: Any, target: jax.Array) -> jax.Array:
+    """Squared distance per group between ``target`` and ``q``'s decoding: ``[n_groups]``."""
     diff = target.astype(jnp.float32) - q.decode_out_in(jnp.float32)
-    sq = diff * diff if weights is None else weights.astype(jnp.float32) * diff * diff
-    return reencoder_for(q).group_sums(q, sq)
-
-
-def group_gains(q: Any, target: jax.Array, *, beam_size: int, weights: jax.Array | None = None) -> jax.Array:
-    """How much re-encoding each group toward ``target`` would lower its squared error
-    (each weight's term multiplied by ``weights`` when given): ``[n_groups]``, ≥ 0.
-
-    The codes are those the type's ``reencode`` would pick from the current ones (a beam
-    search, or rounding), so a group with a positive gain is one it would change.
-
-    Raises:
-        TypeError: the array type's ``Reencoder`` has no ``group_gains``.
-    """
-    gains = reencoder_for(q).group_gains
-    if gains is None:
-        raise TypeError(f"selection='gain': the Reencoder of {type(q).__name__} has no group_gains")
-    return gains(q, target, beam_size=beam_size, weights=weights)
+    return reencoder_for(q).group_sums(q, diff * diff)
 
 
 def num_groups(q: Any) -> int:
@@ -254,36 +281,73 @@ def num_groups(q: Any) -> int:
     return reencoder_for(q).num_groups(q)
 
 
-def v_step_leaf(
-    q: Any,
-    buffer: jax.Array,
-    *,
-    mode: Mode,
-    update_fraction: float,
-    trust_ratio: float | None,
-    beam_size: int,
-    weights: jax.Array | None = None,
-    force: bool = False,
-    selection: Selection = "distance",
-) -> Any:
-    """One V step on one quantized array: select groups, re-encode them toward ``buffer``
-    (distances and re-encoding error weighted per weight by ``weights`` when given; with
-    ``force`` every selected group moves along ``buffer - Ŵ``, see ``Reencoder``).
-    ``selection`` ranks the groups by ``group_distances`` or by ``group_gains``."""
+def v_step_leaf(q: Any, buffer: jax.Array, config: VStep) -> Any:
+    """The V step on one quantized array: select groups (all of them for "ste"), re-encode
+    them toward ``buffer`` (``(d_out, d_in)``, storage layout)."""
     n = num_groups(q)
-    if mode == "ste":
+    trust_ratio = config.trust_ratio
+    if config.mode == "ste":
         idx = jnp.arange(n, dtype=jnp.int32)
         trust_ratio = None
     else:
-        if selection == "gain":
-            priority = group_gains(q, buffer, beam_size=beam_size, weights=weights)
-        else:
-            priority = group_distances(q, buffer, weights)
-        # top_k: descending priority, so the trust region admits the highest first.
-        _, idx = jax.lax.top_k(priority, num_selected(n, update_fraction))
+        # top_k: descending distance, so the trust region admits the furthest first.
+        _, idx = jax.lax.top_k(group_distances(q, buffer), num_selected(n, config.update_fraction))
         idx = idx.astype(jnp.int32)
-    return reencoder_for(q).reencode(q, buffer, idx, beam_size=beam_size, trust_ratio=trust_ratio,
-                                      weights=weights, force=force)
+    return reencoder_for(q).reencode(q, buffer, idx, beam_size=config.beam_size, trust_ratio=trust_ratio,
+                                      force=config.force_update)
+
+
+def v_step(qtree: Any, buffers: dict[str, jax.Array], config: VStep) -> tuple[Any, dict[str, jax.Array]]:
+    """The V step over a tree: a pure function of its quantized arrays and their buffers.
+
+    Only codes change (the continuous part is read to decode). With ``buffer_decay`` the
+    buffers are pulled toward the new decoded weights.
+
+    Args:
+        qtree: a tree holding quantized arrays.
+        buffers: ``{path: (n, *shape) float32}`` straight-through buffers, grouped by kind
+            as ``PVState.buffers`` holds them (``straight_through_buffers`` makes them).
+        config: the V step's settings.
+
+    Returns:
+        ``(qtree with new codes, buffers)``.
+    """
+    leaves, treedef, paths = _quantized_paths(qtree)
+    groups = _quantized_groups(leaves, paths)
+    keys = [paths[group[0]] for group in groups]
+    if set(keys) != set(buffers):
+        raise ValueError(f"v_step: the tree's quantized layers group as {keys}, the buffers as {list(buffers)} "
+                         "(buffers of another tree?)")
+
+    def one(q: Any, buf: jax.Array) -> Any:
+        return v_step_leaf(q, buf.T if q.layout == "in_out" else buf, config)  # storage layout
+
+    stacked = [stack([leaves[i] for i in group]) for group in groups]
+    new = map_stacked(one, [(q, buffers[k]) for q, k in zip(stacked, keys, strict=True)])
+    out = list(leaves)
+    for group, q in zip(groups, new, strict=True):
+        for i, q_i in zip(group, unstack(q, len(group)), strict=True):
+            out[i] = q_i
+    if config.buffer_decay:
+        keep = jnp.float32(1.0 - config.buffer_decay)
+        decode = jax.vmap(lambda q: q.decode(jnp.float32))
+        buffers = {k: (dec := decode(q)) + keep * (buffers[k] - dec) for k, q in zip(keys, new, strict=True)}
+    return jax.tree_util.tree_unflatten(treedef, out), buffers
+
+
+def straight_through_buffers(qtree: Any) -> dict[str, jax.Array]:
+    """The straight-through buffers of a tree: each quantized array's decoding, float32,
+    stacked by kind of layer under the path of the first of them (``PVState.buffers``)."""
+    leaves, _, paths = _quantized_paths(qtree)
+    groups = _quantized_groups(leaves, paths)
+    if not groups:
+        raise ValueError("pv_tuning: the tree holds no quantized arrays")
+    for i in (i for group in groups for i in group):
+        try:
+            reencoder_for(leaves[i])
+        except TypeError as e:
+            raise TypeError(f"pv_tuning: {e} (at {paths[i]})") from None
+    return {paths[group[0]]: jnp.stack([leaves[i].decode(jnp.float32) for i in group]) for group in groups}
 
 
 # ----------------------------------------------------------------------------- the transform
@@ -306,136 +370,50 @@ def _quantized_paths(qtree: Any) -> tuple[list[Any], Any, list[str]]:
     return [leaf for _, leaf in flat], treedef, [path for path, _ in flat]
 
 
-def _check_args(update_fraction: float, trust_ratio: float | None, every: int, beam_size: int, mode: str,
-                buffer_decay: float, metric: str, force_update: bool, selection: str) -> None:
-    if mode not in ("pv", "ste"):
-        raise ValueError(f"mode={mode!r} must be 'pv' or 'ste'")
-    if selection not in ("distance", "gain"):
-        raise ValueError(f"selection={selection!r} must be 'distance' or 'gain'")
-    if selection == "gain" and (mode != "pv" or force_update):
-        raise ValueError(f"selection='gain' is a PV V step without force_update; got mode={mode!r}, "
-                         f"force_update={force_update!r}")
-    if metric not in ("euclidean", "adam"):
-        raise ValueError(f"metric={metric!r} must be 'euclidean' or 'adam'")
-    if force_update and mode != "pv":
-        raise ValueError(f"force_update=True is a PV V step; mode={mode!r} re-encodes every group to its nearest codes")
-    if force_update and metric != "euclidean":
-        raise ValueError(f"force_update=True needs metric='euclidean', got metric={metric!r}")
-    if isinstance(update_fraction, bool) or not 0.0 < float(update_fraction) <= 1.0:
-        raise ValueError(f"update_fraction={update_fraction!r} must be in (0, 1]")
-    if trust_ratio is not None and not float(trust_ratio) > 0.0:
-        raise ValueError(f"trust_ratio={trust_ratio!r} must be positive or None")
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"every={every!r} must be an integer >= 1")
-    if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
-        raise ValueError(f"beam_size={beam_size!r} must be an integer >= 1")
-    if not 0.0 <= float(buffer_decay) <= 1.0:
-        raise ValueError(f"buffer_decay={buffer_decay!r} must be in [0, 1]")
-
-
 def pv_tuning(
     p_optimizer: optax.GradientTransformation,
     v_optimizer: optax.GradientTransformation,
+    v_step_config: VStep = VStep(),
     *,
-    update_fraction: float = 0.01,
-    trust_ratio: float | None = None,
     every: int = 1,
-    beam_size: int = 8,
-    mode: Mode = "pv",
-    buffer_decay: float = 0.0,
-    metric: Metric = "euclidean",
-    force_update: bool = False,
-    selection: Selection = "distance",
 ) -> PVTuning:
     """PV-Tuning of a tree holding quantized arrays (see the module docstring).
+
+    The P step is ``p_optimizer`` over the continuous part, so anything optax offers
+    wraps it as usual (``optax.chain``, schedules, ``optax.MultiSteps``,
+    ``optax.apply_if_finite``). The buffers follow ``v_optimizer``; the V step is
+    ``v_step`` with ``v_step_config``, every ``every`` updates.
 
     Args:
         p_optimizer: optax transform for the continuous part (P step), applied every step.
         v_optimizer: optax transform for the straight-through buffers, applied every step.
-        update_fraction: fraction of each layer's groups re-encoded per V step ("pv").
-        trust_ratio: optional per-layer bound on ``‖ΔŴ‖_F / ‖Ŵ‖_F`` per V step ("pv").
+        v_step_config: the V step's settings.
         every: run the V step (code re-encoding) every this many updates.
-        beam_size: beam width of the re-encoding search (AQLM arrays).
-        mode: ``"pv"`` (subspace V step) or ``"ste"`` (re-encode every group).
-        buffer_decay: after each V step, pull the buffers toward the decoded weights:
-            ``b ← Ŵ + (1 - buffer_decay)(b - Ŵ)`` (0 keeps them; 1 resets them, the
-            paper's linearized V step). A buffer then holds a decaying sum of recent
-            steps, so it needs a larger ``v_optimizer`` rate to reach a new codeword. On
-            the quickstart model 0.1 at 5x the rate did best over 100 steps and worse
-            over 400, where the extra code changes add up
-            (``benchmarks/results/pv_vs_straight_through.md``).
-        metric: the distance of the V step's selection and re-encoding. ``"euclidean"``
-            is the paper's. ``"adam"`` weighs each weight by ``sqrt(ν)``, the second-moment
-            estimate of an Adam-like ``v_optimizer`` (its state's unique ``nu``): the
-            metric of the quadratic model Adam's own step minimises, so the codes
-            approximate the buffer where the loss is sensitive. The trust ratio stays
-            Euclidean. On the quickstart model it did worse than "euclidean"
-            (``benchmarks/results/pv_vs_straight_through.md``: 400 steps, seed 0, 4.089
-            and 4.093 against 4.081).
-        force_update: every selected group moves one step along ``buffer - Ŵ`` even where
-            its old codes are the closest to the buffer (the reference implementation's
-            ``force_code_update``, meant for ``buffer_decay=1``: then the buffer holds only
-            the last optimizer step, and ``update_fraction`` and ``trust_ratio`` set how
-            many codes move per step). "pv" mode with the Euclidean metric only. On the
-            quickstart model it did no better than the plain V step
-            (``benchmarks/results/pv_vs_straight_through.md``: best on seed 0, then 4.103
-            against 4.099 over 10 held-out seeds).
-
-        selection: how "pv" picks the ``update_fraction`` of groups. ``"distance"`` (the
-            paper's and the reference's): the groups whose buffer moved furthest from
-            their decoded value. ``"gain"`` (not in the paper): the groups whose
-            re-encoding would bring them closest to their buffer, i.e. the largest drop
-            in the V step's error; it searches every group each V step (the cost of
-            "ste"), and its selected groups all change unless the trust ratio stops them.
-            On the quickstart model it did the same as "distance"
-            (``benchmarks/results/pv_vs_straight_through.md``: 1×4 g2, 4.0990 against
-            4.0995 over 10 held-out seeds).
 
     Returns:
         A ``PVTuning`` ``(init, update)`` pair of pure, jit-compatible functions.
 
     Example:
-        >>> tuner = pv_tuning(optax.adam(1e-4), optax.adam(1e-4), update_fraction=0.01)
+        >>> tuner = pv_tuning(optax.adam(1e-4), optax.adam(1e-4), VStep(update_fraction=0.01))
         >>> state = tuner.init(qparams)
         >>> loss, grads = decoded_value_and_grad(loss_fn)(qparams, batch)
         >>> qparams, state = tuner.update(grads, state, qparams)
     """
-    _check_args(update_fraction, trust_ratio, every, beam_size, mode, buffer_decay, metric, force_update, selection)
-
-    def v_weights(v_state: Any, buffers: dict[str, jax.Array]) -> dict[str, jax.Array | None]:
-        """Per-weight metric of the V step for every buffer (None: Euclidean)."""
-        if metric == "euclidean":
-            return dict.fromkeys(buffers)
-        try:
-            nu = optax.tree_utils.tree_get(v_state, "nu")
-        except KeyError as e:  # several states named nu (a chain of Adams)
-            raise ValueError(f"pv_tuning(metric='adam'): v_optimizer's state has several 'nu': {e}") from e
-        if not isinstance(nu, dict) or set(nu) != set(buffers):
-            raise ValueError("pv_tuning(metric='adam'): v_optimizer's state has no second moment 'nu' over "
-                             f"the buffers (got {type(nu).__name__}); use an Adam-like v_optimizer")
-        return {p: jnp.sqrt(nu[p].astype(jnp.float32)) for p in buffers}
+    if not isinstance(v_step_config, VStep):
+        raise TypeError(f"pv_tuning: v_step_config must be a VStep, got {type(v_step_config).__name__}")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every={every!r} must be an integer >= 1")
 
     def init(qtree: Any) -> PVState:
-        leaves, _, paths = _quantized_paths(qtree)
-        groups = _quantized_groups(leaves, paths)
-        if not groups:
-            raise ValueError("pv_tuning: the tree holds no quantized arrays")
-        for i in (i for group in groups for i in group):
-            try:
-                reencoder_for(leaves[i])
-            except TypeError as e:
-                raise TypeError(f"pv_tuning: {e} (at {paths[i]})") from None
+        buffers = straight_through_buffers(qtree)
         continuous, _ = split(qtree)
         master = _master(continuous, continuous)
-        buffers = {paths[group[0]]: jnp.stack([leaves[i].decode(jnp.float32) for i in group]) for group in groups}
-        v_state = v_optimizer.init(buffers)
-        v_weights(v_state, buffers)  # a v_optimizer without the metric fails here, not mid-jit
         return PVState(
             count=jnp.zeros((), jnp.int32),
             master=master,
             p_state=p_optimizer.init(_with_master(master, continuous)),
             buffers=buffers,
-            v_state=v_state,
+            v_state=v_optimizer.init(buffers),
         )
 
     def update(grads: Any, state: PVState, qtree: Any) -> tuple[Any, PVState]:
@@ -469,7 +447,6 @@ def pv_tuning(
         master = _master(params, continuous)
         continuous = jax.tree.map(lambda m, c: m.astype(c.dtype), params, continuous)
         qtree = merge(continuous, discrete)
-        leaves = jax.tree_util.tree_leaves(qtree, is_leaf=is_quantized)
 
         # Straight-through buffers follow the dense gradient every step.
         v_grads = dict(zip(keys, stacked_grads, strict=True))
@@ -478,32 +455,10 @@ def pv_tuning(
         buffers = optax.apply_updates(state.buffers, v_updates)
 
         # V step: re-encode codes toward the buffers every `every` updates.
-        stacked = {key: stack([leaves[i] for i in group]) for key, group in zip(keys, groups, strict=True)}
-
-        def v_step(args: tuple[dict[str, Any], dict[str, jax.Array]]) -> tuple[dict[str, Any], dict[str, jax.Array]]:
-            qs, bufs = args
-            weights = v_weights(v_state, bufs)  # inside the cond: no work on steps without a V step
-            def one(q: Any, buf: jax.Array, w: jax.Array | None) -> Any:
-                if q.layout == "in_out":  # v_step_leaf works in storage layout
-                    buf, w = buf.T, None if w is None else w.T
-                return v_step_leaf(q, buf, mode=mode, update_fraction=update_fraction, trust_ratio=trust_ratio,
-                                   beam_size=beam_size, weights=w, force=force_update, selection=selection)
-
-            new_qs = dict(zip(keys, map_stacked(one, [(qs[k], bufs[k], weights[k]) for k in keys]), strict=True))
-            if buffer_decay:
-                keep = jnp.float32(1.0 - buffer_decay)
-                decode = jax.vmap(lambda q: q.decode(jnp.float32))
-                bufs = {k: (dec := decode(new_qs[k])) + keep * (bufs[k] - dec) for k in bufs}
-            return new_qs, bufs
-
         do_v = (state.count + 1) % every == 0
-        stacked, buffers = jax.lax.cond(do_v, v_step, lambda a: a, (stacked, buffers))
-        out = list(leaves)
-        for key, group in zip(keys, groups, strict=True):
-            for i, q in zip(group, unstack(stacked[key], len(group)), strict=True):
-                out[i] = q
+        qtree, buffers = jax.lax.cond(do_v, lambda a: v_step(*a, v_step_config), lambda a: a, (qtree, buffers))
         new_state = PVState(count=state.count + 1, master=master, p_state=p_state, buffers=buffers, v_state=v_state)
-        return jax.tree_util.tree_unflatten(treedef, out), new_state
+        return qtree, new_state
 
     return PVTuning(init=init, update=update)
 
@@ -514,10 +469,12 @@ __all__ = [
     "adam",
     "continuous_grads",
     "decoded_value_and_grad",
+    "VStep",
     "group_distances",
-    "group_gains",
     "num_groups",
     "num_selected",
     "pv_tuning",
+    "straight_through_buffers",
+    "v_step",
     "v_step_leaf",
 ]

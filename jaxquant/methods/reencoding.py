@@ -26,22 +26,18 @@ class Reencoder:
         num_groups: ``q -> int``, the number of code groups (static).
         group_sums: ``(q, per_weight) -> [num_groups]``, a ``(d_out, d_in)`` per-weight
             quantity summed over each group (in group order).
-        reencode: ``(q, target, idx, *, beam_size, trust_ratio, weights, force) -> q'``:
-            ``q`` with the groups ``idx`` re-encoded toward the ``(d_out, d_in)`` float32
-            ``target``. A group keeps its codes unless the new ones are strictly closer
-            (or, with ``force``, unless no code moves it toward the target), and with
+        reencode: ``(q, target, idx, *, beam_size, trust_ratio, force) -> q'``: ``q`` with
+            the groups ``idx`` re-encoded toward the ``(d_out, d_in)`` float32 ``target``.
+            A group keeps its codes unless the new ones are strictly closer (or, with
+            ``force``, unless no code moves it toward the target), and with
             ``trust_ratio`` the changes are accepted in the order of ``idx`` while
-            ``‖ΔŴ‖_F ≤ trust_ratio · ‖Ŵ‖_F`` (``accept_changes``). ``weights`` is an
-            optional per-weight metric of the error; ``beam_size`` is for searches that
-            use one.
-        group_gains: optional ``(q, target, *, beam_size, weights) -> [num_groups]``: how
-            much ``reencode`` would lower each group's error (``selection="gain"``).
+            ``‖ΔŴ‖_F ≤ trust_ratio · ‖Ŵ‖_F`` (``accept_changes``). ``beam_size`` is for
+            searches that use one.
     """
 
     num_groups: Callable[[Any], int]
     group_sums: Callable[[Any, jax.Array], jax.Array]
     reencode: Callable[..., Any]
-    group_gains: Callable[..., jax.Array] | None = None
 
 
 def accept_changes(better: jax.Array, delta_sq: jax.Array, w_sq: jax.Array, trust_ratio: float | None) -> jax.Array:

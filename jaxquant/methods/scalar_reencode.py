@@ -57,15 +57,14 @@ def reencode_scalar(
     *,
     beam_size: int = 1,
     trust_ratio: float | None = None,
-    weights: jax.Array | None = None,
     force: bool = False,
 ) -> ScalarQuantized:
     """Re-encode the weights ``idx`` (flat ``o * d_in + i``) of ``q`` toward ``target``
     by rounding to the nearest grid point (exact for a scalar grid); with ``force``, to
     the nearest grid point other than the current one on ``target``'s side of it (none
-    at the end of the grid: the weight keeps its code). The nearest grid point does not
-    depend on a diagonal metric, so ``weights`` (and ``beam_size``) change nothing here."""
-    del beam_size, weights
+    at the end of the grid: the weight keeps its code). Rounding needs no search:
+    ``beam_size`` is unused."""
+    del beam_size
     c = _scalar_candidates(q, target, idx, force=force)
     t, cur, new, dec_cur, dec_new = c.t, c.cur, c.new, c.dec_cur, c.dec_new
     better = (new != cur.astype(jnp.float32)) if force else (dec_new - t) ** 2 < (dec_cur - t) ** 2
@@ -76,20 +75,8 @@ def reencode_scalar(
     return dataclasses.replace(q, codes=codes)
 
 
-def group_gains_scalar(
-    q: ScalarQuantized, target: jax.Array, *, beam_size: int = 1, weights: jax.Array | None = None
-) -> jax.Array:
-    """How much rounding toward ``target`` lowers each weight's (weighted) squared error."""
-    del beam_size
-    idx = jnp.arange(q.d_out * q.d_in, dtype=jnp.int32)
-    s = _scalar_candidates(q, target, idx, force=False)
-    gain = (s.dec_cur - s.t) ** 2 - (s.dec_new - s.t) ** 2
-    return jnp.maximum(gain if weights is None else weights.astype(jnp.float32).reshape(-1) * gain, 0.0)
-
-
 REENCODER = Reencoder(
     num_groups=lambda q: q.d_out * q.d_in,
     group_sums=lambda q, per_weight: per_weight.reshape(-1),
     reencode=reencode_scalar,
-    group_gains=group_gains_scalar,
 )

@@ -1,8 +1,7 @@
 """Re-encoding AQLM tiles toward a dense target: the V step of PV-Tuning and straight-through.
 
 A group is one ``og × ig`` tile with its ``M`` codes. Selected tiles get the codes a beam
-search (identity metric) finds from their current codes, or, with a per-weight metric,
-the codes of a coordinate descent over the codebooks; ``force`` adds a one-code step
+search (identity metric) finds from their current codes; ``force`` adds a one-code step
 along the target's direction for buffers that move less than one codeword.
 """
 
@@ -77,40 +76,6 @@ def _search_in_chunks(
     return _in_chunks(search, t, s, cur, cur_sum)
 
 
-# Passes of the weighted coordinate descent over the codebooks; one is exact for M = 1.
-WEIGHTED_PASSES = 2
-
-
-def _weighted_descent(
-    t: jax.Array, s: jax.Array, h: jax.Array, cur: jax.Array, cur_sum: jax.Array, books_t: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Codes minimising ``Σ_j h_j (s·Σ_m a_m[j] - t_j)²`` per column by coordinate descent
-    from ``cur``: each codebook in turn takes its best codeword with the others fixed, so
-    the error never increases (the current codeword is a candidate) and one pass is the
-    exact minimum for one codebook.
-
-    Args:
-        t: ``[D, k]`` targets; s: ``[k]`` scales; h: ``[D, k]`` non-negative weights.
-        cur: ``[M, k]`` int32 start codes; cur_sum: ``[D, k]`` their unscaled tiles.
-        books_t: ``[M, D, K]``.
-
-    Returns:
-        ``(codes [M, k], unscaled tiles [D, k])``.
-    """
-    m = books_t.shape[0]
-    for _ in range(1 if m == 1 else WEIGHTED_PASSES):
-        for j in range(m):  # M is small and static
-            book = books_t[j]  # [D, K]
-            rest = cur_sum - book[:, cur[j]]
-            resid = t - s * rest  # what codebook j must supply, scaled
-            # Σ h (s a - r)² = s² Σ h a² - 2 s Σ h a r + const, for every codeword a at once.
-            scores = s**2 * ((book * book).T @ h) - 2 * s * (book.T @ (h * resid))  # [K, k]
-            best = jnp.argmin(scores, axis=0).astype(jnp.int32)
-            cur = cur.at[j].set(best)
-            cur_sum = rest + book[:, best]
-    return cur, cur_sum
-
-
 def _directional_move(
     t: jax.Array, s: jax.Array, cur: jax.Array, cur_sum: jax.Array, books_t: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -154,7 +119,6 @@ class _AdditiveCandidates(NamedTuple):
 
     t: jax.Array  # [D, k] targets
     s: jax.Array  # [k] scales
-    h: jax.Array | None  # [D, k] per-weight metric (None: Euclidean)
     cur: jax.Array  # [M, k] current codes
     cur_sum: jax.Array  # [D, k] their unscaled tiles
     new: jax.Array  # [M, k] searched codes
@@ -162,14 +126,12 @@ class _AdditiveCandidates(NamedTuple):
     books_t: jax.Array  # [M, D, K]
 
     def err(self, tiles: jax.Array) -> jax.Array:
-        """``[k]`` (metric-weighted) squared error of unscaled ``tiles`` to the targets."""
-        sq = (self.s * tiles - self.t) ** 2
-        return jnp.sum(sq if self.h is None else self.h * sq, axis=0)
+        """``[k]`` squared error of unscaled ``tiles`` to the targets."""
+        return jnp.sum((self.s * tiles - self.t) ** 2, axis=0)
 
 
-def _additive_candidates(
-    q: AdditiveQuantized, target: jax.Array, idx: jax.Array, *, beam_size: int, weights: jax.Array | None
-) -> _AdditiveCandidates:
+def _additive_candidates(q: AdditiveQuantized, target: jax.Array, idx: jax.Array, *, beam_size: int
+                         ) -> _AdditiveCandidates:
     """Search new codes for the tiles ``idx`` of ``q`` toward ``target`` (see ``reencode_additive``)."""
     m, k_book, og, ig = q.codebooks.shape
     n_ig = q.d_in // ig
@@ -178,13 +140,8 @@ def _additive_candidates(
     s = q.scales.astype(jnp.float32).reshape(-1)[idx // n_ig]  # [k]
     cur = q.codes.reshape(-1, m)[idx].T.astype(jnp.int32)  # [M, k]
     cur_sum = tile_sums(books_t, cur)
-    if weights is None:
-        h = None
-        new, new_sum = _search_in_chunks(t, s, cur, cur_sum, books_t, min(beam_size, k_book))
-    else:
-        h = group_tiles(weights.astype(jnp.float32), og, ig)[idx].T  # [D, k]
-        new, new_sum = _in_chunks(lambda *a: _weighted_descent(*a, books_t), t, s, h, cur, cur_sum)
-    return _AdditiveCandidates(t, s, h, cur, cur_sum, new, new_sum, books_t)
+    new, new_sum = _search_in_chunks(t, s, cur, cur_sum, books_t, min(beam_size, k_book))
+    return _AdditiveCandidates(t, s, cur, cur_sum, new, new_sum, books_t)
 
 
 def reencode_additive(
@@ -194,7 +151,6 @@ def reencode_additive(
     *,
     beam_size: int,
     trust_ratio: float | None = None,
-    weights: jax.Array | None = None,
     force: bool = False,
 ) -> AdditiveQuantized:
     """Re-encode the groups ``idx`` of ``q`` toward ``target`` by beam search.
@@ -203,8 +159,6 @@ def reencode_additive(
     a beam search that starts from its current codes (``beam_search.search_group`` with
     an identity metric); a tile keeps its old codes unless the new ones are strictly
     better, and ``trust_ratio`` bounds the layer's total change (see the module doc).
-    With ``weights`` the error is ``Σ w (s·Σ_m a_m - target)²`` and the search is the
-    coordinate descent of ``_weighted_descent`` (``beam_size`` unused).
 
     With ``force`` every selected tile moves unless no codeword points its way: it takes
     the closer to ``target`` of the beam search's result (when that changed the tile along
@@ -217,18 +171,15 @@ def reencode_additive(
         target: ``(d_out, d_in)`` float32 dense target in storage layout.
         idx: ``[k]`` int32 distinct group indices (``o_group * n_in_groups + in_group``).
         beam_size: beam width.
-        trust_ratio: optional bound on ``‖ΔŴ‖_F / ‖Ŵ‖_F`` (always Euclidean).
-        weights: optional ``(d_out, d_in)`` non-negative per-weight metric of the error.
-        force: move every selected tile along ``target - Ŵ`` (Euclidean only).
+        trust_ratio: optional bound on ``‖ΔŴ‖_F / ‖Ŵ‖_F``.
+        force: move every selected tile along ``target - Ŵ``.
 
     Returns:
         ``q`` with new codes for (a subset of) the groups ``idx``.
     """
-    if force and weights is not None:
-        raise ValueError("reencode_additive: force=True needs the Euclidean metric (weights=None)")
     m = q.codebooks.shape[0]
     codes_flat = q.codes.reshape(-1, m)
-    c = _additive_candidates(q, target, idx, beam_size=beam_size, weights=weights)
+    c = _additive_candidates(q, target, idx, beam_size=beam_size)
     t, s, cur, cur_sum, new, new_sum, books_t = c.t, c.s, c.cur, c.cur_sum, c.new, c.new_sum, c.books_t
     err = c.err
     err_new, err_cur = err(new_sum), err(cur_sum)
@@ -259,19 +210,8 @@ def group_sums_additive(q: AdditiveQuantized, per_weight: jax.Array) -> jax.Arra
     return jnp.sum(group_tiles(per_weight, q.out_group_size, q.in_group_size), axis=1)
 
 
-def group_gains_additive(
-    q: AdditiveQuantized, target: jax.Array, *, beam_size: int, weights: jax.Array | None = None
-) -> jax.Array:
-    """How much ``reencode_additive``'s search lowers each tile's error toward ``target``."""
-    idx = jnp.arange(num_groups_additive(q), dtype=jnp.int32)
-    w = None if weights is None else weights.astype(jnp.float32)
-    c = _additive_candidates(q, target, idx, beam_size=beam_size, weights=w)
-    return jnp.maximum(c.err(c.cur_sum) - c.err(c.new_sum), 0.0)
-
-
 REENCODER = Reencoder(
     num_groups=num_groups_additive,
     group_sums=group_sums_additive,
     reencode=reencode_additive,
-    group_gains=group_gains_additive,
 )
