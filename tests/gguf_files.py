@@ -94,7 +94,7 @@ def gguf_name(hf: str) -> str:
 def write_llama_gguf(path: str | os.PathLike, *, seed: int = 0, tied: bool = False,
                      types: dict[str, gguf.GGMLQuantizationType] | None = None,
                      default_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
-                     pre: str = "smollm") -> dict[str, np.ndarray]:
+                     pre: str = "smollm", context: int = CONTEXT) -> dict[str, np.ndarray]:
     """Write a random 2-layer Llama as a GGUF file; returns its Hugging Face float32 tensors.
 
     Args:
@@ -105,12 +105,13 @@ def write_llama_gguf(path: str | os.PathLike, *, seed: int = 0, tied: bool = Fal
             norms always stay F32, as llama.cpp keeps them.
         default_type: storage type of every other matrix.
         pre: ``tokenizer.ggml.pre``.
+        context: the context length the file declares.
     """
     tokens, merges, token_types = tokenizer_vocab()
     hf = random_hf_tensors(seed, len(tokens), tied)
     w = gguf.GGUFWriter(os.fspath(path), "llama")
     w.add_block_count(LAYERS)
-    w.add_context_length(CONTEXT)
+    w.add_context_length(context)
     w.add_embedding_length(HIDDEN)
     w.add_feed_forward_length(FFN)
     w.add_head_count(HEADS)

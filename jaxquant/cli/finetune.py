@@ -62,7 +62,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", default="builtin", help="training text file, or 'builtin'")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--micro-batches", type=int, default=1, help="gradient accumulation steps per batch")
-    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="tokens per training and validation window (default: 256, or the model's context if shorter)")
     p.add_argument("--eval-every", type=int, default=50, help="validation perplexity every N steps (0: end only)")
     p.add_argument("--eval-windows", type=int, default=32)
     p.add_argument("--save-every", type=int, default=100, help="resume checkpoint every N steps")
@@ -75,8 +76,9 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    require_positive(args, "steps", "batch_size", "micro_batches", "seqlen", "eval_windows", "save_every", "every",
-                     "beam_size")
+    require_positive(args, "steps", "batch_size", "micro_batches", "eval_windows", "save_every", "every", "beam_size")
+    if args.seqlen is not None:
+        require_positive(args, "seqlen")
     for name in ("p_lr", "v_lr"):
         require(args, name, getattr(args, name) >= 0, "must be >= 0 (0 freezes that step)")
     require(args, "eval_every", args.eval_every >= 0, "must be >= 0")
@@ -124,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
     apply_fn, teacher_params = functional(teacher)
     if jax.tree.structure(jax.eval_shape(dequantize, qparams)) != jax.tree.structure(teacher_params):
         raise ValueError(f"the parameters in {args.quant_dir!r} do not match the teacher's structure")
+    if args.seqlen is None:
+        args.seqlen = min(256, config.max_position_embeddings)
     if args.seqlen > config.max_position_embeddings:  # training and validation windows are --seqlen tokens
         raise ValueError(f"--seqlen {args.seqlen} exceeds the model's context of {config.max_position_embeddings}")
     tokenizer = load_tokenizer(args.teacher)
