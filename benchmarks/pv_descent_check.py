@@ -26,30 +26,36 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxquant import quickstart as qs
+from jaxquant.finetune import distill as distill_module
 from jaxquant.qarray import dequantize, merge, split
 
 
-def make_checked_tune_step(apply_fn: Callable[[Any, jax.Array], jax.Array], tuner: Any) -> Callable:
-    """``quickstart.make_tune_step`` with the descent check on the codes (module docstring)."""
-    from jaxquant.finetune import losses, pv  # noqa: PLC0415
+def make_checked_step(tuner: Any, loss_fn: Callable[[Any, Any, jax.Array], jax.Array], layout: Any,
+                      micro_batches: int) -> Callable:
+    """``jaxquant.finetune.distill``'s step with the descent check on the codes (module docstring)."""
+    from jaxquant.finetune import pv  # noqa: PLC0415
+
+    if layout is not None or micro_batches != 1:
+        raise ValueError("the descent check runs the plain distillation step only")
 
     def step(qparams: Any, state: Any, teacher_params: Any, tokens: jax.Array) -> tuple[Any, Any, jax.Array]:
-        loss_fn = losses.distillation_loss(apply_fn, apply_fn, teacher_params)
-        loss, grads = pv.decoded_value_and_grad(loss_fn)(qparams, tokens)
+        def loss(p: Any, t: jax.Array) -> jax.Array:
+            return loss_fn(p, teacher_params, t)
+
+        value, grads = pv.decoded_value_and_grad(loss)(qparams, tokens)
         new_q, new_state = tuner.update(grads, state, qparams)
         continuous, _ = split(new_q)
         _, old_codes = split(qparams)
         p_only = merge(continuous, old_codes)
-        accept = loss_fn(dequantize(new_q), tokens) <= loss_fn(dequantize(p_only), tokens)
+        accept = loss(dequantize(new_q), tokens) <= loss(dequantize(p_only), tokens)
         out = jax.tree.map(lambda new, old: jnp.where(accept, new, old), new_q, p_only)
-        return out, new_state, loss
+        return out, new_state, value
 
-    return jax.jit(step)
+    return jax.jit(step, donate_argnums=(0, 1))
 
 
 if __name__ == "__main__":
-    qs.make_tune_step = make_checked_tune_step  # global_finetune looks it up at call time
+    distill_module._step_fn = make_checked_step  # distill looks it up at call time
     sweep = Path(__file__).with_name("quickstart_tuning_sweep.py")
     sys.argv = [str(sweep), *sys.argv[1:]]
     runpy.run_path(str(sweep), run_name="__main__")

@@ -1,4 +1,7 @@
-"""PV-Tuning on a fixed small problem: a hash of the final codes and codebooks, and every loss.
+"""PV-Tuning on fixed small problems: a hash of the final codes, and every loss.
+
+The problems: ``pv_tuning`` on one AQLM layer, and the quickstart's distillation loop
+(``global_finetune``, the main job's PV row) on a small random Llama quantized with RTN.
 
 Usage: ``python benchmarks/pv_fixed_problem.py [--out RESULT.json]``
 
@@ -58,6 +61,25 @@ for mode in ("pv", "ste"):
     h = hashlib.sha256(np.asarray(p["w"].codes).tobytes() + np.asarray(p["w"].codebooks).tobytes()).hexdigest()[:16]
     results[mode] = {"hash": h, "losses": losses}
     print(mode, h, " ".join(f"{v:.9g}" for v in losses), flush=True)
+# The quickstart's distillation loop (the main job's PV row) on a small random Llama.
+from flax import nnx  # noqa: E402
+
+from jaxquant import quickstart as qs  # noqa: E402
+from jaxquant.models import LlamaForCausalLM, ModelConfig, functional  # noqa: E402
+
+model = LlamaForCausalLM(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
+                                     head_dim=16, vocab_size=64, max_position_embeddings=64), rngs=nnx.Rngs(0))
+apply_fn, teacher = functional(model)
+tokens = np.random.default_rng(0).integers(0, 64, size=4096).astype(np.int32)
+qparams = jq.quantize(teacher, None, jq.RTN(bits=2, group_size=16))
+tune = qs.TuneConfig(steps=6, batch_size=4, seqlen=32, beam_size=2, update_fraction=0.1, trust_ratio=0.05)
+for mode in ("pv", "ste"):
+    tuned, kls = qs.global_finetune(apply_fn, teacher, qparams, tokens, tune, mode=mode)
+    codes = b"".join(np.asarray(leaf.codes).tobytes() for leaf in jax.tree.leaves(tuned, is_leaf=jq.is_quantized)
+                     if jq.is_quantized(leaf))
+    h = hashlib.sha256(codes).hexdigest()[:16]
+    results[f"global_finetune_{mode}"] = {"hash": h, "losses": [float(v) for v in kls]}
+    print(f"global_finetune {mode}", h, " ".join(f"{v:.9g}" for v in kls), flush=True)
 if args.out:
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)

@@ -50,12 +50,11 @@ from jaxquant.data import (
     ByteTokenizer,
     builtin_corpus,
     calibration_windows,
-    random_batches,
     split_text,
 )
 from jaxquant.eval import perplexity, unigram_perplexity
 from jaxquant.finetune.block import BlockFinetuneConfig
-from jaxquant.host_memory import peak_rss_mb, release_freed_memory
+from jaxquant.host_memory import peak_rss_mb
 from jaxquant.models.config import ModelConfig
 from jaxquant.models.llama import LlamaForCausalLM, functional
 from jaxquant.models.loading import from_pretrained, save_pretrained
@@ -121,6 +120,19 @@ class TuneConfig:
         for name in ("v_b1", "v_b2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must lie in [0, 1)")
+
+    def distill_config(self, mode: str) -> Any:
+        """These settings as a ``jaxquant.finetune.distill.DistillConfig`` in ``mode`` (float32
+        first moments; no evaluations inside the loop)."""
+        from jaxquant.finetune.distill import DistillConfig  # noqa: PLC0415
+        from jaxquant.finetune.pv import VStep  # noqa: PLC0415
+
+        cfg = self
+        v_step = VStep(mode=mode, update_fraction=cfg.update_fraction, trust_ratio=cfg.trust_ratio,
+                       beam_size=cfg.beam_size, force_update=cfg.force_update, buffer_decay=cfg.buffer_decay)
+        return DistillConfig(steps=cfg.steps, batch_size=cfg.batch_size, seqlen=cfg.seqlen, p_lr=cfg.p_lr,
+                             v_lr=cfg.v_lr, v_beta1=cfg.v_b1, v_beta2=cfg.v_b2, mu_dtype="float32", v_step=v_step,
+                             every=cfg.every, seed=cfg.seed, eval_every=0)
 
     def for_mode(self, mode: str) -> TuneConfig:
         """The settings a ``mode`` row runs with: these for ``"pv"``; for ``"ste"``, the
@@ -385,42 +397,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def make_tune_step(apply_fn: Callable[[Any, jax.Array], jax.Array], tuner: Any,
-                   loss_fn: Callable[[Any, Any, jax.Array], jax.Array] | None = None, *,
-                   donate: bool = False, layout: Any = None) -> Callable:
-    """The jit'd distillation step ``(qparams, state, teacher_params, tokens) -> (qparams, state, kl)``.
-
-    The loss is ``KL(teacher ‖ student)`` per next-token distribution
-    (``jaxquant.finetune.losses.distillation_loss``), differentiated with respect to the
-    decoded weights (``decoded_value_and_grad``) and applied by ``tuner.update``. The
-    teacher's parameters are an argument, not a closure: closed-over arrays would be
-    baked into the program as constants.
-
-    Args:
-        apply_fn: ``apply_fn(params, tokens) -> logits`` of student and teacher.
-        tuner: a ``pv_tuning`` transform.
-        loss_fn: ``loss_fn(params, teacher_params, tokens) -> KL`` to use instead, e.g.
-            ``losses.chunked_distillation_loss`` (the same value in far less memory).
-        donate: donate ``qparams`` and ``state`` to the step, so their buffers hold the
-            results instead of a second copy; the caller must then not read them after
-            the call (``pv_tuning``'s ``init`` shares no buffer with the parameters).
-        layout: the parameter layout ``loss_fn`` takes (``decoded_value_and_grad``'s), e.g.
-            the ``LayerStack`` of ``jaxquant.models.distill.lean_distillation``.
-    """
-    from jaxquant.finetune import losses, pv  # noqa: PLC0415
-
-    def step(qparams: Any, state: Any, teacher_params: Any, tokens: jax.Array) -> tuple[Any, Any, jax.Array]:
-        if loss_fn is None:
-            vg = pv.decoded_value_and_grad(losses.distillation_loss(apply_fn, apply_fn, teacher_params))
-        else:
-            vg = pv.decoded_value_and_grad(lambda p, t: loss_fn(p, teacher_params, t), layout=layout)
-        loss, grads = vg(qparams, tokens)
-        qparams, state = tuner.update(grads, state, qparams)
-        return qparams, state, loss
-
-    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
-
-
 def global_finetune(
     apply_fn: Callable[[Any, jax.Array], jax.Array],
     teacher_params: Any,
@@ -450,8 +426,11 @@ def global_finetune(
         on_step: optional ``on_step(steps_done, qparams)`` called after every step, e.g. to
             evaluate at chosen steps of one long run (the learning rates are constant, so
             the state after step k equals that of a k-step run with the same seed).
-        loss_fn: the distillation loss, if not the plain one (see ``make_tune_step``).
-        layout: the parameter layout ``loss_fn`` takes (see ``make_tune_step``).
+        loss_fn: ``loss_fn(params, teacher_params, tokens)``, the distillation loss if not the
+            plain ``KL(teacher ‖ student)`` (``jaxquant.finetune.losses.distillation_loss``),
+            e.g. ``losses.chunked_distillation_loss`` (the same value in far less memory).
+        layout: the parameter layout ``loss_fn`` takes (``decoded_value_and_grad``'s), e.g.
+            the ``LayerStack`` of ``jaxquant.models.distill.lean_distillation``.
 
     Returns:
         ``(tuned qparams, per-step KL losses)``.
@@ -459,34 +438,16 @@ def global_finetune(
     Raises:
         ValueError: a non-finite loss (learning rate too high).
     """
-    import optax  # noqa: PLC0415
-    from tqdm.auto import tqdm  # noqa: PLC0415
+    from jaxquant.finetune import losses  # noqa: PLC0415
+    from jaxquant.finetune.distill import distill  # noqa: PLC0415
 
-    from jaxquant.finetune.pv import VStep, adam, pv_tuning  # noqa: PLC0415
+    if loss_fn is None:
+        def loss_fn(p: Any, teacher: Any, tokens: jax.Array) -> jax.Array:
+            return losses.distillation_loss(apply_fn, apply_fn, teacher)(p, tokens)
 
-    v_step = VStep(mode=mode, update_fraction=cfg.update_fraction, trust_ratio=cfg.trust_ratio,
-                   beam_size=cfg.beam_size, force_update=cfg.force_update, buffer_decay=cfg.buffer_decay)
-    tuner = pv_tuning(optax.adam(cfg.p_lr), adam(cfg.v_lr, b1=cfg.v_b1, b2=cfg.v_b2), v_step, every=cfg.every)
-    # The step donates its inputs; the caller keeps its arrays (init's state shares none).
-    qparams = jax.tree.map(jnp.copy, qparams)
-    state = tuner.init(qparams)
-    step = make_tune_step(apply_fn, tuner, loss_fn, donate=True, layout=layout).lower(
-        qparams, state, teacher_params, jnp.zeros((cfg.batch_size, cfg.seqlen), jnp.int32)).compile()
-    release_freed_memory()  # the compiler's freed heap, before the step's buffers
-    # Windows of `seqlen` tokens: random_batches adds one token for a target we do not need.
-    batches = random_batches(train_tokens, cfg.batch_size, cfg.seqlen - 1, seed=cfg.seed)
-    kls: list[Any] = []
-    for i in tqdm(range(cfg.steps), desc=desc or f"tuning ({mode})", disable=not progress, leave=False):
-        qparams, state, kl = step(qparams, state, teacher_params, jnp.asarray(next(batches)))
-        kls.append(kl)
-        if on_step is not None:  # a copy: the next step donates qparams' buffers
-            on_step(i + 1, jax.tree.map(jnp.copy, qparams))
-        if i % 10 == 9 and not math.isfinite(float(kl)):  # reading synchronises: only now and then
-            raise ValueError(f"the KL loss became {float(kl)} at step {i + 1} (learning rate too high?)")
-    losses = [float(x) for x in kls]
-    if losses and not all(math.isfinite(x) for x in losses):
-        raise ValueError(f"the KL loss became non-finite during {mode} tuning (learning rate too high?)")
-    return qparams, losses
+    result = distill(qparams, teacher_params, train_tokens, cfg.distill_config(mode), loss_fn, layout=layout,
+                     on_step=on_step, progress=progress, desc=desc or f"tuning ({mode})")
+    return result.params, result.losses
 
 
 def machine_record() -> dict[str, Any]:

@@ -77,6 +77,16 @@ def test_finetune_writes_model_and_resumes(dirs, capsys):
     assert any(line.startswith("step 2/4: kl ") and "validation perplexity" in line for line in said.splitlines())
 
 
+def test_finetune_flag_defaults_are_the_library_defaults():
+    """The command's defaults are DistillConfig's (the one place they are decided)."""
+    from jaxquant.cli import build_parser  # noqa: PLC0415
+    from jaxquant.cli.finetune import distill_config  # noqa: PLC0415
+    from jaxquant.finetune.distill import DistillConfig  # noqa: PLC0415
+
+    args = build_parser().parse_args(["finetune", "q", "--teacher", "t", "--out", "o"])
+    assert distill_config(args) == DistillConfig()
+
+
 def test_finetune_bad_arguments(dirs, capsys):
     root, teacher, quant = dirs
     assert main(_args(quant, teacher, str(root / "bad"), 0)) == 1

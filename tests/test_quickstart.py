@@ -11,6 +11,8 @@ import pytest
 import jaxquant as jq
 from jaxquant import quickstart as qs
 from jaxquant.data import ByteTokenizer, load_tokenizer
+from jaxquant.finetune import distill as distill_module
+from jaxquant.finetune import losses
 from jaxquant.models import LlamaForCausalLM, ModelConfig, from_pretrained, generate
 from jaxquant.train import TrainConfig
 
@@ -170,10 +172,16 @@ def test_global_finetune_improves_kl_without_retracing(run):
     assert 0 < changed_pv <= 12 * 0.05 + 1e-9  # at most the requested fraction per step
     assert np.mean(codes(ste) != codes(qparams)) > 0
 
-    # One compilation for every step.
+    # One compilation of the distillation step for every step.
     tuner = pv_tuning(optax.adam(1e-3), optax.adam(1e-3), VStep(update_fraction=0.05))
-    step = qs.make_tune_step(chex.assert_max_traces(apply_fn, n=2), tuner)  # student + teacher per trace
-    state, qp = tuner.init(qparams), qparams
+    traced = chex.assert_max_traces(apply_fn, n=2)  # student + teacher per trace
+
+    def loss_fn(p, teacher, tokens):
+        return losses.distillation_loss(traced, traced, teacher)(p, tokens)
+
+    step = distill_module._step_fn(tuner, loss_fn, None, 1)
+    qp = jax.tree.map(jnp.copy, qparams)
+    state = tuner.init(qp)
     for i in range(3):
         qp, state, _ = step(qp, state, params, jnp.asarray(train_ids[i * 256:(i + 1) * 256].reshape(4, 64)))
 

@@ -16,11 +16,7 @@ end unless ``--keep-resume`` keeps it for a longer run.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
-import shutil
-import time
 from typing import Any
 
 from jaxquant.cli.checks import require, require_positive, with_flags
@@ -76,49 +72,46 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    require_positive(args, "steps", "batch_size", "micro_batches", "eval_windows", "save_every", "every", "beam_size")
-    if args.seqlen is not None:
-        require_positive(args, "seqlen")
-    for name in ("p_lr", "v_lr"):
-        require(args, name, getattr(args, name) >= 0, "must be >= 0 (0 freezes that step)")
-    require(args, "eval_every", args.eval_every >= 0, "must be >= 0")
+    """What the flags mean beyond ``DistillConfig``'s own checks."""
+    require_positive(args, "eval_windows")
     require(args, "trust_ratio", args.trust_ratio >= 0, "must be >= 0 (0 turns it off)")
-    for name in ("v_beta1", "v_beta2"):
-        require(args, name, 0.0 <= getattr(args, name) < 1.0, "must be in [0, 1)")
-    if args.batch_size % args.micro_batches:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by --micro-batches {args.micro_batches}")
 
 
-def v_step_config(args: argparse.Namespace) -> Any:
-    """The ``VStep`` the flags describe (``--trust-ratio 0``: no bound); its errors name the flags."""
+def distill_config(args: argparse.Namespace) -> Any:
+    """The ``DistillConfig`` the flags describe (``--trust-ratio 0``: no bound); its errors name the flags."""
+    from jaxquant.finetune.distill import DistillConfig  # noqa: PLC0415
     from jaxquant.finetune.pv import VStep  # noqa: PLC0415
 
-    return with_flags(args, lambda: VStep(mode=args.mode, update_fraction=args.update_fraction,
-                                          trust_ratio=args.trust_ratio or None, beam_size=args.beam_size,
-                                          force_update=args.force_update, buffer_decay=args.buffer_decay))
+    def make() -> DistillConfig:
+        v_step = VStep(mode=args.mode, update_fraction=args.update_fraction, trust_ratio=args.trust_ratio or None,
+                       beam_size=args.beam_size, force_update=args.force_update, buffer_decay=args.buffer_decay)
+        return DistillConfig(steps=args.steps, batch_size=args.batch_size, micro_batches=args.micro_batches,
+                             seqlen=args.seqlen or DistillConfig.seqlen, p_lr=args.p_lr, v_lr=args.v_lr,
+                             v_beta1=args.v_beta1, v_beta2=args.v_beta2, mu_dtype=args.mu_dtype, v_step=v_step,
+                             every=args.every, seed=args.seed, eval_every=args.eval_every,
+                             save_every=args.save_every)
+
+    return with_flags(args, make)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``jaxquant finetune``; returns the exit status."""
     import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-    import optax  # noqa: PLC0415
-    from tqdm.auto import tqdm  # noqa: PLC0415
 
     from jaxquant import io  # noqa: PLC0415
-    from jaxquant.data import eval_windows, load_tokenizer, random_batches, read_text  # noqa: PLC0415
+    from jaxquant.data import eval_windows, load_tokenizer, read_text  # noqa: PLC0415
     from jaxquant.eval import perplexity  # noqa: PLC0415
-    from jaxquant.finetune import losses, pv  # noqa: PLC0415
-    from jaxquant.models.quantized_dirs import load_quantized_dir  # noqa: PLC0415
+    from jaxquant.finetune.distill import distill  # noqa: PLC0415
     from jaxquant.host_memory import release_freed_memory  # noqa: PLC0415
     from jaxquant.models import from_pretrained, functional  # noqa: PLC0415
     from jaxquant.models.distill import lean_distillation  # noqa: PLC0415
     from jaxquant.models.files import write_model_files  # noqa: PLC0415
+    from jaxquant.models.quantized_dirs import load_quantized_dir  # noqa: PLC0415
     from jaxquant.pipeline.rundir import atomic_write_json  # noqa: PLC0415
     from jaxquant.qarray import dequantize, tree_bits  # noqa: PLC0415
 
     _check(args)
-    v_step_config(args)  # bad V-step flags fail before anything loads
+    distill_config(args)  # bad flags fail before anything loads
     config, qparams = load_quantized_dir(args.quant_dir)
     teacher = from_pretrained(args.teacher)
     if teacher.config.hidden_size != config.hidden_size or teacher.config.num_layers != config.num_layers:
@@ -135,50 +128,7 @@ def run(args: argparse.Namespace) -> int:
     val_ids = tokenizer.encode(read_text(args.text, split="validation"))
     val = eval_windows(val_ids, args.seqlen)[: args.eval_windows].reshape(-1)
 
-    mu_dtype = jnp.dtype(args.mu_dtype)
-    tuner = pv.pv_tuning(optax.adam(args.p_lr, mu_dtype=mu_dtype),
-                         pv.adam(args.v_lr, b1=args.v_beta1, b2=args.v_beta2, mu_dtype=mu_dtype),
-                         v_step_config(args), every=args.every)
-    mesh = losses.data_mesh()
-    n_dev = mesh.shape["data"]
-    shard = args.batch_size % n_dev == 0 and n_dev > 1
-    # Chunked logits and scanned layers: docs/experiments/finetune_memory.md.
-    kl, layout = lean_distillation(teacher)
-
-    def step(qparams: Any, state: Any, teacher_params: Any, tokens: jax.Array) -> tuple[Any, Any, jax.Array]:
-        # The teacher is an argument, not a closure: closed-over arrays become HLO constants.
-        vg = pv.decoded_value_and_grad(lambda p, t: kl(p, teacher_params, t), layout=layout)
-        loss, grads = losses.accumulate_gradients(vg, qparams, tokens, num_micro=args.micro_batches)
-        qparams, state = tuner.update(grads, state, qparams)
-        return qparams, state, loss
-
-    # The step donates the parameters and the tuner state: their results take their place.
-    step = jax.jit(step, donate_argnums=(0, 1))
-    example = jnp.zeros((args.batch_size, args.seqlen), jnp.int32)
-    if not shard:  # compiled before the tuner state exists, its freed heap given back
-        step = step.lower(qparams, jax.eval_shape(tuner.init, qparams), teacher_params, example).compile()
-        release_freed_memory()
-
-    state = tuner.init(qparams)
-    start, history = 0, []
-    resume_dir = os.path.join(args.out, "resume")
-    history_file = os.path.join(args.out, "history.json")
-    if args.resume and io.is_checkpoint(resume_dir):
-        saved = io.load(resume_dir)
-        template = jax.tree_util.tree_structure(state)
-        leaves = list(saved["tuner"])
-        if len(leaves) != template.num_leaves:
-            raise ValueError(f"{resume_dir}: tuner state has {len(leaves)} arrays, expected {template.num_leaves} "
-                             "(different settings?)")
-        state = jax.tree_util.tree_unflatten(template, [jnp.asarray(x) for x in leaves])
-        qparams, start = saved["params"], int(saved["step"])
-        with open(history_file) as f:  # written before the checkpoint: may run ahead of it
-            history = [h for h in json.load(f) if h["step"] <= start]
-    elif args.resume:
-        raise FileNotFoundError(f"--resume: no checkpoint at {resume_dir}")
-    os.makedirs(args.out, exist_ok=True)
-    if shard:  # parameters and tuner state replicated, batches split: GSPMD data parallelism
-        qparams, state, teacher_params = losses.replicate((qparams, state, teacher_params), mesh)
+    kl, layout = lean_distillation(teacher)  # chunked logits, scanned layers: docs/experiments/finetune_memory.md
 
     def val_ppl(qp: Any) -> float:
         # One window per forward pass: eight windows' logits and softmax temporaries
@@ -187,46 +137,14 @@ def run(args: argparse.Namespace) -> int:
         release_freed_memory()
         return ppl
 
-    def save_resume(i: int) -> None:
-        atomic_write_json(history_file, history)
-        io.save(resume_dir, {"params": qparams, "tuner": list(jax.tree_util.tree_leaves(state)), "step": i},
-                overwrite=True, checksum=False)
-
-    if not history:
-        history.append({"step": 0, "val_ppl": val_ppl(qparams)})
-    batches = random_batches(train_ids, args.batch_size, args.seqlen - 1, seed=args.seed)
-    for _ in range(start):  # replay the stream so a resumed run sees the same batches
-        next(batches)
-    bar = tqdm(range(start, args.steps), desc=f"finetune ({args.mode})", disable=args.no_progress,
-               initial=start, total=args.steps)
-    loss = float("nan")
-    log_every, t_loop = max(1, (args.steps - start) // 10), time.perf_counter()
-    for i in bar:
-        tokens = jnp.asarray(next(batches))
-        if shard:
-            tokens = losses.shard_batch(tokens, mesh)
-        qparams, state, loss_arr = step(qparams, state, teacher_params, tokens)
-        loss = float(loss_arr)
-        if not math.isfinite(loss):
-            raise ValueError(f"the KL loss became {loss} at step {i + 1} (learning rate too high?)")
-        done = i + 1
-        if args.eval_every and done % args.eval_every == 0 and done != args.steps:
-            history.append({"step": done, "val_ppl": val_ppl(qparams), "kl": loss})
-            bar.set_postfix(kl=f"{loss:.4f}", val_ppl=f"{history[-1]['val_ppl']:.3f}")
-        if args.no_progress and (done % log_every == 0 or done == args.steps):  # a line now and then, without bars
-            said = f", validation perplexity {history[-1]['val_ppl']:.4f}" if history[-1]["step"] == done else ""
-            print(f"step {done}/{args.steps}: kl {loss:.4f}{said}, {time.perf_counter() - t_loop:.0f} s", flush=True)
-        if done % args.save_every == 0 and done != args.steps:
-            save_resume(done)
-    if not history or history[-1]["step"] != args.steps:
-        history.append({"step": args.steps, "val_ppl": val_ppl(qparams), "kl": loss})
+    result = distill(qparams, teacher_params, train_ids, distill_config(args), kl, layout=layout, eval_fn=val_ppl,
+                     out_dir=args.out, resume=args.resume, keep_resume=args.keep_resume, donate=True,
+                     progress=not args.no_progress, desc=f"finetune ({args.mode})", log=print,
+                     names=("kl", "validation perplexity"))
+    qparams = result.params
+    history = [{"step": h["step"], "val_ppl": h["value"], **({"kl": h["loss"]} if "loss" in h else {})}
+               for h in result.history]
     io.save(os.path.join(args.out, "params"), qparams, overwrite=True)
-    if args.keep_resume:
-        save_resume(args.steps)
-    else:  # the finished model is in params/; the optimizer state only serves a longer run
-        shutil.rmtree(resume_dir, ignore_errors=True)
-        if os.path.exists(history_file):
-            os.remove(history_file)
     write_model_files(args.teacher, args.out)
     teacher_ppl = perplexity(apply_fn, teacher_params, val, args.seqlen, batch_size=1)
     report = {"quant_dir": os.path.abspath(args.quant_dir), "teacher": os.path.abspath(args.teacher),
