@@ -60,6 +60,7 @@ from jaxquant.models.llama import LlamaForCausalLM, functional
 from jaxquant.models.loading import from_pretrained, save_pretrained
 from jaxquant.qarray import tree_bits
 from jaxquant.train import TrainConfig, train
+from jaxquant.validate import require_positive_ints
 
 _FORMAT_VERSION = 2  # bump when training code changes what a config produces
 
@@ -111,10 +112,7 @@ class TuneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seqlen", "every", "beam_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive int")
+        require_positive_ints(self, "steps", "batch_size", "seqlen", "every", "beam_size")
         if self.seqlen < 2:
             raise ValueError(f"seqlen={self.seqlen} must be >= 2")
         for name in ("v_b1", "v_b2"):

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from jaxquant.data import random_batches
 from jaxquant.models.config import ModelConfig
 from jaxquant.models.llama import LlamaForCausalLM
+from jaxquant.validate import require_positive_ints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +60,7 @@ class TrainConfig:
     init_std: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seqlen"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive int")
+        require_positive_ints(self, "steps", "batch_size", "seqlen")
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})")
         if self.init_std is not None and not self.init_std > 0:

@@ -90,7 +90,7 @@ def test_finetune_flag_defaults_are_the_library_defaults():
 def test_finetune_bad_arguments(dirs, capsys):
     root, teacher, quant = dirs
     assert main(_args(quant, teacher, str(root / "bad"), 0)) == 1
-    assert "--steps 0 must be positive" in capsys.readouterr().err
+    assert "--steps 0 must be a positive int" in capsys.readouterr().err
     assert main(_args(quant, teacher, str(root / "bad3"), 2, "--buffer-decay", "1.5")) == 1
     assert "--buffer-decay 1.5 must be in [0, 1]" in capsys.readouterr().err
     assert main(_args(quant, teacher, str(root / "bad4"), 2, "--mode", "ste", "--force-update")) == 1

@@ -30,6 +30,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxquant.qarray import merge, split
+from jaxquant.validate import require_positive_ints
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -59,10 +60,7 @@ class BlockFinetuneConfig:
     tolerance: float = 1e-3
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_epochs", "patience"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive int")
+        require_positive_ints(self, "batch_size", "max_epochs", "patience")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr} must be > 0")
         for name in ("b1", "b2"):

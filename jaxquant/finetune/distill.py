@@ -32,6 +32,7 @@ from jaxquant.atomic_files import atomic_write_bytes
 from jaxquant.data import random_batches
 from jaxquant.finetune import losses, pv
 from jaxquant.host_memory import release_freed_memory
+from jaxquant.validate import require_positive_ints
 
 RESUME_DIR = "resume"
 HISTORY_FILE = "history.json"
@@ -79,10 +80,7 @@ class DistillConfig:
     save_every: int = 100
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "micro_batches", "every", "save_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be positive")
+        require_positive_ints(self, "steps", "batch_size", "micro_batches", "every", "save_every")
         if isinstance(self.seqlen, bool) or not isinstance(self.seqlen, int) or self.seqlen < 2:
             raise ValueError(f"seqlen={self.seqlen!r} must be an int >= 2")
         if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxquant.validate import require_positive_ints
+
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 _SUPPORTED_ROPE = ("default", "linear", "llama3")
 
@@ -78,11 +80,8 @@ class ModelConfig:
             raise ValueError(
                 f"architecture={self.architecture!r} is not supported; jaxquant supports {SUPPORTED_ARCHITECTURES}"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_position_embeddings"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive int")
+        require_positive_ints(self, "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                              "num_kv_heads", "head_dim", "max_position_embeddings")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"

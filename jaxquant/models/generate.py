@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jaxquant.models.llama import LlamaForCausalLM
+from jaxquant.validate import require_positive_int
 
 
 def sample_token(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
@@ -155,8 +156,7 @@ def generate(
         raise ValueError(f"prompt must be a non-empty [T] or [B, T] array of token ids, got shape {tokens.shape}")
     if not np.issubdtype(tokens.dtype, np.integer):
         raise TypeError(f"prompt must hold integer token ids, got dtype {tokens.dtype}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
+    require_positive_int("max_new_tokens", max_new_tokens)
     cfg = model.config
     limit = cfg.max_position_embeddings if max_length is None else max_length
     batch, t = tokens.shape

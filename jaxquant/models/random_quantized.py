@@ -31,6 +31,7 @@ from jaxquant import ops
 from jaxquant.models.llama import Linear
 from jaxquant.qarray import AdditiveQuantized, check_layout, code_dtype, is_quantized
 from jaxquant.select import linear_kernels, path_to_str
+from jaxquant.validate import require_positive_int
 
 
 def _leaf_rng(seed: int, path: str) -> np.random.Generator:
@@ -79,8 +80,7 @@ def random_additive(
             ``codebook_bits`` outside ``1..16``.
     """
     for name, value in (("d_in", d_in), ("d_out", d_out), ("num_codebooks", num_codebooks), ("group_size", group_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a positive int")
+        require_positive_int(name, value)
     if d_in % group_size:
         raise ValueError(f"d_in={d_in} is not divisible by group_size={group_size}")
     if not 1 <= codebook_bits <= 16:

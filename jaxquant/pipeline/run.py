@@ -51,6 +51,7 @@ from jaxquant.recipes import check_divisible
 from jaxquant.recipes_named import recipe_spec_to_data
 from jaxquant.select import Selector, resolve_recipes
 from jaxquant.stats import LayerStats
+from jaxquant.validate import require_positive_int
 
 _FINETUNE_TAG = 0x66745F62  # folded into the key for fine-tuning, apart from layer keys
 
@@ -326,8 +327,7 @@ def quantize_model(
         finetune = None
     if finetune is not None and not isinstance(finetune, BlockFinetuneConfig):
         raise TypeError(f"finetune must be a BlockFinetuneConfig, True, False or None, got {type(finetune).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive int")
+    require_positive_int("batch_size", batch_size)
     if offload and out_dir is None:
         raise ValueError("offload=True keeps activations in files under out_dir; pass out_dir")
     if embed_bits is not None and embed_bits not in EMBEDDING_BITS:
