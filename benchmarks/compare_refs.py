@@ -4,7 +4,7 @@ at two commits, side by side.
 Usage::
 
     python benchmarks/compare_refs.py --before REF --after REF --work DIR \
-        [--out benchmarks/results/redesign/reproduction.json] [--skip-main-job]
+        [--out benchmarks/results/redesign/reproduction.json] [--stages layer,decode,pv,main_job]
 
 Each commit is checked out as a detached git worktree under ``--work`` and every command
 runs with that worktree first on ``PYTHONPATH`` (this environment's packages otherwise),
@@ -98,8 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--after", required=True)
     p.add_argument("--work", required=True, help="directory for the worktrees and the runs' outputs")
     p.add_argument("--out", default="benchmarks/results/redesign/reproduction.json")
-    p.add_argument("--skip-main-job", action="store_true")
+    p.add_argument("--stages", default="layer,decode,pv,main_job", help="comma-separated stages to run")
     args = p.parse_args(argv)
+    stages = set(args.stages.split(","))
+    if not stages <= {"layer", "decode", "pv", "main_job"}:
+        raise SystemExit(f"--stages {args.stages}: known stages are layer, decode, pv, main_job")
     os.makedirs(args.work, exist_ok=True)
     refs = {"before": args.before, "after": args.after}
     commits = {k: subprocess.run(["git", "rev-parse", r], check=True, capture_output=True, text=True).stdout.strip()
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"commits": commits, "machine": platform.platform(), "cpu_count": os.cpu_count(),
                               "command": "python " + " ".join(["benchmarks/compare_refs.py", *sys.argv[1:]]),
                               "layer": {}, "decode": {}, "main_job": {}, "seconds": {}}
-    for name, cmd in LAYER_RUNS:
+    for name, cmd in LAYER_RUNS if "layer" in stages else []:
         got = {}
         for side in refs:
             out = os.path.join(args.work, f"{side}-layer-{name}.json")
@@ -119,21 +122,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"layer {name}: {got['before']['rel_output_error']:.5g} / {got['after']['rel_output_error']:.5g}"
               f" same={same}", flush=True)
     got = {}
-    for side in refs:
+    for side in refs if "decode" in stages else []:
         out = os.path.join(args.work, f"{side}-decode.json")
         report["seconds"][f"{side}/decode"] = _run(trees[side], [*DECODE_RUN, "--out", out], out + ".log")
         got[side] = _decode(out)
     report["decode"] = got
     print(f"decode: {json.dumps(got)}", flush=True)
     got = {}
-    for side in refs:
+    for side in refs if "pv" in stages else []:
         out = os.path.join(args.work, f"{side}-pv.json")
         report["seconds"][f"{side}/pv"] = _run(trees[side], [*PV_RUN, "--out", out], out + ".log")
         with open(out, encoding="utf-8") as f:
             got[side] = json.load(f)
-    report["pv_fixed_problem"] = {**got, "identical": got["before"] == got["after"]}
-    print(f"PV on a fixed problem identical: {got['before'] == got['after']}", flush=True)
-    if not args.skip_main_job:
+    if got:
+        report["pv_fixed_problem"] = {**got, "identical": got["before"] == got["after"]}
+        print(f"PV on fixed problems identical: {got['before'] == got['after']}", flush=True)
+    if "main_job" in stages:
         got = {}
         for side in refs:
             out = os.path.join(args.work, f"{side}-main-job")
