@@ -26,13 +26,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxquant.finetune import distill as distill_module
+from jaxquant.finetune import distillation as distill_module
 from jaxquant.qarray import dequantize, merge, split
 
 
 def make_checked_step(tuner: Any, loss_fn: Callable[[Any, Any, jax.Array], jax.Array], layout: Any,
                       micro_batches: int) -> Callable:
-    """``jaxquant.finetune.distill``'s step with the descent check on the codes (module docstring)."""
+    """``jaxquant.finetune.distillation``'s step with the descent check on the codes (module docstring)."""
     from jaxquant.finetune import pv  # noqa: PLC0415
 
     if layout is not None or micro_batches != 1:

@@ -120,9 +120,9 @@ class TuneConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} must lie in [0, 1)")
 
     def distill_config(self, mode: str) -> Any:
-        """These settings as a ``jaxquant.finetune.distill.DistillConfig`` in ``mode`` (float32
+        """These settings as a ``jaxquant.finetune.distillation.DistillConfig`` in ``mode`` (float32
         first moments; no evaluations inside the loop)."""
-        from jaxquant.finetune.distill import DistillConfig  # noqa: PLC0415
+        from jaxquant.finetune.distillation import DistillConfig  # noqa: PLC0415
         from jaxquant.finetune.pv import VStep  # noqa: PLC0415
 
         cfg = self
@@ -437,7 +437,7 @@ def global_finetune(
         ValueError: a non-finite loss (learning rate too high).
     """
     from jaxquant.finetune import losses  # noqa: PLC0415
-    from jaxquant.finetune.distill import distill  # noqa: PLC0415
+    from jaxquant.finetune.distillation import distill  # noqa: PLC0415
 
     if loss_fn is None:
         def loss_fn(p: Any, teacher: Any, tokens: jax.Array) -> jax.Array:

@@ -9,7 +9,7 @@ from flax import nnx
 
 import jaxquant as jq
 from jaxquant.finetune import losses
-from jaxquant.finetune.distill import DistillConfig, distill
+from jaxquant.finetune.distillation import DistillConfig, distill
 from jaxquant.finetune.pv import VStep
 from jaxquant.models import LlamaForCausalLM, ModelConfig, functional
 from jaxquant.qarray import flatten_by_path
@@ -67,6 +67,12 @@ def test_the_caller_keeps_its_parameters_unless_it_donates_them(problem):
     before = jax.tree.map(np.asarray, qparams)
     distill(qparams, teacher, tokens, DistillConfig(steps=1, batch_size=4, seqlen=32), loss_fn)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, qparams), before)
+
+
+def test_the_package_name_is_the_function():
+    from jaxquant import finetune  # noqa: PLC0415
+
+    assert finetune.distill is distill and finetune.DistillConfig is DistillConfig
 
 
 def test_bad_settings_name_the_field(problem, tmp_path):

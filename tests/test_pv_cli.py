@@ -81,7 +81,7 @@ def test_finetune_flag_defaults_are_the_library_defaults():
     """The command's defaults are DistillConfig's (the one place they are decided)."""
     from jaxquant.cli import build_parser  # noqa: PLC0415
     from jaxquant.cli.finetune import distill_config  # noqa: PLC0415
-    from jaxquant.finetune.distill import DistillConfig  # noqa: PLC0415
+    from jaxquant.finetune.distillation import DistillConfig  # noqa: PLC0415
 
     args = build_parser().parse_args(["finetune", "q", "--teacher", "t", "--out", "o"])
     assert distill_config(args) == DistillConfig()

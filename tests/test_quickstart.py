@@ -11,7 +11,7 @@ import pytest
 import jaxquant as jq
 from jaxquant import quickstart as qs
 from jaxquant.data import ByteTokenizer, load_tokenizer
-from jaxquant.finetune import distill as distill_module
+from jaxquant.finetune import distillation as distill_module
 from jaxquant.finetune import losses
 from jaxquant.models import LlamaForCausalLM, ModelConfig, from_pretrained, generate
 from jaxquant.train import TrainConfig

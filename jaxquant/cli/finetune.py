@@ -79,7 +79,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def distill_config(args: argparse.Namespace) -> Any:
     """The ``DistillConfig`` the flags describe (``--trust-ratio 0``: no bound); its errors name the flags."""
-    from jaxquant.finetune.distill import DistillConfig  # noqa: PLC0415
+    from jaxquant.finetune.distillation import DistillConfig  # noqa: PLC0415
     from jaxquant.finetune.pv import VStep  # noqa: PLC0415
 
     def make() -> DistillConfig:
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxquant import io  # noqa: PLC0415
     from jaxquant.data import eval_windows, load_tokenizer, read_text  # noqa: PLC0415
     from jaxquant.eval import perplexity  # noqa: PLC0415
-    from jaxquant.finetune.distill import distill  # noqa: PLC0415
+    from jaxquant.finetune.distillation import distill  # noqa: PLC0415
     from jaxquant.host_memory import release_freed_memory  # noqa: PLC0415
     from jaxquant.models import from_pretrained, functional  # noqa: PLC0415
     from jaxquant.models.distill import lean_distillation  # noqa: PLC0415

@@ -1,5 +1,5 @@
 """Fine-tuning of quantized models: block fine-tuning (``block``), PV-Tuning (``pv``), the
-resumable distillation loop (``distill``), losses.
+resumable distillation loop (``distillation``), losses.
 
 Names are imported on first use (``jaxquant.lazy_exports``).
 """
@@ -11,9 +11,9 @@ from jaxquant.lazy_exports import install_lazy_exports
 _EXPORTS = {
     "BlockFinetuneConfig": "jaxquant.finetune.block:BlockFinetuneConfig",
     "FinetuneReport": "jaxquant.finetune.block:FinetuneReport",
-    "DistillConfig": "jaxquant.finetune.distill:DistillConfig",
-    "DistillResult": "jaxquant.finetune.distill:DistillResult",
-    "distill": "jaxquant.finetune.distill:distill",
+    "DistillConfig": "jaxquant.finetune.distillation:DistillConfig",
+    "DistillResult": "jaxquant.finetune.distillation:DistillResult",
+    "distill": "jaxquant.finetune.distillation:distill",
     "finetune_block": "jaxquant.finetune.block:finetune_block",
     "relative_error": "jaxquant.finetune.block:relative_error",
     "accumulate_gradients": "jaxquant.finetune.losses:accumulate_gradients",
@@ -34,7 +34,7 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from jaxquant.finetune.block import BlockFinetuneConfig, FinetuneReport, finetune_block, relative_error
-    from jaxquant.finetune.distill import DistillConfig, DistillResult, distill
+    from jaxquant.finetune.distillation import DistillConfig, DistillResult, distill
     from jaxquant.finetune.losses import accumulate_gradients, distillation_loss, kl_divergence, shard_batch
     from jaxquant.finetune.pv import (
         PVState,
