@@ -67,7 +67,6 @@ def _nbytes(x: Any) -> int:
     return 0 if x is None else int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
 
 
-
 class QuantizedArray(abc.ABC):
     """The interface every quantized array type implements.
 
@@ -78,10 +77,11 @@ class QuantizedArray(abc.ABC):
     include ``shape`` (the dense leaf's shape) and ``layout`` (``"out_in"`` or
     ``"in_out"``).
 
-    A subclass implements ``decode_out_in``, ``decode_rows``, ``storage_bits``,
-    ``resident_bytes``, ``scheme`` and ``dtype``, and is registered by name with
-    ``register_array_type`` so that checkpoints can name it. How fine-tuning re-encodes
-    it toward a target lives with its method (``jaxquant.methods.Reencoder``).
+    A subclass implements ``decode_out_in``, ``decode_rows``, ``expected_shapes``,
+    ``storage_bits``, ``resident_bytes``, ``scheme`` and ``dtype``, and is registered by
+    name with ``register_array_type`` so that checkpoints can name it. How fine-tuning
+    re-encodes it toward a target lives with its method (``jaxquant.Reencoder``, registered
+    by ``jaxquant.register_method``).
     """
 
     shape: tuple[int, int]
@@ -98,6 +98,19 @@ class QuantizedArray(abc.ABC):
         ``start`` may be traced; it and ``n_rows`` are multiples of ``row_group``. The
         generic matmul of ``jaxquant.ops`` decodes a weight tile by tile through this.
         """
+
+    @abc.abstractmethod
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape each array field must have, from ``shape``, ``layout`` and the static fields."""
+
+    def check_shapes(self) -> None:
+        """Raise ``ValueError`` naming the field unless every array has its expected shape
+        (``None`` fields are skipped)."""
+        for name, want in self.expected_shapes().items():
+            got = getattr(self, name)
+            if got is not None and tuple(got.shape) != tuple(want):
+                raise ValueError(f"{type(self).__name__}.{name} has shape {tuple(got.shape)}, expected {tuple(want)} "
+                                 f"for a {self.scheme} weight of shape {tuple(self.shape)} ({self.layout})")
 
     @property
     @abc.abstractmethod
@@ -250,6 +263,10 @@ class ScalarQuantized(QuantizedArray):
         """Dense weight in the storage layout ``(d_out, d_in)``."""
         return self._values(self.codes, self.scales, self.zeros).astype(dtype)
 
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        groups = (self.d_out, self.d_in // self.group_size)
+        return {"codes": (self.d_out, self.d_in), "scales": groups, "zeros": groups}
+
     def decode_rows(self, start: jax.Array, n_rows: int) -> jax.Array:
         codes = jax.lax.dynamic_slice_in_dim(self.codes, start, n_rows, axis=0)
         scales = jax.lax.dynamic_slice_in_dim(self.scales, start, n_rows, axis=0)
@@ -340,6 +357,11 @@ class AdditiveQuantized(QuantizedArray):
     def decode_out_in(self, dtype: Any = jnp.float32) -> jax.Array:
         """Dense weight in the storage layout ``(d_out, d_in)``."""
         return decode_additive(self.codes, self.codebooks, self.scales).astype(dtype)
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        m, k, og, ig = self.codebooks.shape
+        return {"codes": (self.d_out // og, self.d_in // ig, m), "codebooks": (m, 2**self.codebook_bits, og, ig),
+                "scales": (self.d_out // og, 1, 1, 1)}
 
     def decode_rows(self, start: jax.Array, n_rows: int) -> jax.Array:
         og = self.out_group_size

@@ -47,6 +47,9 @@ class SignQuantized(jq.QuantizedArray):
     def decode_out_in(self, dtype: Any = jnp.float32) -> jax.Array:
         return self.decode_rows(jnp.int32(0), self.d_out).astype(dtype)
 
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"codes": (self.d_out, self.d_in), "scales": (self.d_out, 1)}
+
     def decode_rows(self, start: jax.Array, n_rows: int) -> jax.Array:
         codes = jax.lax.dynamic_slice_in_dim(self.codes, start, n_rows, axis=0).astype(jnp.float32)
         scales = jax.lax.dynamic_slice_in_dim(self.scales, start, n_rows, axis=0)
@@ -175,6 +178,9 @@ def test_checkpoint_round_trip_names_the_type(tree, tmp_path):
     assert isinstance(back["mlp"]["kernel"], SignQuantized)
     np.testing.assert_array_equal(np.asarray(back["mlp"]["kernel"].codes), np.asarray(q["mlp"]["kernel"].codes))
     np.testing.assert_array_equal(np.asarray(back["mlp"]["kernel"].scales), np.asarray(q["mlp"]["kernel"].scales))
+    bad = dataclasses.replace(q["mlp"]["kernel"], scales=jnp.ones((3, 1), jnp.float32))
+    with pytest.raises(ValueError, match=r"SignQuantized.scales has shape \(3, 1\), expected \(32, 1\)"):
+        bad.check_shapes()
 
 
 def test_v_step_reencodes_the_furthest_weights_within_the_fraction(tree):

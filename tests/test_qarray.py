@@ -283,3 +283,26 @@ def test_additive_hypothesis(m, b, og, ig, n_o, n_i, layout, seed):
     np.testing.assert_allclose(np.asarray(_jit_decode(q)), ref if layout == "out_in" else ref.T, rtol=1e-4, atol=1e-4)
     expected = (n_o * n_i * m * b + m * 2**b * og * ig * 16 + n_o * 16) / (d_out * d_in)
     assert q.bits_per_weight == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+def test_check_shapes_accepts_real_arrays_and_names_a_wrong_field(rng, layout):
+    sq = _scalar(rng, 6, 16, 3, 8, symmetric=False, layout=layout)[0]
+    aq = _additive(rng, 8, 12, 2, 3, 2, 4, layout=layout)[0]
+    sq.check_shapes()
+    aq.check_shapes()
+    with pytest.raises(ValueError, match=r"ScalarQuantized.zeros has shape \(6, 1\), expected \(6, 2\)"):
+        dataclasses.replace(sq, zeros=sq.zeros[:, :1]).check_shapes()
+    with pytest.raises(ValueError, match=r"AdditiveQuantized.codes has shape"):
+        dataclasses.replace(aq, codes=aq.codes[:, :1]).check_shapes()
+    # A checkpoint whose static fields disagree with its arrays is refused on load.
+    import json  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as tmp:
+        jq.io.save(f"{tmp}/c", {"w": sq})
+        manifest = json.loads(open(f"{tmp}/c/manifest.json").read())
+        manifest["leaves"][0]["static"]["group_size"] = 4
+        open(f"{tmp}/c/manifest.json", "w").write(json.dumps(manifest))
+        with pytest.raises(ValueError, match="inconsistent: ScalarQuantized.scales has shape"):
+            jq.io.load(f"{tmp}/c")

@@ -466,7 +466,12 @@ def _build_leaf(leaf: dict[str, Any], arrays: Any) -> Any:
         kwargs[name] = tuple(value) if isinstance(value, list) else value
     for name, rec in leaf["arrays"].items():
         kwargs[name] = None if rec is None else arrays[name]
-    return cls(**kwargs)
+    q = cls(**kwargs)
+    try:
+        q.check_shapes()
+    except ValueError as e:
+        raise CheckpointError(f"jaxquant.io.load: the quantized leaf at {leaf['path']} is inconsistent: {e}") from None
+    return q
 
 
 def _decode(node: dict[str, Any], leaves: list[Any]) -> Any:
