@@ -146,6 +146,8 @@ def test_quantize_by_recipe_and_by_name(tree):
     assert jq.recipe_from_dict({"method": "sign"}) == Sign()
     assert jq.recipe_to_dict(Sign()) == {"method": "sign"}
     assert "sign" in repr(leaf) and "\n" not in repr(leaf)
+    with pytest.raises(ValueError, match="family 'sign' is taken by Sign"):
+        jq.register_method(jq.Method(family="sign", recipe_type=dict, quantize=quantize_sign))
 
 
 def test_matmul_every_path_agrees_with_the_decoded_weight(tree):

@@ -79,11 +79,12 @@ _REENCODERS: dict[type, Reencoder] = {}
 
 
 def register(method: Method) -> Method:
-    """Make a method known to every part of jaxquant.
+    """Make a method known to every part of jaxquant (registering a recipe type again
+    replaces its method).
 
     Raises:
-        ValueError: its family or recipe type is taken by another method, or
-            ``name_pattern`` comes without ``from_name``.
+        ValueError: its family belongs to another recipe type, its array type's name to
+            another class, or ``name_pattern`` comes without ``from_name``.
     """
     for other in _METHODS.values():
         if other.recipe_type is not method.recipe_type and other.family == method.family:
