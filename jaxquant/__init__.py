@@ -52,21 +52,12 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from jaxquant.calibrate import calibrate
     from jaxquant.embeddings import store_embeddings
     from jaxquant.finetune.pv import VStep, decoded_value_and_grad, pv_tuning
-    from jaxquant.ops.intercept import quantized_linen_interceptor, swap_linear
     from jaxquant.methods import Method
     from jaxquant.methods import register as register_method
     from jaxquant.methods.reencoding import Reencoder
-    from jaxquant.qarray import (
-        AdditiveQuantized,
-        QuantizedArray,
-        ScalarQuantized,
-        dequantize,
-        is_quantized,
-        merge,
-        register_array_type,
-        split,
-        tree_bits,
-    )
+    from jaxquant.ops.intercept import quantized_linen_interceptor, swap_linear
+    from jaxquant.qarray import AdditiveQuantized, QuantizedArray, ScalarQuantized, register_array_type
+    from jaxquant.qarray import dequantize, is_quantized, merge, split, tree_bits
     from jaxquant.quantize import quantize, quantize_weight
     from jaxquant.recipes import AQLM, GPTQ, RTN
     from jaxquant.recipes_named import named_recipe, recipe_from_dict, recipe_to_dict

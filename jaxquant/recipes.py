@@ -9,7 +9,7 @@ from JSON/TOML-like data.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 _PARAM_DTYPES = ("float16", "bfloat16", "float32")
 
@@ -68,8 +68,34 @@ def check_divisible(recipe: Any, d_out: int, d_in: int, path: str) -> None:
             raise ValueError(f"{dim}={sizes[dim]} is not divisible by {field}={group} at {path} ({name})")
 
 
+class _ScalarGrid:
+    """What RTN and GPTQ share: ``bits`` per code on a grid per group of input columns."""
+
+    prefix: ClassVar[str]
+    bits: int
+    group_size: int | None
+    symmetric: bool
+    clip_search: bool
+    param_dtype: str
+
+    def _check_grid(self) -> None:
+        _check_int("bits", self.bits, 1, 8)
+        _check_group_size(self.group_size)
+        _check_bool("symmetric", self.symmetric)
+        _check_bool("clip_search", self.clip_search)
+        _check_choice("param_dtype", self.param_dtype, _PARAM_DTYPES)
+
+    @property
+    def name(self) -> str:
+        return f"{self.prefix}-{self.bits}bit-g{self.group_size or 'row'}"
+
+    def divisors(self) -> tuple[tuple[str, str, int], ...]:
+        """``(dimension, field, size)`` pairs: each dimension must be a multiple of its size."""
+        return _input_groups(self.group_size)
+
+
 @dataclasses.dataclass(frozen=True)
-class RTN:
+class RTN(_ScalarGrid):
     """Round-to-nearest scalar quantization.
 
     Attributes:
@@ -86,25 +112,14 @@ class RTN:
     symmetric: bool = False
     clip_search: bool = False
     param_dtype: str = "float16"
+    prefix: ClassVar[str] = "rtn"
 
     def __post_init__(self) -> None:
-        _check_int("bits", self.bits, 1, 8)
-        _check_group_size(self.group_size)
-        _check_bool("symmetric", self.symmetric)
-        _check_bool("clip_search", self.clip_search)
-        _check_choice("param_dtype", self.param_dtype, _PARAM_DTYPES)
-
-    @property
-    def name(self) -> str:
-        return f"rtn-{self.bits}bit-g{self.group_size or 'row'}"
-
-    def divisors(self) -> tuple[tuple[str, str, int], ...]:
-        """``(dimension, field, size)`` pairs: each dimension must be a multiple of its size."""
-        return _input_groups(self.group_size)
+        self._check_grid()
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTQ:
+class GPTQ(_ScalarGrid):
     """GPTQ (Frantar et al., 2023): error-compensating column-by-column rounding.
 
     Attributes:
@@ -129,23 +144,13 @@ class GPTQ:
     clip_search: bool = False
     param_dtype: str = "float16"
 
+    prefix: ClassVar[str] = "gptq"
+
     def __post_init__(self) -> None:
-        _check_int("bits", self.bits, 1, 8)
-        _check_group_size(self.group_size)
+        self._check_grid()
         _check_float("damp", self.damp, 0.0, open_lo=True)
         _check_int("block_size", self.block_size, 1)
-        _check_bool("symmetric", self.symmetric)
         _check_bool("act_order", self.act_order)
-        _check_bool("clip_search", self.clip_search)
-        _check_choice("param_dtype", self.param_dtype, _PARAM_DTYPES)
-
-    @property
-    def name(self) -> str:
-        return f"gptq-{self.bits}bit-g{self.group_size or 'row'}"
-
-    def divisors(self) -> tuple[tuple[str, str, int], ...]:
-        """``(dimension, field, size)`` pairs: each dimension must be a multiple of its size."""
-        return _input_groups(self.group_size)
 
 
 @dataclasses.dataclass(frozen=True)

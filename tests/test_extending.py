@@ -211,8 +211,7 @@ def test_pv_tuning_moves_codes_toward_a_sign_flipped_teacher(tree):
     @jax.jit
     def step(p: Any, s: Any) -> tuple[Any, Any, jax.Array]:
         loss, grads = value_and_grad(p)
-        p, s = tuner.update(grads, s, p)
-        return p, s, loss
+        return (*tuner.update(grads, s, p), loss)
 
     losses = []
     for _ in range(4):

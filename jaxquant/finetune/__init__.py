@@ -36,13 +36,5 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from jaxquant.finetune.block import BlockFinetuneConfig, FinetuneReport, finetune_block, relative_error
     from jaxquant.finetune.distillation import DistillConfig, DistillResult, distill
     from jaxquant.finetune.losses import accumulate_gradients, distillation_loss, kl_divergence, shard_batch
-    from jaxquant.finetune.pv import (
-        PVState,
-        PVTuning,
-        VStep,
-        continuous_grads,
-        decoded_value_and_grad,
-        pv_tuning,
-        straight_through_buffers,
-        v_step,
-    )
+    from jaxquant.finetune.pv import PVState, PVTuning, VStep, continuous_grads, decoded_value_and_grad
+    from jaxquant.finetune.pv import pv_tuning, straight_through_buffers, v_step
