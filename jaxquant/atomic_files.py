@@ -8,12 +8,13 @@ This module imports nothing from jaxquant: any layer may use it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 
 def _fsync_dir(path: str) -> None:
@@ -64,6 +65,11 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (see ``atomic_write``)."""
     atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented JSON (sorted keys; unknown types as strings) atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode("utf-8"))
 
 
 def staging_dir(path: str | os.PathLike[str]) -> str:

@@ -125,12 +125,11 @@ class TuneConfig:
         from jaxquant.finetune.distillation import DistillConfig  # noqa: PLC0415
         from jaxquant.finetune.pv import VStep  # noqa: PLC0415
 
-        cfg = self
-        v_step = VStep(mode=mode, update_fraction=cfg.update_fraction, trust_ratio=cfg.trust_ratio,
-                       beam_size=cfg.beam_size, force_update=cfg.force_update, buffer_decay=cfg.buffer_decay)
-        return DistillConfig(steps=cfg.steps, batch_size=cfg.batch_size, seqlen=cfg.seqlen, p_lr=cfg.p_lr,
-                             v_lr=cfg.v_lr, v_beta1=cfg.v_b1, v_beta2=cfg.v_b2, mu_dtype="float32", v_step=v_step,
-                             every=cfg.every, seed=cfg.seed, eval_every=0)
+        v_step = VStep(mode=mode, update_fraction=self.update_fraction, trust_ratio=self.trust_ratio,
+                       beam_size=self.beam_size, force_update=self.force_update, buffer_decay=self.buffer_decay)
+        return DistillConfig(steps=self.steps, batch_size=self.batch_size, seqlen=self.seqlen, p_lr=self.p_lr,
+                             v_lr=self.v_lr, v_beta1=self.v_b1, v_beta2=self.v_b2, mu_dtype="float32",
+                             v_step=v_step, every=self.every, seed=self.seed, eval_every=0)
 
     def for_mode(self, mode: str) -> TuneConfig:
         """The settings a ``mode`` row runs with: these for ``"pv"``; for ``"ste"``, the

@@ -16,6 +16,7 @@ end unless ``--keep-resume`` keeps it for a longer run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from typing import Any
 
@@ -99,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     import jax  # noqa: PLC0415
 
     from jaxquant import io  # noqa: PLC0415
+    from jaxquant.atomic_files import atomic_write_json  # noqa: PLC0415
     from jaxquant.data import eval_windows, load_tokenizer, read_text  # noqa: PLC0415
     from jaxquant.eval import perplexity  # noqa: PLC0415
     from jaxquant.finetune.distillation import distill  # noqa: PLC0415
@@ -107,11 +109,10 @@ def run(args: argparse.Namespace) -> int:
     from jaxquant.models.distill import lean_distillation  # noqa: PLC0415
     from jaxquant.models.files import write_model_files  # noqa: PLC0415
     from jaxquant.models.quantized_dirs import load_quantized_dir  # noqa: PLC0415
-    from jaxquant.pipeline.rundir import atomic_write_json  # noqa: PLC0415
     from jaxquant.qarray import dequantize, tree_bits  # noqa: PLC0415
 
     _check(args)
-    distill_config(args)  # bad flags fail before anything loads
+    settings = distill_config(args)  # bad flags fail before anything loads
     config, qparams = load_quantized_dir(args.quant_dir)
     teacher = from_pretrained(args.teacher)
     if teacher.config.hidden_size != config.hidden_size or teacher.config.num_layers != config.num_layers:
@@ -120,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
     if jax.tree.structure(jax.eval_shape(dequantize, qparams)) != jax.tree.structure(teacher_params):
         raise ValueError(f"the parameters in {args.quant_dir!r} do not match the teacher's structure")
     if args.seqlen is None:
-        args.seqlen = min(256, config.max_position_embeddings)
+        args.seqlen = min(settings.seqlen, config.max_position_embeddings)
+        settings = dataclasses.replace(settings, seqlen=args.seqlen)
     if args.seqlen > config.max_position_embeddings:  # training and validation windows are --seqlen tokens
         raise ValueError(f"--seqlen {args.seqlen} exceeds the model's context of {config.max_position_embeddings}")
     tokenizer = load_tokenizer(args.teacher)
@@ -137,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         release_freed_memory()
         return ppl
 
-    result = distill(qparams, teacher_params, train_ids, distill_config(args), kl, layout=layout, eval_fn=val_ppl,
+    result = distill(qparams, teacher_params, train_ids, settings, kl, layout=layout, eval_fn=val_ppl,
                      out_dir=args.out, resume=args.resume, keep_resume=args.keep_resume, donate=True,
                      progress=not args.no_progress, desc=f"finetune ({args.mode})", log=print,
                      names=("kl", "validation perplexity"))

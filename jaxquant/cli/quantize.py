@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     from jaxquant.models.files import write_model_files  # noqa: PLC0415
     from jaxquant.models.blocks import LlamaBlocks  # noqa: PLC0415
     from jaxquant.pipeline.blocks import ComposedApply  # noqa: PLC0415
-    from jaxquant.pipeline.rundir import SUMMARY_FILE, atomic_write_json  # noqa: PLC0415
+    from jaxquant.atomic_files import atomic_write_json  # noqa: PLC0415
+    from jaxquant.pipeline.rundir import SUMMARY_FILE  # noqa: PLC0415
     from jaxquant.pipeline.run import quantize_model  # noqa: PLC0415
     from jaxquant.recipes_named import resolve_recipe_arg  # noqa: PLC0415
 

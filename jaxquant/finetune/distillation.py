@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from jaxquant import io
-from jaxquant.atomic_files import atomic_write_bytes
+from jaxquant.atomic_files import atomic_write_json
 from jaxquant.data import random_batches
 from jaxquant.finetune import losses, pv
 from jaxquant.host_memory import release_freed_memory
@@ -221,7 +221,7 @@ def distill(
         history.append({"step": done, "value": eval_fn(qparams), **({} if loss is None else {"loss": loss})})
 
     def save_resume(done: int) -> None:
-        atomic_write_bytes(history_file, json.dumps(history, indent=1).encode("utf-8"))
+        atomic_write_json(history_file, history)
         io.save(resume_dir, {"params": qparams, "tuner": list(jax.tree_util.tree_leaves(state)), "step": done},
                 overwrite=True, checksum=False)
 

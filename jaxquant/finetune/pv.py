@@ -65,6 +65,7 @@ from jaxquant.qarray import (
     merge,
     split,
 )
+from jaxquant.validate import require_positive_int
 
 Mode = Literal["pv", "ste"]
 
@@ -109,8 +110,7 @@ class VStep:
             raise ValueError(f"update_fraction={self.update_fraction!r} must be in (0, 1]")
         if self.trust_ratio is not None and not float(self.trust_ratio) > 0.0:
             raise ValueError(f"trust_ratio={self.trust_ratio!r} must be positive or None")
-        if isinstance(self.beam_size, bool) or not isinstance(self.beam_size, int) or self.beam_size < 1:
-            raise ValueError(f"beam_size={self.beam_size!r} must be an integer >= 1")
+        require_positive_int("beam_size", self.beam_size)
         if not 0.0 <= float(self.buffer_decay) <= 1.0:
             raise ValueError(f"buffer_decay={self.buffer_decay!r} must be in [0, 1]")
 
@@ -312,12 +312,7 @@ def v_step(qtree: Any, buffers: dict[str, jax.Array], config: VStep) -> tuple[An
     Returns:
         ``(qtree with new codes, buffers)``.
     """
-    leaves, treedef, paths = _quantized_paths(qtree)
-    groups = _quantized_groups(leaves, paths)
-    keys = [paths[group[0]] for group in groups]
-    if set(keys) != set(buffers):
-        raise ValueError(f"v_step: the tree's quantized layers group as {keys}, the buffers as {list(buffers)} "
-                         "(buffers of another tree?)")
+    leaves, treedef, groups, keys = _grouped(qtree, buffers, "v_step")
 
     def one(q: Any, buf: jax.Array) -> Any:
         return v_step_leaf(q, buf.T if q.layout == "in_out" else buf, config)  # storage layout
@@ -333,6 +328,22 @@ def v_step(qtree: Any, buffers: dict[str, jax.Array], config: VStep) -> tuple[An
         decode = jax.vmap(lambda q: q.decode(jnp.float32))
         buffers = {k: (dec := decode(q)) + keep * (buffers[k] - dec) for k, q in zip(keys, new, strict=True)}
     return jax.tree_util.tree_unflatten(treedef, out), buffers
+
+
+def _grouped(qtree: Any, buffers: dict[str, jax.Array], who: str) -> tuple[list[Any], Any, list[list[int]], list[str]]:
+    """``(leaves, treedef, groups, keys)`` of ``qtree``'s quantized leaves grouped by kind,
+    ``keys`` naming each group as its buffer does.
+
+    Raises:
+        ValueError: the groups are not the buffers' (buffers made for another tree).
+    """
+    leaves, treedef, paths = _quantized_paths(qtree)
+    groups = _quantized_groups(leaves, paths)
+    keys = [paths[group[0]] for group in groups]
+    if set(keys) != set(buffers):
+        raise ValueError(f"{who}: the tree's quantized layers group as {keys}, the buffers as {list(buffers)} "
+                         "(buffers made for another tree?)")
+    return leaves, treedef, groups, keys
 
 
 def straight_through_buffers(qtree: Any) -> dict[str, jax.Array]:
@@ -401,8 +412,7 @@ def pv_tuning(
     """
     if not isinstance(v_step_config, VStep):
         raise TypeError(f"pv_tuning: v_step_config must be a VStep, got {type(v_step_config).__name__}")
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"every={every!r} must be an integer >= 1")
+    require_positive_int("every", every)
 
     def init(qtree: Any) -> PVState:
         buffers = straight_through_buffers(qtree)
@@ -417,7 +427,7 @@ def pv_tuning(
         )
 
     def update(grads: Any, state: PVState, qtree: Any) -> tuple[Any, PVState]:
-        leaves, treedef, paths = _quantized_paths(qtree)
+        leaves, treedef, groups, keys = _grouped(qtree, state.buffers, "pv_tuning.update")
         try:
             g_leaves = treedef.flatten_up_to(grads)
         except (ValueError, TypeError) as e:
@@ -425,11 +435,6 @@ def pv_tuning(
                 "pv_tuning.update: grads must have the structure of dequantize(qtree) "
                 f"(use decoded_value_and_grad): {e}"
             ) from e
-        groups = _quantized_groups(leaves, paths)
-        keys = [paths[group[0]] for group in groups]
-        if set(keys) != set(state.buffers):
-            raise ValueError(f"pv_tuning.update: the tree's quantized layers group as {keys}, the state's buffers "
-                             f"as {list(state.buffers)} (a state from another tree?)")
 
         # One stacked dense gradient per group serves the P step's pull-back and the buffers.
         stacked_grads = [_stacked_grads(g_leaves, group) for group in groups]

@@ -40,6 +40,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxquant import io as jq_io
+from jaxquant.atomic_files import atomic_write_json
 from jaxquant.calibrate import calibrate
 from jaxquant.embeddings import EMBEDDING_BITS, store_embeddings
 from jaxquant.finetune.block import BlockFinetuneConfig, finetune_block, relative_error
@@ -411,7 +412,7 @@ def quantize_model(
     summary = _summary(params, layers, blocks, time.perf_counter() - t_start)
     if run is not None:
         jq_io.save(run.file(rd.PARAMS_DIR), params, overwrite=True)
-        rd.atomic_write_json(run.file(rd.SUMMARY_FILE), summary)
+        atomic_write_json(run.file(rd.SUMMARY_FILE), summary)
         run.commit({"blocks_done": n_blocks, "inputs": None, "layers": layers, "blocks": blocks, "complete": True})
         run.remove_block_state()
     return QuantizeResult(params=params, summary=summary, layers=layers, blocks=blocks)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxquant.atomic_files import atomic_write, atomic_write_bytes
+from jaxquant.atomic_files import atomic_write, atomic_write_bytes, atomic_write_json
 
 RUN_FILE = "run.json"
 PROGRESS_FILE = "progress.json"
@@ -41,10 +41,6 @@ FORMAT_VERSION = 1
 def config_hash(config: dict[str, Any]) -> str:
     """SHA-256 of the canonical JSON of ``config``."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode("utf-8")).hexdigest()
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode("utf-8"))
 
 
 def atomic_save_npy(path: str, array: np.ndarray) -> None:
@@ -186,5 +182,4 @@ class RunDir:
                 os.unlink(full)
 
 
-__all__ = ["FORMAT_VERSION", "LAYERS_FILE", "PARAMS_DIR", "RunDir", "SUMMARY_FILE", "atomic_save_npy",
-           "atomic_write_json", "config_hash"]
+__all__ = ["FORMAT_VERSION", "LAYERS_FILE", "PARAMS_DIR", "RunDir", "SUMMARY_FILE", "atomic_save_npy", "config_hash"]
