@@ -1,13 +1,16 @@
 """Package attributes imported on first use (PEP 562).
 
-A package's ``__init__`` names what it exports and from where; nothing is imported until
-an attribute is read. So ``import jaxquant.cli`` and ``jaxquant --help`` do not load JAX,
-Flax and orbax (seconds), while ``jaxquant.quantize`` and ``from jaxquant.pipeline import
+A package's ``__init__`` lists what it exports once, as the imports in its
+``if TYPE_CHECKING:`` block, and calls ``install_lazy_exports(__name__)``. Type checkers
+and IDEs read that block; at run time nothing in it is imported until an attribute is
+read. So ``import jaxquant.cli`` and ``jaxquant --help`` do not load JAX, Flax and orbax
+(seconds), while ``jaxquant.quantize`` and ``from jaxquant.pipeline import
 quantize_model`` work as with eager imports.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import sys
 import types
@@ -39,17 +42,58 @@ class _LazyPackage(types.ModuleType):
         return sorted(set(self.__dict__.get("_lazy_exports", {})) | set(self.__dict__))
 
 
-def install_lazy_exports(package: str, exports: dict[str, str]) -> None:
-    """Make ``package`` import its exports on first use.
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def exports_of(package: str, source: str) -> dict[str, str]:
+    """The exports that ``source``'s top-level ``if TYPE_CHECKING:`` imports declare.
+
+    ``from package import sub`` exports the submodule ``package.sub``; ``from module import
+    name [as alias]`` exports ``module``'s attribute ``name`` as ``alias``.
+
+    Returns:
+        ``{name: "module"}`` for a submodule, ``{name: "module:attribute"}`` for an
+        attribute of a module.
+
+    Raises:
+        ValueError: no such block, or a statement in it that is not ``from ... import``.
+    """
+    exports: dict[str, str] = {}
+    blocks = [n for n in ast.parse(source).body if isinstance(n, ast.If) and _is_type_checking(n.test)]
+    if not blocks:
+        raise ValueError(f"{package}: no top-level 'if TYPE_CHECKING:' block lists its exports")
+    for statement in (s for block in blocks for s in block.body):
+        if not isinstance(statement, ast.ImportFrom) or statement.level or statement.module is None:
+            raise ValueError(
+                f"{package}: line {statement.lineno} of the TYPE_CHECKING block is not an absolute 'from ... import'"
+            )
+        for alias in statement.names:
+            name = alias.asname or alias.name
+            if statement.module == package:
+                exports[name] = f"{package}.{alias.name}"
+            else:
+                exports[name] = f"{statement.module}:{alias.name}"
+    return exports
+
+
+def install_lazy_exports(package: str) -> list[str]:
+    """Make ``package`` import the names of its ``if TYPE_CHECKING:`` block on first use.
 
     Args:
         package: the package's ``__name__`` (call this from its ``__init__``).
-        exports: ``{name: "module"}`` for a submodule, ``{name: "module:attribute"}`` for
-            an attribute of a module.
+
+    Returns:
+        The exported names, sorted (the package's ``__all__``).
     """
     module = sys.modules[package]
-    module.__dict__["_lazy_exports"] = dict(exports)
+    source = module.__spec__.loader.get_source(package)
+    exports = exports_of(package, source)
+    module.__dict__["_lazy_exports"] = exports
     module.__class__ = _LazyPackage
+    return sorted(exports)
 
 
-__all__ = ["install_lazy_exports"]
+__all__ = ["exports_of", "install_lazy_exports"]

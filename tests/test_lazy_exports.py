@@ -9,6 +9,7 @@ import types
 import pytest
 
 import jaxquant as jq
+from jaxquant.lazy_exports import exports_of
 
 
 def test_a_submodule_import_does_not_hide_the_function_of_its_name():
@@ -26,3 +27,17 @@ def test_exports_and_errors():
     assert {"quantize", "tree_bits", "AQLM", "io", "LayerStats"} <= set(dir(jq)) and set(jq.__all__) <= set(dir(jq))
     with pytest.raises(AttributeError, match="module 'jaxquant' has no attribute 'nonsense'"):
         jq.nonsense  # noqa: B018
+
+
+def test_exports_are_read_from_the_type_checking_block():
+    source = (
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    from pkg import sub\n"
+        "    from pkg.mod import f, g as h\n"
+    )
+    assert exports_of("pkg", source) == {"sub": "pkg.sub", "f": "pkg.mod:f", "h": "pkg.mod:g"}
+    with pytest.raises(ValueError, match="pkg: no top-level 'if TYPE_CHECKING:' block"):
+        exports_of("pkg", "x = 1\n")
+    with pytest.raises(ValueError, match="pkg: line 3 of the TYPE_CHECKING block"):
+        exports_of("pkg", "import typing\nif typing.TYPE_CHECKING:\n    import os\n")

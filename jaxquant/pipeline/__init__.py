@@ -11,20 +11,9 @@ from typing import TYPE_CHECKING
 
 from jaxquant.lazy_exports import install_lazy_exports
 
-_EXPORTS = {
-    "BlockFinetuneConfig": "jaxquant.finetune.block:BlockFinetuneConfig",
-    "BlockwiseModel": "jaxquant.pipeline.blocks:BlockwiseModel",
-    "ComposedApply": "jaxquant.pipeline.blocks:ComposedApply",
-    "as_blockwise": "jaxquant.pipeline.blocks:as_blockwise",
-    "register_blockwise": "jaxquant.pipeline.blocks:register_blockwise",
-    "QuantizeResult": "jaxquant.pipeline.run:QuantizeResult",
-    "assemble": "jaxquant.pipeline.run:assemble",
-    "quantize_model": "jaxquant.pipeline.run:quantize_model",
-}
-install_lazy_exports(__name__, _EXPORTS)
-__all__ = sorted(_EXPORTS)
+__all__ = install_lazy_exports(__name__)
 
-if TYPE_CHECKING:  # what type checkers and IDEs see
+if TYPE_CHECKING:  # the exports: what type checkers see, and what install_lazy_exports reads
     from jaxquant.finetune.block import BlockFinetuneConfig
     from jaxquant.pipeline.blocks import BlockwiseModel, ComposedApply, as_blockwise, register_blockwise
     from jaxquant.pipeline.run import QuantizeResult, assemble, quantize_model
