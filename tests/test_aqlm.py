@@ -57,12 +57,13 @@ def _search(w, h, codebooks, codes, scales, beam_size, seed=0, impl="xla"):  # n
     rows = codes.shape[0]
     og = codebooks.shape[2]
     group_order, codebook_order = bs.search_orders(np.random.default_rng(seed), codes.shape[1], codes.shape[2])
-    args = [jnp.asarray(a) for a in (w.reshape(rows, og, -1), codes, scales, codebooks, h, group_order, codebook_order)]
+    inputs = bs.SearchInputs(*(jnp.asarray(a) for a in (w.reshape(rows, og, -1), codes, scales, codebooks, h,
+                                                        group_order, codebook_order)))
     if impl == "native":
-        new, dloss = jax.jit(native_kernels.beam_search, static_argnames=("beam_size",))(*args, beam_size=beam_size)
+        new, dloss = jax.jit(native_kernels.beam_search, static_argnames=("beam_size",))(inputs, beam_size=beam_size)
     else:
         fn = jax.jit(bs.beam_search, static_argnames=("beam_size", "chunk_rows"))
-        new, dloss = fn(*args, beam_size=beam_size, chunk_rows=rows)
+        new, dloss = fn(inputs, beam_size=beam_size, chunk_rows=rows)
     return np.asarray(new), float(dloss)
 
 
@@ -133,10 +134,11 @@ def test_blocked_codebook_scan_matches_one_block(rng, beam_size):
     """Scanning the codewords in blocks (as for 2^16 codebooks) finds the same codes."""
     w, h, codebooks, codes, scales = _search_np_inputs(rng, rows=8, og=1, d_in=16, m=2, k=64, ig=4)
     group_order, codebook_order = bs.search_orders(np.random.default_rng(0), 4, 2)
-    args = [jnp.asarray(a) for a in (w.reshape(8, 1, 16), codes, scales, codebooks, h, group_order, codebook_order)]
+    inputs = bs.SearchInputs(*(jnp.asarray(a) for a in (w.reshape(8, 1, 16), codes, scales, codebooks, h,
+                                                        group_order, codebook_order)))
     fn = jax.jit(bs.beam_search, static_argnames=("beam_size", "chunk_rows", "block"))
-    one, d_one = fn(*args, beam_size=beam_size, chunk_rows=8, block=64)
-    blocked, d_blocked = fn(*args, beam_size=beam_size, chunk_rows=4, block=8)
+    one, d_one = fn(inputs, beam_size=beam_size, chunk_rows=8, block=64)
+    blocked, d_blocked = fn(inputs, beam_size=beam_size, chunk_rows=4, block=8)
     np.testing.assert_array_equal(np.asarray(blocked), np.asarray(one))
     np.testing.assert_allclose(float(d_blocked), float(d_one), rtol=1e-5)
 

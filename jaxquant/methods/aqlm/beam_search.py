@@ -35,6 +35,8 @@ PV-Tuning's V step uses to re-encode single groups.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -452,14 +454,31 @@ def search_rows(
     return new, jnp.sum(jnp.where(better, best, jnp.float32(0.0)))
 
 
+class SearchInputs(NamedTuple):
+    """What one beam-search pass reads; the XLA and the native search take the same.
+
+    Attributes:
+        w: ``[R, og, d_in]`` float32 target rows.
+        codes: ``[R, n_ig, M]`` int32 in ``[0, K)``, the codes the search starts from.
+        scales: ``[R]`` per-row scales.
+        codebooks: ``[M, K, og, ig]``.
+        h: ``[d_in, d_in]`` symmetric ``XᵀX``.
+        group_order: ``[n_ig]`` int32 permutation: the order input groups are visited in
+            (the same for every chunk and device).
+        codebook_order: ``[n_ig, M]`` int32: per group, the order of its codebooks.
+    """
+
+    w: jax.Array
+    codes: jax.Array
+    scales: jax.Array
+    codebooks: jax.Array
+    h: jax.Array
+    group_order: jax.Array
+    codebook_order: jax.Array
+
+
 def beam_search(
-    w: jax.Array,
-    codes: jax.Array,
-    scales: jax.Array,
-    codebooks: jax.Array,
-    h: jax.Array,
-    group_order: jax.Array,
-    codebook_order: jax.Array,
+    inputs: SearchInputs,
     *,
     beam_size: int,
     chunk_rows: int,
@@ -468,13 +487,8 @@ def beam_search(
     """Beam-search pass over all (local) output groups, ``chunk_rows`` at a time.
 
     Args:
-        w: ``[R, og, d_in]`` with ``R`` a multiple of ``chunk_rows``.
-        codes: ``[R, n_ig, M]`` int32.
-        scales: ``[R]``.
-        codebooks: ``[M, K, og, ig]``.
-        h: ``[d_in, d_in]``.
-        group_order: ``[n_ig]`` int32 permutation (the same for every chunk and device).
-        codebook_order: ``[n_ig, M]`` int32.
+        inputs: the rows (``R`` a multiple of ``chunk_rows``), codes, scales, codebooks,
+            ``XᵀX`` and visiting orders.
         beam_size: hypotheses kept per row.
         chunk_rows: rows searched at once.
         block: codewords scored at once (default ``codeword_block``).
@@ -482,6 +496,7 @@ def beam_search(
     Returns:
         ``(codes [R, n_ig, M] int32, loss change float32)``.
     """
+    w, codes, scales, codebooks, h, group_order, codebook_order = inputs
     rows, og, d_in = w.shape
     num_codebooks, _, _, ig = codebooks.shape
     n_ig = d_in // ig

@@ -74,27 +74,11 @@ def unavailable_reason() -> str | None:
     return LIBRARY.unavailable_reason()
 
 
-def beam_search(
-    w: jax.Array,
-    codes: jax.Array,
-    scales: jax.Array,
-    codebooks: jax.Array,
-    h: jax.Array,
-    group_order: jax.Array,
-    codebook_order: jax.Array,
-    *,
-    beam_size: int,
-) -> tuple[jax.Array, jax.Array]:
-    """Native counterpart of ``beam_search.beam_search`` (same arguments, no chunking).
+def beam_search(inputs: bs.SearchInputs, *, beam_size: int) -> tuple[jax.Array, jax.Array]:
+    """Native counterpart of ``beam_search.beam_search`` (same inputs, no chunking).
 
     Args:
-        w: ``[R, og, d_in]`` float32.
-        codes: ``[R, n_ig, M]`` int32 in ``[0, K)``.
-        scales: ``[R]``.
-        codebooks: ``[M, K, og, ig]``.
-        h: ``[d_in, d_in]`` symmetric.
-        group_order: ``[n_ig]`` int32 permutation.
-        codebook_order: ``[n_ig, M]`` int32.
+        inputs: the rows, codes, scales, codebooks, ``XᵀX`` and visiting orders.
         beam_size: hypotheses kept per row.
 
     Returns:
@@ -104,6 +88,7 @@ def beam_search(
         NotImplementedError: the kernel could not be built (see ``unavailable_reason``).
     """
     _require()
+    w, codes, scales, codebooks, h, group_order, codebook_order = inputs
     rows, og, d_in = w.shape
     num_codebooks, _, _, ig = codebooks.shape
     n_ig = d_in // ig

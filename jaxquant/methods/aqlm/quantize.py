@@ -183,14 +183,10 @@ def _round_impl(
         )
 
         def searched(codes: jax.Array) -> tuple[jax.Array, jax.Array]:
+            inputs = bs.SearchInputs(w, codes, params["scales"], params["codebooks"], h, group_order, codebook_order)
             if kernels == "native":
-                return native_kernels.beam_search(
-                    w, codes, params["scales"], params["codebooks"], h, group_order, codebook_order, beam_size=beam_size
-                )
-            return bs.beam_search(
-                w, codes, params["scales"], params["codebooks"], h, group_order, codebook_order,
-                beam_size=beam_size, chunk_rows=chunk_rows,
-            )
+                return native_kernels.beam_search(inputs, beam_size=beam_size)
+            return bs.beam_search(inputs, beam_size=beam_size, chunk_rows=chunk_rows)
 
         codes, dloss = jax.lax.cond(search, searched, lambda c: (c, jnp.zeros((), jnp.float32)), codes)
         loss = cb.loss_only(params, codes, w, h, axis_name=_AXIS)
