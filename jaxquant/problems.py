@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxquant.validate import require_finite_floats
+
 SYNTHETIC_SALIENT_COLS = (87, 253, 443, 454, 485)
 
 
@@ -53,11 +55,7 @@ def _check_problem(w: Any, x: Any, source: str) -> tuple[np.ndarray, np.ndarray]
         raise ValueError(f"{source}: W must be (d_out, d_in) and X (tokens, d_in); got W{w.shape}, X{x.shape}")
     if w.shape[1] != x.shape[1]:
         raise ValueError(f"{source}: W has d_in={w.shape[1]} but X has {x.shape[1]} columns")
-    for name, a in (("W", w), ("X", x)):
-        if not np.issubdtype(a.dtype, np.floating):
-            raise TypeError(f"{source}: {name} has dtype {a.dtype}, expected a float array")
-        if not np.all(np.isfinite(a)):
-            raise ValueError(f"{source}: {name} holds NaN or Inf")
+    require_finite_floats(source, W=w, X=x)
     return w.astype(np.float32), x.astype(np.float32)
 
 

@@ -490,7 +490,7 @@ def test_bad_configs_raise_clear_errors(small_problem):
         quantize_aqlm(jnp.asarray(w), jnp.asarray(h[:16, :16]), jq.AQLM(group_size=4), key)
     bad = w.copy()
     bad[0, 0] = np.nan
-    with pytest.raises(ValueError, match="weight contains NaN or inf at x"):
+    with pytest.raises(ValueError, match="weight at x holds NaN or Inf"):
         quantize_aqlm(jnp.asarray(bad), jnp.asarray(h), jq.AQLM(group_size=4), key, path="x")
     with pytest.raises(TypeError, match="AQLM recipe"):
         quantize_aqlm(jnp.asarray(w), jnp.asarray(h), jq.GPTQ(), key)

@@ -40,7 +40,8 @@ from jaxquant.methods.aqlm import native_grads, native_kernels
 from jaxquant.methods.aqlm.grad_dtype import resolve_grad_dtype
 from jaxquant.methods.aqlm.kmeans import residual_kmeans, sample_indices
 from jaxquant.qarray import AdditiveQuantized, check_layout, code_dtype
-from jaxquant.recipes import AQLM
+from jaxquant.recipes import AQLM, check_divisible
+from jaxquant.validate import require_finite_floats
 
 _AXIS = "rows"
 # Beam-search score matrices hold (beam × codeword block × rows) keys; keep them
@@ -61,27 +62,20 @@ def kmeans_iterations(requested: int, n_fit: int, codebook_size: int) -> int:
 
 
 def _validate(w: Any, xtx: Any, recipe: Any, path: str) -> tuple[np.ndarray, np.ndarray]:
-    where = f" at {path}" if path else ""
+    where = path or "<weight>"
     if not isinstance(recipe, AQLM):
-        raise TypeError(f"recipe must be an AQLM recipe{where}, got {type(recipe).__name__}")
+        raise TypeError(f"recipe must be an AQLM recipe at {where}, got {type(recipe).__name__}")
     w_np = np.asarray(w)
     if w_np.ndim != 2:
-        raise ValueError(f"weight must be 2-D (d_out, d_in){where}, got shape {w_np.shape}")
+        raise ValueError(f"weight must be 2-D (d_out, d_in) at {where}, got shape {w_np.shape}")
     d_out, d_in = w_np.shape
     if xtx is None:
-        raise ValueError(f"AQLM needs XᵀX statistics{where}, got None")
+        raise ValueError(f"AQLM needs XᵀX statistics at {where}, got None")
     xtx_np = np.asarray(xtx)
     if xtx_np.shape != (d_in, d_in):
-        raise ValueError(f"xtx must have shape ({d_in}, {d_in}) for a weight {w_np.shape}{where}, got {xtx_np.shape}")
-    if d_in % recipe.group_size:
-        raise ValueError(f"d_in={d_in} is not divisible by group_size={recipe.group_size}{where}")
-    if d_out % recipe.out_group_size:
-        raise ValueError(f"d_out={d_out} is not divisible by out_group_size={recipe.out_group_size}{where}")
-    for name, arr in (("weight", w_np), ("xtx", xtx_np)):
-        if not np.issubdtype(arr.dtype, np.floating):
-            raise TypeError(f"{name} must be floating point{where}, got {arr.dtype}")
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(f"{name} contains NaN or inf{where}")
+        raise ValueError(f"xtx must have shape ({d_in}, {d_in}) for a weight {w_np.shape} at {where}, got {xtx_np.shape}")
+    check_divisible(recipe, d_out, d_in, where)
+    require_finite_floats(where, weight=w_np, xtx=xtx_np)
     return w_np.astype(np.float32), xtx_np.astype(np.float32)
 
 
