@@ -127,25 +127,6 @@ def fit_grid(
     return best_scale, best_zero
 
 
-def fit_grouped(
-    w: jax.Array,
-    bits: int,
-    group_size: int,
-    *,
-    symmetric: bool,
-    param_dtype: str,
-    clip_search: bool = False,
-) -> tuple[jax.Array, jax.Array]:
-    """Grids for contiguous groups of ``group_size`` input columns of ``w[d_out, d_in]``.
-
-    Returns:
-        ``(scale, zero)``, each ``[d_out, d_in // group_size]``.
-    """
-    d_out, d_in = w.shape
-    groups = w.reshape(d_out, d_in // group_size, group_size)
-    return fit_grid(groups, bits, symmetric=symmetric, param_dtype=param_dtype, clip_search=clip_search)
-
-
 def expand_groups(x: jax.Array, group_size: int) -> jax.Array:
     """``[d_out, n_groups]`` -> ``[d_out, n_groups * group_size]`` (repeat along columns)."""
     return jnp.repeat(x, group_size, axis=1)

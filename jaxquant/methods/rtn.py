@@ -18,10 +18,8 @@ def _rtn(
     w: jax.Array, *, bits: int, group_size: int, symmetric: bool, clip_search: bool, param_dtype: str
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     d_out, d_in = w.shape
-    scale, zero = _grid.fit_grouped(
-        w, bits, group_size, symmetric=symmetric, param_dtype=param_dtype, clip_search=clip_search
-    )
     groups = w.reshape(d_out, d_in // group_size, group_size)
+    scale, zero = _grid.fit_grid(groups, bits, symmetric=symmetric, param_dtype=param_dtype, clip_search=clip_search)
     codes = _grid.quantize_codes(groups, scale[..., None], zero[..., None], bits)
     return codes.reshape(d_out, d_in), scale, zero
 

@@ -33,34 +33,31 @@ NAME_TABLE: tuple[tuple[str, str, bool], ...] = (
 )
 
 
-def _compile_table() -> list[tuple[re.Pattern[str], str, re.Pattern[str], str, bool]]:
-    rows = []
-    for hf, nnx_path, transpose in NAME_TABLE:
-        hf_re = re.compile("^" + re.escape(hf).replace(r"\{i\}", r"(\d+)") + "$")
-        nnx_re = re.compile("^" + re.escape(nnx_path).replace(r"\{i\}", r"(\d+)") + "$")
-        rows.append((hf_re, hf, nnx_re, nnx_path, transpose))
-    return rows
+def _pattern(template: str) -> re.Pattern[str]:
+    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(\d+)") + "$")
 
 
-_TABLE = _compile_table()
+# Per direction, each row as (pattern of the source name, template of the target name, transpose).
+_HF_TO_NNX = tuple((_pattern(hf), nnx_path, transpose) for hf, nnx_path, transpose in NAME_TABLE)
+_NNX_TO_HF = tuple((_pattern(nnx_path), hf, transpose) for hf, nnx_path, transpose in NAME_TABLE)
+
+
+def _translate(name: str, rows: tuple[tuple[re.Pattern[str], str, bool], ...]) -> tuple[str, bool] | None:
+    for pattern, template, transpose in rows:
+        m = pattern.match(name)
+        if m:
+            return (template.replace("{i}", m.group(1)) if m.groups() else template), transpose
+    return None
 
 
 def hf_to_nnx_name(name: str) -> tuple[str, bool] | None:
     """NNX path and transpose flag of a Hugging Face tensor name (``None`` if unmapped)."""
-    for hf_re, _, _, nnx_path, transpose in _TABLE:
-        m = hf_re.match(name)
-        if m:
-            return (nnx_path.replace("{i}", m.group(1)) if m.groups() else nnx_path), transpose
-    return None
+    return _translate(name, _HF_TO_NNX)
 
 
 def nnx_to_hf_name(path: str) -> tuple[str, bool] | None:
     """Hugging Face tensor name and transpose flag of an NNX path (``None`` if unmapped)."""
-    for _, hf, nnx_re, _, transpose in _TABLE:
-        m = nnx_re.match(path)
-        if m:
-            return (hf.replace("{i}", m.group(1)) if m.groups() else hf), transpose
-    return None
+    return _translate(path, _NNX_TO_HF)
 
 
 __all__ = ["NAME_TABLE", "hf_to_nnx_name", "nnx_to_hf_name"]
