@@ -1,4 +1,5 @@
 // AQLM residuals and codebook gradients on CPU (jaxquant.methods.aqlm.native_grads).
+#include <string>
 #include <type_traits>
 #include <vector>
 #include "jaxquant_ffi.h"
@@ -12,18 +13,21 @@ struct Layout {
   int64_t R, n_ig, M, K, og, ig, cw, d_in;
 };
 
-bool ReadLayout(ffi::Span<const int64_t> cd, ffi::Span<const int64_t> bd, int64_t n_scales,
-                ffi::Span<const int64_t> rd, Layout* l) {
-  if (cd.size() != 3 || bd.size() != 4 || rd.size() != 3) return false;
+// Reads the layout from codes [R, n_ig, M], codebooks [M, K, og, ig], the scales' count
+// and rows [R, og, d_in], and checks that the shapes agree and that every code is in
+// [0, K): codes index memory here (the XLA gather would clamp).
+ffi::Error ReadLayout(const char* kernel, const ffi::Buffer<ffi::S32>& codes, ffi::Span<const int64_t> bd,
+                      int64_t n_scales, ffi::Span<const int64_t> rd, Layout* l) {
+  const ffi::Span<const int64_t> cd = codes.dimensions();
+  if (cd.size() != 3 || bd.size() != 4 || rd.size() != 3)
+    return ffi::Error::InvalidArgument(std::string(kernel) + ": codes, codebooks, rows must have ranks 3, 4, 3");
   *l = Layout{cd[0], cd[1], cd[2], bd[1], bd[2], bd[3], bd[2] * bd[3], cd[1] * bd[3]};
-  return bd[0] == l->M && n_scales == l->R && rd[0] == l->R && rd[1] == l->og && rd[2] == l->d_in;
-}
-
-// Codes index memory here, so they are checked (the XLA gather would clamp).
-bool CodesInRange(const int32_t* codes, const Layout& l) {
-  for (int64_t i = 0; i < l.R * l.n_ig * l.M; ++i)
-    if (codes[i] < 0 || codes[i] >= l.K) return false;
-  return true;
+  if (bd[0] != l->M || n_scales != l->R || rd[0] != l->R || rd[1] != l->og || rd[2] != l->d_in)
+    return ffi::Error::InvalidArgument(std::string(kernel) + ": inconsistent shapes");
+  const int32_t* c = codes.typed_data();
+  for (int64_t i = 0; i < l->R * l->n_ig * l->M; ++i)
+    if (c[i] < 0 || c[i] >= l->K) return ffi::Error::InvalidArgument(std::string(kernel) + ": code out of range");
+  return ffi::Error::Success();
 }
 
 // The kernels' work is a few passes over weight-sized arrays: below this many tile
@@ -131,10 +135,10 @@ void WithTileShape(const Layout& l, const Fn& fn) {
 ffi::Error ResidualImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> codes, ffi::Buffer<ffi::F32> books,
                         ffi::Buffer<ffi::F32> scales, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> resid) {
   Layout l;
-  if (!ReadLayout(codes.dimensions(), books.dimensions(), scales.element_count(), w.dimensions(), &l))
-    return ffi::Error::InvalidArgument("aqlm_residual: inconsistent shapes");
+  if (ffi::Error err = ReadLayout("aqlm_residual", codes, books.dimensions(), scales.element_count(), w.dimensions(), &l);
+      err.failure())
+    return err;
   const int32_t* c = codes.typed_data();
-  if (!CodesInRange(c, l)) return ffi::Error::InvalidArgument("aqlm_residual: code out of range");
   const float *bk = books.typed_data(), *s = scales.typed_data(), *x = w.typed_data();
   float* out = resid->typed_data();
   const int64_t n_blocks = RowBlocks(l);
@@ -150,10 +154,11 @@ ffi::Error GradsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> rh, ffi::Buffer
                      ffi::Buffer<ffi::F32> books, ffi::Buffer<ffi::F32> scales,
                      ffi::ResultBuffer<ffi::F32> g_books, ffi::ResultBuffer<ffi::F32> g_scales) {
   Layout l;
-  if (!ReadLayout(codes.dimensions(), books.dimensions(), scales.element_count(), rh.dimensions(), &l))
-    return ffi::Error::InvalidArgument("aqlm_codebook_grads: inconsistent shapes");
+  if (ffi::Error err =
+          ReadLayout("aqlm_codebook_grads", codes, books.dimensions(), scales.element_count(), rh.dimensions(), &l);
+      err.failure())
+    return err;
   const int32_t* c = codes.typed_data();
-  if (!CodesInRange(c, l)) return ffi::Error::InvalidArgument("aqlm_codebook_grads: code out of range");
   const float *g = rh.typed_data(), *bk = books.typed_data(), *s = scales.typed_data();
   float *gb = g_books->typed_data(), *gs = g_scales->typed_data();
   // Each row block sums its codebook gradient into its own buffer (the first block into
