@@ -1,6 +1,7 @@
 // CUDA lookup-table products and warp decoding of additive-quantized weights (jaxquant.ops.cuda_ffi).
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <cuda_runtime.h>
 #include "xla/ffi/api/ffi.h"
 
@@ -10,29 +11,70 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// Operand shapes shared by every kernel here: x [R, d_in], codes [d_out, G, M],
-// codebooks [M, K, 1, ig], scales with d_out elements.
-struct AqShapes {
-  int64_t R, d_in, d_out, G, M, K, ig;
+// One call's operands as the kernels take them: device pointers and int sizes. x is
+// [R, d_in] with R in 1..4, codes [d_out, G, M], codebooks [M, K, 1, ig], scales [d_out],
+// out [R, d_out].
+template <typename CodeT>
+struct AqCall {
+  cudaStream_t stream;
+  const float* x;
+  const CodeT* codes;
+  const float* cb;
+  const float* scales;
+  float* out;
+  int R, d_in, d_out, G, M, K, ig;
 };
 
-ffi::Error ReadShapes(const char* kernel, ffi::Span<const int64_t> xd, ffi::Span<const int64_t> cd,
-                      ffi::Span<const int64_t> bd, size_t n_scales, AqShapes& s) {
+// Reads the operands every kernel here binds into c, after checking their shapes.
+template <ffi::DataType CodeDT, typename CodeT>
+ffi::Error ReadCall(const char* kernel, cudaStream_t stream, ffi::Buffer<ffi::F32>& x, ffi::Buffer<CodeDT>& codes,
+                    ffi::Buffer<ffi::F32>& codebooks, ffi::Buffer<ffi::F32>& scales, ffi::ResultBuffer<ffi::F32>& out,
+                    AqCall<CodeT>& c) {
+  const ffi::Span<const int64_t> xd = x.dimensions(), cd = codes.dimensions(), bd = codebooks.dimensions();
   if (xd.size() != 2 || cd.size() != 3 || bd.size() != 4)
     return ffi::Error::InvalidArgument(std::string(kernel) + ": x, codes, codebooks must have ranks 2, 3, 4");
-  s = {xd[0], xd[1], cd[0], cd[1], cd[2], bd[1], bd[3]};
-  if (bd[0] != s.M || bd[2] != 1 || s.G * s.ig != s.d_in || (int64_t)n_scales != s.d_out)
+  const int64_t R = xd[0], d_in = xd[1], d_out = cd[0], G = cd[1], M = cd[2], K = bd[1], ig = bd[3];
+  if (bd[0] != M || bd[2] != 1 || G * ig != d_in || (int64_t)scales.element_count() != d_out)
     return ffi::Error::InvalidArgument(std::string(kernel) + ": inconsistent shapes");
+  if (R < 1 || R > 4) return ffi::Error::InvalidArgument(std::string(kernel) + ": x must have 1 to 4 rows");
+  c = AqCall<CodeT>{stream, x.typed_data(), reinterpret_cast<const CodeT*>(codes.untyped_data()),
+                    codebooks.typed_data(), scales.typed_data(), out->typed_data(),
+                    (int)R, (int)d_in, (int)d_out, (int)G, (int)M, (int)K, (int)ig};
   return ffi::Error::Success();
 }
 
-// ReadShapes plus what both table kernels need: at most 256 codewords per codebook (the
-// table is indexed by a uint8 code) and a group chunk no larger than the group count.
-ffi::Error ReadTableShapes(const char* kernel, ffi::Span<const int64_t> xd, ffi::Span<const int64_t> cd,
-                           ffi::Span<const int64_t> bd, size_t n_scales, int64_t group_chunk, AqShapes& s) {
-  if (ffi::Error err = ReadShapes(kernel, xd, cd, bd, n_scales, s); err.failure()) return err;
-  if (s.K > 256) return ffi::Error::InvalidArgument(std::string(kernel) + ": more than 256 codewords per codebook");
-  if (group_chunk > s.G) return ffi::Error::InvalidArgument(std::string(kernel) + ": group_chunk above the group count");
+// ReadCall plus what both table kernels need: at most 256 codewords per codebook (the
+// table is indexed by a uint8 code) and a group chunk from 1 to the group count.
+ffi::Error ReadTableCall(const char* kernel, cudaStream_t stream, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::U8>& codes,
+                         ffi::Buffer<ffi::F32>& codebooks, ffi::Buffer<ffi::F32>& scales,
+                         ffi::ResultBuffer<ffi::F32>& out, int64_t group_chunk, AqCall<uint8_t>& c) {
+  if (ffi::Error err = ReadCall(kernel, stream, x, codes, codebooks, scales, out, c); err.failure()) return err;
+  if (c.K > 256) return ffi::Error::InvalidArgument(std::string(kernel) + ": more than 256 codewords per codebook");
+  if (group_chunk < 1 || group_chunk > c.G)
+    return ffi::Error::InvalidArgument(std::string(kernel) + ": group_chunk must be in 1..group count");
+  return ffi::Error::Success();
+}
+
+// Calls fn(std::integral_constant<int, R>) with the row count fixed at compile time.
+template <typename Fn>
+cudaError_t WithRows(int R, const Fn& fn) {
+  switch (R) {
+    case 1: return fn(std::integral_constant<int, 1>());
+    case 2: return fn(std::integral_constant<int, 2>());
+    case 3: return fn(std::integral_constant<int, 3>());
+    default: return fn(std::integral_constant<int, 4>());
+  }
+}
+
+// The table kernels add into out with atomics: zero it, then launch.
+template <typename Fn>
+cudaError_t ZeroThenLaunch(const AqCall<uint8_t>& c, const Fn& launch) {
+  const cudaError_t e = cudaMemsetAsync(c.out, 0, sizeof(float) * c.R * c.d_out, c.stream);
+  return e == cudaSuccess ? launch() : e;
+}
+
+ffi::Error Finish(const char* kernel, cudaError_t e) {
+  if (e != cudaSuccess) return ffi::Error::Internal(std::string(kernel) + ": " + cudaGetErrorString(e));
   return ffi::Error::Success();
 }
 
@@ -120,46 +162,29 @@ AqLutGemv(const float* __restrict__ x, const uint8_t* __restrict__ codes, const 
 }
 
 template <int R>
-cudaError_t Launch(cudaStream_t stream, const float* x, const uint8_t* codes, const float* cb,
-                   const float* scales, float* out, int d_in, int d_out, int G, int M, int K, int ig,
-                   int GC, int out_per_block) {
-  const size_t smem = sizeof(float) * ((size_t)R * GC * M * K + (size_t)R * GC * ig);
+cudaError_t Launch(const AqCall<uint8_t>& c, int GC, int out_per_block) {
+  const size_t smem = sizeof(float) * ((size_t)R * GC * c.M * c.K + (size_t)R * GC * c.ig);
   if (smem > 48 * 1024) {
     const cudaError_t e = cudaFuncSetAttribute(AqLutGemv<R>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;
   }
-  const dim3 grid((G + GC - 1) / GC, (d_out + out_per_block - 1) / out_per_block);
-  AqLutGemv<R><<<grid, kThreads, smem, stream>>>(x, codes, cb, scales, out, d_in, d_out, G, M, K, ig, GC,
-                                                 out_per_block);
+  const dim3 grid((c.G + GC - 1) / GC, (c.d_out + out_per_block - 1) / out_per_block);
+  AqLutGemv<R><<<grid, kThreads, smem, c.stream>>>(c.x, c.codes, c.cb, c.scales, c.out, c.d_in, c.d_out, c.G, c.M,
+                                                   c.K, c.ig, GC, out_per_block);
   return cudaGetLastError();
 }
 
 ffi::Error AqLutCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
                          ffi::Buffer<ffi::F32> codebooks, ffi::Buffer<ffi::F32> scales,
                          ffi::ResultBuffer<ffi::F32> out, int64_t group_chunk, int64_t out_per_block) {
-  AqShapes sh;
-  if (ffi::Error err = ReadTableShapes("aq_lut_cuda", x.dimensions(), codes.dimensions(), codebooks.dimensions(),
-                                       scales.element_count(), group_chunk, sh);
-      err.failure())
+  const char* kernel = "aq_lut_cuda";
+  AqCall<uint8_t> c;
+  if (ffi::Error err = ReadTableCall(kernel, stream, x, codes, codebooks, scales, out, group_chunk, c); err.failure())
     return err;
-  const int64_t R = sh.R, d_in = sh.d_in, d_out = sh.d_out, G = sh.G, M = sh.M, K = sh.K, ig = sh.ig;
-  if (R < 1 || R > 4 || group_chunk < 1 || out_per_block < 1)
-    return ffi::Error::InvalidArgument("aq_lut_cuda: rows must be 1..4, group_chunk and out_per_block >= 1");
-  cudaError_t e = cudaMemsetAsync(out->typed_data(), 0, sizeof(float) * R * d_out, stream);
-  if (e == cudaSuccess) {
-    const float *xp = x.typed_data(), *cbp = codebooks.typed_data(), *sp = scales.typed_data();
-    const uint8_t* cp = codes.typed_data();
-    float* op = out->typed_data();
-    const int a = d_in, b = d_out, g = G, m = M, k = K, i = ig, gc = group_chunk, ob = out_per_block;
-    switch (R) {
-      case 1: e = Launch<1>(stream, xp, cp, cbp, sp, op, a, b, g, m, k, i, gc, ob); break;
-      case 2: e = Launch<2>(stream, xp, cp, cbp, sp, op, a, b, g, m, k, i, gc, ob); break;
-      case 3: e = Launch<3>(stream, xp, cp, cbp, sp, op, a, b, g, m, k, i, gc, ob); break;
-      default: e = Launch<4>(stream, xp, cp, cbp, sp, op, a, b, g, m, k, i, gc, ob); break;
-    }
-  }
-  if (e != cudaSuccess) return ffi::Error::Internal(std::string("aq_lut_cuda: ") + cudaGetErrorString(e));
-  return ffi::Error::Success();
+  if (out_per_block < 1) return ffi::Error::InvalidArgument("aq_lut_cuda: out_per_block must be >= 1");
+  return Finish(kernel, ZeroThenLaunch(c, [&] {
+    return WithRows(c.R, [&](auto rows) { return Launch<decltype(rows)::value>(c, group_chunk, out_per_block); });
+  }));
 }
 
 // ---- The table kernel with its global loads issued first ------------------------------
@@ -282,29 +307,26 @@ AqLutGemvPrefetch(const float* __restrict__ x, const uint8_t* __restrict__ codes
 }
 
 template <int R, int RPT>
-cudaError_t LaunchPrefetch(cudaStream_t stream, const float* x, const uint8_t* codes, const float* cb,
-                           const float* scales, float* out, int d_in, int d_out, int G, int M, int K, int ig,
-                           int GC, int threads) {
-  const size_t smem = sizeof(float) * ((size_t)R * GC * M * K + (size_t)R * GC * ig);
+cudaError_t LaunchPrefetch(const AqCall<uint8_t>& c, int GC, int threads) {
+  const size_t smem = sizeof(float) * ((size_t)R * GC * c.M * c.K + (size_t)R * GC * c.ig);
   if (smem > 48 * 1024) {
     const cudaError_t e =
         cudaFuncSetAttribute(AqLutGemvPrefetch<R, RPT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;
   }
   const int64_t rows_per_block = (int64_t)RPT * threads;
-  const dim3 grid((G + GC - 1) / GC, (unsigned)((d_out + rows_per_block - 1) / rows_per_block));
-  AqLutGemvPrefetch<R, RPT><<<grid, threads, smem, stream>>>(x, codes, cb, scales, out, d_in, d_out, G, M, K, ig, GC);
+  const dim3 grid((c.G + GC - 1) / GC, (unsigned)((c.d_out + rows_per_block - 1) / rows_per_block));
+  AqLutGemvPrefetch<R, RPT><<<grid, threads, smem, c.stream>>>(c.x, c.codes, c.cb, c.scales, c.out, c.d_in, c.d_out,
+                                                                c.G, c.M, c.K, c.ig, GC);
   return cudaGetLastError();
 }
 
 template <int R>
-cudaError_t LaunchPrefetchRpt(int rpt, cudaStream_t stream, const float* x, const uint8_t* codes, const float* cb,
-                              const float* scales, float* out, int d_in, int d_out, int G, int M, int K, int ig,
-                              int GC, int threads) {
+cudaError_t LaunchPrefetchRpt(int rpt, const AqCall<uint8_t>& c, int GC, int threads) {
   switch (rpt) {
-    case 1: return LaunchPrefetch<R, 1>(stream, x, codes, cb, scales, out, d_in, d_out, G, M, K, ig, GC, threads);
-    case 2: return LaunchPrefetch<R, 2>(stream, x, codes, cb, scales, out, d_in, d_out, G, M, K, ig, GC, threads);
-    default: return LaunchPrefetch<R, 4>(stream, x, codes, cb, scales, out, d_in, d_out, G, M, K, ig, GC, threads);
+    case 1: return LaunchPrefetch<R, 1>(c, GC, threads);
+    case 2: return LaunchPrefetch<R, 2>(c, GC, threads);
+    default: return LaunchPrefetch<R, 4>(c, GC, threads);
   }
 }
 
@@ -312,33 +334,19 @@ ffi::Error AqLutPrefetchCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, f
                                  ffi::Buffer<ffi::F32> codebooks, ffi::Buffer<ffi::F32> scales,
                                  ffi::ResultBuffer<ffi::F32> out, int64_t group_chunk, int64_t threads,
                                  int64_t rows_per_thread) {
-  AqShapes sh;
-  if (ffi::Error err = ReadTableShapes("aq_lut_prefetch_cuda", x.dimensions(), codes.dimensions(), codebooks.dimensions(),
-                                       scales.element_count(), group_chunk, sh);
-      err.failure())
+  const char* kernel = "aq_lut_prefetch_cuda";
+  AqCall<uint8_t> c;
+  if (ffi::Error err = ReadTableCall(kernel, stream, x, codes, codebooks, scales, out, group_chunk, c); err.failure())
     return err;
-  const int64_t R = sh.R, d_in = sh.d_in, d_out = sh.d_out, G = sh.G, M = sh.M, K = sh.K, ig = sh.ig;
-  if (R < 1 || R > 4 || group_chunk < 1 || threads < 32 || threads > 512 || threads % 32 != 0 ||
+  if (threads < 32 || threads > 512 || threads % 32 != 0 ||
       (rows_per_thread != 1 && rows_per_thread != 2 && rows_per_thread != 4))
     return ffi::Error::InvalidArgument(
-        "aq_lut_prefetch_cuda: rows must be 1..4, group_chunk >= 1, threads a multiple of 32 in 32..512, "
-        "rows_per_thread 1, 2 or 4");
-  cudaError_t e = cudaMemsetAsync(out->typed_data(), 0, sizeof(float) * R * d_out, stream);
-  if (e == cudaSuccess) {
-    const float *xp = x.typed_data(), *cbp = codebooks.typed_data(), *sp = scales.typed_data();
-    const uint8_t* cp = codes.typed_data();
-    float* op = out->typed_data();
-    const int a = d_in, b = d_out, g = G, m = M, k = K, i = ig, gc = group_chunk, t = threads, rpt = rows_per_thread;
-    switch (R) {
-      case 1: e = LaunchPrefetchRpt<1>(rpt, stream, xp, cp, cbp, sp, op, a, b, g, m, k, i, gc, t); break;
-      case 2: e = LaunchPrefetchRpt<2>(rpt, stream, xp, cp, cbp, sp, op, a, b, g, m, k, i, gc, t); break;
-      case 3: e = LaunchPrefetchRpt<3>(rpt, stream, xp, cp, cbp, sp, op, a, b, g, m, k, i, gc, t); break;
-      default: e = LaunchPrefetchRpt<4>(rpt, stream, xp, cp, cbp, sp, op, a, b, g, m, k, i, gc, t); break;
-    }
-  }
-  if (e != cudaSuccess)
-    return ffi::Error::Internal(std::string("aq_lut_prefetch_cuda: ") + cudaGetErrorString(e));
-  return ffi::Error::Success();
+        "aq_lut_prefetch_cuda: threads must be a multiple of 32 in 32..512, rows_per_thread 1, 2 or 4");
+  return Finish(kernel, ZeroThenLaunch(c, [&] {
+    return WithRows(c.R, [&](auto rows) {
+      return LaunchPrefetchRpt<decltype(rows)::value>((int)rows_per_thread, c, group_chunk, threads);
+    });
+  }));
 }
 
 // ---- Decode and dot, one warp per output row ------------------------------------------
@@ -408,54 +416,33 @@ AqDecodeWarpGemv(const float* __restrict__ x, const CodeT* __restrict__ codes, c
 }
 
 template <int R, int M, typename CodeT>
-cudaError_t LaunchDecodeUnroll(int unroll, cudaStream_t stream, const float* x, const CodeT* codes,
-                               const float* cb, const float* scales, float* out, int d_in, int d_out, int G,
-                               int K, int warps) {
-  const dim3 grid((unsigned)((d_out + warps - 1) / warps));
+cudaError_t LaunchDecodeUnroll(int unroll, const AqCall<CodeT>& c, int warps) {
+  const dim3 grid((unsigned)((c.d_out + warps - 1) / warps));
   if (unroll == 8)
-    AqDecodeWarpGemv<R, M, 8, CodeT><<<grid, warps * 32, 0, stream>>>(x, codes, cb, scales, out, d_in, d_out, G, K);
+    AqDecodeWarpGemv<R, M, 8, CodeT><<<grid, warps * 32, 0, c.stream>>>(c.x, c.codes, c.cb, c.scales, c.out, c.d_in,
+                                                                          c.d_out, c.G, c.K);
   else
-    AqDecodeWarpGemv<R, M, 4, CodeT><<<grid, warps * 32, 0, stream>>>(x, codes, cb, scales, out, d_in, d_out, G, K);
+    AqDecodeWarpGemv<R, M, 4, CodeT><<<grid, warps * 32, 0, c.stream>>>(c.x, c.codes, c.cb, c.scales, c.out, c.d_in,
+                                                                          c.d_out, c.G, c.K);
   return cudaGetLastError();
-}
-
-template <int R, typename CodeT>
-cudaError_t LaunchDecodeM(int M, int unroll, cudaStream_t stream, const float* x, const CodeT* codes,
-                          const float* cb, const float* scales, float* out, int d_in, int d_out, int G, int K,
-                          int warps) {
-  if (M == 2) return LaunchDecodeUnroll<R, 2, CodeT>(unroll, stream, x, codes, cb, scales, out, d_in, d_out, G, K, warps);
-  return LaunchDecodeUnroll<R, 1, CodeT>(unroll, stream, x, codes, cb, scales, out, d_in, d_out, G, K, warps);
 }
 
 template <ffi::DataType CodeDT, typename CodeT>
 ffi::Error AqDecodeWarpCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<CodeDT> codes,
                                 ffi::Buffer<ffi::F32> codebooks, ffi::Buffer<ffi::F32> scales,
                                 ffi::ResultBuffer<ffi::F32> out, int64_t warps_per_block, int64_t unroll) {
-  AqShapes sh;
-  if (ffi::Error err = ReadShapes("aq_decode_warp_cuda", x.dimensions(), codes.dimensions(), codebooks.dimensions(),
-                                  scales.element_count(), sh);
-      err.failure())
-    return err;
-  const int64_t R = sh.R, d_in = sh.d_in, d_out = sh.d_out, G = sh.G, M = sh.M, K = sh.K;
-  if (sh.ig != 8) return ffi::Error::InvalidArgument("aq_decode_warp_cuda: in_group_size must be 8");
-  if (R < 1 || R > 4 || (M != 1 && M != 2) || warps_per_block < 1 || warps_per_block > 8 ||
-      (unroll != 4 && unroll != 8))
+  const char* kernel = "aq_decode_warp_cuda";
+  AqCall<CodeT> c;
+  if (ffi::Error err = ReadCall(kernel, stream, x, codes, codebooks, scales, out, c); err.failure()) return err;
+  if (c.ig != 8) return ffi::Error::InvalidArgument("aq_decode_warp_cuda: in_group_size must be 8");
+  if ((c.M != 1 && c.M != 2) || warps_per_block < 1 || warps_per_block > 8 || (unroll != 4 && unroll != 8))
     return ffi::Error::InvalidArgument(
-        "aq_decode_warp_cuda: rows must be 1..4, 1 or 2 codebooks, warps_per_block 1..8, unroll 4 or 8");
-  const float *xp = x.typed_data(), *cbp = codebooks.typed_data(), *sp = scales.typed_data();
-  const CodeT* cp = reinterpret_cast<const CodeT*>(codes.untyped_data());
-  float* op = out->typed_data();
-  const int a = d_in, b = d_out, g = G, m = M, k = K, u = unroll, wp = warps_per_block;
-  cudaError_t e;
-  switch (R) {
-    case 1: e = LaunchDecodeM<1, CodeT>(m, u, stream, xp, cp, cbp, sp, op, a, b, g, k, wp); break;
-    case 2: e = LaunchDecodeM<2, CodeT>(m, u, stream, xp, cp, cbp, sp, op, a, b, g, k, wp); break;
-    case 3: e = LaunchDecodeM<3, CodeT>(m, u, stream, xp, cp, cbp, sp, op, a, b, g, k, wp); break;
-    default: e = LaunchDecodeM<4, CodeT>(m, u, stream, xp, cp, cbp, sp, op, a, b, g, k, wp); break;
-  }
-  if (e != cudaSuccess)
-    return ffi::Error::Internal(std::string("aq_decode_warp_cuda: ") + cudaGetErrorString(e));
-  return ffi::Error::Success();
+        "aq_decode_warp_cuda: 1 or 2 codebooks, warps_per_block 1..8 and unroll 4 or 8 are supported");
+  const int warps = (int)warps_per_block, u = (int)unroll;
+  return Finish(kernel, WithRows(c.R, [&](auto rows) {
+    constexpr int R = decltype(rows)::value;
+    return c.M == 2 ? LaunchDecodeUnroll<R, 2, CodeT>(u, c, warps) : LaunchDecodeUnroll<R, 1, CodeT>(u, c, warps);
+  }));
 }
 
 ffi::Error AqDecodeWarpCudaU8(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
