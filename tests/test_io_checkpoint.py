@@ -209,9 +209,11 @@ def saved(tmp_path, rng):
     return path, tree
 
 
-def _edit_manifest(path, fn):
+def _edit_codes_record(path, **fields):
+    """Overwrite fields of the manifest's record of ``layer/kernel``'s codes."""
     m = json.loads((path / "manifest.json").read_text())
-    fn(m)
+    leaf = next(x for x in m["leaves"] if x["path"] == "layer/kernel")
+    leaf["arrays"]["codes"].update(fields)
     (path / "manifest.json").write_text(json.dumps(m))
 
 
@@ -230,20 +232,11 @@ def test_missing_or_corrupt_manifest(saved, tmp_path):
 def test_manifest_disagreeing_with_arrays_names_the_leaf(saved):
     path, _ = saved
 
-    def bad_shape(m):
-        leaf = next(x for x in m["leaves"] if x["path"] == "layer/kernel")
-        leaf["arrays"]["codes"]["shape"] = [16, 2, 2]
-
-    _edit_manifest(path, bad_shape)
+    _edit_codes_record(path, shape=[16, 2, 2])
     with pytest.raises(jio.CheckpointError, match=r"layer/kernel/codes is stored as uint8\[16, 4, 2\]"):
         jio.load(path)
 
-    def bad_dtype(m):
-        leaf = next(x for x in m["leaves"] if x["path"] == "layer/kernel")
-        leaf["arrays"]["codes"]["shape"] = [16, 4, 2]
-        leaf["arrays"]["codes"]["dtype"] = "uint16"
-
-    _edit_manifest(path, bad_dtype)
+    _edit_codes_record(path, shape=[16, 4, 2], dtype="uint16")
     with pytest.raises(jio.CheckpointError, match=r"layer/kernel/codes.*expects uint16"):
         jio.load(path)
 
@@ -283,11 +276,7 @@ def test_corrupted_bytes_fail_the_checksum(saved):
 def test_checksum_is_checked_per_array(saved):
     path, tree = saved
 
-    def wrong_sum(m):
-        leaf = next(x for x in m["leaves"] if x["path"] == "layer/kernel")
-        leaf["arrays"]["codes"]["sha256"] = "0" * 64
-
-    _edit_manifest(path, wrong_sum)
+    _edit_codes_record(path, sha256="0" * 64)
     with pytest.raises(jio.CheckpointError, match=r"layer/kernel/codes do not match their checksum"):
         jio.load(path)
     _assert_bit_identical(tree, jio.load(path, verify=False))
