@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxquant.ops import cpu_ffi, dispatch, matmul, xla
-from test_ops_xla import random_aq, random_sq
+from test_ops_xla import aq_with_input, random_aq, random_sq
 
 pytestmark = pytest.mark.skipif(not cpu_ffi.available(), reason=f"FFI kernel unavailable: {cpu_ffi.unavailable_reason()}")
 
@@ -22,23 +22,15 @@ def _close(a, b):
 
 @settings(max_examples=12, deadline=None)
 @given(
-    m=st.integers(1, 4),
-    bits=st.integers(1, 8),
-    ig=st.sampled_from([1, 2, 4, 8]),
-    n_in_groups=st.integers(1, 40),
-    d_out=st.integers(1, 300),  # crosses the 256-row work block
-    rows=st.sampled_from([1, 2, 4, 5, 16]),
-    layout=st.sampled_from(["out_in", "in_out"]),
+    # d_out up to 300 crosses the 256-row work block.
+    case=aq_with_input(max_in_groups=40, max_d_out=300, rows=st.sampled_from([1, 2, 4, 5, 16])),
     col_block_bytes=st.sampled_from([1, 4096, cpu_ffi.COL_BLOCK_BYTES]),  # 1 -> 32-column blocks
     block_rows=st.sampled_from([1, 7, cpu_ffi.BLOCK_ROWS]),
-    seed=st.integers(0, 2**16),
 )
-def test_lut_ffi_matches_reference(m, bits, ig, n_in_groups, d_out, rows, layout, col_block_bytes, block_rows, seed):
-    rng = np.random.default_rng(seed)
-    w = random_aq(rng, d_out, n_in_groups * ig, m, bits, ig, layout=layout)
-    x = jnp.asarray(rng.standard_normal((rows, w.d_in)).astype(np.float32))
+def test_lut_ffi_matches_reference(case, col_block_bytes, block_rows):
+    w, x = case
     got = cpu_ffi.lut_matmul_ffi(x, w, col_block_bytes=col_block_bytes, block_rows=block_rows)
-    assert got.shape == (rows, d_out) and got.dtype == jnp.float32
+    assert got.shape == (x.shape[0], w.d_out) and got.dtype == jnp.float32
     _close(got, xla.reference_matmul(x, w))
 
 

@@ -20,6 +20,18 @@ def random_aq(rng, d_out, d_in, m, bits, ig, og=1, layout="out_in"):
     return AdditiveQuantized(jnp.asarray(codes), jnp.asarray(cb), jnp.asarray(scales), bits, shape, layout)
 
 
+@st.composite
+def aq_with_input(draw, *, max_in_groups: int, max_d_out: int, rows: st.SearchStrategy[int]):
+    """A random 1-4 codebook, 1-8 bit ``AdditiveQuantized`` in either layout, and an input batch for it."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    ig = draw(st.sampled_from([1, 2, 4, 8]))
+    d_in = draw(st.integers(1, max_in_groups)) * ig
+    w = random_aq(rng, draw(st.integers(1, max_d_out)), d_in, draw(st.integers(1, 4)), draw(st.integers(1, 8)), ig,
+                  layout=draw(st.sampled_from(["out_in", "in_out"])))
+    x = jnp.asarray(rng.standard_normal((draw(rows), d_in)).astype(np.float32))
+    return w, x
+
+
 def random_sq(rng, d_out, d_in, bits, group, symmetric, layout="out_in"):
     codes = rng.integers(0, 2**bits, (d_out, d_in)).astype(np.uint8)
     scales = (rng.random((d_out, d_in // group)) + 0.1).astype(np.float32)
@@ -34,24 +46,12 @@ def _close(a, b, scale):
 
 
 @settings(max_examples=8, deadline=None)
-@given(
-    m=st.integers(1, 4),
-    bits=st.integers(1, 8),
-    ig=st.sampled_from([1, 2, 4, 8]),
-    n_in_groups=st.integers(1, 24),
-    d_out=st.integers(1, 40),
-    rows=st.integers(1, 5),
-    layout=st.sampled_from(["out_in", "in_out"]),
-    step=st.sampled_from([None, 1, 3, 16]),
-    seed=st.integers(0, 2**16),
-)
-def test_lut_matches_reference(m, bits, ig, n_in_groups, d_out, rows, layout, step, seed):
-    rng = np.random.default_rng(seed)
-    w = random_aq(rng, d_out, n_in_groups * ig, m, bits, ig, layout=layout)
-    x = jnp.asarray(rng.standard_normal((rows, w.d_in)).astype(np.float32))
+@given(case=aq_with_input(max_in_groups=24, max_d_out=40, rows=st.integers(1, 5)), step=st.sampled_from([None, 1, 3, 16]))
+def test_lut_matches_reference(case, step):
+    w, x = case
     ref = xla.reference_matmul(x, w)
     got = xla.lut_matmul(x, w, codes_per_step=step)
-    assert got.shape == (rows, d_out) and got.dtype == jnp.float32
+    assert got.shape == (x.shape[0], w.d_out) and got.dtype == jnp.float32
     _close(got, ref, float(jnp.max(jnp.abs(ref))))
 
 
