@@ -2,9 +2,10 @@
 
 A contract other checks rely on::
 
-    python benchmarks/quantize_layer.py --problem FILE.npz|synthetic --method {rtn,gptq,aqlm}
+    python benchmarks/quantize_layer.py --problem FILE.npz|synthetic --method {rtn,gptq,aqlm,spqr}
         [--bits B] [--group-size G] [--num-codebooks M] [--codebook-bits K] [--beam-size S]
-        [--out-group-size O] [--grad-dtype D] [--seed N] [--shape DOUTxDIN --tokens T] --out RESULT.json
+        [--out-group-size O] [--grad-dtype D] [--stat-bits B2] [--stat-group G2]
+        [--outlier-threshold T] [--seed N] [--shape DOUTxDIN --tokens T] --out RESULT.json
 
 ``FILE.npz`` holds ``W`` float32 ``(out, in)`` and ``X`` float32 ``(tokens, in)``;
 ``synthetic`` is the shared problem of DESIGN.md; ``--shape``/``--tokens`` build a
@@ -45,14 +46,17 @@ from decode import versions  # noqa: E402  (one definition of the recorded packa
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--problem", default="synthetic", help="FILE.npz or 'synthetic'")
-    p.add_argument("--method", required=True, choices=("rtn", "gptq", "aqlm"))
-    p.add_argument("--bits", type=int, default=None, help="RTN/GPTQ bits per code")
+    p.add_argument("--method", required=True, choices=("rtn", "gptq", "aqlm", "spqr"))
+    p.add_argument("--bits", type=int, default=None, help="RTN/GPTQ/SpQR bits per code")
     p.add_argument("--group-size", type=int, default=None, help="input group size (0: one group per row for RTN/GPTQ)")
     p.add_argument("--symmetric", action="store_true", help="RTN/GPTQ symmetric grid")
     p.add_argument("--clip-search", action="store_true", help="RTN/GPTQ clipping-ratio search")
-    p.add_argument("--no-act-order", action="store_true", help="GPTQ in natural column order")
-    p.add_argument("--damp", type=float, default=None, help="GPTQ relative damping")
-    p.add_argument("--block-size", type=int, default=None, help="GPTQ lazy-batch block size")
+    p.add_argument("--no-act-order", action="store_true", help="GPTQ/SpQR in natural column order")
+    p.add_argument("--damp", type=float, default=None, help="GPTQ/SpQR relative damping")
+    p.add_argument("--block-size", type=int, default=None, help="GPTQ/SpQR lazy-batch block size")
+    p.add_argument("--stat-bits", type=int, default=None, help="SpQR bits per quantized scale and zero point")
+    p.add_argument("--stat-group", type=int, default=None, help="SpQR rows per second-level grid")
+    p.add_argument("--outlier-threshold", type=float, default=None, help="SpQR relative outlier threshold")
     p.add_argument("--num-codebooks", type=int, default=None)
     p.add_argument("--codebook-bits", type=int, default=None)
     p.add_argument("--beam-size", type=int, default=None)
@@ -89,6 +93,10 @@ def build_recipe(args: argparse.Namespace) -> Any:
             fields["act_order"] = not args.no_act_order
             put("damp", args.damp)
             put("block_size", args.block_size)
+    elif args.method == "spqr":
+        for name in ("bits", "group_size", "stat_bits", "stat_group", "outlier_threshold", "damp", "block_size"):
+            put(name, getattr(args, name))
+        fields["act_order"] = not args.no_act_order
     else:
         put("group_size", args.group_size)
         put("num_codebooks", args.num_codebooks)

@@ -38,7 +38,8 @@ _LAYOUTS = ("out_in", "in_out")
 EMBEDDING_OR_HEAD = re.compile(r"(^|/)(embed\w*|wte|wpe|lm_head|head)(/|$)", re.IGNORECASE)
 
 
-def _static(default: Any = dataclasses.MISSING) -> Any:
+def static_field(default: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field that is static pytree metadata (configuration, not an array)."""
     return dataclasses.field(default=default, metadata=dict(static=True))
 
 
@@ -59,7 +60,8 @@ def _to_leaf_layout(w_out_in: jax.Array, layout: Layout) -> jax.Array:
     return w_out_in if layout == "out_in" else w_out_in.T
 
 
-def _array_bits(x: Any) -> int:
+def array_bits(x: Any) -> int:
+    """Bits an array occupies at its dtype's width (0 for ``None``)."""
     return 0 if x is None else int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize * 8
 
 
@@ -240,10 +242,10 @@ class ScalarQuantized(QuantizedArray):
     codes: jax.Array
     scales: jax.Array
     zeros: jax.Array | None
-    bits: int = _static()
-    group_size: int = _static()
-    shape: tuple[int, int] = _static()
-    layout: Layout = _static("out_in")
+    bits: int = static_field()
+    group_size: int = static_field()
+    shape: tuple[int, int] = static_field()
+    layout: Layout = static_field("out_in")
 
     @property
     def symmetric(self) -> bool:
@@ -293,7 +295,7 @@ class ScalarQuantized(QuantizedArray):
     @property
     def storage_bits(self) -> int:
         """Total bits stored: packed codes, scales and zero points."""
-        return int(np.prod(self.codes.shape)) * self.bits + _array_bits(self.scales) + _array_bits(
+        return int(np.prod(self.codes.shape)) * self.bits + array_bits(self.scales) + array_bits(
             self.zeros
         )
 
@@ -330,9 +332,9 @@ class AdditiveQuantized(QuantizedArray):
     codes: jax.Array
     codebooks: jax.Array
     scales: jax.Array
-    codebook_bits: int = _static()
-    shape: tuple[int, int] = _static()
-    layout: Layout = _static("out_in")
+    codebook_bits: int = static_field()
+    shape: tuple[int, int] = static_field()
+    layout: Layout = static_field("out_in")
 
     @property
     def num_codebooks(self) -> int:
@@ -374,8 +376,8 @@ class AdditiveQuantized(QuantizedArray):
         """Total bits stored: codes at B bits each, codebooks and scales at their dtype."""
         return (
             int(np.prod(self.codes.shape)) * self.codebook_bits
-            + _array_bits(self.codebooks)
-            + _array_bits(self.scales)
+            + array_bits(self.codebooks)
+            + array_bits(self.scales)
         )
 
     @property
@@ -483,7 +485,7 @@ def tree_bits(tree: Any) -> dict[str, float]:
         if is_quantized(leaf):
             n, bits = leaf.d_out * leaf.d_in, leaf.storage_bits
         elif hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-            n, bits = int(np.prod(leaf.shape)), _array_bits(leaf)
+            n, bits = int(np.prod(leaf.shape)), array_bits(leaf)
         else:
             continue
         if EMBEDDING_OR_HEAD.search(path):

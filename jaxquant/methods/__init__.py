@@ -177,9 +177,15 @@ def _aqlm_from_name(m: re.Match[str], d_ins: Iterable[int] | None) -> Any:
     return recipes.AQLM(num_codebooks=int(num), codebook_bits=int(bits), group_size=8 if group is None else int(group))
 
 
+def _spqr_from_name(m: re.Match[str], d_ins: Iterable[int] | None) -> Any:
+    bits, group = m.groups()
+    return recipes.SpQR(bits=int(bits)) if group is None else recipes.SpQR(bits=int(bits), group_size=int(group))
+
+
 def _register_builtins() -> None:
     from jaxquant.methods import scalar_reencode  # noqa: PLC0415 (light: no search code)
     from jaxquant.methods.aqlm import reencode as aqlm_reencode  # noqa: PLC0415
+    from jaxquant.methods.spqr.array import SpQRQuantized  # noqa: PLC0415
 
     register(Method("rtn", recipes.RTN, "jaxquant.methods.rtn:quantize_rtn", needs_statistics=False,
                     name_pattern=r"rtn-(\d+)(?:-g(\d+|row))?", from_name=_scalar_from_name(recipes.RTN),
@@ -193,6 +199,9 @@ def _register_builtins() -> None:
                     name_pattern=r"aqlm-(\d+)x(\d+)(?:-g(\d+))?", from_name=_aqlm_from_name,
                     examples=("aqlm-2x8", "aqlm-1x16", "aqlm-1x8", "aqlm-1x8-g4"),
                     array_type=AdditiveQuantized, reencoder=aqlm_reencode.REENCODER))
+    register(Method("spqr", recipes.SpQR, "jaxquant.methods.spqr.quantize:quantize_spqr",
+                    name_pattern=r"spqr-(\d+)(?:-g(\d+))?", from_name=_spqr_from_name,
+                    examples=("spqr-3", "spqr-4", "spqr-3-g32"), array_type=SpQRQuantized))
 
 
 _register_builtins()

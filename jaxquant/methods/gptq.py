@@ -38,6 +38,7 @@ updates touch only the triangle (``d_out · n²`` flops in all).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -69,13 +70,40 @@ def effective_block_size(block_size: int, group_size: int, d_in: int, dynamic_gr
 # Rows per inner sub-block of the column loop: its rank-1 updates stay in cache.
 _SUB_BLOCK = 16
 
-_STATIC_ARGNAMES = ("bits", "group_size", "symmetric", "act_order", "block_size", "clip_search", "param_dtype")
+_STATIC_ARGNAMES = (
+    "bits", "group_size", "symmetric", "act_order", "block_size", "clip_search", "param_dtype", "group_grid",
+    "find_outliers",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MinMaxGrid:
+    """GPTQ's group grid: min/max (or clipped) per row of the group, in ``param_dtype``.
+
+    A group grid is called with the group's error-updated weights ``[g, d_out]`` (one row
+    per input column), the matching diagonal of ``U`` (``[g]``) and the outlier threshold,
+    and returns ``(scale, zero, record)``: the grid every row's codes are rounded on, and
+    what the method stores for the group (any pytree of ``[d_out, ...]`` arrays). It is a
+    static argument of the compiled loop, so it is a frozen (hashable) dataclass.
+    """
+
+    bits: int
+    symmetric: bool
+    param_dtype: str
+    clip_search: bool
+
+    def __call__(self, rows: jax.Array, u_diag: jax.Array, threshold: jax.Array) -> tuple[Any, ...]:
+        del u_diag, threshold
+        s, z = _grid.fit_grid(rows.T, self.bits, symmetric=self.symmetric, param_dtype=self.param_dtype,
+                              clip_search=self.clip_search)
+        return s, z, (s, z)
 
 
 def _gptq_impl(
     w: jax.Array,
     h: jax.Array,
     damp: jax.Array,
+    outlier_relative: jax.Array | None = None,
     *,
     bits: int,
     group_size: int,
@@ -84,13 +112,30 @@ def _gptq_impl(
     block_size: int,
     clip_search: bool,
     param_dtype: str,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Core GPTQ. Returns ``(codes, scale, zero, ok)``; ``ok`` is False when the damped H is not PD."""
+    group_grid: Any = None,
+    find_outliers: bool = False,
+) -> tuple[Any, ...]:
+    """Core GPTQ. Returns ``(codes, records, outlier_deltas, ok)``.
+
+    ``records`` is the group grid's record per group, stacked on a leading group axis
+    (for ``MinMaxGrid``: ``(scale, zero)``, each ``[groups, d_out]``); ``ok`` is False
+    when the damped H is not PD. ``group_grid`` (default ``MinMaxGrid`` of the other
+    arguments) fits each group's grid when the loop reaches it; it needs dynamic groups
+    (no ``act_order``, ``group_size < d_in``).
+
+    The outlier threshold is ``outlier_relative`` times the mean over columns of
+    ``var(W[:, j]) / U_jj²`` (SpQR's scale). With ``find_outliers``, a weight whose
+    scaled rounding error ``((w - q) / U_ii)²`` exceeds it keeps its error-updated value:
+    it passes no error on, and ``outlier_deltas`` ``[d_out, d_in]`` holds value minus
+    decoded code there (zero elsewhere). Without it ``outlier_deltas`` is None.
+    """
     dt = w.dtype
     d_out, d_in = w.shape
     g = group_size
     n_groups = d_in // g
     fit = functools.partial(_grid.fit_grid, bits=bits, symmetric=symmetric, param_dtype=param_dtype, clip_search=clip_search)
+    if group_grid is None:
+        group_grid = MinMaxGrid(bits, symmetric, param_dtype, clip_search)
 
     h = h.astype(dt)
     dead = jnp.diagonal(h) == 0.0
@@ -99,10 +144,9 @@ def _gptq_impl(
 
     dynamic_groups = not act_order and g < d_in
     if not dynamic_groups:
+        if not isinstance(group_grid, MinMaxGrid):
+            raise ValueError("a custom group_grid needs groups fitted in the loop: act_order=False, group_size < d_in")
         scale0, zero0 = fit(w.reshape(d_out, n_groups, g))  # [d_out, n_groups]
-    else:
-        scale0 = jnp.zeros((d_out, n_groups), dt)
-        zero0 = jnp.zeros((d_out, n_groups), dt)
 
     if act_order:
         perm = jnp.argsort(-jnp.diagonal(h), stable=True)
@@ -115,6 +159,9 @@ def _gptq_impl(
     v = hessian_factor(h)  # upper, V Vᵀ = H, so U = V⁻¹ is GPTQ's factor of H⁻¹
     ok = jnp.all(jnp.isfinite(v))
     v = jnp.where(ok, v, jnp.eye(d_in, dtype=dt))  # keep the loop NaN-free; the caller raises
+    # U = V⁻¹ is upper triangular, so U_jj = 1 / V_jj.
+    outlier_scale = jnp.mean(jnp.var(w, axis=0, ddof=1) * jnp.diagonal(v) ** 2)
+    threshold = jnp.inf if outlier_relative is None else outlier_relative.astype(dt) * outlier_scale
 
     bsz = effective_block_size(block_size, g, d_in, dynamic_groups)
     n_blocks = -(-d_in // bsz)
@@ -127,10 +174,14 @@ def _gptq_impl(
         jnp.concatenate([jnp.zeros((d_in,), dt), jnp.ones((pad,), dt)])
     )
     gidx = jnp.pad(perm // g, (0, pad))  # group of each processed column (static grids)
-    extra_groups = pad // g if dynamic_groups else 0
-    scale_t = jnp.pad(scale0.T, ((0, extra_groups), (0, 0)))  # [groups, d_out]
-    zero_t = jnp.pad(zero0.T, ((0, extra_groups), (0, 0)))
+    if dynamic_groups:
+        # One record per group, padding groups included, shaped as the grid returns it.
+        shapes = jax.eval_shape(group_grid, jnp.zeros((g, d_out), dt), jnp.zeros((g,), dt), threshold)[2]
+        records_t = jax.tree.map(lambda a: jnp.zeros((n // g, *a.shape), a.dtype), shapes)
+    else:
+        records_t = (scale0.T, zero0.T)  # [groups, d_out] each
     codes_t = jnp.zeros((n, d_out), dt)
+    deltas_t = jnp.zeros((n, d_out), dt) if find_outliers else None
     # Dᵀ = (W - Q)ᵀ of the blocks done so far (zero for the rest). With W - Q = E U
     # (E the scaled errors of the column loop) we get E = D V, and the weights of block
     # b as the column loop would find them are W_b + D_{<b} V_{<b,b} U_bb: a
@@ -143,42 +194,53 @@ def _gptq_impl(
         v_diag, jnp.broadcast_to(jnp.eye(bsz, dtype=dt), v_diag.shape), lower=False
     )
 
-    def columns(w1, q1, c1, u1, start, count, params):
+    def columns(w1, q1, c1, d1, u1, start, count, params):
         """Round rows ``[start, start + count)`` of the block ``w1`` one at a time.
 
         Two-level lazy batching: the rank-1 updates run on a small sub-block (``sb``
         rows, cache-resident), and the rest of the block gets each sub-block's errors
-        as one ``(B × sb) @ (sb × d_out)`` matmul. ``params(row)`` gives the grid.
+        as one ``(B × sb) @ (sb × d_out)`` matmul. ``params(row)`` gives the grid. ``q1``
+        holds the kept values (the decoded code, or at an outlier the weight itself),
+        ``c1`` the codes and ``d1`` (None without ``find_outliers``) kept minus decoded.
         """
         sb = math.gcd(count, _SUB_BLOCK)
 
         def sub(j, carry):
-            w1, q1, c1 = carry
+            w1, q1, c1, d1 = carry
             r0 = start + j * sb
             ws = jax.lax.dynamic_slice_in_dim(w1, r0, sb, axis=0)
             us = jax.lax.dynamic_slice(u1, (r0, r0), (sb, sb))
 
             def col(i, inner):
-                ws, es, qs, cs = inner
+                ws, es, qs, cs, ds = inner
                 s, z = params(r0 + i)
                 x = ws[i]
                 code = _grid.quantize_codes(x, s, z, bits)
                 q = _grid.dequantize_codes(code, s, z)
                 err = (x - q) / us[i, i]
+                if find_outliers:
+                    outlier = err * err > threshold
+                    ds = ds.at[i].set(jnp.where(outlier, x - q, 0.0))
+                    q = jnp.where(outlier, x, q)
+                    err = jnp.where(outlier, 0.0, err)
                 # us is upper triangular: row i is zero left of i, so only rows >= i move.
                 ws = ws - us[i][:, None] * err[None, :]
-                return ws, es.at[i].set(err), qs.at[i].set(q), cs.at[i].set(code)
+                return ws, es.at[i].set(err), qs.at[i].set(q), cs.at[i].set(code), ds
 
             zeros = jnp.zeros((sb, d_out), dt)
-            _, es, qs, cs = jax.lax.fori_loop(0, sb, col, (ws, zeros, zeros, zeros))
+            _, es, qs, cs, ds = jax.lax.fori_loop(
+                0, sb, col, (ws, zeros, zeros, zeros, zeros if find_outliers else None)
+            )
             # Rows before the sub-block have zero coefficients (U is upper triangular);
             # the sub-block's own rows change too but are done (their q is stored).
             w1 = w1 - jax.lax.dynamic_slice_in_dim(u1, r0, sb, axis=0).T @ es
             q1 = jax.lax.dynamic_update_slice_in_dim(q1, qs, r0, axis=0)
             c1 = jax.lax.dynamic_update_slice_in_dim(c1, cs, r0, axis=0)
-            return w1, q1, c1
+            if find_outliers:
+                d1 = jax.lax.dynamic_update_slice_in_dim(d1, ds, r0, axis=0)
+            return w1, q1, c1, d1
 
-        return jax.lax.fori_loop(0, count // sb, sub, (w1, q1, c1))
+        return jax.lax.fori_loop(0, count // sb, sub, (w1, q1, c1, d1))
 
     # The left-looking sum runs over chunks of `chunk` blocks: bigger matmuls. Chunks
     # that reach into block b or later add zero (D is zero there until written).
@@ -186,7 +248,7 @@ def _gptq_impl(
     chunk = chunk_blocks * bsz
 
     def block(b: jax.Array, state):
-        codes_t, dt_done, scale_t, zero_t = state
+        codes_t, deltas_t, dt_done, records_t = state
         i1 = b * bsz
         w_orig = jax.lax.dynamic_slice_in_dim(wt, i1, bsz, axis=0)
         v_cols = jax.lax.dynamic_slice_in_dim(v, i1, bsz, axis=1)  # [n, bsz]
@@ -202,36 +264,43 @@ def _gptq_impl(
         w1 = w_orig + u1.T @ acc
         q1 = jnp.zeros((bsz, d_out), dt)
         c1 = jnp.zeros((bsz, d_out), dt)
+        d1 = jnp.zeros((bsz, d_out), dt) if find_outliers else None
         if dynamic_groups:
 
             def group(k, inner):
-                (w1, q1, c1), scale_t, zero_t = inner
-                s, z = fit(jax.lax.dynamic_slice_in_dim(w1, k * g, g, axis=0).T)  # [d_out]
+                (w1, q1, c1, d1), records_t = inner
+                rows = jax.lax.dynamic_slice_in_dim(w1, k * g, g, axis=0)
+                u_diag = jnp.diagonal(jax.lax.dynamic_slice(u1, (k * g, k * g), (g, g)))
+                s, z, record = group_grid(rows, u_diag, threshold)  # s, z: [d_out]
                 gi = i1 // g + k
-                scale_t = jax.lax.dynamic_update_index_in_dim(scale_t, s, gi, axis=0)
-                zero_t = jax.lax.dynamic_update_index_in_dim(zero_t, z, gi, axis=0)
-                carry = columns(w1, q1, c1, u1, k * g, g, lambda row: (s, z))
-                return carry, scale_t, zero_t
+                records_t = jax.tree.map(
+                    lambda all_, one: jax.lax.dynamic_update_index_in_dim(all_, one, gi, axis=0), records_t, record
+                )
+                carry = columns(w1, q1, c1, d1, u1, k * g, g, lambda row: (s, z))
+                return carry, records_t
 
-            (w1, q1, c1), scale_t, zero_t = jax.lax.fori_loop(
-                0, bsz // g, group, ((w1, q1, c1), scale_t, zero_t)
-            )
+            (w1, q1, c1, d1), records_t = jax.lax.fori_loop(0, bsz // g, group, ((w1, q1, c1, d1), records_t))
         else:
+            scale_t, zero_t = records_t
 
             def params(row):
                 gi = gidx[i1 + row]
                 return scale_t[gi], zero_t[gi]
 
-            w1, q1, c1 = columns(w1, q1, c1, u1, 0, bsz, params)
+            w1, q1, c1, d1 = columns(w1, q1, c1, d1, u1, 0, bsz, params)
         dt_done = jax.lax.dynamic_update_slice_in_dim(dt_done, w_orig - q1, i1, axis=0)
         codes_t = jax.lax.dynamic_update_slice_in_dim(codes_t, c1, i1, axis=0)
-        return codes_t, dt_done, scale_t, zero_t
+        if find_outliers:
+            deltas_t = jax.lax.dynamic_update_slice_in_dim(deltas_t, d1, i1, axis=0)
+        return codes_t, deltas_t, dt_done, records_t
 
-    codes_t, _, scale_t, zero_t = jax.lax.fori_loop(0, n_blocks, block, (codes_t, dt_done, scale_t, zero_t))
+    codes_t, deltas_t, _, records_t = jax.lax.fori_loop(0, n_blocks, block, (codes_t, deltas_t, dt_done, records_t))
     codes = codes_t[:d_in].T
     if act_order:
         codes = codes[:, jnp.argsort(perm)]
-    return codes, scale_t[:n_groups].T, zero_t[:n_groups].T, ok
+    records = jax.tree.map(lambda a: a[:n_groups], records_t)
+    deltas = None if deltas_t is None else deltas_t[:d_in].T
+    return codes, jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), records), deltas, ok
 
 
 # One compiled program per (shapes, dtype, recipe fields); damping is traced.
@@ -260,7 +329,7 @@ def quantize_gptq(w: jax.Array, xtx: Any, recipe: GPTQ, key: jax.Array, *, layou
     if xtx.shape != (d_in, d_in):
         raise ValueError(f"XᵀX has shape {tuple(xtx.shape)}, expected ({d_in}, {d_in}) for the weight at {where}")
     dt = jnp.float64 if w.dtype == jnp.float64 else jnp.float32
-    codes, scale, zero, ok = _gptq(
+    codes, (scale, zero), _, ok = _gptq(
         w.astype(dt),
         xtx.astype(dt),
         jnp.asarray(recipe.damp, dt),
