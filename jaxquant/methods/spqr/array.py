@@ -51,8 +51,8 @@ class SpQRQuantized(QuantizedArray):
         zero_stats: the same for the zero points' grids.
         outlier_values: ``[nnz]`` float16 corrections, row by row.
         outlier_columns: ``[nnz]`` their columns (in quantization order).
-        outlier_row_starts: ``[d_out + 1]`` int32: row ``o``'s outliers are
-            ``outlier_row_starts[o]:outlier_row_starts[o + 1]``.
+        outlier_row_starts: ``[d_out + 1]`` (uint16 while they fit, else int32): row
+            ``o``'s outliers are ``outlier_row_starts[o]:outlier_row_starts[o + 1]``.
         column_order: ``[d_in]``: quantized column ``k`` is input column
             ``column_order[k]``; ``None`` for the identity.
         bits: bits per weight code.
@@ -102,7 +102,7 @@ class SpQRQuantized(QuantizedArray):
 
     def _outlier_rows(self) -> jax.Array:
         """The row of every outlier, ``[nnz]`` int32."""
-        counts = jnp.diff(self.outlier_row_starts)
+        counts = jnp.diff(self.outlier_row_starts.astype(jnp.int32))
         return jnp.repeat(jnp.arange(self.d_out, dtype=jnp.int32), counts, total_repeat_length=self.num_outliers)
 
     def decode_rows(self, start: jax.Array, n_rows: int) -> jax.Array:

@@ -102,12 +102,17 @@ class SpQRGrid:
         return scale[:, 0], zero[:, 0], (scale_codes, zero_codes, scale_stats, zero_stats)
 
 
-def _csr(deltas: np.ndarray, d_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _index_dtype(largest: int) -> type:
+    """uint16 for indices up to 65535, else int32."""
+    return np.uint16 if largest < 2**16 else np.int32
+
+
+def _csr(deltas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row-compressed nonzeros of ``deltas [d_out, d_in]``: float16 values, columns, row starts."""
     rows, cols = np.nonzero(deltas)
-    starts = np.searchsorted(rows, np.arange(deltas.shape[0] + 1)).astype(np.int32)
-    column_dtype = np.uint16 if d_in <= 2**16 else np.int32
-    return deltas[rows, cols].astype(np.float16), cols.astype(column_dtype), starts
+    starts = np.searchsorted(rows, np.arange(deltas.shape[0] + 1))
+    return (deltas[rows, cols].astype(np.float16), cols.astype(_index_dtype(deltas.shape[1] - 1)),
+            starts.astype(_index_dtype(len(rows))))
 
 
 def quantize_spqr(w: jax.Array, xtx: Any, recipe: SpQR, key: jax.Array, *, layout: str = "out_in",
@@ -150,7 +155,7 @@ def quantize_spqr(w: jax.Array, xtx: Any, recipe: SpQR, key: jax.Array, *, layou
     if not bool(ok):
         raise ValueError(f"XᵀX at {where} is not positive definite even after damping with damp={recipe.damp}")
     scale_codes, zero_codes, scale_stats, zero_stats = records  # [d_out, groups], [d_out/β2, groups, 2]
-    values, columns, starts = _csr(np.asarray(deltas), d_in)
+    values, columns, starts = _csr(np.asarray(deltas))
     return SpQRQuantized(
         codes=codes.astype(jnp.uint8),
         scale_codes=scale_codes,
@@ -160,7 +165,7 @@ def quantize_spqr(w: jax.Array, xtx: Any, recipe: SpQR, key: jax.Array, *, layou
         outlier_values=jnp.asarray(values),
         outlier_columns=jnp.asarray(columns),
         outlier_row_starts=jnp.asarray(starts),
-        column_order=None if order is None else jnp.asarray(order.astype(np.uint16 if d_in <= 2**16 else np.int32)),
+        column_order=None if order is None else jnp.asarray(order.astype(_index_dtype(d_in - 1))),
         bits=recipe.bits,
         group_size=recipe.group_size,
         stat_bits=recipe.stat_bits,
