@@ -26,3 +26,13 @@ def rng() -> np.random.Generator:
 
 def pytest_sessionstart(session):  # noqa: ARG001
     assert jax.device_count() == NUM_DEVICES, f"expected {NUM_DEVICES} CPU devices, got {jax.devices()}"
+
+
+def pytest_collection_modifyitems(session, config, items):  # noqa: ARG001
+    """Start the longest items first: notebooks and tests marked ``slow``.
+
+    With ``-n 2`` the two workers take items in collection order; a long item near the end
+    leaves one worker idle while the other finishes it. Stable, so the order is the same in
+    every worker, as xdist requires.
+    """
+    items.sort(key=lambda item: not (item.path.suffix == ".ipynb" or item.get_closest_marker("slow")))

@@ -39,6 +39,7 @@ def _codes(tree):
     return {p: np.asarray(leaf.codes) for p, leaf in flatten_by_path(tree)[0] if jq.is_quantized(leaf)}
 
 
+@pytest.mark.slow
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(problem, tmp_path):
     qparams, teacher, tokens, loss_fn, eval_fn = problem
     whole = distill(qparams, teacher, tokens, SETTINGS, loss_fn, eval_fn=eval_fn)

@@ -31,6 +31,7 @@ def _reference_greedy(model, prompt, n):
     return np.asarray(seq[len(prompt):])
 
 
+@pytest.mark.slow
 def test_greedy_cache_equals_no_cache_and_reference(model, rng):
     prompt = rng.integers(0, 60, (2, 9))
     cached = generate(model, prompt, 15)

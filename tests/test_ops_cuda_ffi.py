@@ -58,6 +58,7 @@ def test_bad_block_settings_name_the_argument(rng, kwargs):
         cuda_ffi.lut_matmul_cuda(jnp.ones((1, 64), jnp.float32), w, **kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_cuda_source_builds_for_hopper_and_exports_every_handler(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

@@ -47,6 +47,7 @@ def _args(quant, teacher, out, steps, *extra):
             "--p-lr", "1e-3", "--v-lr", "1e-3", "--update-fraction", "0.05", *extra]
 
 
+@pytest.mark.slow
 def test_finetune_writes_model_and_resumes(dirs, capsys):
     root, teacher, quant = dirs
     full, part = str(root / "full"), str(root / "part")
@@ -126,6 +127,7 @@ def test_finetune_force_update_reaches_the_tuner(dirs):
     assert np.mean(codes(forced) != start) > 0
 
 
+@pytest.mark.slow
 def test_finetune_v_step_defaults_reach_the_tuner(dirs, monkeypatch):
     """The measured V-step defaults (benchmarks/results/pv_vs_straight_through.md) reach ``pv_tuning``, and
     ``--trust-ratio 0`` turns the bound off rather than passing a zero bound."""

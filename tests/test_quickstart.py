@@ -122,6 +122,7 @@ def test_method_kinds_and_recipe_overrides():
     assert qs.codebook_overhead(qs.DEFAULT.model, 1, 8, 4) == pytest.approx(7 * 256 * 4 * 16 / (4 * 256**2 + 3 * 256 * 768))
 
 
+@pytest.mark.slow
 def test_global_finetune_improves_kl_without_retracing(run):
     import chex
     import jax
@@ -276,6 +277,7 @@ def test_quantized_quickstart_model_same_greedy_tokens_through_every_implementat
     assert (top2[:, 1] - top2[:, 0]).min() > 1e-4
 
 
+@pytest.mark.slow
 def test_reference_quickstart_on_a_small_gguf_model(tmp_path):
     """The main job's whole path (GGUF model, calibration, GPTQ, AQLM, PV, two held-out texts,
     samples, table, plot) on a random 2-layer Llama written as GGUF; SmolLM2 runs it at full size."""

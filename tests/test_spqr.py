@@ -204,3 +204,53 @@ def test_no_retrace_for_same_shapes(rng, monkeypatch):
         w, _, h = _problem(np.random.default_rng(seed), 32, 64)
         recipe = dataclasses.replace(PAPER, outlier_threshold=threshold)
         quantize_spqr(jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32), recipe, KEY)
+
+
+# --------------------------------------------------------------------------- fine-tuning
+def _dense_grid(q: SpQRQuantized) -> tuple[np.ndarray, np.ndarray]:
+    """Per-weight scale and zero ``[d_out, d_in]`` in the weight's own column order."""
+    from jaxquant.methods.spqr.array import grid_of  # noqa: PLC0415
+
+    scale, zero = (np.repeat(np.asarray(a), q.group_size, axis=1)
+                   for a in grid_of(q.scale_codes, q.zero_codes, q.scale_stats, q.zero_stats, q.stat_group))
+    order = np.asarray(q.column_order)
+    out_scale, out_zero = np.empty_like(scale), np.empty_like(zero)
+    out_scale[:, order], out_zero[:, order] = scale, zero
+    return out_scale, out_zero
+
+
+def test_v_step_rounds_to_the_nearest_grid_point_and_keeps_outliers(spqr_array, rng):
+    from jaxquant.methods.spqr.reencode import reencode_spqr  # noqa: PLC0415
+
+    q = spqr_array
+    target = jnp.asarray(np.asarray(q.decode_out_in()) + rng.standard_normal((q.d_out, q.d_in)) * 0.05, jnp.float32)
+    out = jax.jit(lambda q, t: reencode_spqr(q, t, jnp.arange(q.d_out * q.d_in, dtype=jnp.int32)))(q, target)
+    scale, zero = _dense_grid(q)
+    nearest = (np.clip(np.round(np.asarray(target) / scale + zero), 0, 7) - zero) * scale
+    outliers = _outlier_mask(q)
+    got = np.asarray(out.decode_out_in())
+    # Non-outliers sit on the grid point nearest their target (or tie with it).
+    np.testing.assert_allclose(np.abs(got - target)[~outliers], np.abs(nearest - target)[~outliers], atol=1e-5)
+    np.testing.assert_array_equal(got[outliers], np.asarray(q.decode_out_in())[outliers])
+    assert np.mean(np.asarray(out.codes) != np.asarray(q.codes)) > 0.1  # the noise moved many codes
+
+
+@pytest.mark.parametrize("trust_ratio", [0.02, 0.05])
+def test_pv_tuning_on_spqr_bounds_the_v_step(spqr_array, trust_ratio):
+    import optax  # noqa: PLC0415
+
+    from jaxquant.finetune import pv  # noqa: PLC0415
+
+    tree = {"w": spqr_array}
+    w0 = np.asarray(spqr_array.decode_out_in())
+    grads = {"w": jnp.asarray(np.sign(w0), jnp.float32)}  # push every weight toward zero
+    tuner = pv.pv_tuning(optax.sgd(0.0), optax.sgd(50.0), pv.VStep(update_fraction=0.5, trust_ratio=trust_ratio))
+    state = tuner.init(tree)
+    new, _ = jax.jit(tuner.update)(grads, state, tree)
+    w1 = np.asarray(new["w"].decode_out_in())
+    ratio = np.linalg.norm(w1 - w0) / np.linalg.norm(w0)
+    assert 0 < ratio <= trust_ratio * (1 + 1e-5)
+    # The continuous part is the P step's: statistics and outlier corrections, not codes.
+    cont, _ = jq.split(tree)
+    assert all(jnp.issubdtype(x.dtype, jnp.floating) for x in jax.tree.leaves(cont))
+    assert {x.shape for x in jax.tree.leaves(cont)} == {spqr_array.scale_stats.shape, spqr_array.outlier_values.shape}

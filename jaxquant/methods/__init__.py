@@ -185,6 +185,7 @@ def _spqr_from_name(m: re.Match[str], d_ins: Iterable[int] | None) -> Any:
 def _register_builtins() -> None:
     from jaxquant.methods import scalar_reencode  # noqa: PLC0415 (light: no search code)
     from jaxquant.methods.aqlm import reencode as aqlm_reencode  # noqa: PLC0415
+    from jaxquant.methods.spqr import reencode as spqr_reencode  # noqa: PLC0415
     from jaxquant.methods.spqr.array import SpQRQuantized  # noqa: PLC0415
 
     register(Method("rtn", recipes.RTN, "jaxquant.methods.rtn:quantize_rtn", needs_statistics=False,
@@ -201,7 +202,8 @@ def _register_builtins() -> None:
                     array_type=AdditiveQuantized, reencoder=aqlm_reencode.REENCODER))
     register(Method("spqr", recipes.SpQR, "jaxquant.methods.spqr.quantize:quantize_spqr",
                     name_pattern=r"spqr-(\d+)(?:-g(\d+))?", from_name=_spqr_from_name,
-                    examples=("spqr-3", "spqr-4", "spqr-3-g32"), array_type=SpQRQuantized))
+                    examples=("spqr-3", "spqr-4", "spqr-3-g32"),
+                    array_type=SpQRQuantized, reencoder=spqr_reencode.REENCODER))
 
 
 _register_builtins()

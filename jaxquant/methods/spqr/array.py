@@ -100,7 +100,7 @@ class SpQRQuantized(QuantizedArray):
                 "outlier_values": nnz, "outlier_columns": nnz, "outlier_row_starts": (self.d_out + 1,),
                 "column_order": (self.d_in,)}
 
-    def _outlier_rows(self) -> jax.Array:
+    def outlier_rows(self) -> jax.Array:
         """The row of every outlier, ``[nnz]`` int32."""
         counts = jnp.diff(self.outlier_row_starts.astype(jnp.int32))
         return jnp.repeat(jnp.arange(self.d_out, dtype=jnp.int32), counts, total_repeat_length=self.num_outliers)
@@ -112,7 +112,7 @@ class SpQRQuantized(QuantizedArray):
         codes = take(self.codes).astype(jnp.float32).reshape(n_rows, -1, self.group_size)
         tile = ((codes - zero[..., None]) * scale[..., None]).reshape(n_rows, self.d_in)
         # Outliers of other rows go to row n_rows, out of bounds, and are dropped.
-        rows = self._outlier_rows() - start
+        rows = self.outlier_rows() - start
         rows = jnp.where((rows >= 0) & (rows < n_rows), rows, n_rows)
         tile = tile.at[rows, self.outlier_columns.astype(jnp.int32)].add(
             self.outlier_values.astype(jnp.float32), mode="drop"
