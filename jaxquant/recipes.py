@@ -68,15 +68,22 @@ def check_divisible(recipe: Any, d_out: int, d_in: int, path: str) -> None:
             raise ValueError(f"{dim}={sizes[dim]} is not divisible by {field}={group} at {path} ({name})")
 
 
-class _ScalarGrid:
-    """What RTN and GPTQ share: ``bits`` per code on a grid per group of input columns."""
+@dataclasses.dataclass(frozen=True)
+class ScalarGrid:
+    """What RTN and GPTQ share: ``bits`` per code on a grid per group of input columns.
 
+    Attributes:
+        bits: bits per code, 1..8.
+        group_size: input columns sharing a scale; ``None`` means one group per row.
+        symmetric: centred grid without a stored zero point.
+    """
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
     prefix: ClassVar[str]
-    bits: int
-    group_size: int | None
-    symmetric: bool
-    clip_search: bool
-    param_dtype: str
+    # Subclasses also define clip_search and param_dtype (after their own fields, so that
+    # positional arguments keep their order).
 
     def _check_grid(self) -> None:
         _check_int("bits", self.bits, 1, 8)
@@ -95,21 +102,16 @@ class _ScalarGrid:
 
 
 @dataclasses.dataclass(frozen=True)
-class RTN(_ScalarGrid):
+class RTN(ScalarGrid):
     """Round-to-nearest scalar quantization.
 
     Attributes:
-        bits: bits per code, 1..8.
-        group_size: input columns sharing a scale; ``None`` means one group per row.
-        symmetric: centred grid without a stored zero point.
+        bits, group_size, symmetric: the grid (see ``ScalarGrid``).
         clip_search: shrink each group's range to the clipping ratio that minimises its
             squared rounding error instead of using the plain min/max.
         param_dtype: storage dtype of scales and zero points (counted in bits/weight).
     """
 
-    bits: int = 4
-    group_size: int | None = 128
-    symmetric: bool = False
     clip_search: bool = False
     param_dtype: str = "float16"
     prefix: ClassVar[str] = "rtn"
@@ -119,13 +121,11 @@ class RTN(_ScalarGrid):
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTQ(_ScalarGrid):
+class GPTQ(ScalarGrid):
     """GPTQ (Frantar et al., 2023): error-compensating column-by-column rounding.
 
     Attributes:
-        bits: bits per code, 1..8.
-        group_size: input columns sharing a scale; ``None`` means one group per row.
-        symmetric: centred grid without a stored zero point.
+        bits, group_size, symmetric: the grid (see ``ScalarGrid``).
         act_order: process columns by decreasing ``diag(XᵀX)``. With groups, group
             parameters are fixed up front from the original column order ("static
             groups") so the stored layout stays contiguous.
@@ -135,15 +135,11 @@ class GPTQ(_ScalarGrid):
         param_dtype: storage dtype of scales and zero points.
     """
 
-    bits: int = 4
-    group_size: int | None = 128
-    symmetric: bool = False
     act_order: bool = True
     damp: float = 0.01
     block_size: int = 128
     clip_search: bool = False
     param_dtype: str = "float16"
-
     prefix: ClassVar[str] = "gptq"
 
     def __post_init__(self) -> None:

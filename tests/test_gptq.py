@@ -14,7 +14,8 @@ from jaxquant.methods import gptq as gptq_mod
 from jaxquant.methods.gptq import quantize_gptq
 from jaxquant.methods.rtn import quantize_rtn
 from jaxquant.problems import relative_output_error
-from jaxquant.recipes import GPTQ, RTN
+from jaxquant.quantize import quantize_weight
+from jaxquant.recipes import GPTQ, RTN, SpQR
 
 KEY = jax.random.key(0)
 
@@ -157,15 +158,22 @@ def test_clip_search_does_not_hurt(rng):
 
 
 # --------------------------------------------------------------------------- compile
-def test_no_retrace_for_same_shapes(rng, monkeypatch):
-    chex.clear_trace_counter()  # both GPTQ's and SpQR's tests count traces of _gptq_impl
+@pytest.mark.parametrize("method", ["gptq", "spqr"])
+def test_no_retrace_for_same_shapes(monkeypatch, method):
+    """The column loop compiles once per shape and recipe, for GPTQ and for SpQR (which runs on
+    it), whatever the traced settings (damping, outlier threshold)."""
+    chex.clear_trace_counter()
     counted = jax.jit(chex.assert_max_traces(gptq_mod._gptq_impl, n=1), static_argnames=gptq_mod._STATIC_ARGNAMES)
     monkeypatch.setattr(gptq_mod, "_gptq", counted)
     for seed, damp in ((0, 0.01), (1, 0.05)):
-        w, _, h = _problem(np.random.default_rng(seed), 16, 64)
-        quantize_gptq(jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32), GPTQ(bits=3, group_size=16, damp=damp), KEY)
+        w, _, h = _problem(np.random.default_rng(seed), 32, 64)
+        if method == "gptq":
+            recipe = GPTQ(bits=3, group_size=16, damp=damp)
+        else:
+            recipe = SpQR(group_size=16, stat_group=16, damp=damp, outlier_threshold=10 * damp)
+        quantize_weight(jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32), recipe)
     # float64 inputs from numpy are cast to float32, so they share the program too.
-    quantize_gptq(np.asarray(w), np.asarray(h), GPTQ(bits=3, group_size=16), KEY)
+    quantize_weight(np.asarray(w), np.asarray(h), recipe)
 
 
 # --------------------------------------------------------------------------- errors

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +12,6 @@ import pytest
 
 import jaxquant as jq
 from jaxquant import ops
-from jaxquant.methods import gptq as gptq_mod
 from jaxquant.methods.spqr import SpQRQuantized
 from jaxquant.methods.spqr.quantize import quantize_spqr
 from jaxquant.problems import relative_output_error
@@ -194,16 +192,6 @@ def test_fewer_bits_and_lower_error_than_gptq(rng):
     gptq = jq.quantize_weight(jnp.asarray(w), jnp.asarray(h), jq.GPTQ(bits=3, group_size=64))
     assert spqr.bits_per_weight < gptq.bits_per_weight
     assert relative_output_error(w, spqr.decode(), x) < relative_output_error(w, gptq.decode(), x)
-
-
-def test_no_retrace_for_same_shapes(rng, monkeypatch):
-    chex.clear_trace_counter()  # both GPTQ's and SpQR's tests count traces of _gptq_impl
-    counted = jax.jit(chex.assert_max_traces(gptq_mod._gptq_impl, n=1), static_argnames=gptq_mod._STATIC_ARGNAMES)
-    monkeypatch.setattr(gptq_mod, "_gptq", counted)
-    for seed, threshold in ((0, 0.2), (1, 0.5)):
-        w, _, h = _problem(np.random.default_rng(seed), 32, 64)
-        recipe = dataclasses.replace(PAPER, outlier_threshold=threshold)
-        quantize_spqr(jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32), recipe, KEY)
 
 
 # --------------------------------------------------------------------------- fine-tuning

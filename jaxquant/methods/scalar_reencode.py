@@ -5,6 +5,9 @@ rounds it to its grid."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,34 +66,54 @@ def round_toward(
     return jnp.where(keep, new.astype(cur.dtype), cur)
 
 
-def reencode_scalar(
-    q: ScalarQuantized,
+class GridSelection(NamedTuple):
+    """Where selected weights sit in an array's codes, and their grids (``[k]`` each)."""
+
+    stored: jax.Array  # flat positions in ``q.codes``
+    scale: jax.Array
+    zero: jax.Array
+    frozen: jax.Array | None  # weights that keep their codes, or None
+
+
+def _reencode_on_grid(
+    select: Callable[[Any, jax.Array], GridSelection],
+    q: Any,
     target: jax.Array,
     idx: jax.Array,
     *,
     beam_size: int = 1,
     trust_ratio: float | None = None,
     force: bool = False,
-) -> ScalarQuantized:
-    """Re-encode the weights ``idx`` (flat ``o * d_in + i``) of ``q`` toward ``target``
-    by rounding to the nearest grid point (exact for a scalar grid; ``round_toward``).
-    Rounding needs no search: ``beam_size`` is unused."""
+) -> Any:
+    """Re-encode the weights ``idx`` (flat ``o * d_in + i``) of ``q`` toward ``target`` by
+    rounding each on its grid (exact for a scalar grid; ``round_toward``). Rounding needs
+    no search: ``beam_size`` is unused."""
     del beam_size
-    scale = jnp.repeat(q.scales.astype(jnp.float32), q.group_size, axis=1).reshape(-1)[idx]
-    if q.zeros is None:
-        zero = jnp.full(idx.shape, (2**q.bits - 1) / 2, jnp.float32)
-    else:
-        zero = jnp.repeat(q.zeros.astype(jnp.float32), q.group_size, axis=1).reshape(-1)[idx]
-    cur = q.codes.reshape(-1)[idx]
-    t = target.astype(jnp.float32).reshape(-1)[idx]
+    sel = select(q, idx)
     w_sq = jnp.sum(q.decode_out_in(jnp.float32) ** 2)
-    chosen = round_toward(t, cur, scale, zero, q.bits, w_sq, trust_ratio=trust_ratio, force=force)
-    codes = q.codes.reshape(-1).at[idx].set(chosen, unique_indices=True).reshape(q.codes.shape)
+    chosen = round_toward(target.astype(jnp.float32).reshape(-1)[idx], q.codes.reshape(-1)[sel.stored], sel.scale,
+                          sel.zero, q.bits, w_sq, trust_ratio=trust_ratio, force=force, frozen=sel.frozen)
+    codes = q.codes.reshape(-1).at[sel.stored].set(chosen, unique_indices=True).reshape(q.codes.shape)
     return dataclasses.replace(q, codes=codes)
 
 
-REENCODER = Reencoder(
-    num_groups=lambda q: q.d_out * q.d_in,
-    group_sums=lambda q, per_weight: per_weight.reshape(-1),
-    reencode=reencode_scalar,
-)
+def grid_reencoder(select: Callable[[Any, jax.Array], GridSelection]) -> Reencoder:
+    """The ``Reencoder`` of an array type whose every weight has its own code on a scalar
+    grid: one group per weight, in ``(d_out, d_in)`` order; ``select`` locates them."""
+    return Reencoder(
+        num_groups=lambda q: q.d_out * q.d_in,
+        group_sums=lambda q, per_weight: per_weight.reshape(-1),
+        reencode=functools.partial(_reencode_on_grid, select),
+    )
+
+
+def _scalar_selection(q: ScalarQuantized, idx: jax.Array) -> GridSelection:
+    def per_weight(a: jax.Array) -> jax.Array:
+        return jnp.repeat(a.astype(jnp.float32), q.group_size, axis=1).reshape(-1)[idx]
+
+    zero = jnp.full(idx.shape, (2**q.bits - 1) / 2, jnp.float32) if q.zeros is None else per_weight(q.zeros)
+    return GridSelection(idx, per_weight(q.scales), zero, None)
+
+
+REENCODER = grid_reencoder(_scalar_selection)
+reencode_scalar = REENCODER.reencode

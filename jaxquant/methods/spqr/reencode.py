@@ -8,13 +8,10 @@ in the weight's column order; codes are stored in quantization order.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
-from jaxquant.methods.reencoding import Reencoder
-from jaxquant.methods.scalar_reencode import round_toward
+from jaxquant.methods.scalar_reencode import GridSelection, grid_reencoder
 from jaxquant.methods.spqr.array import SpQRQuantized, grid_of
 
 
@@ -27,18 +24,7 @@ def _stored_index(q: SpQRQuantized, idx: jax.Array) -> jax.Array:
     return idx // q.d_in * q.d_in + position[idx % q.d_in]
 
 
-def reencode_spqr(
-    q: SpQRQuantized,
-    target: jax.Array,
-    idx: jax.Array,
-    *,
-    beam_size: int = 1,
-    trust_ratio: float | None = None,
-    force: bool = False,
-) -> SpQRQuantized:
-    """Re-encode the weights ``idx`` (flat ``o * d_in + i``) of ``q`` toward ``target`` on
-    their grids; outliers keep their codes. Rounding needs no search: ``beam_size`` is unused."""
-    del beam_size
+def _spqr_selection(q: SpQRQuantized, idx: jax.Array) -> GridSelection:
     stored = _stored_index(q, idx)
     scale, zero = grid_of(q.scale_codes, q.zero_codes, q.scale_stats, q.zero_stats, q.stat_group)
 
@@ -48,17 +34,8 @@ def reencode_spqr(
     outliers = jnp.zeros((q.d_out * q.d_in,), bool).at[
         q.outlier_rows() * q.d_in + q.outlier_columns.astype(jnp.int32)
     ].set(True)
-    w_sq = jnp.sum(q.decode_out_in(jnp.float32) ** 2)
-    chosen = round_toward(
-        target.astype(jnp.float32).reshape(-1)[idx], q.codes.reshape(-1)[stored], per_weight(scale),
-        per_weight(zero), q.bits, w_sq, trust_ratio=trust_ratio, force=force, frozen=outliers[stored],
-    )
-    codes = q.codes.reshape(-1).at[stored].set(chosen, unique_indices=True).reshape(q.codes.shape)
-    return dataclasses.replace(q, codes=codes)
+    return GridSelection(stored, per_weight(scale), per_weight(zero), outliers[stored])
 
 
-REENCODER = Reencoder(
-    num_groups=lambda q: q.d_out * q.d_in,
-    group_sums=lambda q, per_weight: per_weight.reshape(-1),
-    reencode=reencode_spqr,
-)
+REENCODER = grid_reencoder(_spqr_selection)
+reencode_spqr = REENCODER.reencode
