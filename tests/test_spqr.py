@@ -124,10 +124,12 @@ def test_matches_numpy_reference_float64(rng, act_order):
     np.testing.assert_allclose(decoded[outliers], kept[outliers], rtol=1e-3, atol=1e-4)
 
 
-def test_without_outliers_it_is_grouped_gptq_with_quantized_statistics(rng):
+def test_without_outliers_it_is_grouped_gptq_with_quantized_statistics(rng, tmp_path):
     w, x, h = _problem(rng, 32, 64)
     q = quantize_spqr(jnp.asarray(w), jnp.asarray(h), dataclasses.replace(PAPER, outlier_threshold=float("inf")), KEY)
     assert q.num_outliers == 0
+    back = jq.io.load(jq.io.save(tmp_path / "ck", {"w": q}))["w"]  # zero-size outlier arrays
+    np.testing.assert_array_equal(np.asarray(back.decode()), np.asarray(q.decode()))
     gptq = jq.quantize_weight(jnp.asarray(w), jnp.asarray(h), jq.GPTQ(bits=3, group_size=16, act_order=False))
     # Quantized statistics cost a little accuracy against float16 ones, not much.
     assert relative_output_error(w, q.decode(), x) < 1.5 * relative_output_error(w, gptq.decode(), x)

@@ -98,12 +98,22 @@ def _sha256(x: Any) -> str | None:
 
 
 def _array_record(x: Any, checksum: bool) -> dict[str, Any]:
-    return {
+    record = {
         "dtype": jnp.dtype(x.dtype).name,
         "shape": [int(n) for n in x.shape],
         "sharding": _sharding_record(x),
         "sha256": _sha256(x) if checksum else None,
     }
+    if int(np.prod(x.shape)) == 0:
+        # Orbax cannot write a zero-size array; the manifest alone describes it.
+        record["empty"] = True
+    return record
+
+
+def _empty_array(record: dict[str, Any], container: str) -> Any:
+    """The zero-size array a record marked ``empty`` stands for."""
+    make = np.zeros if container != "jax" else jnp.zeros
+    return make(tuple(record["shape"]), jnp.dtype(record["dtype"]))
 
 
 class _Encoder:
@@ -171,7 +181,9 @@ class _Encoder:
 
     def _leaf_array(self, x: Any, path: tuple[str, ...], container: str, py_type: str | None = None) -> dict:
         key = self._key()
-        self.arrays[key] = np.asarray(x) if container != "jax" else x
+        record = _array_record(x, self.checksum)
+        if not record.get("empty"):
+            self.arrays[key] = np.asarray(x) if container != "jax" else x
         self.leaves.append(
             {
                 "key": key,
@@ -180,7 +192,7 @@ class _Encoder:
                 "container": container,
                 "py_type": py_type,
                 "scalar": isinstance(x, np.generic),
-                "arrays": {"value": _array_record(x, self.checksum)},
+                "arrays": {"value": record},
             }
         )
         return {"t": "leaf", "i": len(self.leaves) - 1}
@@ -198,8 +210,10 @@ class _Encoder:
                 continue
             records[name] = _array_record(a, self.checksum)
             records[name]["container"] = "jax" if isinstance(a, jax.Array) else "numpy"
-            sub[name] = a if isinstance(a, jax.Array) else np.asarray(a)
-        self.arrays[key] = sub
+            if not records[name].get("empty"):
+                sub[name] = a if isinstance(a, jax.Array) else np.asarray(a)
+        if sub:
+            self.arrays[key] = sub
         self.leaves.append(
             {
                 "key": key,
@@ -358,6 +372,8 @@ def _restore_plan(manifest: dict[str, Any], shardings: ShardingSpec) -> tuple[di
         key, arrays = leaf["key"], leaf["arrays"]
         if leaf["kind"] == "array":
             rec = arrays["value"]
+            if rec.get("empty"):
+                continue
             expected[key] = rec
             if leaf["container"] == "jax":
                 sharding = _target_sharding(shardings, leaf["path"], rec)
@@ -366,10 +382,11 @@ def _restore_plan(manifest: dict[str, Any], shardings: ShardingSpec) -> tuple[di
                 restore_args[key] = ocp.RestoreArgs(restore_type=np.ndarray)
             continue
         _quantized_class(leaf)
+        stored = {name: rec for name, rec in arrays.items() if rec is not None and not rec.get("empty")}
+        if not stored:
+            continue
         restore_args[key], expected[key] = {}, {}
-        for name, rec in arrays.items():
-            if rec is None:
-                continue
+        for name, rec in stored.items():
             expected[key][name] = rec
             if rec.get("container", "jax") == "jax":
                 sharding = _target_sharding(shardings, f"{leaf['path']}/{name}", rec)
@@ -453,7 +470,8 @@ def _quantized_class(leaf: dict[str, Any]) -> type:
 
 def _build_leaf(leaf: dict[str, Any], arrays: Any) -> Any:
     if leaf["kind"] == "array":
-        x = arrays
+        record = leaf["arrays"]["value"]
+        x = _empty_array(record, leaf["container"]) if record.get("empty") else arrays
         if leaf["container"] == "python":
             return _PY_SCALARS[leaf["py_type"]](np.asarray(x).item())
         if leaf["container"] == "numpy":
@@ -465,7 +483,12 @@ def _build_leaf(leaf: dict[str, Any], arrays: Any) -> Any:
     for name, value in leaf["static"].items():
         kwargs[name] = tuple(value) if isinstance(value, list) else value
     for name, rec in leaf["arrays"].items():
-        kwargs[name] = None if rec is None else arrays[name]
+        if rec is None:
+            kwargs[name] = None
+        elif rec.get("empty"):
+            kwargs[name] = _empty_array(rec, rec.get("container", "jax"))
+        else:
+            kwargs[name] = arrays[name]
     q = cls(**kwargs)
     try:
         q.check_shapes()
@@ -523,8 +546,8 @@ def load(path: str | os.PathLike, *, shardings: ShardingSpec = None, verify: boo
         raise CheckpointError(f"jaxquant.io.load: checkpoint at {path} has no {ARRAYS}/ directory")
     restore_args, expected = _restore_plan(manifest, shardings)
     checkpointer = ocp.PyTreeCheckpointer()
-    if not expected:
-        return _decode(manifest["structure"], [])
+    if not expected:  # nothing was written to orbax (no arrays, or only zero-size ones)
+        return _decode(manifest["structure"], [_build_leaf(leaf, None) for leaf in manifest["leaves"]])
     try:
         stored = checkpointer.metadata(arrays_dir).item_metadata.tree
     except Exception as e:  # orbax raises many types for damaged metadata
