@@ -164,7 +164,7 @@ def test_no_retrace_for_same_shapes(monkeypatch, method):
     it), whatever the traced settings (damping, outlier threshold)."""
     chex.clear_trace_counter()
     counted = jax.jit(chex.assert_max_traces(gptq_mod._gptq_impl, n=1), static_argnames=gptq_mod._STATIC_ARGNAMES)
-    monkeypatch.setattr(gptq_mod, "_gptq", counted)
+    monkeypatch.setattr(gptq_mod, "column_loop", counted)
     for seed, damp in ((0, 0.01), (1, 0.05)):
         w, _, h = _problem(np.random.default_rng(seed), 32, 64)
         if method == "gptq":

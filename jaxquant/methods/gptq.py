@@ -303,8 +303,9 @@ def _gptq_impl(
     return codes, jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), records), deltas, ok
 
 
-# One compiled program per (shapes, dtype, recipe fields); damping is traced.
-_gptq = jax.jit(_gptq_impl, static_argnames=_STATIC_ARGNAMES)
+# The compiled loop: one program per (shapes, dtype, static settings, group grid);
+# damping and the outlier threshold are traced. GPTQ and SpQR run on it.
+column_loop = jax.jit(_gptq_impl, static_argnames=_STATIC_ARGNAMES)
 
 
 def quantize_gptq(w: jax.Array, xtx: Any, recipe: GPTQ, key: jax.Array, *, layout: str = "out_in",
@@ -329,7 +330,7 @@ def quantize_gptq(w: jax.Array, xtx: Any, recipe: GPTQ, key: jax.Array, *, layou
     if xtx.shape != (d_in, d_in):
         raise ValueError(f"XᵀX has shape {tuple(xtx.shape)}, expected ({d_in}, {d_in}) for the weight at {where}")
     dt = jnp.float64 if w.dtype == jnp.float64 else jnp.float32
-    codes, (scale, zero), _, ok = _gptq(
+    codes, (scale, zero), _, ok = column_loop(
         w.astype(dt),
         xtx.astype(dt),
         jnp.asarray(recipe.damp, dt),

@@ -146,7 +146,7 @@ def quantize_spqr(w: jax.Array, xtx: Any, recipe: SpQR, key: jax.Array, *, layou
     order = np.argsort(-np.asarray(jnp.diagonal(h)), kind="stable") if recipe.act_order else None
     if order is not None:
         w, h = w[:, order], h[order][:, order]
-    codes, records, deltas, ok = gptq._gptq(
+    codes, records, deltas, ok = gptq.column_loop(
         w, h, jnp.asarray(recipe.damp, dt), jnp.asarray(recipe.outlier_threshold, dt),
         bits=recipe.bits, group_size=recipe.group_size, symmetric=False, act_order=False,
         block_size=recipe.block_size, clip_search=False, param_dtype="float32",
