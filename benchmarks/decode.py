@@ -1,6 +1,6 @@
 """Decode-kernel benchmark: quantized ``x @ W`` against the best dense product.
 
-For Llama-2-7B layer shapes and AQLM configs, times dense float32/bfloat16 (both
+For Llama-2-7B layer shapes and AQLM (and SpQR) configs, times dense float32/bfloat16 (both
 contraction forms; the best is the baseline), every jaxquant implementation the
 dispatcher can run on this backend, and, when the ``aqlm`` package is installed, its
 CPU kernel (numba, 2 threads). All candidates of one row are timed interleaved (one call
@@ -28,11 +28,15 @@ import numpy as np
 from jax import lax
 
 from jaxquant.atomic_files import atomic_write_bytes
+from jaxquant.methods.spqr import SpQRQuantized
 from jaxquant.ops import dispatch
 from jaxquant.qarray import AdditiveQuantized, code_dtype
 
 SHAPES = {"4096x4096": (4096, 4096), "11008x4096": (11008, 4096), "4096x11008": (4096, 11008)}  # (d_out, d_in)
 CONFIGS = {"2x8": (2, 8, 8), "1x8": (1, 8, 8), "1x16": (1, 16, 8)}  # (M, B, in_group)
+# SpQR: (bits, group, statistics group, fraction of outliers); 0.2% outliers is what the
+# default recipe keeps on the synthetic layer.
+SPQR_CONFIGS = {"spqr3": (3, 64, 64, 0.002)}
 
 
 def _interleaved_ms(fns: dict, repeats: int, warmup: int = 3) -> dict[str, float]:
@@ -59,6 +63,24 @@ def _random_aq(rng, d_out, d_in, m, bits, ig) -> AdditiveQuantized:
     cb = (rng.standard_normal((m, k, 1, ig)) * 0.02).astype(np.float32)
     scales = (rng.random((d_out, 1, 1, 1)) + 0.5).astype(np.float32)
     return AdditiveQuantized(jnp.asarray(codes), jnp.asarray(cb), jnp.asarray(scales), bits, (d_out, d_in))
+
+
+def _random_spqr(rng, d_out, d_in, bits, group, stat_group, outlier_fraction) -> SpQRQuantized:
+    groups, stat_rows = d_in // group, d_out // stat_group
+    nnz = int(outlier_fraction * d_out * d_in)
+    rows = np.sort(rng.integers(0, d_out, nnz))
+    stats = np.stack([rng.random((stat_rows, groups)) * 1e-3, rng.random((stat_rows, groups)) * 4], -1)
+    return SpQRQuantized(
+        codes=jnp.asarray(rng.integers(0, 2**bits, (d_out, d_in)).astype(np.uint8)),
+        scale_codes=jnp.asarray(rng.integers(0, 8, (d_out, groups)).astype(np.uint8)),
+        zero_codes=jnp.asarray(rng.integers(0, 8, (d_out, groups)).astype(np.uint8)),
+        scale_stats=jnp.asarray(stats.astype(np.float16)), zero_stats=jnp.asarray(stats.astype(np.float16)),
+        outlier_values=jnp.asarray(rng.standard_normal(nnz).astype(np.float16)),
+        outlier_columns=jnp.asarray(rng.integers(0, d_in, nnz).astype(np.uint16)),
+        outlier_row_starts=jnp.asarray(np.searchsorted(rows, np.arange(d_out + 1)).astype(np.int32)),
+        column_positions=jnp.asarray(rng.permutation(d_in).astype(np.uint16)),
+        bits=bits, group_size=group, stat_bits=3, stat_group=stat_group, shape=(d_out, d_in),
+    )
 
 
 def _dense_fns(rng, d_out, d_in, batch) -> dict:
@@ -110,7 +132,7 @@ def versions(packages: tuple[str, ...] = ("jaxlib", "flax", "torch", "aqlm", "nu
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=[*CONFIGS, *SPQR_CONFIGS])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--no-aqlm", action="store_true")
@@ -126,8 +148,10 @@ def main(argv: list[str] | None = None) -> dict:
             dense_fns = _dense_fns(rng, d_out, d_in, batch)
             x = rng.standard_normal((batch, d_in)).astype(np.float32)
             for cfg in args.configs:
-                m, bits, ig = CONFIGS[cfg]
-                w = _random_aq(rng, d_out, d_in, m, bits, ig)
+                if cfg in SPQR_CONFIGS:
+                    w = _random_spqr(rng, d_out, d_in, *SPQR_CONFIGS[cfg])
+                else:
+                    w = _random_aq(rng, d_out, d_in, *CONFIGS[cfg])
                 xj = jnp.asarray(x)
                 auto = dispatch.select_impl(xj, w)
                 fns = dict(dense_fns)
@@ -142,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
                         continue
                     fns[name] = lambda f=f: f(xj, w)
                     impl_names.append(name)
-                if not args.no_aqlm:
+                if not args.no_aqlm and isinstance(w, AdditiveQuantized):
                     fa = _aqlm_fn(w, x)
                     if fa is not None:
                         fns["aqlm_numba"] = fa

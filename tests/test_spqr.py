@@ -100,10 +100,7 @@ def _outlier_mask(q: SpQRQuantized) -> np.ndarray:
     starts, cols = np.asarray(q.outlier_row_starts), np.asarray(q.outlier_columns)
     for o in range(q.d_out):
         mask[o, cols[starts[o]:starts[o + 1]]] = True
-    order = np.arange(q.d_in) if q.column_order is None else np.asarray(q.column_order)
-    out = np.zeros_like(mask)
-    out[:, order] = mask
-    return out
+    return mask if q.column_positions is None else mask[:, np.asarray(q.column_positions)]
 
 
 @pytest.mark.parametrize("act_order", [True, False])
@@ -150,7 +147,7 @@ def test_bits_are_counted_honestly(spqr_array):
             + 2 * (48 // 16) * groups * 2 * 16  # their float16 steps and zero points
             + nnz * (16 + 16)  # float16 values and uint16 columns
             + 49 * 16  # row starts (uint16: fewer than 65536 outliers)
-            + 64 * 16)  # the column order (uint16)
+            + 64 * 16)  # the column positions (uint16)
     assert q.storage_bits == want and nnz > 0
     assert jq.tree_bits({"w": q})["bits_per_weight"] == pytest.approx(want / (48 * 64))
 
@@ -203,10 +200,8 @@ def _dense_grid(q: SpQRQuantized) -> tuple[np.ndarray, np.ndarray]:
 
     scale, zero = (np.repeat(np.asarray(a), q.group_size, axis=1)
                    for a in grid_of(q.scale_codes, q.zero_codes, q.scale_stats, q.zero_stats, q.stat_group))
-    order = np.asarray(q.column_order)
-    out_scale, out_zero = np.empty_like(scale), np.empty_like(zero)
-    out_scale[:, order], out_zero[:, order] = scale, zero
-    return out_scale, out_zero
+    positions = np.asarray(q.column_positions)
+    return scale[:, positions], zero[:, positions]
 
 
 def test_v_step_rounds_to_the_nearest_grid_point_and_keeps_outliers(spqr_array, rng):

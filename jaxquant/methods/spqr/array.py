@@ -1,10 +1,10 @@
 """``SpQRQuantized``: a low-bit grid with quantized statistics, plus sparse outliers.
 
-``W[o, order[k]] = (codes[o, k] - zero[o, k // β1]) · scale[o, k // β1] + outliers[o, k]``,
-where ``k`` runs over the input columns in the order they were quantized (``order``, the
-stored permutation, or the identity), ``β1`` is ``group_size``, and the scale and zero of
-each row's group are decoded from ``stat_bits`` codes on a second-level grid shared by
-``β2 = stat_group`` consecutive rows. ``outliers`` is sparse, stored row-compressed: a
+``W[o, i] = (codes[o, k] - zero[o, k // β1]) · scale[o, k // β1] + outliers[o, k]`` with
+``k = positions[i]``: codes are stored in the order the columns were quantized (the
+stored ``column_positions``, or the identity), ``β1`` is ``group_size``, and the scale and
+zero of each row's group are decoded from ``stat_bits`` codes on a second-level grid
+shared by ``β2 = stat_group`` consecutive rows. ``outliers`` is sparse, stored row-compressed: a
 float16 correction (the kept weight minus its decoded code) per outlier.
 """
 
@@ -53,8 +53,8 @@ class SpQRQuantized(QuantizedArray):
         outlier_columns: ``[nnz]`` their columns (in quantization order).
         outlier_row_starts: ``[d_out + 1]`` (uint16 while they fit, else int32): row
             ``o``'s outliers are ``outlier_row_starts[o]:outlier_row_starts[o + 1]``.
-        column_order: ``[d_in]``: quantized column ``k`` is input column
-            ``column_order[k]``; ``None`` for the identity.
+        column_positions: ``[d_in]``: input column ``i`` is stored at column
+            ``column_positions[i]`` of ``codes``; ``None`` for the identity.
         bits: bits per weight code.
         group_size: ``β1``.
         stat_bits: bits per scale and zero-point code.
@@ -71,7 +71,7 @@ class SpQRQuantized(QuantizedArray):
     outlier_values: jax.Array
     outlier_columns: jax.Array
     outlier_row_starts: jax.Array
-    column_order: jax.Array | None
+    column_positions: jax.Array | None
     bits: int = static_field()
     group_size: int = static_field()
     stat_bits: int = static_field()
@@ -98,7 +98,7 @@ class SpQRQuantized(QuantizedArray):
         return {"codes": (self.d_out, self.d_in), "scale_codes": (self.d_out, groups),
                 "zero_codes": (self.d_out, groups), "scale_stats": stats, "zero_stats": stats,
                 "outlier_values": nnz, "outlier_columns": nnz, "outlier_row_starts": (self.d_out + 1,),
-                "column_order": (self.d_in,)}
+                "column_positions": (self.d_in,)}
 
     def outlier_rows(self) -> jax.Array:
         """The row of every outlier, ``[nnz]`` int32."""
@@ -117,9 +117,9 @@ class SpQRQuantized(QuantizedArray):
         tile = tile.at[rows, self.outlier_columns.astype(jnp.int32)].add(
             self.outlier_values.astype(jnp.float32), mode="drop"
         )
-        if self.column_order is None:
+        if self.column_positions is None:
             return tile
-        return jnp.zeros_like(tile).at[:, self.column_order.astype(jnp.int32)].set(tile)
+        return tile[:, self.column_positions.astype(jnp.int32)]  # a gather: far cheaper than scattering
 
     def decode_out_in(self, dtype: Any = jnp.float32) -> jax.Array:
         return self.decode_rows(jnp.int32(0), self.d_out).astype(dtype)
@@ -130,13 +130,13 @@ class SpQRQuantized(QuantizedArray):
         weights = int(np.prod(self.codes.shape)) * self.bits
         stats = (int(np.prod(self.scale_codes.shape)) + int(np.prod(self.zero_codes.shape))) * self.stat_bits
         rest = (self.scale_stats, self.zero_stats, self.outlier_values, self.outlier_columns,
-                self.outlier_row_starts, self.column_order)
+                self.outlier_row_starts, self.column_positions)
         return weights + stats + sum(array_bits(a) for a in rest)
 
     @property
     def resident_bytes(self) -> int:
         fields = (self.codes, self.scale_codes, self.zero_codes, self.scale_stats, self.zero_stats,
-                  self.outlier_values, self.outlier_columns, self.outlier_row_starts, self.column_order)
+                  self.outlier_values, self.outlier_columns, self.outlier_row_starts, self.column_positions)
         return sum(array_bits(a) for a in fields) // 8
 
     @property

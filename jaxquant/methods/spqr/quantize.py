@@ -165,7 +165,7 @@ def quantize_spqr(w: jax.Array, xtx: Any, recipe: SpQR, key: jax.Array, *, layou
         outlier_values=jnp.asarray(values),
         outlier_columns=jnp.asarray(columns),
         outlier_row_starts=jnp.asarray(starts),
-        column_order=None if order is None else jnp.asarray(order.astype(_index_dtype(d_in - 1))),
+        column_positions=None if order is None else jnp.asarray(np.argsort(order).astype(_index_dtype(d_in - 1))),
         bits=recipe.bits,
         group_size=recipe.group_size,
         stat_bits=recipe.stat_bits,

@@ -17,11 +17,9 @@ from jaxquant.methods.spqr.array import SpQRQuantized, grid_of
 
 def _stored_index(q: SpQRQuantized, idx: jax.Array) -> jax.Array:
     """Flat positions in ``q.codes`` of the weights ``idx`` (flat ``o * d_in + i``)."""
-    if q.column_order is None:
+    if q.column_positions is None:
         return idx
-    order = q.column_order.astype(jnp.int32)
-    position = jnp.zeros((q.d_in,), jnp.int32).at[order].set(jnp.arange(q.d_in, dtype=jnp.int32))
-    return idx // q.d_in * q.d_in + position[idx % q.d_in]
+    return idx // q.d_in * q.d_in + q.column_positions.astype(jnp.int32)[idx % q.d_in]
 
 
 def _spqr_selection(q: SpQRQuantized, idx: jax.Array) -> GridSelection:
