@@ -4,9 +4,21 @@ The device count must be fixed before JAX initialises its backends, so it is set
 import time of this conftest, before any test module imports jax.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "")
+# One persistent compilation cache for the whole run: the xdist workers, the notebooks'
+# kernels and the tests' subprocesses inherit it, so a program compiled once is loaded,
+# not compiled again (the same programs recur across tests: 81 s -> 64 s on three files
+# from a cold cache). A new empty directory per run; the process that made it removes it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="jaxquant-tests-xla-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.05",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
 
