@@ -21,7 +21,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     """Arguments of ``jaxquant quantize``."""
     p.add_argument("model_dir", help="Hugging Face model directory, .gguf file, or known model name (smollm2-135m)")
     p.add_argument("--recipe", required=True,
-                   help="a name (rtn-4, gptq-3, gptq-2-g64, aqlm-2x8, aqlm-1x16, aqlm-1x8-g4, ...) or a .json/.toml file")
+                   help="a name (rtn-4, gptq-3, gptq-2-g64, spqr-3, spqr-4, aqlm-2x8, aqlm-1x16, aqlm-1x8-g4, ...) or a .json/.toml file")
     p.add_argument("--calib", required=True, help="calibration text file, or 'builtin' (the built-in corpus, train split)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
