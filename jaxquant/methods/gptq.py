@@ -39,7 +39,6 @@ updates touch only the triangle (``d_out · n²`` flops in all).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
@@ -92,10 +91,14 @@ class MinMaxGrid:
     param_dtype: str
     clip_search: bool
 
+    def fit(self, groups: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(scale, zero)`` of every row of ``groups [..., g]``."""
+        return _grid.fit_grid(groups, self.bits, symmetric=self.symmetric, param_dtype=self.param_dtype,
+                              clip_search=self.clip_search)
+
     def __call__(self, rows: jax.Array, u_diag: jax.Array, threshold: jax.Array) -> tuple[Any, ...]:
         del u_diag, threshold
-        s, z = _grid.fit_grid(rows.T, self.bits, symmetric=self.symmetric, param_dtype=self.param_dtype,
-                              clip_search=self.clip_search)
+        s, z = self.fit(rows.T)
         return s, z, (s, z)
 
 
@@ -133,7 +136,6 @@ def _gptq_impl(
     d_out, d_in = w.shape
     g = group_size
     n_groups = d_in // g
-    fit = functools.partial(_grid.fit_grid, bits=bits, symmetric=symmetric, param_dtype=param_dtype, clip_search=clip_search)
     if group_grid is None:
         group_grid = MinMaxGrid(bits, symmetric, param_dtype, clip_search)
 
@@ -146,7 +148,7 @@ def _gptq_impl(
     if not dynamic_groups:
         if not isinstance(group_grid, MinMaxGrid):
             raise ValueError("a custom group_grid needs groups fitted in the loop: act_order=False, group_size < d_in")
-        scale0, zero0 = fit(w.reshape(d_out, n_groups, g))  # [d_out, n_groups]
+        scale0, zero0 = group_grid.fit(w.reshape(d_out, n_groups, g))  # [d_out, n_groups]
 
     if act_order:
         perm = jnp.argsort(-jnp.diagonal(h), stable=True)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant.methods import gptq
+from jaxquant.methods import _grid, gptq
 from jaxquant.methods.spqr.array import SpQRQuantized, grid_of
 from jaxquant.qarray import check_layout
 from jaxquant.recipes import SpQR, check_divisible
@@ -45,8 +45,8 @@ def minmax_grid(x: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
 
 
 def _round_trip(x: jax.Array, step: jax.Array, zero: jax.Array, bits: int) -> jax.Array:
-    codes = jnp.clip(jnp.round(x / step[..., None] + zero[..., None]), 0, 2**bits - 1)
-    return (codes - zero[..., None]) * step[..., None]
+    """Each row of ``x [..., n]`` rounded to its grid ``(step, zero)`` ``[...]``."""
+    return _grid.fake_quantize(x, step[..., None], zero[..., None], bits)
 
 
 def leave_one_out_gain(w: jax.Array, u_diag: jax.Array, bits: int) -> jax.Array:
@@ -78,7 +78,7 @@ def quantize_stat(values: jax.Array, bits: int, group: int) -> tuple[jax.Array, 
     step, zero = minmax_grid(groups, bits)
     stats = jnp.stack([step, zero], axis=-1).astype(jnp.float16)
     step, zero = stats[:, 0].astype(values.dtype), stats[:, 1].astype(values.dtype)
-    codes = jnp.clip(jnp.round(groups / step[:, None] + zero[:, None]), 0, 2**bits - 1)
+    codes = _grid.quantize_codes(groups, step[:, None], zero[:, None], bits)
     return codes.reshape(-1).astype(jnp.uint8), stats
 
 
