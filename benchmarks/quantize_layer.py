@@ -2,10 +2,11 @@
 
 A contract other checks rely on::
 
-    python benchmarks/quantize_layer.py --problem FILE.npz|synthetic --method {rtn,gptq,aqlm,spqr}
+    python benchmarks/quantize_layer.py --problem FILE.npz|synthetic --method {rtn,gptq,aqlm,spqr,vptq}
         [--bits B] [--group-size G] [--num-codebooks M] [--codebook-bits K] [--beam-size S]
         [--out-group-size O] [--grad-dtype D] [--stat-bits B2] [--stat-group G2]
-        [--outlier-threshold T] [--seed N] [--shape DOUTxDIN --tokens T] --out RESULT.json
+        [--outlier-threshold T] [--vector-size V] [--residual-bits R] [--outlier-fraction F]
+        [--seed N] [--shape DOUTxDIN --tokens T] --out RESULT.json
 
 ``FILE.npz`` holds ``W`` float32 ``(out, in)`` and ``X`` float32 ``(tokens, in)``;
 ``synthetic`` is the shared problem of DESIGN.md; ``--shape``/``--tokens`` build a
@@ -46,19 +47,23 @@ from decode import versions  # noqa: E402  (one definition of the recorded packa
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--problem", default="synthetic", help="FILE.npz or 'synthetic'")
-    p.add_argument("--method", required=True, choices=("rtn", "gptq", "aqlm", "spqr"))
+    p.add_argument("--method", required=True, choices=("rtn", "gptq", "aqlm", "spqr", "vptq"))
     p.add_argument("--bits", type=int, default=None, help="RTN/GPTQ/SpQR bits per code")
     p.add_argument("--group-size", type=int, default=None, help="input group size (0: one group per row for RTN/GPTQ)")
     p.add_argument("--symmetric", action="store_true", help="RTN/GPTQ symmetric grid")
     p.add_argument("--clip-search", action="store_true", help="RTN/GPTQ clipping-ratio search")
-    p.add_argument("--no-act-order", action="store_true", help="GPTQ/SpQR in natural column order")
-    p.add_argument("--damp", type=float, default=None, help="GPTQ/SpQR relative damping")
-    p.add_argument("--block-size", type=int, default=None, help="GPTQ/SpQR lazy-batch block size")
+    p.add_argument("--no-act-order", action="store_true", help="GPTQ/SpQR/VPTQ in natural column order")
+    p.add_argument("--damp", type=float, default=None, help="GPTQ/SpQR/VPTQ relative damping")
+    p.add_argument("--block-size", type=int, default=None, help="GPTQ/SpQR/VPTQ lazy-batch block size")
     p.add_argument("--stat-bits", type=int, default=None, help="SpQR bits per quantized scale and zero point")
     p.add_argument("--stat-group", type=int, default=None, help="SpQR rows per second-level grid")
     p.add_argument("--outlier-threshold", type=float, default=None, help="SpQR relative outlier threshold")
+    p.add_argument("--vector-size", type=int, default=None, help="VPTQ output rows per vector")
+    p.add_argument("--residual-bits", type=int, default=None, help="VPTQ residual codebook bits (0: none)")
+    p.add_argument("--outlier-fraction", type=float, default=None, help="VPTQ columns with their own codebook")
+    p.add_argument("--kmeans-iters", type=int, default=None, help="AQLM/VPTQ Lloyd iterations")
     p.add_argument("--num-codebooks", type=int, default=None)
-    p.add_argument("--codebook-bits", type=int, default=None)
+    p.add_argument("--codebook-bits", type=int, default=None, help="AQLM/VPTQ bits per code")
     p.add_argument("--beam-size", type=int, default=None)
     p.add_argument("--out-group-size", type=int, default=None)
     p.add_argument("--max-rounds", type=int, default=None, help="AQLM round limit (large layers)")
@@ -97,7 +102,13 @@ def build_recipe(args: argparse.Namespace) -> Any:
         for name in ("bits", "group_size", "stat_bits", "stat_group", "outlier_threshold", "damp", "block_size"):
             put(name, getattr(args, name))
         fields["act_order"] = not args.no_act_order
+    elif args.method == "vptq":
+        for name in ("vector_size", "codebook_bits", "residual_bits", "outlier_fraction", "kmeans_iters", "damp",
+                     "block_size"):
+            put(name, getattr(args, name))
+        fields["act_order"] = not args.no_act_order
     else:
+        put("kmeans_iters", args.kmeans_iters)
         put("group_size", args.group_size)
         put("num_codebooks", args.num_codebooks)
         put("codebook_bits", args.codebook_bits)

@@ -15,7 +15,7 @@ from jaxquant.methods.gptq import quantize_gptq
 from jaxquant.methods.rtn import quantize_rtn
 from jaxquant.problems import relative_output_error
 from jaxquant.quantize import quantize_weight
-from jaxquant.recipes import GPTQ, RTN, SpQR
+from jaxquant.recipes import GPTQ, RTN, VPTQ, SpQR
 
 KEY = jax.random.key(0)
 
@@ -158,10 +158,10 @@ def test_clip_search_does_not_hurt(rng):
 
 
 # --------------------------------------------------------------------------- compile
-@pytest.mark.parametrize("method", ["gptq", "spqr"])
+@pytest.mark.parametrize("method", ["gptq", "spqr", "vptq"])
 def test_no_retrace_for_same_shapes(monkeypatch, method):
-    """The column loop compiles once per shape and recipe, for GPTQ and for SpQR (which runs on
-    it), whatever the traced settings (damping, outlier threshold)."""
+    """The column loop compiles once per shape and recipe, for GPTQ and for SpQR and VPTQ (which
+    run on it), whatever the traced settings (damping, outlier threshold, codebooks)."""
     chex.clear_trace_counter()
     counted = jax.jit(chex.assert_max_traces(gptq_mod._gptq_impl, n=1), static_argnames=gptq_mod._STATIC_ARGNAMES)
     monkeypatch.setattr(gptq_mod, "column_loop", counted)
@@ -169,8 +169,10 @@ def test_no_retrace_for_same_shapes(monkeypatch, method):
         w, _, h = _problem(np.random.default_rng(seed), 32, 64)
         if method == "gptq":
             recipe = GPTQ(bits=3, group_size=16, damp=damp)
-        else:
+        elif method == "spqr":
             recipe = SpQR(group_size=16, stat_group=16, damp=damp, outlier_threshold=10 * damp)
+        else:
+            recipe = VPTQ(codebook_bits=4, residual_bits=2, outlier_fraction=0.1, damp=damp)
         quantize_weight(jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32), recipe)
     # float64 inputs from numpy are cast to float32, so they share the program too.
     quantize_weight(np.asarray(w), np.asarray(h), recipe)

@@ -182,11 +182,18 @@ def _spqr_from_name(m: re.Match[str], d_ins: Iterable[int] | None) -> Any:
     return recipes.SpQR(bits=int(bits)) if group is None else recipes.SpQR(bits=int(bits), group_size=int(group))
 
 
+def _vptq_from_name(m: re.Match[str], d_ins: Iterable[int] | None) -> Any:
+    vector, bits, residual = m.groups()
+    return recipes.VPTQ(vector_size=int(vector), codebook_bits=int(bits), residual_bits=int(residual or 0))
+
+
 def _register_builtins() -> None:
     from jaxquant.methods import scalar_reencode  # noqa: PLC0415 (light: no search code)
     from jaxquant.methods.aqlm import reencode as aqlm_reencode  # noqa: PLC0415
     from jaxquant.methods.spqr import reencode as spqr_reencode  # noqa: PLC0415
     from jaxquant.methods.spqr.array import SpQRQuantized  # noqa: PLC0415
+    from jaxquant.methods.vptq import reencode as vptq_reencode  # noqa: PLC0415
+    from jaxquant.methods.vptq.array import VPTQQuantized  # noqa: PLC0415
 
     register(Method("rtn", recipes.RTN, "jaxquant.methods.rtn:quantize_rtn", needs_statistics=False,
                     name_pattern=r"rtn-(\d+)(?:-g(\d+|row))?", from_name=_scalar_from_name(recipes.RTN),
@@ -204,6 +211,10 @@ def _register_builtins() -> None:
                     name_pattern=r"spqr-(\d+)(?:-g(\d+))?", from_name=_spqr_from_name,
                     examples=("spqr-3", "spqr-4", "spqr-3-g32"),
                     array_type=SpQRQuantized, reencoder=spqr_reencode.REENCODER))
+    register(Method("vptq", recipes.VPTQ, "jaxquant.methods.vptq.quantize:quantize_vptq",
+                    name_pattern=r"vptq-(\d+)x(\d+)(?:r(\d+))?", from_name=_vptq_from_name,
+                    examples=("vptq-4x8", "vptq-8x8r8", "vptq-4x12"),
+                    array_type=VPTQQuantized, reencoder=vptq_reencode.REENCODER))
 
 
 _register_builtins()

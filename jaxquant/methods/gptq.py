@@ -71,7 +71,7 @@ _SUB_BLOCK = 16
 
 _STATIC_ARGNAMES = (
     "bits", "group_size", "symmetric", "act_order", "block_size", "clip_search", "param_dtype", "group_grid",
-    "find_outliers",
+    "find_outliers", "column_rounder",
 )
 
 
@@ -102,11 +102,23 @@ class MinMaxGrid:
         return s, z, (s, z)
 
 
+def _scalar_rounding(bits: int, params: Any) -> Any:
+    """Rounding of a column on the scalar grid ``params(column) -> (scale, zero)``."""
+
+    def round_column(x: jax.Array, column: jax.Array) -> tuple[jax.Array, jax.Array]:
+        s, z = params(column)
+        code = _grid.quantize_codes(x, s, z, bits)
+        return code, _grid.dequantize_codes(code, s, z)
+
+    return round_column
+
+
 def _gptq_impl(
     w: jax.Array,
     h: jax.Array,
     damp: jax.Array,
     outlier_relative: jax.Array | None = None,
+    rounder_params: Any = None,
     *,
     bits: int,
     group_size: int,
@@ -117,6 +129,7 @@ def _gptq_impl(
     param_dtype: str,
     group_grid: Any = None,
     find_outliers: bool = False,
+    column_rounder: Any = None,
 ) -> tuple[Any, ...]:
     """Core GPTQ. Returns ``(codes, records, outlier_deltas, ok)``.
 
@@ -131,6 +144,12 @@ def _gptq_impl(
     scaled rounding error ``((w - q) / U_ii)²`` exceeds it keeps its error-updated value:
     it passes no error on, and ``outlier_deltas`` ``[d_out, d_in]`` holds value minus
     decoded code there (zero elsewhere). Without it ``outlier_deltas`` is None.
+
+    A ``column_rounder`` (static, hashable) replaces the scalar grids: it is called as
+    ``column_rounder(x, j, rounder_params)`` with the error-updated column ``x [d_out]``
+    at processing position ``j`` and returns ``(codes [column_rounder.code_width(d_out)],
+    decoded [d_out])``; ``codes`` is then ``[code_width, d_in]`` and ``records`` is
+    ``()``. It needs ``act_order=False`` and ``group_size=d_in`` (no grids to fit).
     """
     dt = w.dtype
     d_out, d_in = w.shape
@@ -145,7 +164,13 @@ def _gptq_impl(
     w = jnp.where(dead[None, :], 0.0, w)
 
     dynamic_groups = not act_order and g < d_in
-    if not dynamic_groups:
+    if column_rounder is not None:
+        if act_order or g != d_in:
+            raise ValueError("a column_rounder needs act_order=False and group_size=d_in")
+        code_width = column_rounder.code_width(d_out)
+    else:
+        code_width = d_out
+    if not dynamic_groups and column_rounder is None:
         if not isinstance(group_grid, MinMaxGrid):
             raise ValueError("a custom group_grid needs groups fitted in the loop: act_order=False, group_size < d_in")
         scale0, zero0 = group_grid.fit(w.reshape(d_out, n_groups, g))  # [d_out, n_groups]
@@ -180,9 +205,11 @@ def _gptq_impl(
         # One record per group, padding groups included, shaped as the grid returns it.
         shapes = jax.eval_shape(group_grid, jnp.zeros((g, d_out), dt), jnp.zeros((g,), dt), threshold)[2]
         records_t = jax.tree.map(lambda a: jnp.zeros((n // g, *a.shape), a.dtype), shapes)
+    elif column_rounder is not None:
+        records_t = ()
     else:
         records_t = (scale0.T, zero0.T)  # [groups, d_out] each
-    codes_t = jnp.zeros((n, d_out), dt)
+    codes_t = jnp.zeros((n, code_width), dt)
     deltas_t = jnp.zeros((n, d_out), dt) if find_outliers else None
     # Dᵀ = (W - Q)ᵀ of the blocks done so far (zero for the rest). With W - Q = E U
     # (E the scaled errors of the column loop) we get E = D V, and the weights of block
@@ -196,12 +223,13 @@ def _gptq_impl(
         v_diag, jnp.broadcast_to(jnp.eye(bsz, dtype=dt), v_diag.shape), lower=False
     )
 
-    def columns(w1, q1, c1, d1, u1, start, count, params):
+    def columns(w1, q1, c1, d1, u1, start, count, round_column):
         """Round rows ``[start, start + count)`` of the block ``w1`` one at a time.
 
         Two-level lazy batching: the rank-1 updates run on a small sub-block (``sb``
         rows, cache-resident), and the rest of the block gets each sub-block's errors
-        as one ``(B × sb) @ (sb × d_out)`` matmul. ``params(row)`` gives the grid. ``q1``
+        as one ``(B × sb) @ (sb × d_out)`` matmul. ``round_column(x, row)`` gives the
+        codes and decoded values of row ``row`` of the block. ``q1``
         holds the kept values (the decoded code, or at an outlier the weight itself),
         ``c1`` the codes and ``d1`` (None without ``find_outliers``) kept minus decoded.
         """
@@ -215,10 +243,8 @@ def _gptq_impl(
 
             def col(i, inner):
                 ws, es, qs, cs, ds = inner
-                s, z = params(r0 + i)
                 x = ws[i]
-                code = _grid.quantize_codes(x, s, z, bits)
-                q = _grid.dequantize_codes(code, s, z)
+                code, q = round_column(x, r0 + i)
                 err = (x - q) / us[i, i]
                 if find_outliers:
                     outlier = err * err > threshold
@@ -231,7 +257,7 @@ def _gptq_impl(
 
             zeros = jnp.zeros((sb, d_out), dt)
             _, es, qs, cs, ds = jax.lax.fori_loop(
-                0, sb, col, (ws, zeros, zeros, zeros, zeros if find_outliers else None)
+                0, sb, col, (ws, zeros, zeros, jnp.zeros((sb, code_width), dt), zeros if find_outliers else None)
             )
             # Rows before the sub-block have zero coefficients (U is upper triangular);
             # the sub-block's own rows change too but are done (their q is stored).
@@ -265,7 +291,7 @@ def _gptq_impl(
         u1 = u_diag[b]
         w1 = w_orig + u1.T @ acc
         q1 = jnp.zeros((bsz, d_out), dt)
-        c1 = jnp.zeros((bsz, d_out), dt)
+        c1 = jnp.zeros((bsz, code_width), dt)
         d1 = jnp.zeros((bsz, d_out), dt) if find_outliers else None
         if dynamic_groups:
 
@@ -278,10 +304,16 @@ def _gptq_impl(
                 records_t = jax.tree.map(
                     lambda all_, one: jax.lax.dynamic_update_index_in_dim(all_, one, gi, axis=0), records_t, record
                 )
-                carry = columns(w1, q1, c1, d1, u1, k * g, g, lambda row: (s, z))
+                carry = columns(w1, q1, c1, d1, u1, k * g, g, _scalar_rounding(bits, lambda row: (s, z)))
                 return carry, records_t
 
             (w1, q1, c1, d1), records_t = jax.lax.fori_loop(0, bsz // g, group, ((w1, q1, c1, d1), records_t))
+        elif column_rounder is not None:
+
+            def round_column(x, row):
+                return column_rounder(x, jnp.minimum(i1 + row, d_in - 1), rounder_params)
+
+            w1, q1, c1, d1 = columns(w1, q1, c1, d1, u1, 0, bsz, round_column)
         else:
             scale_t, zero_t = records_t
 
@@ -289,7 +321,7 @@ def _gptq_impl(
                 gi = gidx[i1 + row]
                 return scale_t[gi], zero_t[gi]
 
-            w1, q1, c1, d1 = columns(w1, q1, c1, d1, u1, 0, bsz, params)
+            w1, q1, c1, d1 = columns(w1, q1, c1, d1, u1, 0, bsz, _scalar_rounding(bits, params))
         dt_done = jax.lax.dynamic_update_slice_in_dim(dt_done, w_orig - q1, i1, axis=0)
         codes_t = jax.lax.dynamic_update_slice_in_dim(codes_t, c1, i1, axis=0)
         if find_outliers:

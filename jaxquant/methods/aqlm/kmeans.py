@@ -12,6 +12,8 @@ minimum over a *leading* candidate axis: on XLA:CPU that is several times faster
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,25 +65,29 @@ def assign_all(points: jax.Array, centroids: jax.Array) -> jax.Array:
     return idx.reshape(-1)[:n]
 
 
-def lloyd(points: jax.Array, init: jax.Array, iters: int) -> jax.Array:
-    """Plain k-means (Lloyd) from the given initial centroids (the XLA reference).
+def lloyd(points: jax.Array, init: jax.Array, iters: int, weights: jax.Array | None = None) -> jax.Array:
+    """k-means (Lloyd) from the given initial centroids (the XLA reference).
 
     Args:
         points: ``[n, d]`` float32.
         init: ``[k, d]`` initial centroids.
         iters: Lloyd iterations.
+        weights: ``[n]`` non-negative point weights (each centroid moves to the weighted
+            mean of its points; the nearest centroid does not depend on them), or None.
 
     Returns:
-        ``[k, d]`` centroids. A centroid that loses all its points keeps its position.
+        ``[k, d]`` centroids. A centroid whose points all have zero weight (or that has
+        none) keeps its position.
     """
     n = points.shape[0]
     k = init.shape[0]
+    weights = jnp.ones((n,), points.dtype) if weights is None else weights.astype(points.dtype)
 
     def step(_: int, c: jax.Array) -> jax.Array:
         idx = assign_all(points, c)
-        sums = jax.ops.segment_sum(points, idx, num_segments=k)
-        counts = jax.ops.segment_sum(jnp.ones((n,), jnp.float32), idx, num_segments=k)
-        return jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], c)
+        sums = jax.ops.segment_sum(points * weights[:, None], idx, num_segments=k)
+        mass = jax.ops.segment_sum(weights, idx, num_segments=k)
+        return jnp.where(mass[:, None] > 0, sums / jnp.where(mass > 0, mass, 1.0)[:, None], c)
 
     return jax.lax.fori_loop(0, iters, step, init)
 
@@ -103,6 +109,16 @@ def fit(points: jax.Array, init: jax.Array, iters: int, native: bool = False) ->
         return native_kernels.lloyd(points, init, iters)
     centroids = lloyd(points, init, iters)
     return centroids, assign_all(points, centroids)
+
+
+def host_rng(key: Any) -> np.random.Generator:
+    """A numpy generator seeded by a JAX key's bits (typed keys and raw uint32 ``PRNGKey``s)."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    words = np.asarray(key)
+    if not np.issubdtype(words.dtype, np.integer):
+        raise TypeError(f"key must be a JAX PRNG key, got dtype {words.dtype}")
+    return np.random.default_rng([int(x) for x in words.astype(np.uint64).ravel()])
 
 
 def sample_indices(

@@ -38,7 +38,7 @@ from jaxquant.methods.aqlm import beam_search as bs
 from jaxquant.methods.aqlm import codebooks as cb
 from jaxquant.methods.aqlm import native_grads, native_kernels
 from jaxquant.methods.aqlm.grad_dtype import resolve_grad_dtype
-from jaxquant.methods.aqlm.kmeans import residual_kmeans, sample_indices
+from jaxquant.methods.aqlm.kmeans import host_rng, residual_kmeans, sample_indices
 from jaxquant.qarray import AdditiveQuantized, check_layout, code_dtype
 from jaxquant.recipes import AQLM, check_divisible
 from jaxquant.validate import require_finite_floats
@@ -266,16 +266,6 @@ def _finite_loss(loss: jax.Array, stage: str, path: str) -> float:
     return value
 
 
-def _seed_words(key: Any) -> list[int]:
-    """The key's bits as a numpy seed (accepts typed keys and raw uint32 ``PRNGKey``s)."""
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.key_data(key)
-    words = np.asarray(key)
-    if not np.issubdtype(words.dtype, np.integer):
-        raise TypeError(f"key must be a JAX PRNG key, got dtype {words.dtype}")
-    return [int(x) for x in words.astype(np.uint64).ravel()]
-
-
 def _choose_kernels(kernels: str, devices: list[Any]) -> str:
     """Resolve ``"auto"``; reject native kernels on non-CPU devices or when they cannot build."""
     if kernels not in KERNELS:
@@ -363,7 +353,7 @@ def quantize_aqlm(
     round_program = _compiler.submit(_compile_round, arg_shapes, statics) if recipe.max_rounds else None
 
     # All random choices are drawn on the host from the key (see search_orders).
-    rng = np.random.default_rng(_seed_words(key))
+    rng = host_rng(key)
     subsets, inits = sample_indices(rng, n_rows * (d_in // ig), num_codebooks, k, recipe.kmeans_max_points)
     w3 = w_np.reshape(n_rows, og, d_in)
     # device_put, not jnp.asarray: in jax 0.10 the latter compiles a small program per

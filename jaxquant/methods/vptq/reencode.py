@@ -1,0 +1,92 @@
+"""Re-encoding VPTQ weights toward a dense target (PV-Tuning's V step, straight-through).
+
+A group is one vector: ``v`` consecutive rows of one column, in ``(d_out // v, d_in)``
+order. A selected vector gets the nearest codeword to its scaled target, then (with a
+residual codebook) the nearest residual codeword to what is left, the same greedy
+choice the quantizer makes. With ``force``, a vector whose greedy choice is its current
+code takes the nearest other first-stage codeword that moves it toward the target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxquant.methods.reencoding import Reencoder, accept_changes
+from jaxquant.methods.vptq.array import VPTQQuantized
+from jaxquant.methods.vptq.quantize import column_vectors
+
+
+def _first_stage_scores(q: VPTQQuantized, points: jax.Array, columns: jax.Array) -> jax.Array:
+    """``[n, k]`` squared distance (up to a per-point constant) of each point to every
+    first-stage codeword of its column's codebook."""
+    book = q.codebook.astype(jnp.float32)
+    scores = jnp.sum(book * book, axis=1)[None, :] - 2.0 * points @ book.T
+    if q.outlier_codebook is not None:
+        other = q.outlier_codebook.astype(jnp.float32)
+        other_scores = jnp.sum(other * other, axis=1)[None, :] - 2.0 * points @ other.T
+        scores = jnp.where(q.outlier_mask()[columns][:, None], other_scores, scores)
+    return scores
+
+
+def reencode_vptq(
+    q: VPTQQuantized,
+    target: jax.Array,
+    idx: jax.Array,
+    *,
+    beam_size: int = 1,
+    trust_ratio: float | None = None,
+    force: bool = False,
+) -> VPTQQuantized:
+    """Re-encode the vectors ``idx`` (flat ``r * d_in + i``) of ``q`` toward ``target``
+    ``(d_out, d_in)`` (the ``Reencoder.reencode`` contract; ``beam_size`` is unused: the
+    choice is greedy, as in the quantizer)."""
+    del beam_size
+    rows, columns = idx // q.d_in, idx % q.d_in
+    want = column_vectors(target.astype(jnp.float32), q.vector_size)[rows, columns]  # [n, v]
+    scale = jnp.ones_like(want[:, 0]) if q.column_scales is None else q.column_scales.astype(jnp.float32)[columns]
+    points = want / scale[:, None]
+
+    cur_first = q.codes[rows, columns].astype(jnp.int32)
+    cur_residual = None if q.residual_codes is None else q.residual_codes[rows, columns].astype(jnp.int32)
+    current = q.decode_vectors(cur_first, cur_residual, columns)
+
+    scores = _first_stage_scores(q, points, columns)
+    first = jnp.argmin(scores, axis=1)
+    if force:
+        # The nearest other codeword, for vectors whose nearest is their own.
+        others = scores.at[jnp.arange(first.shape[0]), cur_first].set(jnp.inf)
+        first = jnp.where(first == cur_first, jnp.argmin(others, axis=1), first)
+    residual = None
+    if q.residual_codebook is not None:
+        left = points - q.decode_vectors(first, None, columns) / scale[:, None]
+        book = q.residual_codebook.astype(jnp.float32)
+        residual = jnp.argmin(jnp.sum(book * book, axis=1)[None, :] - 2.0 * left @ book.T, axis=1)
+    new = q.decode_vectors(first, residual, columns)
+
+    old_dist, new_dist = jnp.sum((current - want) ** 2, axis=1), jnp.sum((new - want) ** 2, axis=1)
+    if force:
+        better = jnp.sum((new - current) * (want - current), axis=1) > 0  # moves toward the target
+    else:
+        better = new_dist < old_dist
+    w_sq = jnp.sum(q.decode_out_in(jnp.float32) ** 2)
+    keep = accept_changes(better, jnp.sum((new - current) ** 2, axis=1), w_sq, trust_ratio)
+
+    def update(codes: jax.Array, chosen: jax.Array) -> jax.Array:
+        return codes.at[rows, columns].set(jnp.where(keep, chosen, codes[rows, columns].astype(jnp.int32))
+                                           .astype(codes.dtype), unique_indices=True)
+
+    return dataclasses.replace(
+        q,
+        codes=update(q.codes, first),
+        residual_codes=None if residual is None else update(q.residual_codes, residual),
+    )
+
+
+REENCODER = Reencoder(
+    num_groups=lambda q: (q.d_out // q.vector_size) * q.d_in,
+    group_sums=lambda q, per_weight: jnp.sum(column_vectors(per_weight, q.vector_size), axis=-1).reshape(-1),
+    reencode=reencode_vptq,
+)
