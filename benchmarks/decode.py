@@ -1,6 +1,6 @@
 """Decode-kernel benchmark: quantized ``x @ W`` against the best dense product.
 
-For Llama-2-7B layer shapes and AQLM (and SpQR) configs, times dense float32/bfloat16 (both
+For Llama-2-7B layer shapes and AQLM (and SpQR, VPTQ) configs, times dense float32/bfloat16 (both
 contraction forms; the best is the baseline), every jaxquant implementation the
 dispatcher can run on this backend, and, when the ``aqlm`` package is installed, its
 CPU kernel (numba, 2 threads). All candidates of one row are timed interleaved (one call
@@ -29,6 +29,7 @@ from jax import lax
 
 from jaxquant.atomic_files import atomic_write_bytes
 from jaxquant.methods.spqr import SpQRQuantized
+from jaxquant.methods.vptq import VPTQQuantized
 from jaxquant.ops import dispatch
 from jaxquant.qarray import AdditiveQuantized, code_dtype
 
@@ -37,6 +38,8 @@ CONFIGS = {"2x8": (2, 8, 8), "1x8": (1, 8, 8), "1x16": (1, 16, 8)}  # (M, B, in_
 # SpQR: (bits, group, statistics group, fraction of outliers); 0.2% outliers is what the
 # default recipe keeps on the synthetic layer.
 SPQR_CONFIGS = {"spqr3": (3, 64, 64, 0.002)}
+# VPTQ: (rows per vector, codebook bits, residual codebook bits).
+VPTQ_CONFIGS = {"vptq4x8": (4, 8, 0), "vptq8x8r8": (8, 8, 8)}
 
 
 def _interleaved_ms(fns: dict, repeats: int, warmup: int = 3) -> dict[str, float]:
@@ -81,6 +84,19 @@ def _random_spqr(rng, d_out, d_in, bits, group, stat_group, outlier_fraction) ->
         column_positions=jnp.asarray(rng.permutation(d_in).astype(np.uint16)),
         bits=bits, group_size=group, stat_bits=3, stat_group=stat_group, shape=(d_out, d_in),
     )
+
+
+def _random_vptq(rng, d_out, d_in, v, bits, residual_bits) -> VPTQQuantized:
+    def part(n_bits: int) -> tuple[jax.Array, jax.Array]:
+        codes = rng.integers(0, 2**n_bits, (d_out // v, d_in)).astype(code_dtype(n_bits))
+        return jnp.asarray(codes), jnp.asarray((rng.standard_normal((2**n_bits, v)) * 0.02).astype(np.float16))
+
+    codes, book = part(bits)
+    res_codes, res_book = part(residual_bits) if residual_bits else (None, None)
+    return VPTQQuantized(codes=codes, codebook=book, residual_codes=res_codes, residual_codebook=res_book,
+                         outlier_codebook=None, outlier_columns=None,
+                         column_scales=jnp.asarray((rng.random(d_in) + 0.5).astype(np.float16)),
+                         codebook_bits=bits, residual_bits=residual_bits, shape=(d_out, d_in))
 
 
 def _dense_fns(rng, d_out, d_in, batch) -> dict:
@@ -132,7 +148,7 @@ def versions(packages: tuple[str, ...] = ("jaxlib", "flax", "torch", "aqlm", "nu
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=[*CONFIGS, *SPQR_CONFIGS])
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=[*CONFIGS, *SPQR_CONFIGS, *VPTQ_CONFIGS])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--no-aqlm", action="store_true")
@@ -150,6 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
             for cfg in args.configs:
                 if cfg in SPQR_CONFIGS:
                     w = _random_spqr(rng, d_out, d_in, *SPQR_CONFIGS[cfg])
+                elif cfg in VPTQ_CONFIGS:
+                    w = _random_vptq(rng, d_out, d_in, *VPTQ_CONFIGS[cfg])
                 else:
                     w = _random_aq(rng, d_out, d_in, *CONFIGS[cfg])
                 xj = jnp.asarray(x)

@@ -159,6 +159,18 @@ class QuantizedArray(abc.ABC):
         """Dense weight with the shape and layout of the leaf it replaced."""
         return _to_leaf_layout(self.decode_out_in(dtype), self.layout)
 
+    def few_rows_matmul(self, x: jax.Array) -> jax.Array:
+        """``x @ W`` through the type's own kernel, for ``x`` of a few rows ``[rows, d_in]``.
+
+        ``ops.matmul`` tries it for at most ``ops.dispatch.DECODE_BATCH_ROWS`` rows, before
+        its generic tile-wise decode. This default has no kernel.
+
+        Raises:
+            NotImplementedError: the type has no kernel, or its kernel cannot run this call
+                (backend, rows, build); the reason is in the message.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no kernel of its own")
+
     def take_rows(self, rows: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
         """Decoded rows ``W[rows]`` of an ``out_in`` array (an embedding lookup).
 

@@ -245,3 +245,40 @@ def test_pv_tuning_on_vptq_bounds_the_v_step(vptq_array, trust_ratio):
     # The P step's part: the three codebooks and the column scales.
     cont, _ = jq.split(tree)
     assert {x.shape for x in jax.tree.leaves(cont)} == {(32, 4), (8, 4), (64,)}
+
+
+# --------------------------------------------------------------------------- the CPU kernel
+def _random_vptq(rng, d_out, d_in, v, bits, residual_bits, outliers, scales):
+    """A VPTQ array with random codes and codebooks (any combination of the optional parts)."""
+    k = 2**bits
+    codes = rng.integers(0, k, (d_out // v, d_in)).astype(np.uint8 if bits <= 8 else np.uint16)
+    book = lambda n: jnp.asarray(rng.standard_normal((n, v)), jnp.float16)  # noqa: E731
+    return VPTQQuantized(
+        codes=jnp.asarray(codes), codebook=book(k),
+        residual_codes=jnp.asarray(rng.integers(0, 2**residual_bits, codes.shape).astype(np.uint8))
+        if residual_bits else None,
+        residual_codebook=book(2**residual_bits) if residual_bits else None,
+        outlier_codebook=book(k) if outliers else None,
+        outlier_columns=jnp.asarray(np.sort(rng.choice(d_in, outliers, replace=False)).astype(np.int16))
+        if outliers else None,
+        column_scales=jnp.asarray(rng.random(d_in) + 0.5, jnp.float16) if scales else None,
+        codebook_bits=bits, residual_bits=residual_bits, shape=(d_out, d_in), layout="out_in",
+    )
+
+
+@pytest.mark.parametrize(("v", "bits", "residual_bits", "outliers", "scales", "d_in"), [
+    (4, 8, 0, 0, True, 64), (8, 8, 8, 3, True, 67), (2, 10, 4, 0, False, 33), (6, 5, 0, 5, True, 64),
+])
+def test_native_kernel_matches_the_decoded_product(rng, v, bits, residual_bits, outliers, scales, d_in):
+    from jaxquant.methods.vptq import kernel  # noqa: PLC0415
+
+    if not kernel.LIBRARY.available():
+        pytest.skip(f"native kernel unavailable: {kernel.LIBRARY.unavailable_reason()}")
+    w = _random_vptq(rng, 48, d_in, v, bits, residual_bits, outliers, scales)
+    dense = np.asarray(w.decode_out_in(), np.float64)
+    for rows in (1, 2, 4):
+        x = rng.standard_normal((rows, d_in)).astype(np.float32)
+        want = x.astype(np.float64) @ dense.T
+        np.testing.assert_allclose(np.asarray(kernel.matmul(jnp.asarray(x), w)), want, rtol=1e-4, atol=1e-4)
+    assert ops.dispatch.select_impl(jnp.zeros((1, d_in)), w) == "own_kernel"
+    assert ops.dispatch.select_impl(jnp.zeros((5, d_in)), w) == "xla_decode"  # more rows: decode once

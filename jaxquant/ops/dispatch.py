@@ -10,8 +10,9 @@ Quantized weights go to the first eligible implementation of ``IMPLEMENTATIONS``
 GPU the CUDA kernels ``cuda_ffi`` (lookup tables for 2^8 codebooks, a warp-per-row decode
 for 2^16; built with nvcc at first use, skipped without it), then Pallas on GPU/TPU, the
 native CPU lookup-table kernel ``cpu_ffi`` (an XLA FFI custom call compiled at first use,
-skipped when no compiler is available), the XLA lookup-table kernel, and the XLA
-tile-wise decode that always works. Each raises ``NotImplementedError`` when it cannot
+skipped when no compiler is available), a kernel the weight's own type provides
+(``QuantizedArray.few_rows_matmul``: how a method outside this layer brings one), the XLA
+lookup-table kernel, and the XLA tile-wise decode that always works. Each raises ``NotImplementedError`` when it cannot
 run the call (config, backend, batch rows); the choice is made in Python at trace time
 from ``jax.default_backend()``, so compiled code carries exactly one implementation.
 Batches of more than ``DECODE_BATCH_ROWS`` rows go to the tile-wise decode and a
@@ -102,14 +103,15 @@ IMPLEMENTATIONS: dict[str, Impl] = {
     "pallas_gpu": _pallas("gpu"),
     "pallas_tpu": _pallas("tpu"),
     "cpu_ffi": cpu_ffi.lut_matmul_ffi,
+    "own_kernel": lambda x, w: w.few_rows_matmul(x),
     "xla_lut": xla.lut_matmul,
     "xla_decode": xla.decode_matmul,
     "reference": xla.reference_matmul,
 }
-_AUTO_ORDER = ("cuda_ffi", "pallas_gpu", "pallas_tpu", "cpu_ffi", "xla_lut", "xla_decode")
+_AUTO_ORDER = ("cuda_ffi", "pallas_gpu", "pallas_tpu", "cpu_ffi", "own_kernel", "xla_lut", "xla_decode")
 # Lookup-table kernels are correct at any row count but only the fastest choice for a
 # few rows: automatic selection skips them above DECODE_BATCH_ROWS; ``impl=`` does not.
-_FEW_ROWS_ONLY = frozenset({"cuda_ffi", "cpu_ffi", "xla_lut"})
+_FEW_ROWS_ONLY = frozenset({"cuda_ffi", "cpu_ffi", "own_kernel", "xla_lut"})
 
 
 def _run_quantized(x2: jax.Array, w: Any, impl: str | None) -> tuple[str, jax.Array]:

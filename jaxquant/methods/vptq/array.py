@@ -101,6 +101,12 @@ class VPTQQuantized(QuantizedArray):
     def decode_out_in(self, dtype: Any = jnp.float32) -> jax.Array:
         return self.decode_rows(jnp.int32(0), self.d_out).astype(dtype)
 
+    def few_rows_matmul(self, x: jax.Array) -> jax.Array:
+        """``x @ W`` for a few rows through the native CPU kernel (``methods.vptq.kernel``)."""
+        from jaxquant.methods.vptq import kernel  # noqa: PLC0415 (builds native code: only when asked)
+
+        return kernel.matmul(x, self)
+
     @property
     def storage_bits(self) -> int:
         """Codes at their nominal bits, every other array at its dtype."""
