@@ -161,14 +161,14 @@ def test_clip_search_does_not_hurt(rng):
 @pytest.mark.parametrize("method", ["gptq", "spqr", "vptq"])
 def test_no_retrace_for_same_shapes(monkeypatch, method):
     """The column loop compiles once per shape and recipe, for GPTQ and for SpQR and VPTQ (which
-    run on it), whatever the traced settings (damping, outlier threshold, codebooks)."""
+    run on it), whatever the traced settings (damping, code width, outlier threshold, codebooks)."""
     chex.clear_trace_counter()
     counted = jax.jit(chex.assert_max_traces(gptq_mod._gptq_impl, n=1), static_argnames=gptq_mod._STATIC_ARGNAMES)
     monkeypatch.setattr(gptq_mod, "column_loop", counted)
-    for seed, damp in ((0, 0.01), (1, 0.05)):
+    for seed, damp, bits in ((0, 0.01, 3), (1, 0.05, 2)):
         w, _, h = _problem(np.random.default_rng(seed), 32, 64)
         if method == "gptq":
-            recipe = GPTQ(bits=3, group_size=16, damp=damp)
+            recipe = GPTQ(bits=bits, group_size=16, damp=damp)
         elif method == "spqr":
             recipe = SpQR(group_size=16, stat_group=16, damp=damp, outlier_threshold=10 * damp)
         else:

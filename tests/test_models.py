@@ -168,6 +168,40 @@ def test_config_hf_dict_round_trip():
     hash(cfg)  # jit static arguments need it
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen2-sliding", "llama-sparse"])
+def test_load_config_reads_transformers_files_as_autoconfig_does(tmp_path, family):
+    """A config.json that transformers wrote is read without transformers, with the result
+    AutoConfig gives; one missing fields AutoConfig would fill in goes through AutoConfig."""
+    import json  # noqa: PLC0415
+
+    import transformers  # noqa: PLC0415
+
+    from jaxquant.models.config import _complete, load_config  # noqa: PLC0415
+
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=100)
+    hf = {
+        "llama": lambda: transformers.LlamaConfig(**common, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                  "original_max_position_embeddings": 64}),
+        "mistral": lambda: transformers.MistralConfig(**common, sliding_window=16),
+        "qwen2": lambda: transformers.Qwen2Config(**common),
+        "qwen2-sliding": lambda: transformers.Qwen2Config(**common, use_sliding_window=True, sliding_window=8,
+                                                          max_window_layers=1),
+        "llama-sparse": lambda: transformers.LlamaConfig(**common),
+    }[family]()
+    hf.save_pretrained(tmp_path)
+    if family == "llama-sparse":  # an old-style file: AutoConfig supplies the missing defaults
+        raw = json.loads((tmp_path / "config.json").read_text())
+        for key in ("rms_norm_eps", "max_position_embeddings"):
+            raw.pop(key)
+        (tmp_path / "config.json").write_text(json.dumps(raw))
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert _complete(raw) == (family != "llama-sparse")
+    want = config_from_hf(transformers.AutoConfig.from_pretrained(tmp_path, local_files_only=True))
+    assert load_config(tmp_path) == want
+
+
 
 def _stacked_model(seed, **config):
     """A small Llama (4 heads, 2 KV heads, vocabulary 50), its parameters and its LayerStack."""

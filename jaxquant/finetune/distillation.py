@@ -204,7 +204,7 @@ def distill(
         step = step.lower(qparams, jax.eval_shape(tuner.init, qparams), teacher_params, example).compile()
         release_freed_memory()
 
-    state = tuner.init(qparams)
+    state = jax.jit(tuner.init)(qparams)  # one program, not one per op and leaf shape
     start, history = 0, []
     resume_dir = None if out_dir is None else os.path.join(out_dir, RESUME_DIR)
     history_file = None if out_dir is None else os.path.join(out_dir, HISTORY_FILE)

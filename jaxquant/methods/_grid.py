@@ -36,8 +36,12 @@ from jaxquant.qarray import ScalarQuantized, check_layout, code_dtype
 CLIP_RATIOS = tuple(float(1.0 - i / 100.0) for i in range(80))
 
 
-def max_code(bits: int) -> int:
-    return 2**bits - 1
+def max_code(bits: Any, dtype: Any = None) -> Any:
+    """``2**bits - 1``: a Python float for a static ``bits``; for a traced one (compiled code
+    shared by every width) an array of ``dtype``."""
+    if isinstance(bits, int | np.integer):
+        return float(2 ** int(bits) - 1)
+    return ((jnp.int32(1) << jnp.asarray(bits, jnp.int32)) - 1).astype(dtype)
 
 
 def round_to(x: jax.Array, param_dtype: str) -> jax.Array:
@@ -46,11 +50,11 @@ def round_to(x: jax.Array, param_dtype: str) -> jax.Array:
 
 
 def _grid_from_range(
-    lo: jax.Array, hi: jax.Array, bits: int, symmetric: bool, param_dtype: str
+    lo: jax.Array, hi: jax.Array, bits: Any, symmetric: bool, param_dtype: str
 ) -> tuple[jax.Array, jax.Array]:
     """``(scale, zero)`` for ranges ``[lo, hi]`` (``lo <= 0 <= hi``), rounded to storage."""
-    maxq = max_code(bits)
     dtype = lo.dtype
+    maxq = max_code(bits, dtype)
     # The smallest normal of the storage dtype: a zero-width group (e.g. an all-zero
     # column block) gets this step instead of 0, so nothing divides by zero and the
     # stored scale is exactly representable.
@@ -61,27 +65,28 @@ def _grid_from_range(
         zero = jnp.full_like(scale, maxq / 2.0)
     else:
         scale = round_to(jnp.maximum((hi - lo) / maxq, tiny), param_dtype)
-        zero = jnp.clip(jnp.round(-lo / scale), 0.0, float(maxq))  # integers: exact in every param_dtype
+        zero = jnp.clip(jnp.round(-lo / scale), 0.0, maxq)  # integers: exact in every param_dtype
     return scale, zero
 
 
-def quantize_codes(w: jax.Array, scale: jax.Array, zero: jax.Array, bits: int) -> jax.Array:
-    """Integer codes (in ``w``'s float dtype) of ``w`` on the grid ``(scale, zero)``."""
-    return jnp.clip(jnp.round(w / scale + zero), 0.0, float(max_code(bits)))
+def quantize_codes(w: jax.Array, scale: jax.Array, zero: jax.Array, bits: Any) -> jax.Array:
+    """Integer codes (in ``w``'s float dtype) of ``w`` on the grid ``(scale, zero)``; ``bits``
+    may be traced."""
+    return jnp.clip(jnp.round(w / scale + zero), 0.0, max_code(bits, w.dtype))
 
 
 def dequantize_codes(codes: jax.Array, scale: jax.Array, zero: jax.Array) -> jax.Array:
     return (codes - zero) * scale
 
 
-def fake_quantize(w: jax.Array, scale: jax.Array, zero: jax.Array, bits: int) -> jax.Array:
+def fake_quantize(w: jax.Array, scale: jax.Array, zero: jax.Array, bits: Any) -> jax.Array:
     """``w`` rounded to the nearest grid point (clamped to the grid ends)."""
     return dequantize_codes(quantize_codes(w, scale, zero, bits), scale, zero)
 
 
 def fit_grid(
     w: jax.Array,
-    bits: int,
+    bits: Any,
     *,
     symmetric: bool,
     param_dtype: str,
@@ -91,7 +96,7 @@ def fit_grid(
 
     Args:
         w: ``[..., group]`` weights; every leading index is one group.
-        bits: code width.
+        bits: code width (may be traced).
         symmetric: centred grid without stored zero point.
         param_dtype: storage dtype of scales and zeros (they are rounded to it).
         clip_search: search shrink ratios of the range for the least squared error.

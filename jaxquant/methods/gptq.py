@@ -70,7 +70,7 @@ def effective_block_size(block_size: int, group_size: int, d_in: int, dynamic_gr
 _SUB_BLOCK = 16
 
 _STATIC_ARGNAMES = (
-    "bits", "group_size", "symmetric", "act_order", "block_size", "clip_search", "param_dtype", "group_grid",
+    "group_size", "symmetric", "act_order", "block_size", "clip_search", "param_dtype", "group_grid",
     "find_outliers", "column_rounder",
 )
 
@@ -80,29 +80,29 @@ class MinMaxGrid:
     """GPTQ's group grid: min/max (or clipped) per row of the group, in ``param_dtype``.
 
     A group grid is called with the group's error-updated weights ``[g, d_out]`` (one row
-    per input column), the matching diagonal of ``U`` (``[g]``) and the outlier threshold,
-    and returns ``(scale, zero, record)``: the grid every row's codes are rounded on, and
-    what the method stores for the group (any pytree of ``[d_out, ...]`` arrays). It is a
-    static argument of the compiled loop, so it is a frozen (hashable) dataclass.
+    per input column), the matching diagonal of ``U`` (``[g]``), the outlier threshold and
+    the (traced) code width, and returns ``(scale, zero, record)``: the grid every row's
+    codes are rounded on, and what the method stores for the group (any pytree of
+    ``[d_out, ...]`` arrays). It is a static argument of the compiled loop, so it is a
+    frozen (hashable) dataclass.
     """
 
-    bits: int
     symmetric: bool
     param_dtype: str
     clip_search: bool
 
-    def fit(self, groups: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def fit(self, groups: jax.Array, bits: Any) -> tuple[jax.Array, jax.Array]:
         """``(scale, zero)`` of every row of ``groups [..., g]``."""
-        return _grid.fit_grid(groups, self.bits, symmetric=self.symmetric, param_dtype=self.param_dtype,
+        return _grid.fit_grid(groups, bits, symmetric=self.symmetric, param_dtype=self.param_dtype,
                               clip_search=self.clip_search)
 
-    def __call__(self, rows: jax.Array, u_diag: jax.Array, threshold: jax.Array) -> tuple[Any, ...]:
+    def __call__(self, rows: jax.Array, u_diag: jax.Array, threshold: jax.Array, bits: Any) -> tuple[Any, ...]:
         del u_diag, threshold
-        s, z = self.fit(rows.T)
+        s, z = self.fit(rows.T, bits)
         return s, z, (s, z)
 
 
-def _scalar_rounding(bits: int, params: Any) -> Any:
+def _scalar_rounding(bits: Any, params: Any) -> Any:
     """Rounding of a column on the scalar grid ``params(column) -> (scale, zero)``."""
 
     def round_column(x: jax.Array, column: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -117,10 +117,10 @@ def _gptq_impl(
     w: jax.Array,
     h: jax.Array,
     damp: jax.Array,
+    bits: jax.Array,
     outlier_relative: jax.Array | None = None,
     rounder_params: Any = None,
     *,
-    bits: int,
     group_size: int,
     symmetric: bool,
     act_order: bool,
@@ -132,6 +132,8 @@ def _gptq_impl(
     column_rounder: Any = None,
 ) -> tuple[Any, ...]:
     """Core GPTQ. Returns ``(codes, records, outlier_deltas, ok)``.
+
+    ``bits`` is traced, like ``damp``: one compiled program serves every code width.
 
     ``records`` is the group grid's record per group, stacked on a leading group axis
     (for ``MinMaxGrid``: ``(scale, zero)``, each ``[groups, d_out]``); ``ok`` is False
@@ -156,7 +158,8 @@ def _gptq_impl(
     g = group_size
     n_groups = d_in // g
     if group_grid is None:
-        group_grid = MinMaxGrid(bits, symmetric, param_dtype, clip_search)
+        group_grid = MinMaxGrid(symmetric, param_dtype, clip_search)
+    bits = jnp.asarray(bits, jnp.int32)
 
     h = h.astype(dt)
     dead = jnp.diagonal(h) == 0.0
@@ -173,7 +176,7 @@ def _gptq_impl(
     if not dynamic_groups and column_rounder is None:
         if not isinstance(group_grid, MinMaxGrid):
             raise ValueError("a custom group_grid needs groups fitted in the loop: act_order=False, group_size < d_in")
-        scale0, zero0 = group_grid.fit(w.reshape(d_out, n_groups, g))  # [d_out, n_groups]
+        scale0, zero0 = group_grid.fit(w.reshape(d_out, n_groups, g), bits)  # [d_out, n_groups]
 
     if act_order:
         perm = jnp.argsort(-jnp.diagonal(h), stable=True)
@@ -203,7 +206,7 @@ def _gptq_impl(
     gidx = jnp.pad(perm // g, (0, pad))  # group of each processed column (static grids)
     if dynamic_groups:
         # One record per group, padding groups included, shaped as the grid returns it.
-        shapes = jax.eval_shape(group_grid, jnp.zeros((g, d_out), dt), jnp.zeros((g,), dt), threshold)[2]
+        shapes = jax.eval_shape(group_grid, jnp.zeros((g, d_out), dt), jnp.zeros((g,), dt), threshold, bits)[2]
         records_t = jax.tree.map(lambda a: jnp.zeros((n // g, *a.shape), a.dtype), shapes)
     elif column_rounder is not None:
         records_t = ()
@@ -299,7 +302,7 @@ def _gptq_impl(
                 (w1, q1, c1, d1), records_t = inner
                 rows = jax.lax.dynamic_slice_in_dim(w1, k * g, g, axis=0)
                 u_diag = jnp.diagonal(jax.lax.dynamic_slice(u1, (k * g, k * g), (g, g)))
-                s, z, record = group_grid(rows, u_diag, threshold)  # s, z: [d_out]
+                s, z, record = group_grid(rows, u_diag, threshold, bits)  # s, z: [d_out]
                 gi = i1 // g + k
                 records_t = jax.tree.map(
                     lambda all_, one: jax.lax.dynamic_update_index_in_dim(all_, one, gi, axis=0), records_t, record
@@ -338,7 +341,7 @@ def _gptq_impl(
 
 
 # The compiled loop: one program per (shapes, dtype, static settings, group grid);
-# damping and the outlier threshold are traced. GPTQ and SpQR run on it.
+# damping, code width and the outlier threshold are traced. GPTQ, SpQR and VPTQ run on it.
 column_loop = jax.jit(_gptq_impl, static_argnames=_STATIC_ARGNAMES)
 
 
@@ -368,7 +371,7 @@ def quantize_gptq(w: jax.Array, xtx: Any, recipe: GPTQ, key: jax.Array, *, layou
         w.astype(dt),
         xtx.astype(dt),
         jnp.asarray(recipe.damp, dt),
-        bits=recipe.bits,
+        recipe.bits,
         group_size=group_size,
         symmetric=recipe.symmetric,
         act_order=recipe.act_order,

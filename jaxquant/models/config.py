@@ -258,8 +258,24 @@ def config_from_hf(hf: Any) -> ModelConfig:
     )
 
 
+# Fields whose defaults ``AutoConfig`` would fill in when a config.json lacks them (and that
+# ``config_from_hf`` reads). A file that has them all is read as it is, without importing
+# transformers (several seconds of every command's start).
+_COMPLETE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "vocab_size", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings", "hidden_act")
+_COMPLETE_SLIDING = ("sliding_window", "use_sliding_window", "max_window_layers")
+
+
+def _complete(raw: dict[str, Any]) -> bool:
+    """Whether ``config_from_hf(raw)`` needs none of ``AutoConfig``'s defaults."""
+    sliding = {"mistral": _COMPLETE_SLIDING[:1], "qwen2": _COMPLETE_SLIDING}.get(raw.get("model_type"), ())
+    rope = "rope_parameters" in raw or "rope_theta" in raw
+    return rope and all(k in raw for k in (*_COMPLETE, *sliding))
+
+
 def load_config(path: str | os.PathLike) -> ModelConfig:
-    """Read ``config.json`` from a model directory through transformers' ``AutoConfig``.
+    """Read ``config.json`` from a model directory: as it is when it spells out every field
+    jaxquant reads, else through transformers' ``AutoConfig`` (which fills in defaults).
 
     Raises:
         FileNotFoundError: no ``config.json`` in ``path``.
@@ -274,9 +290,9 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
             raw = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
-    if raw.get("model_type") not in SUPPORTED_ARCHITECTURES:
-        # Check before AutoConfig, whose own message for unknown types is long and generic.
-        config_from_hf(raw)
+    if raw.get("model_type") not in SUPPORTED_ARCHITECTURES or _complete(raw):
+        # Unknown types are refused here too: AutoConfig's own message is long and generic.
+        return config_from_hf(raw)
     from transformers import AutoConfig  # noqa: PLC0415 - heavy import, needed only here
 
     hf = AutoConfig.from_pretrained(path, local_files_only=True)

@@ -32,7 +32,7 @@ from jaxquant.qarray import check_layout
 from jaxquant.recipes import SpQR, check_divisible
 
 
-def minmax_grid(x: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
+def minmax_grid(x: jax.Array, bits: Any) -> tuple[jax.Array, jax.Array]:
     """Asymmetric min/max grid of each row of ``x [..., n]``: ``(step, zero)``, zero unrounded.
 
     A constant row gets the range ``[-1, 1]`` (the reference's convention).
@@ -40,16 +40,16 @@ def minmax_grid(x: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
     lo, hi = jnp.min(x, axis=-1), jnp.max(x, axis=-1)
     flat = lo == hi
     lo, hi = jnp.where(flat, -1.0, lo), jnp.where(flat, 1.0, hi)
-    step = (hi - lo) / (2**bits - 1)
+    step = (hi - lo) / _grid.max_code(bits, x.dtype)
     return step, -lo / step
 
 
-def _round_trip(x: jax.Array, step: jax.Array, zero: jax.Array, bits: int) -> jax.Array:
+def _round_trip(x: jax.Array, step: jax.Array, zero: jax.Array, bits: Any) -> jax.Array:
     """Each row of ``x [..., n]`` rounded to its grid ``(step, zero)`` ``[...]``."""
     return _grid.fake_quantize(x, step[..., None], zero[..., None], bits)
 
 
-def leave_one_out_gain(w: jax.Array, u_diag: jax.Array, bits: int) -> jax.Array:
+def leave_one_out_gain(w: jax.Array, u_diag: jax.Array, bits: Any) -> jax.Array:
     """How much leaving each weight out of its row's grid lowers the row's scaled error.
 
     Args:
@@ -86,15 +86,14 @@ def quantize_stat(values: jax.Array, bits: int, group: int) -> tuple[jax.Array, 
 class SpQRGrid:
     """SpQR's group grid for ``gptq``'s loop (see the module docstring)."""
 
-    bits: int
     stat_bits: int
     stat_group: int
 
-    def __call__(self, rows: jax.Array, u_diag: jax.Array, threshold: jax.Array) -> tuple[Any, ...]:
+    def __call__(self, rows: jax.Array, u_diag: jax.Array, threshold: jax.Array, bits: Any) -> tuple[Any, ...]:
         w = rows.T  # [d_out, g]
-        keep = leave_one_out_gain(w, u_diag, self.bits) <= threshold
+        keep = leave_one_out_gain(w, u_diag, bits) <= threshold
         mean = jnp.sum(jnp.where(keep, w, 0.0), axis=1) / jnp.maximum(jnp.sum(keep, axis=1), 1).astype(w.dtype)
-        step, zero = minmax_grid(jnp.where(keep, w, mean[:, None]), self.bits)
+        step, zero = minmax_grid(jnp.where(keep, w, mean[:, None]), bits)
         scale_codes, scale_stats = quantize_stat(step, self.stat_bits, self.stat_group)
         zero_codes, zero_stats = quantize_stat(zero, self.stat_bits, self.stat_group)
         scale, zero = grid_of(scale_codes[:, None], zero_codes[:, None], scale_stats[:, None],
@@ -147,10 +146,10 @@ def quantize_spqr(w: jax.Array, xtx: Any, recipe: SpQR, key: jax.Array, *, layou
     if order is not None:
         w, h = w[:, order], h[order][:, order]
     codes, records, deltas, ok = gptq.column_loop(
-        w, h, jnp.asarray(recipe.damp, dt), jnp.asarray(recipe.outlier_threshold, dt),
-        bits=recipe.bits, group_size=recipe.group_size, symmetric=False, act_order=False,
+        w, h, jnp.asarray(recipe.damp, dt), recipe.bits, jnp.asarray(recipe.outlier_threshold, dt),
+        group_size=recipe.group_size, symmetric=False, act_order=False,
         block_size=recipe.block_size, clip_search=False, param_dtype="float32",
-        group_grid=SpQRGrid(recipe.bits, recipe.stat_bits, recipe.stat_group), find_outliers=True,
+        group_grid=SpQRGrid(recipe.stat_bits, recipe.stat_group), find_outliers=True,
     )
     if not bool(ok):
         raise ValueError(f"XᵀX at {where} is not positive definite even after damping with damp={recipe.damp}")

@@ -172,8 +172,8 @@ def quantize_vptq(w: jax.Array, xtx: Any, recipe: VPTQ, key: jax.Array, *, layou
     books = tuple(b.astype(dt) for b in (codebook, codebook if outlier_codebook is None else outlier_codebook,
                                           codebook if residual_codebook is None else residual_codebook))
     codes, _, _, ok = gptq.column_loop(
-        w[:, order], h[order][:, order], dt(recipe.damp), None, (*books, s[order], outlier[order]),
-        bits=recipe.codebook_bits, group_size=d_in, symmetric=False, act_order=False,
+        w[:, order], h[order][:, order], dt(recipe.damp), recipe.codebook_bits, None, (*books, s[order], outlier[order]),
+        group_size=d_in, symmetric=False, act_order=False,
         block_size=recipe.block_size, clip_search=False, param_dtype="float32",
         column_rounder=VectorRounding(v, bool(recipe.residual_bits)),
     )
