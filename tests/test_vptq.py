@@ -282,3 +282,23 @@ def test_native_kernel_matches_the_decoded_product(rng, v, bits, residual_bits, 
         np.testing.assert_allclose(np.asarray(kernel.matmul(jnp.asarray(x), w)), want, rtol=1e-4, atol=1e-4)
     assert ops.dispatch.select_impl(jnp.zeros((1, d_in)), w) == "own_kernel"
     assert ops.dispatch.select_impl(jnp.zeros((5, d_in)), w) == "xla_decode"  # more rows: decode once
+
+
+def test_block_finetuning_lowers_the_error_and_keeps_the_codes(rng):
+    from jaxquant.finetune import block as fb  # noqa: PLC0415
+
+    w, _, h = _problem(rng, 32, 64)
+    q = {"w": jq.quantize_weight(jnp.asarray(w.T, jnp.float32), jnp.asarray(h, jnp.float32), FULL, layout="in_out")}
+    x = rng.standard_normal((16, 8, 64)).astype(np.float32) * (1.0 / np.sqrt(np.arange(64) + 1.0))
+    y = (x @ w.T).astype(np.float32)
+
+    def fn(p, x):
+        return ops.matmul(x, p["w"])
+
+    before = fb.relative_error(fn, q, x, y)
+    config = fb.BlockFinetuneConfig(lr=1e-3, batch_size=4, max_epochs=8, holdout=0.25, patience=3)
+    tuned, _ = fb.finetune_block(fn, q, x, y, config, key=jax.random.key(0))
+    assert fb.relative_error(fn, tuned, x, y) < 0.9 * before
+    np.testing.assert_array_equal(np.asarray(tuned["w"].codes), np.asarray(q["w"].codes))
+    assert not np.array_equal(np.asarray(tuned["w"].codebook), np.asarray(q["w"].codebook))
+    assert tuned["w"].codebook.dtype == jnp.float16
