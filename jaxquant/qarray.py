@@ -80,7 +80,7 @@ class QuantizedArray(abc.ABC):
     ``"in_out"``).
 
     A subclass implements ``decode_out_in``, ``decode_rows``, ``expected_shapes``,
-    ``storage_bits``, ``resident_bytes``, ``scheme`` and ``dtype``, and is registered by
+    ``storage_bits``, ``resident_bytes`` and ``scheme``, and is registered by
     name with ``register_array_type`` so that checkpoints can name it. How fine-tuning
     re-encodes it toward a target lives with its method (``jaxquant.Reencoder``, registered
     by ``jaxquant.register_method``).
@@ -130,9 +130,13 @@ class QuantizedArray(abc.ABC):
         """A short description of the format, e.g. ``int3 asym g64``."""
 
     @property
-    @abc.abstractmethod
     def dtype(self) -> jnp.dtype:
-        """The dtype of the continuous part."""
+        """The dtype of the continuous part: that of the first floating-point array field."""
+        for field in dataclasses.fields(self):  # type: ignore[arg-type]
+            x = getattr(self, field.name)
+            if not field.metadata.get("static") and x is not None and jnp.issubdtype(x.dtype, jnp.floating):
+                return x.dtype
+        raise TypeError(f"{type(self).__name__} has no floating-point array field")
 
     @property
     def row_group(self) -> int:
@@ -263,10 +267,6 @@ class ScalarQuantized(QuantizedArray):
     def symmetric(self) -> bool:
         return self.zeros is None
 
-    @property
-    def dtype(self) -> jnp.dtype:
-        return self.scales.dtype
-
     def _values(self, codes: jax.Array, scales: jax.Array, zeros: jax.Array | None) -> jax.Array:
         """Weights of rows of codes ``[..., d_in]`` with their scales and zeros ``[..., groups]``."""
         groups = codes.astype(jnp.float32).reshape(*codes.shape[:-1], scales.shape[-1], self.group_size)
@@ -359,10 +359,6 @@ class AdditiveQuantized(QuantizedArray):
     @property
     def in_group_size(self) -> int:
         return self.codebooks.shape[3]
-
-    @property
-    def dtype(self) -> jnp.dtype:
-        return self.codebooks.dtype
 
     @property
     def row_group(self) -> int:

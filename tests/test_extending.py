@@ -67,10 +67,6 @@ class SignQuantized(jq.QuantizedArray):
     def scheme(self) -> str:
         return "sign per-row"
 
-    @property
-    def dtype(self) -> jnp.dtype:
-        return self.scales.dtype
-
 
 @dataclasses.dataclass(frozen=True)
 class Sign:
@@ -165,6 +161,7 @@ def test_tree_bits_and_split_see_the_new_type(tree):
     bits = jq.tree_bits(q)
     assert bits["quantized_weights"] == 48 * 32
     assert bits["bits_per_weight"] == pytest.approx(1 + 32 / 48)  # 32 row scales over 48 inputs each
+    assert q["mlp"]["kernel"].dtype == jnp.float32  # the interface's: its first floating-point field
     continuous, discrete = jq.split(q)
     assert continuous["mlp"]["kernel"].codes is None and discrete["mlp"]["kernel"].scales is None
     merged = jq.merge(continuous, discrete)["mlp"]["kernel"]

@@ -79,18 +79,6 @@ class SpQRQuantized(QuantizedArray):
     shape: tuple[int, int] = static_field()
     layout: Layout = static_field("out_in")
 
-    @property
-    def dtype(self) -> jnp.dtype:
-        return self.scale_stats.dtype
-
-    @property
-    def row_group(self) -> int:
-        return self.stat_group
-
-    @property
-    def num_outliers(self) -> int:
-        return int(self.outlier_values.shape[0])
-
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         groups = self.d_in // self.group_size
         stats = (self.d_out // self.stat_group, groups, 2)
@@ -99,6 +87,14 @@ class SpQRQuantized(QuantizedArray):
                 "zero_codes": (self.d_out, groups), "scale_stats": stats, "zero_stats": stats,
                 "outlier_values": nnz, "outlier_columns": nnz, "outlier_row_starts": (self.d_out + 1,),
                 "column_positions": (self.d_in,)}
+
+    @property
+    def row_group(self) -> int:
+        return self.stat_group
+
+    @property
+    def num_outliers(self) -> int:
+        return int(self.outlier_values.shape[0])
 
     def outlier_rows(self) -> jax.Array:
         """The row of every outlier, ``[nnz]`` int32."""

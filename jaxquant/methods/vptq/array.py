@@ -50,18 +50,6 @@ class VPTQQuantized(QuantizedArray):
     shape: tuple[int, int] = static_field()
     layout: Layout = static_field("out_in")
 
-    @property
-    def vector_size(self) -> int:
-        return int(self.codebook.shape[1])
-
-    @property
-    def dtype(self) -> jnp.dtype:
-        return self.codebook.dtype
-
-    @property
-    def row_group(self) -> int:
-        return self.vector_size
-
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         v = self.vector_size
         book = (2**self.codebook_bits, v)
@@ -70,6 +58,14 @@ class VPTQQuantized(QuantizedArray):
         return {"codes": codes, "codebook": book, "residual_codes": codes,
                 "residual_codebook": (2**self.residual_bits, v), "outlier_codebook": book,
                 "outlier_columns": (n_outliers,), "column_scales": (self.d_in,)}
+
+    @property
+    def vector_size(self) -> int:
+        return int(self.codebook.shape[1])
+
+    @property
+    def row_group(self) -> int:
+        return self.vector_size
 
     def outlier_mask(self) -> jax.Array:
         """``[d_in]`` bool: which columns the outlier codebook codes."""

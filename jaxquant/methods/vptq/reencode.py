@@ -31,15 +31,8 @@ def _first_stage_scores(q: VPTQQuantized, points: jax.Array, columns: jax.Array)
     return scores
 
 
-def reencode_vptq(
-    q: VPTQQuantized,
-    target: jax.Array,
-    idx: jax.Array,
-    *,
-    beam_size: int = 1,
-    trust_ratio: float | None = None,
-    force: bool = False,
-) -> VPTQQuantized:
+def reencode_vptq(q: VPTQQuantized, target: jax.Array, idx: jax.Array, *, beam_size: int = 1,
+                  trust_ratio: float | None = None, force: bool = False) -> VPTQQuantized:
     """Re-encode the vectors ``idx`` (flat ``r * d_in + i``) of ``q`` toward ``target``
     ``(d_out, d_in)`` (the ``Reencoder.reencode`` contract; ``beam_size`` is unused: the
     choice is greedy, as in the quantizer)."""
