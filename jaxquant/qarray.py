@@ -60,6 +60,12 @@ def _to_leaf_layout(w_out_in: jax.Array, layout: Layout) -> jax.Array:
     return w_out_in if layout == "out_in" else w_out_in.T
 
 
+# ``QuantizedArray.decode``: one compiled program per array type, shapes and dtype, shared
+# by every layer of that form. Decoding op by op outside jit compiles each op apart (about
+# 20 programs per form); inside a jit trace this is inlined like any function.
+_decode = jax.jit(lambda q, dtype: _to_leaf_layout(q.decode_out_in(dtype), q.layout), static_argnums=1)
+
+
 def array_bits(x: Any) -> int:
     """Bits an array occupies at its dtype's width (0 for ``None``)."""
     return 0 if x is None else int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize * 8
@@ -160,8 +166,9 @@ class QuantizedArray(abc.ABC):
         return self.storage_bits / (self.d_out * self.d_in)
 
     def decode(self, dtype: Any = jnp.float32) -> jax.Array:
-        """Dense weight with the shape and layout of the leaf it replaced."""
-        return _to_leaf_layout(self.decode_out_in(dtype), self.layout)
+        """Dense weight with the shape and layout of the leaf it replaced (one compiled
+        program per array form and dtype)."""
+        return _decode(self, dtype)
 
     def few_rows_matmul(self, x: jax.Array) -> jax.Array:
         """``x @ W`` through the type's own kernel, for ``x`` of a few rows ``[rows, d_in]``.
@@ -442,13 +449,8 @@ def dequantize(tree: Any, dtype: Any = None) -> Any:
     """
     dtype = jnp.float32 if dtype is None else dtype
     return jax.tree.map(
-        lambda x: _decode(x, dtype) if is_quantized(x) else x, tree, is_leaf=is_quantized
+        lambda x: x.decode(dtype) if is_quantized(x) else x, tree, is_leaf=is_quantized
     )
-
-
-# One compiled program per array type, shapes and dtype, shared by every layer of that
-# form: decoding op by op outside jit compiles each op apart (about 20 programs per form).
-_decode = jax.jit(lambda q, dtype: q.decode(dtype), static_argnums=1)
 
 
 def _is_continuous(x: Any) -> bool:

@@ -24,10 +24,15 @@ def model():
 
 
 def _reference_greedy(model, prompt, n):
+    """Greedy decoding by the full forward pass, no cache: the sequence so far, padded to the
+    context (causal attention ignores what follows), one compiled forward for every step."""
+    graph, state = nnx.split(model)
+    forward = jax.jit(lambda state, tokens: nnx.merge(graph, state)(tokens)[0])
     seq = list(prompt)
     for _ in range(n):
-        logits = model(jnp.asarray([seq], jnp.int32))
-        seq.append(int(jnp.argmax(logits[0, -1])))
+        tokens = np.zeros((1, CFG.max_position_embeddings), np.int32)
+        tokens[0, :len(seq)] = seq
+        seq.append(int(jnp.argmax(forward(state, jnp.asarray(tokens))[len(seq) - 1])))
     return np.asarray(seq[len(prompt):])
 
 
