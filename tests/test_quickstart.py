@@ -142,8 +142,10 @@ def test_global_finetune_improves_kl_without_retracing(run):
     train_ids = np.asarray(ByteTokenizer().encode(split_text(builtin_corpus())["train"]), np.int32)
     held_out = jnp.asarray(train_ids[:4 * 64].reshape(4, 64))
 
+    kl_of = jax.jit(lambda qp: kl_divergence(apply_fn(qp, held_out), apply_fn(params, held_out)))  # one program
+
     def kl(qp):
-        return float(kl_divergence(apply_fn(qp, held_out), apply_fn(params, held_out)))
+        return float(kl_of(qp))
 
     cfg = qs.TuneConfig(steps=12, batch_size=4, seqlen=64, p_lr=3e-3, v_lr=3e-3, update_fraction=0.05,
                         trust_ratio=None, buffer_decay=0.0)
@@ -182,7 +184,7 @@ def test_global_finetune_improves_kl_without_retracing(run):
 
     step = distill_module._step_fn(tuner, loss_fn, None, 1)
     qp = jax.tree.map(jnp.copy, qparams)
-    state = tuner.init(qp)
+    state = jax.jit(tuner.init)(qp)
     for i in range(3):
         qp, state, _ = step(qp, state, params, jnp.asarray(train_ids[i * 256:(i + 1) * 256].reshape(4, 64)))
 
