@@ -167,3 +167,18 @@ class NativeLibrary:
     def unavailable_reason(self) -> str | None:
         """Why ``available()`` is False (None when it is True or was not asked yet)."""
         return self.state.get("error")
+
+
+def require_few_rows_kernel(library: NativeLibrary, label: str, rows: int, max_rows: int) -> None:
+    """Check that ``library``'s CPU kernel can run a product with ``rows`` rows of ``x`` here.
+
+    Raises:
+        NotImplementedError: not on the CPU backend, more than ``max_rows`` rows, or the
+            library could not be built (the reason is in the message, after ``label``).
+    """
+    if jax.default_backend() != "cpu":
+        raise NotImplementedError(f"{label}: backend is not cpu")
+    if rows > max_rows:
+        raise NotImplementedError(f"{label}: {rows} rows > {max_rows}")
+    if not library.available():
+        raise NotImplementedError(f"{label}: unavailable ({library.unavailable_reason()})")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import jaxquant as jq
+from jaxquant import ops
 from jaxquant.methods.spqr import SpQRQuantized
 from jaxquant.methods.spqr.quantize import quantize_spqr
 from jaxquant.problems import relative_output_error
@@ -225,3 +226,25 @@ def test_pv_tuning_on_spqr_bounds_the_v_step(spqr_array, trust_ratio):
     cont, _ = jq.split({"w": spqr_array})
     assert all(jnp.issubdtype(x.dtype, jnp.floating) for x in jax.tree.leaves(cont))
     assert {x.shape for x in jax.tree.leaves(cont)} == {spqr_array.scale_stats.shape, spqr_array.outlier_values.shape}
+
+
+# --------------------------------------------------------------------------- the CPU kernel
+@pytest.mark.parametrize(("recipe", "d_in"), [
+    (PAPER, 64),  # permuted columns, outliers
+    (jq.SpQR(bits=4, group_size=24, stat_group=16, outlier_threshold=0.5, act_order=False), 72),  # 24: vector tail
+    (jq.SpQR(bits=2, group_size=32, stat_group=16, outlier_threshold=float("inf")), 64),  # no outliers
+])
+def test_native_kernel_matches_the_decoded_product(rng, recipe, d_in):
+    from jaxquant.methods.spqr import kernel  # noqa: PLC0415
+
+    if not kernel.LIBRARY.available():
+        pytest.skip(f"native kernel unavailable: {kernel.LIBRARY.unavailable_reason()}")
+    w, _, h = _problem(rng, 48, d_in)
+    q = quantize_spqr(jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32), recipe, KEY)
+    assert (q.num_outliers > 0) == (recipe.outlier_threshold < 1.0)
+    dense = np.asarray(q.decode_out_in(), np.float64)
+    for rows in (1, 2, 4):
+        x = rng.standard_normal((rows, d_in)).astype(np.float32)
+        got = np.asarray(kernel.matmul(jnp.asarray(x), q))
+        np.testing.assert_allclose(got, x.astype(np.float64) @ dense.T, rtol=1e-4, atol=1e-5)
+    assert ops.dispatch.select_impl(jnp.zeros((1, d_in)), q) == "own_kernel"

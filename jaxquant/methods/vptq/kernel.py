@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant.native_build import NativeLibrary
+from jaxquant.native_build import NativeLibrary, require_few_rows_kernel
 
 TARGET_NAME = "jaxquant_vptq_gemv_f32"
 LIBRARY = NativeLibrary("vptq_gemv", "vptq_gemv.cc", {TARGET_NAME: "JaxquantVptqGemvF32"})
@@ -33,14 +33,9 @@ def matmul(x: jax.Array, w: object) -> jax.Array:
         NotImplementedError: not on the CPU backend, more than ``MAX_ROWS`` rows, codes
             wider than 16 bits, or the kernel could not be built.
     """
-    if jax.default_backend() != "cpu":
-        raise NotImplementedError("vptq kernel: backend is not cpu")
-    if x.shape[0] > MAX_ROWS:
-        raise NotImplementedError(f"vptq kernel: {x.shape[0]} rows > MAX_ROWS={MAX_ROWS}")
     if np.dtype(w.codes.dtype).itemsize > 2:
         raise NotImplementedError(f"vptq kernel: codes of {w.codebook_bits} bits (uint8/uint16 only)")
-    if not LIBRARY.available():
-        raise NotImplementedError(f"vptq kernel: unavailable ({LIBRARY.unavailable_reason()})")
+    require_few_rows_kernel(LIBRARY, "vptq kernel", x.shape[0], MAX_ROWS)
     xs = x.astype(jnp.float32)
     if w.column_scales is not None:
         xs = xs * w.column_scales.astype(jnp.float32)[None, :]
