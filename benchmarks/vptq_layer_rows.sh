@@ -10,5 +10,5 @@ row() { name=$1; shift; python benchmarks/quantize_layer.py --problem synthetic 
 row gptq_2bit_g128 --method gptq --bits 2 --group-size 128
 row aqlm_2x8_g8_beam1 --method aqlm --num-codebooks 2 --codebook-bits 8 --group-size 8 --beam-size 1
 row aqlm_2x8_g8_beam8 --method aqlm --num-codebooks 2 --codebook-bits 8 --group-size 8 --beam-size 8
-row vptq_4x8 --method vptq
-row vptq_8x8r8 --method vptq --vector-size 8 --codebook-bits 8 --residual-bits 8
+row vptq_8x8r8 --method vptq
+row vptq_4x8 --method vptq --vector-size 4 --codebook-bits 8 --residual-bits 0

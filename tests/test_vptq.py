@@ -151,7 +151,8 @@ def test_decoding_follows_the_format(vptq_array):
 
 def test_save_and_load_round_trip(tmp_path, vptq_array, rng):
     w, _, h = _problem(rng, 32, 64)
-    plain = quantize_vptq(jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32), jq.VPTQ(normalize=False), KEY)
+    plain_recipe = jq.VPTQ(vector_size=4, residual_bits=0, normalize=False)
+    plain = quantize_vptq(jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32), plain_recipe, KEY)
     jq.io.save(tmp_path / "ck", {"full": vptq_array, "plain": plain})
     back = jq.io.load(tmp_path / "ck")
     for name, q in (("full", vptq_array), ("plain", plain)):
@@ -162,14 +163,14 @@ def test_save_and_load_round_trip(tmp_path, vptq_array, rng):
 
 # --------------------------------------------------------------------------- the method
 def test_named_recipes_and_errors():
-    assert jq.named_recipe("vptq-4x8") == jq.VPTQ()
-    assert jq.named_recipe("vptq-8x8r8") == jq.VPTQ(vector_size=8, codebook_bits=8, residual_bits=8)
+    assert jq.named_recipe("vptq-8x8r8") == jq.VPTQ()
+    assert jq.named_recipe("vptq-4x8") == jq.VPTQ(vector_size=4, codebook_bits=8, residual_bits=0)
     assert jq.recipe_from_dict(jq.recipe_to_dict(jq.VPTQ(outlier_fraction=0.02))) == jq.VPTQ(outlier_fraction=0.02)
     with pytest.raises(ValueError, match="outlier_fraction=0.6"):
         jq.VPTQ(outlier_fraction=0.6)
     with pytest.raises(ValueError, match="codebook_bits=17"):
         jq.VPTQ(codebook_bits=17)
-    with pytest.raises(ValueError, match=r"d_out=42 is not divisible by vector_size=4 at layer/w"):
+    with pytest.raises(ValueError, match=r"d_out=42 is not divisible by vector_size=8 at layer/w"):
         jq.quantize_weight(jnp.ones((42, 32)), jnp.eye(32), jq.VPTQ(), path="layer/w")
     with pytest.raises(ValueError, match=r"VPTQ needs XᵀX.*layer/w"):
         jq.quantize_weight(jnp.ones((32, 32)), None, jq.VPTQ(), path="layer/w")
@@ -180,7 +181,8 @@ def test_named_recipes_and_errors():
 def test_lower_error_than_gptq_2_bit_at_fewer_bits(rng):
     w, x, h = _problem(rng, 128, 256)
     # 16 pairs of weights: 2 bits of codes, a codebook small enough for this small layer.
-    vptq = jq.quantize_weight(jnp.asarray(w), jnp.asarray(h), jq.VPTQ(vector_size=2, codebook_bits=4, kmeans_iters=20))
+    small = jq.VPTQ(vector_size=2, codebook_bits=4, residual_bits=0, kmeans_iters=20)
+    vptq = jq.quantize_weight(jnp.asarray(w), jnp.asarray(h), small)
     gptq = jq.quantize_weight(jnp.asarray(w), jnp.asarray(h), jq.GPTQ(bits=2, group_size=64))
     assert vptq.bits_per_weight < gptq.bits_per_weight
     assert relative_output_error(w, vptq.decode(), x) < 0.5 * relative_output_error(w, gptq.decode(), x)

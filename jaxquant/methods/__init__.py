@@ -213,7 +213,7 @@ def _register_builtins() -> None:
                     array_type=SpQRQuantized, reencoder=spqr_reencode.REENCODER))
     register(Method("vptq", recipes.VPTQ, "jaxquant.methods.vptq.quantize:quantize_vptq",
                     name_pattern=r"vptq-(\d+)x(\d+)(?:r(\d+))?", from_name=_vptq_from_name,
-                    examples=("vptq-4x8", "vptq-8x8r8", "vptq-4x12"),
+                    examples=("vptq-8x8r8", "vptq-4x8", "vptq-8x12"),
                     array_type=VPTQQuantized, reencoder=vptq_reencode.REENCODER))
 
 
