@@ -61,49 +61,41 @@ void AddCodes(const C* __restrict codes, const float* __restrict book, const int
 
 #if defined(__AVX2__) && defined(__FMA__)
 // V == 4 and V == 8 with AVX2: a V == 8 codeword is one register, two V == 4 codewords are
-// one, multiplied by their two columns' activations from xs4 (each activation 4 times). Two
-// accumulators per row of x hide the multiply-add latency. About 3x the generic loop.
-template <typename C, int V, int R>
+// one, multiplied by their two columns' activations from xs4 (each activation 4 times).
+// Four accumulators per row of x: a multiply-add's latency is four of its issue slots.
+template <typename C, int V, int R, bool kOffsets>
 void AddCodesAvx2(const C* __restrict codes, const float* __restrict book, const int32_t* __restrict off,
                   const float* __restrict xs, const float* __restrict xs4, float* __restrict y, int64_t g0,
                   int64_t g1, int64_t d_in, int64_t d_out, bool accumulate) {
   static_assert(V == 4 || V == 8, "AVX2 path: V is 4 or 8");
-  constexpr int kStep = V == 4 ? 4 : 2;  // codes per loop turn: two registers' worth
+  constexpr int kPer = 8 / V;          // codewords per register
+  constexpr int kStep = 4 * kPer;      // codes per loop turn: four registers' worth
   auto word = [&](const C* cg, int64_t i) {
-    return book + (static_cast<int64_t>(off ? off[i] : 0) + cg[i]) * V;
+    return book + (static_cast<int64_t>(kOffsets ? off[i] : 0) + cg[i]) * V;
   };
   for (int64_t g = g0; g < g1; ++g) {
     const C* cg = codes + g * d_in;
-    __m256 a0[R], a1[R];
-    for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
+    __m256 acc[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int a = 0; a < 4; ++a) acc[r][a] = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + kStep <= d_in; i += kStep) {
-      __m256 w0, w1;
-      if constexpr (V == 4) {
-        w0 = _mm256_loadu2_m128(word(cg, i + 1), word(cg, i));
-        w1 = _mm256_loadu2_m128(word(cg, i + 3), word(cg, i + 2));
-      } else {
-        w0 = _mm256_loadu_ps(word(cg, i));
-        w1 = _mm256_loadu_ps(word(cg, i + 1));
+      __m256 w[4];
+      for (int a = 0; a < 4; ++a) {
+        const int64_t j = i + a * kPer;
+        if constexpr (V == 4) w[a] = _mm256_loadu2_m128(word(cg, j + 1), word(cg, j));
+        else w[a] = _mm256_loadu_ps(word(cg, j));
       }
-      for (int r = 0; r < R; ++r) {
-        const float* x = xs + r * d_in + i;
-        __m256 x0, x1;
-        if constexpr (V == 4) {  // xs is expanded: each activation 4 times, so a pair is one load
-          const float* xe = xs4 + (r * d_in + i) * 4;
-          x0 = _mm256_loadu_ps(xe);
-          x1 = _mm256_loadu_ps(xe + 8);
-        } else {
-          x0 = _mm256_broadcast_ss(x);
-          x1 = _mm256_broadcast_ss(x + 1);
+      for (int r = 0; r < R; ++r)
+        for (int a = 0; a < 4; ++a) {
+          const int64_t j = i + a * kPer;
+          const __m256 x = V == 4 ? _mm256_loadu_ps(xs4 + (r * d_in + j) * 4) : _mm256_broadcast_ss(xs + r * d_in + j);
+          acc[r][a] = _mm256_fmadd_ps(x, w[a], acc[r][a]);
         }
-        a0[r] = _mm256_fmadd_ps(x0, w0, a0[r]);
-        a1[r] = _mm256_fmadd_ps(x1, w1, a1[r]);
-      }
     }
     for (int r = 0; r < R; ++r) {
       alignas(32) float t[8];
-      _mm256_store_ps(t, _mm256_add_ps(a0[r], a1[r]));
+      _mm256_store_ps(t, _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3])));
       float s[V];
       for (int k = 0; k < V; ++k) s[k] = V == 4 ? t[k] + t[k + 4] : t[k];
       for (int64_t j = i; j < d_in; ++j) {  // the columns left over
@@ -123,8 +115,11 @@ void AddCodesV(const C* codes, const float* book, const int32_t* off, const floa
   switch (v) {
     case 2: return AddCodes<C, 2, R>(codes, book, off, xs, y, g0, g1, d_in, d_out, v, accumulate);
 #if defined(__AVX2__) && defined(__FMA__)
-    case 4: return AddCodesAvx2<C, 4, R>(codes, book, off, xs, xs4, y, g0, g1, d_in, d_out, accumulate);
-    case 8: return AddCodesAvx2<C, 8, R>(codes, book, off, xs, xs4, y, g0, g1, d_in, d_out, accumulate);
+    // With and without per-column codebooks: the common case loads no offsets.
+    case 4: return off ? AddCodesAvx2<C, 4, R, true>(codes, book, off, xs, xs4, y, g0, g1, d_in, d_out, accumulate)
+                       : AddCodesAvx2<C, 4, R, false>(codes, book, off, xs, xs4, y, g0, g1, d_in, d_out, accumulate);
+    case 8: return off ? AddCodesAvx2<C, 8, R, true>(codes, book, off, xs, xs4, y, g0, g1, d_in, d_out, accumulate)
+                       : AddCodesAvx2<C, 8, R, false>(codes, book, off, xs, xs4, y, g0, g1, d_in, d_out, accumulate);
 #else
     case 4: return AddCodes<C, 4, R>(codes, book, off, xs, y, g0, g1, d_in, d_out, v, accumulate);
     case 8: return AddCodes<C, 8, R>(codes, book, off, xs, y, g0, g1, d_in, d_out, v, accumulate);
