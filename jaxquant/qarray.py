@@ -85,8 +85,8 @@ class QuantizedArray(abc.ABC):
     include ``shape`` (the dense leaf's shape) and ``layout`` (``"out_in"`` or
     ``"in_out"``).
 
-    A subclass implements ``decode_out_in``, ``decode_rows``, ``expected_shapes``,
-    ``storage_bits``, ``resident_bytes`` and ``scheme``, and is registered by
+    A subclass implements ``decode_rows``, ``expected_shapes``, ``storage_bits``,
+    ``resident_bytes`` and ``scheme``, and is registered by
     name with ``register_array_type`` so that checkpoints can name it. How fine-tuning
     re-encodes it toward a target lives with its method (``jaxquant.Reencoder``, registered
     by ``jaxquant.register_method``).
@@ -95,9 +95,10 @@ class QuantizedArray(abc.ABC):
     shape: tuple[int, int]
     layout: Layout
 
-    @abc.abstractmethod
     def decode_out_in(self, dtype: Any = jnp.float32) -> jax.Array:
-        """Dense weight in the storage layout ``(d_out, d_in)``."""
+        """Dense weight in the storage layout ``(d_out, d_in)``: every row through
+        ``decode_rows`` (a type with a cheaper whole decode overrides it)."""
+        return self.decode_rows(jnp.int32(0), self.d_out).astype(dtype)
 
     @abc.abstractmethod
     def decode_rows(self, start: jax.Array, n_rows: int) -> jax.Array:

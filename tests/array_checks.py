@@ -10,13 +10,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import jaxquant as jq
 from jaxquant import ops
 from jaxquant.finetune import pv
 
 
-def check_decode_rows_and_matmul(q: Any, rng: np.random.Generator, tile: int = 16) -> None:
-    """``decode()`` is the stored weight in the leaf's layout, tiles of ``decode_rows`` are its
-    rows, and ``ops.matmul`` at a few batch sizes is the product with it."""
+def check_decode_rows_and_matmul(w: np.ndarray, h: np.ndarray, recipe: Any, rng: np.random.Generator,
+                                 tile: int = 16) -> None:
+    """For ``w (d_out, d_in)`` quantized by ``recipe`` in both layouts: ``decode()`` is the
+    stored weight in the leaf's layout, tiles of ``decode_rows`` are its rows, and
+    ``ops.matmul`` at a few batch sizes is the product with it."""
+    for layout in ("out_in", "in_out"):
+        leaf = w if layout == "out_in" else w.T
+        q = jq.quantize_weight(jnp.asarray(leaf, jnp.float32), jnp.asarray(h, jnp.float32), recipe, layout=layout)
+        _check_one(q, rng, tile)
+
+
+def _check_one(q: Any, rng: np.random.Generator, tile: int) -> None:
     dense = np.asarray(q.decode_out_in())
     np.testing.assert_array_equal(np.asarray(q.decode()), dense if q.layout == "out_in" else dense.T)
     for start in range(0, q.d_out, tile):

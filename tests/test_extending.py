@@ -44,9 +44,6 @@ class SignQuantized(jq.QuantizedArray):
     shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
     layout: str = dataclasses.field(default="out_in", metadata=dict(static=True))
 
-    def decode_out_in(self, dtype: Any = jnp.float32) -> jax.Array:
-        return self.decode_rows(jnp.int32(0), self.d_out).astype(dtype)
-
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"codes": (self.d_out, self.d_in), "scales": (self.d_out, 1)}
 

@@ -117,9 +117,6 @@ class SpQRQuantized(QuantizedArray):
             return tile
         return tile[:, self.column_positions.astype(jnp.int32)]  # a gather: far cheaper than scattering
 
-    def decode_out_in(self, dtype: Any = jnp.float32) -> jax.Array:
-        return self.decode_rows(jnp.int32(0), self.d_out).astype(dtype)
-
     def few_rows_matmul(self, x: jax.Array) -> jax.Array:
         """``x @ W`` for a few rows through the native CPU kernel (``methods.spqr.kernel``)."""
         from jaxquant.methods.spqr import kernel  # noqa: PLC0415 (builds native code: only when asked)

@@ -94,9 +94,6 @@ class VPTQQuantized(QuantizedArray):
         vec = self.decode_vectors(take(self.codes), residual, columns)  # [n_rows / v, d_in, v]
         return vec.transpose(0, 2, 1).reshape(n_rows, self.d_in)
 
-    def decode_out_in(self, dtype: Any = jnp.float32) -> jax.Array:
-        return self.decode_rows(jnp.int32(0), self.d_out).astype(dtype)
-
     def few_rows_matmul(self, x: jax.Array) -> jax.Array:
         """``x @ W`` for a few rows through the native CPU kernel (``methods.vptq.kernel``)."""
         from jaxquant.methods.vptq import kernel  # noqa: PLC0415 (builds native code: only when asked)
