@@ -34,11 +34,16 @@ from jaxquant.qarray import check_layout, code_dtype
 from jaxquant.recipes import VPTQ, check_divisible
 
 
+def codeword_scores(points: jax.Array, book: jax.Array) -> jax.Array:
+    """``[n, k]``: squared distance of each of ``points [n, v]`` to each codeword of ``book
+    [k, v]``, less the point's own squared norm (which does not change the ranking)."""
+    return jnp.sum(book * book, axis=1)[None, :] - 2.0 * (points @ book.T)
+
+
 def nearest_exact(points: jax.Array, book: jax.Array) -> jax.Array:
     """Index ``[n]`` of the codeword of ``book [k, v]`` nearest each of ``points [n, v]``
     (full-precision distances; ties go to the smaller index)."""
-    scores = jnp.sum(book * book, axis=1)[None, :] - 2.0 * (points @ book.T)
-    return jnp.argmin(scores, axis=1)
+    return jnp.argmin(codeword_scores(points, book), axis=1)
 
 
 @dataclasses.dataclass(frozen=True)

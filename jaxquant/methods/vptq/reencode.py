@@ -16,17 +16,15 @@ import jax.numpy as jnp
 
 from jaxquant.methods.reencoding import Reencoder, accept_changes
 from jaxquant.methods.vptq.array import VPTQQuantized
-from jaxquant.methods.vptq.quantize import column_vectors
+from jaxquant.methods.vptq.quantize import codeword_scores, column_vectors, nearest_exact
 
 
 def _first_stage_scores(q: VPTQQuantized, points: jax.Array, columns: jax.Array) -> jax.Array:
     """``[n, k]`` squared distance (up to a per-point constant) of each point to every
     first-stage codeword of its column's codebook."""
-    book = q.codebook.astype(jnp.float32)
-    scores = jnp.sum(book * book, axis=1)[None, :] - 2.0 * points @ book.T
+    scores = codeword_scores(points, q.codebook.astype(jnp.float32))
     if q.outlier_codebook is not None:
-        other = q.outlier_codebook.astype(jnp.float32)
-        other_scores = jnp.sum(other * other, axis=1)[None, :] - 2.0 * points @ other.T
+        other_scores = codeword_scores(points, q.outlier_codebook.astype(jnp.float32))
         scores = jnp.where(q.outlier_mask()[columns][:, None], other_scores, scores)
     return scores
 
@@ -55,8 +53,7 @@ def reencode_vptq(q: VPTQQuantized, target: jax.Array, idx: jax.Array, *, beam_s
     residual = None
     if q.residual_codebook is not None:
         left = points - q.decode_vectors(first, None, columns) / scale[:, None]
-        book = q.residual_codebook.astype(jnp.float32)
-        residual = jnp.argmin(jnp.sum(book * book, axis=1)[None, :] - 2.0 * left @ book.T, axis=1)
+        residual = nearest_exact(left, q.residual_codebook.astype(jnp.float32))
     new = q.decode_vectors(first, residual, columns)
 
     old_dist, new_dist = jnp.sum((current - want) ** 2, axis=1), jnp.sum((new - want) ** 2, axis=1)
