@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.methods import _grid, gptq
+from jaxquant.methods._inputs import check_weight_and_statistics
 from jaxquant.methods.spqr.array import SpQRQuantized, grid_of
 from jaxquant.qarray import check_layout
-from jaxquant.recipes import SpQR, check_divisible
+from jaxquant.recipes import SpQR
 
 
 def minmax_grid(x: jax.Array, bits: Any) -> tuple[jax.Array, jax.Array]:
@@ -128,19 +129,11 @@ def quantize_spqr(w: jax.Array, xtx: Any, recipe: SpQR, key: jax.Array, *, layou
     """
     del key
     where = path or "<weight>"
-    if not isinstance(recipe, SpQR):
-        raise TypeError(f"recipe must be an SpQR recipe at {where}, got {type(recipe).__name__}")
+    d_out, d_in = check_weight_and_statistics(w, xtx, recipe, SpQR, where)
     check_layout(layout)
     w = jnp.asarray(w)
     dt = jnp.float64 if w.dtype == jnp.float64 else jnp.float32  # float64 where x64 is on (tests)
     w = w.astype(dt)
-    if w.ndim != 2:
-        raise ValueError(f"SpQR expects a 2-D weight, got shape {w.shape} at {where}")
-    d_out, d_in = w.shape
-    check_divisible(recipe, d_out, d_in, where)
-    if xtx is None or tuple(jnp.shape(xtx)) != (d_in, d_in):
-        got = None if xtx is None else tuple(jnp.shape(xtx))
-        raise ValueError(f"SpQR needs XᵀX of shape ({d_in}, {d_in}) for the weight at {where}, got {got}")
     h = jnp.asarray(xtx).astype(dt)
     order = np.argsort(-np.asarray(jnp.diagonal(h)), kind="stable") if recipe.act_order else None
     if order is not None:

@@ -28,10 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.methods import gptq
+from jaxquant.methods._inputs import check_weight_and_statistics
 from jaxquant.methods.aqlm.kmeans import assign_all, host_rng, lloyd, sample_indices
 from jaxquant.methods.vptq.array import VPTQQuantized
 from jaxquant.qarray import check_layout, code_dtype
-from jaxquant.recipes import VPTQ, check_divisible
+from jaxquant.recipes import VPTQ
 
 
 def codeword_scores(points: jax.Array, book: jax.Array) -> jax.Array:
@@ -108,18 +109,6 @@ def fit_codebook(points: Any, weights: Any, bits: int, recipe: VPTQ, rng: np.ran
                    iters=recipe.kmeans_iters)
 
 
-def _check_inputs(w: Any, xtx: Any, recipe: Any, where: str) -> None:
-    if not isinstance(recipe, VPTQ):
-        raise TypeError(f"recipe must be a VPTQ recipe at {where}, got {type(recipe).__name__}")
-    if jnp.ndim(w) != 2:
-        raise ValueError(f"VPTQ expects a 2-D weight, got shape {jnp.shape(w)} at {where}")
-    d_out, d_in = jnp.shape(w)
-    check_divisible(recipe, d_out, d_in, where)
-    if xtx is None or tuple(jnp.shape(xtx)) != (d_in, d_in):
-        got = None if xtx is None else tuple(jnp.shape(xtx))
-        raise ValueError(f"VPTQ needs XᵀX of shape ({d_in}, {d_in}) for the weight at {where}, got {got}")
-
-
 def quantize_vptq(w: jax.Array, xtx: Any, recipe: VPTQ, key: jax.Array, *, layout: str = "out_in",
                   path: str = "") -> VPTQQuantized:
     """VPTQ quantization of one weight: the ``QuantizeFn`` of ``jaxquant.methods``.
@@ -133,7 +122,7 @@ def quantize_vptq(w: jax.Array, xtx: Any, recipe: VPTQ, key: jax.Array, *, layou
             missing or mis-shaped ``xtx``, or ``xtx`` not positive definite after damping.
     """
     where = path or "<weight>"
-    _check_inputs(w, xtx, recipe, where)
+    check_weight_and_statistics(w, xtx, recipe, VPTQ, where)
     check_layout(layout)
     # Preparation on the host, in numpy: eager jax ops would each compile a program.
     dt = np.float64 if jnp.asarray(w).dtype == jnp.float64 else np.float32  # float64 where x64 is on (tests)
