@@ -69,6 +69,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-rounds", type=int, default=None, help="AQLM round limit (large layers)")
     p.add_argument("--grad-dtype", default=None, choices=("auto", "float32", "bfloat16"),
                    help="AQLM codebook-gradient product dtype (JAXQUANT_NO_FFI=1 forces the XLA beam search)")
+    p.add_argument("--rotate", nargs="?", const="hadamard", default=None, choices=("hadamard", "dct", "orthogonal"),
+                   help="quantize in a randomly rotated basis (bare --rotate: hadamard)")
     p.add_argument("--no-warm", action="store_true", help="skip the second (warm) run; seconds_warm is then null")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shape", default=None, help="DOUTxDIN: a random problem of this size")
@@ -116,6 +118,7 @@ def build_recipe(args: argparse.Namespace) -> Any:
         put("out_group_size", args.out_group_size)
         put("max_rounds", args.max_rounds)
         put("grad_dtype", args.grad_dtype)
+    put("rotate", args.rotate)
     return jq.recipe_from_dict(fields)
 
 

@@ -183,6 +183,22 @@ class QuantizedArray(abc.ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} has no kernel of its own")
 
+    def unwrap_for_matmul(
+        self, x: jax.Array
+    ) -> tuple[jax.Array, QuantizedArray, Callable[[jax.Array], jax.Array]] | None:
+        """For a type that wraps another quantized array (a rotation, say): how ``x @ W``
+        reduces to a product with the wrapped array.
+
+        Args:
+            x: ``[rows, d_in]`` activations.
+
+        Returns:
+            ``None`` for an ordinary type (this default), else ``(x', inner, finish)``
+            with ``x @ W == finish(x' @ inner)``; ``ops.matmul`` computes ``x' @ inner``
+            with whatever implementation suits ``inner``.
+        """
+        return None
+
     def take_rows(self, rows: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
         """Decoded rows ``W[rows]`` of an ``out_in`` array (an embedding lookup).
 

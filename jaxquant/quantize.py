@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxquant import methods
+from jaxquant import methods, rotations
 from jaxquant.qarray import Layout, check_layout, flatten_by_path
 from jaxquant.recipes import check_divisible
 from jaxquant.select import Selector, resolve_recipes
@@ -79,7 +79,8 @@ def quantize_weight(
         w: 2-D float weight in ``layout``.
         xtx: ``(d_in, d_in)`` input statistics: a ``LayerStats``, an array, or ``None``
             for data-free methods (RTN).
-        recipe: an ``RTN``, ``GPTQ`` or ``AQLM`` recipe.
+        recipe: a recipe of a registered method; with ``rotate`` set, the weight is
+            quantized in a random rotated basis and comes back as a ``RotatedQuantized``.
         key: PRNG key for randomised methods (default ``jax.random.key(0)``).
         layout: ``"out_in"`` (``(d_out, d_in)``) or ``"in_out"`` (Flax kernel).
         path: leaf path, named in every error.
@@ -116,6 +117,12 @@ def quantize_weight(
     fn = methods.method_for(recipe)
     w32 = w_out_in.astype(jnp.float32)
     xtx32 = None if xtx is None else xtx.astype(jnp.float32)
+    rotation = getattr(recipe, "rotate", "none")
+    if rotation != "none":
+        # The method quantizes the rotated problem as an ordinary out_in weight.
+        return rotations.quantize_rotated(
+            w32, xtx32, rotation, key, lambda w_r, xtx_r, k: fn(w_r, xtx_r, recipe, k, layout="out_in", path=path),
+            layout=layout)
     return fn(w32, xtx32, recipe, key, layout=layout, path=path)
 
 

@@ -12,6 +12,8 @@ import dataclasses
 from typing import Any, ClassVar
 
 _PARAM_DTYPES = ("float16", "bfloat16", "float32")
+# Changes of basis a recipe may quantize in (``jaxquant.rotations``); ``rotate=True`` is "hadamard".
+ROTATIONS = ("none", "hadamard", "dct", "orthogonal")
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
@@ -45,6 +47,21 @@ def _check_bool(name: str, value: Any) -> None:
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} must be one of {choices}")
+
+
+def _check_rotate(recipe: Any) -> None:
+    """Validate ``recipe.rotate`` and store it as one of ``ROTATIONS`` (``True`` is
+    ``"hadamard"``, ``False`` is ``"none"``)."""
+    value = recipe.rotate
+    if isinstance(value, bool):
+        value = "hadamard" if value else "none"
+    _check_choice("rotate", value, ROTATIONS)
+    object.__setattr__(recipe, "rotate", value)
+
+
+def rotation_suffix(rotate: str) -> str:
+    """The part of a recipe name that says its rotation: ``""``, ``"-rot"`` (Hadamard) or ``"-rot-dct"``."""
+    return {"none": "", "hadamard": "-rot"}.get(rotate, f"-rot-{rotate}")
 
 
 def _input_groups(group_size: int | None) -> tuple[tuple[str, str, int], ...]:
@@ -82,8 +99,8 @@ class ScalarGrid:
     group_size: int | None = 128
     symmetric: bool = False
     prefix: ClassVar[str]
-    # Subclasses also define clip_search and param_dtype (after their own fields, so that
-    # positional arguments keep their order).
+    # Subclasses also define clip_search, param_dtype and rotate (after their own fields,
+    # so that positional arguments keep their order).
 
     def _check_grid(self) -> None:
         _check_int("bits", self.bits, 1, 8)
@@ -91,10 +108,11 @@ class ScalarGrid:
         _check_bool("symmetric", self.symmetric)
         _check_bool("clip_search", self.clip_search)
         _check_choice("param_dtype", self.param_dtype, _PARAM_DTYPES)
+        _check_rotate(self)
 
     @property
     def name(self) -> str:
-        return f"{self.prefix}-{self.bits}bit-g{self.group_size or 'row'}"
+        return f"{self.prefix}-{self.bits}bit-g{self.group_size or 'row'}{rotation_suffix(self.rotate)}"
 
     def divisors(self) -> tuple[tuple[str, str, int], ...]:
         """``(dimension, field, size)`` pairs: each dimension must be a multiple of its size."""
@@ -110,10 +128,13 @@ class RTN(ScalarGrid):
         clip_search: shrink each group's range to the clipping ratio that minimises its
             squared rounding error instead of using the plain min/max.
         param_dtype: storage dtype of scales and zero points (counted in bits/weight).
+        rotate: quantize in a randomly rotated basis (``jaxquant.rotations``): ``True`` or
+            one of ``ROTATIONS``.
     """
 
     clip_search: bool = False
     param_dtype: str = "float16"
+    rotate: bool | str = False
     prefix: ClassVar[str] = "rtn"
 
     def __post_init__(self) -> None:
@@ -133,6 +154,8 @@ class GPTQ(ScalarGrid):
         block_size: columns per lazy-batch block.
         clip_search: search each group's clipping range (as in ``RTN``).
         param_dtype: storage dtype of scales and zero points.
+        rotate: quantize in a randomly rotated basis (``jaxquant.rotations``): ``True`` or
+            one of ``ROTATIONS``.
     """
 
     act_order: bool = True
@@ -140,6 +163,7 @@ class GPTQ(ScalarGrid):
     block_size: int = 128
     clip_search: bool = False
     param_dtype: str = "float16"
+    rotate: bool | str = False
     prefix: ClassVar[str] = "gptq"
 
     def __post_init__(self) -> None:
@@ -180,6 +204,8 @@ class AQLM:
             to 4× with AMX). ``"auto"`` picks bfloat16 on CPUs where that product was
             measured at least 1.25× faster (once per machine, ``methods.aqlm.grad_dtype``),
             so its codes depend on the machine.
+        rotate: quantize in a randomly rotated basis (``jaxquant.rotations``): ``True`` or
+            one of ``ROTATIONS``.
     """
 
     num_codebooks: int = 2
@@ -199,6 +225,7 @@ class AQLM:
     chunk_rows: int = 1024
     param_dtype: str = "float16"
     grad_dtype: str = "float32"
+    rotate: bool | str = False
 
     def __post_init__(self) -> None:
         _check_int("num_codebooks", self.num_codebooks, 1)
@@ -218,10 +245,11 @@ class AQLM:
         _check_int("chunk_rows", self.chunk_rows, 1)
         _check_choice("param_dtype", self.param_dtype, _PARAM_DTYPES)
         _check_choice("grad_dtype", self.grad_dtype, ("auto", "float32", "bfloat16"))
+        _check_rotate(self)
 
     @property
     def name(self) -> str:
-        return f"aqlm-{self.num_codebooks}x{self.codebook_bits}-g{self.group_size}"
+        return f"aqlm-{self.num_codebooks}x{self.codebook_bits}-g{self.group_size}{rotation_suffix(self.rotate)}"
 
     def divisors(self) -> tuple[tuple[str, str, int], ...]:
         """``(dimension, field, size)`` pairs: each dimension must be a multiple of its size."""
@@ -253,6 +281,8 @@ class SpQR:
             that order and the permutation is stored.
         damp: relative damping added to ``diag(XᵀX)`` (fraction of its mean).
         block_size: columns per lazy-batch block (rounded to a multiple of ``group_size``).
+        rotate: quantize in a randomly rotated basis (``jaxquant.rotations``): ``True`` or
+            one of ``ROTATIONS``.
     """
 
     bits: int = 3
@@ -263,6 +293,7 @@ class SpQR:
     act_order: bool = True
     damp: float = 0.01
     block_size: int = 128
+    rotate: bool | str = False
 
     def __post_init__(self) -> None:
         _check_int("bits", self.bits, 1, 8)
@@ -273,10 +304,11 @@ class SpQR:
         _check_bool("act_order", self.act_order)
         _check_float("damp", self.damp, 0.0, open_lo=True)
         _check_int("block_size", self.block_size, 1)
+        _check_rotate(self)
 
     @property
     def name(self) -> str:
-        return f"spqr-{self.bits}bit-g{self.group_size}"
+        return f"spqr-{self.bits}bit-g{self.group_size}{rotation_suffix(self.rotate)}"
 
     def divisors(self) -> tuple[tuple[str, str, int], ...]:
         """``(dimension, field, size)`` pairs: each dimension must be a multiple of its size."""
@@ -318,6 +350,8 @@ class VPTQ:
         damp: relative damping added to ``diag(XᵀX)`` (fraction of its mean).
         block_size: columns per lazy-batch block.
         param_dtype: storage dtype of codebooks and column scales.
+        rotate: quantize in a randomly rotated basis (``jaxquant.rotations``): ``True`` or
+            one of ``ROTATIONS``.
     """
 
     vector_size: int = 8
@@ -331,6 +365,7 @@ class VPTQ:
     damp: float = 0.01
     block_size: int = 128
     param_dtype: str = "float16"
+    rotate: bool | str = False
 
     def __post_init__(self) -> None:
         _check_int("vector_size", self.vector_size, 1)
@@ -344,11 +379,12 @@ class VPTQ:
         _check_float("damp", self.damp, 0.0, open_lo=True)
         _check_int("block_size", self.block_size, 1)
         _check_choice("param_dtype", self.param_dtype, _PARAM_DTYPES)
+        _check_rotate(self)
 
     @property
     def name(self) -> str:
         residual = f"r{self.residual_bits}" if self.residual_bits else ""
-        return f"vptq-{self.vector_size}x{self.codebook_bits}{residual}"
+        return f"vptq-{self.vector_size}x{self.codebook_bits}{residual}{rotation_suffix(self.rotate)}"
 
     def divisors(self) -> tuple[tuple[str, str, int], ...]:
         """``(dimension, field, size)`` pairs: each dimension must be a multiple of its size."""

@@ -11,6 +11,9 @@ step with the recipe classes:
   input columns unless ``-g`` says otherwise (``aqlm-2x8`` and ``aqlm-1x16`` are the
   paper's 2-bit configurations; ``aqlm-1x8-g4`` is 2 code bits with a tiny codebook).
 
+Any name may end in ``-rot`` (quantize in a random Hadamard-rotated basis, see
+``jaxquant.rotations``) or ``-rot-dct`` / ``-rot-orthogonal``: ``gptq-3-g64-rot``.
+
 A recipe file (``.json`` or ``.toml``) holds one key, ``recipe``: a single recipe
 (a table with ``method`` and fields, or a name), or a list of ``[pattern, recipe]``
 pairs where the first pattern that matches a layer's path decides::
@@ -63,6 +66,10 @@ def named_recipe(name: str, d_ins: Iterable[int] | None = None) -> Recipe:
             message lists example names).
     """
     key = name.strip().lower()
+    rotated = re.fullmatch(r"(.+?)-rot(?:-(\w+))?", key)
+    if rotated:
+        base, kind = rotated.groups()
+        return dataclasses.replace(named_recipe(base, d_ins), rotate=kind or "hadamard")
     for method in methods.registered():
         m = None if method.name_pattern is None else re.fullmatch(method.name_pattern, key)
         if m:

@@ -19,7 +19,7 @@ PACKAGE = pathlib.Path(jaxquant.__file__).parent
 LAYERS: list[tuple[str, ...]] = [
     ("atomic_files", "lazy_exports", "known_models", "host_memory", "native_build", "in_order", "validate"),
     ("qarray",),
-    ("recipes", "select", "stats", "problems"),
+    ("recipes", "select", "stats", "problems", "rotations"),
     ("ops",),
     ("calibrate",),
     ("methods", "recipes_named"),

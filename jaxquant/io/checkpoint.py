@@ -67,12 +67,41 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------- save
 
 
-def _static_fields(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls) if f.metadata.get("static")]
+# A quantized array that wraps another (a rotated weight) is stored flat: the wrapped
+# array's arrays under ``field__name`` and its static fields, with its kind, under the
+# field's name.
+_NESTED = "__"
 
 
-def _array_fields(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls) if not f.metadata.get("static")]
+def _quantized_parts(q: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(static fields, array fields)`` of a quantized array, wrapped arrays flattened."""
+    static: dict[str, Any] = {}
+    arrays: dict[str, Any] = {}
+    for field in dataclasses.fields(q):
+        value = getattr(q, field.name)
+        if field.metadata.get("static"):
+            static[field.name] = value
+        elif is_quantized(value):
+            sub_static, sub_arrays = _quantized_parts(value)
+            static[field.name] = {"wrapped_kind": array_type_name(type(value)), "static": sub_static}
+            arrays.update({f"{field.name}{_NESTED}{name}": a for name, a in sub_arrays.items()})
+        else:
+            arrays[field.name] = value
+    return static, arrays
+
+
+def _build_quantized(cls: type, static: dict[str, Any], arrays: dict[str, Any]) -> Any:
+    """Inverse of ``_quantized_parts``."""
+    kwargs: dict[str, Any] = {}
+    for name, value in static.items():
+        if isinstance(value, dict) and "wrapped_kind" in value:
+            prefix = f"{name}{_NESTED}"
+            sub = {k[len(prefix):]: a for k, a in arrays.items() if k.startswith(prefix)}
+            kwargs[name] = _build_quantized(array_type(value["wrapped_kind"]), value["static"], sub)
+        else:
+            kwargs[name] = tuple(value) if isinstance(value, list) else value
+    kwargs.update({name: a for name, a in arrays.items() if _NESTED not in name})
+    return cls(**kwargs)
 
 
 def _sharding_record(x: Any) -> dict[str, Any] | None:
@@ -199,12 +228,10 @@ class _Encoder:
 
     def _leaf_quantized(self, q: Any, path: tuple[str, ...]) -> dict:
         key = self._key()
-        cls = type(q)
-        static = {name: getattr(q, name) for name in _static_fields(cls)}
+        static, fields = _quantized_parts(q)
         records: dict[str, Any] = {}
         sub: dict[str, Any] = {}
-        for name in _array_fields(cls):
-            a = getattr(q, name)
+        for name, a in fields.items():
             if a is None:
                 records[name] = None
                 continue
@@ -218,7 +245,7 @@ class _Encoder:
             {
                 "key": key,
                 "path": "/".join(path),
-                "kind": array_type_name(cls),
+                "kind": array_type_name(type(q)),
                 "static": static,
                 "arrays": records,
             }
@@ -461,6 +488,8 @@ def _variable_class(spec: str) -> type:
 
 def _quantized_class(leaf: dict[str, Any]) -> type:
     """The registered quantized array type a leaf record names."""
+    import jaxquant.methods  # noqa: F401, PLC0415 (registers the built-in methods' types)
+
     try:
         return array_type(leaf["kind"])
     except KeyError as e:
@@ -479,17 +508,18 @@ def _build_leaf(leaf: dict[str, Any], arrays: Any) -> Any:
             return x[()] if x.ndim == 0 and leaf.get("scalar") else x
         return x
     cls = _quantized_class(leaf)
-    kwargs: dict[str, Any] = {}
-    for name, value in leaf["static"].items():
-        kwargs[name] = tuple(value) if isinstance(value, list) else value
+    fields: dict[str, Any] = {}
     for name, rec in leaf["arrays"].items():
         if rec is None:
-            kwargs[name] = None
+            fields[name] = None
         elif rec.get("empty"):
-            kwargs[name] = _empty_array(rec, rec.get("container", "jax"))
+            fields[name] = _empty_array(rec, rec.get("container", "jax"))
         else:
-            kwargs[name] = arrays[name]
-    q = cls(**kwargs)
+            fields[name] = arrays[name]
+    try:
+        q = _build_quantized(cls, leaf["static"], fields)
+    except KeyError as e:  # a wrapped array of an unregistered kind
+        raise CheckpointError(f"unknown leaf kind at {leaf['path']}: {e.args[0]}") from None
     try:
         q.check_shapes()
     except ValueError as e:

@@ -191,6 +191,7 @@ def _register_builtins() -> None:
     from jaxquant.methods import scalar_reencode  # noqa: PLC0415 (light: no search code)
     from jaxquant.methods.aqlm import reencode as aqlm_reencode  # noqa: PLC0415
     from jaxquant.methods.spqr import reencode as spqr_reencode  # noqa: PLC0415
+    from jaxquant import rotations  # noqa: F401, PLC0415 (registers RotatedQuantized for checkpoints)
     from jaxquant.methods.spqr.array import SpQRQuantized  # noqa: PLC0415
     from jaxquant.methods.vptq import reencode as vptq_reencode  # noqa: PLC0415
     from jaxquant.methods.vptq.array import VPTQQuantized  # noqa: PLC0415

@@ -15,6 +15,8 @@ skipped when no compiler is available), a kernel the weight's own type provides
 lookup-table kernel, and the XLA tile-wise decode that always works. Each raises ``NotImplementedError`` when it cannot
 run the call (config, backend, batch rows); the choice is made in Python at trace time
 from ``jax.default_backend()``, so compiled code carries exactly one implementation.
+A weight that wraps another (``QuantizedArray.unwrap_for_matmul``: a rotated one) is
+reduced first to a product with the wrapped array, which then goes through the same order.
 Batches of more than ``DECODE_BATCH_ROWS`` rows go to the tile-wise decode and a
 dense product, where decoding once is amortised over the rows.
 
@@ -115,6 +117,11 @@ _FEW_ROWS_ONLY = frozenset({"cuda_ffi", "cpu_ffi", "own_kernel", "xla_lut"})
 
 
 def _run_quantized(x2: jax.Array, w: Any, impl: str | None) -> tuple[str, jax.Array]:
+    wrapped = w.unwrap_for_matmul(x2)
+    if wrapped is not None:  # e.g. a rotated weight: the wrapped array picks the kernel
+        x_inner, inner, finish = wrapped
+        name, y = _run_quantized(x_inner, inner, impl)
+        return name, finish(y)
     if impl is not None:
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"impl={impl!r} is not one of {sorted(IMPLEMENTATIONS)}")
