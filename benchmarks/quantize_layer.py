@@ -47,7 +47,7 @@ from decode import versions  # noqa: E402  (one definition of the recorded packa
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--problem", default="synthetic", help="FILE.npz or 'synthetic'")
-    p.add_argument("--method", required=True, choices=("rtn", "gptq", "aqlm", "spqr", "vptq"))
+    p.add_argument("--method", required=True, choices=("rtn", "gptq", "aqlm", "spqr", "vptq", "kashin"))
     p.add_argument("--bits", type=int, default=None, help="RTN/GPTQ/SpQR bits per code")
     p.add_argument("--group-size", type=int, default=None, help="input group size (0: one group per row for RTN/GPTQ)")
     p.add_argument("--symmetric", action="store_true", help="RTN/GPTQ symmetric grid")
@@ -69,6 +69,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-rounds", type=int, default=None, help="AQLM round limit (large layers)")
     p.add_argument("--grad-dtype", default=None, choices=("auto", "float32", "bfloat16"),
                    help="AQLM codebook-gradient product dtype (JAXQUANT_NO_FFI=1 forces the XLA beam search)")
+    p.add_argument("--u-bits", type=int, default=None, help="Kashin bits per code of the first factor")
+    p.add_argument("--v-bits", type=int, default=None, help="Kashin bits per code of the second factor")
+    p.add_argument("--transform", default=None, choices=("hadamard", "dct", "orthogonal"), help="Kashin's Q")
     p.add_argument("--rotate", nargs="?", const="hadamard", default=None, choices=("hadamard", "dct", "orthogonal"),
                    help="quantize in a randomly rotated basis (bare --rotate: hadamard)")
     p.add_argument("--no-warm", action="store_true", help="skip the second (warm) run; seconds_warm is then null")
@@ -109,6 +112,9 @@ def build_recipe(args: argparse.Namespace) -> Any:
                      "block_size"):
             put(name, getattr(args, name))
         fields["act_order"] = not args.no_act_order
+    elif args.method == "kashin":
+        for name in ("u_bits", "v_bits", "transform", "kmeans_iters"):
+            put(name, getattr(args, name))
     else:
         put("kmeans_iters", args.kmeans_iters)
         put("group_size", args.group_size)
@@ -179,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     q, seconds = _timed_run(w, xtx, recipe, jax.random.key(args.seed))
     w_hat = np.asarray(q.decode_out_in(jnp.float32))
     err = relative_output_error(w_np, w_hat, x_np)
+    weight_err = float(np.sum((w_hat - w_np) ** 2) / np.sum(np.asarray(w_np, np.float64) ** 2))
     err2 = seconds_warm = None
     if not args.no_warm:
         q2, seconds_warm = _timed_run(w, xtx, recipe, jax.random.key(args.seed + 1))
@@ -204,6 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "implementation": implementation,
         "bits_per_weight": float(q.bits_per_weight),
         "rel_output_error": float(err),
+        "rel_weight_error": weight_err,
         "rel_output_error_warm": None if err2 is None else float(err2),
         "seconds": seconds,
         "seconds_warm": seconds_warm,

@@ -12,7 +12,7 @@ from jaxquant.lazy_exports import install_lazy_exports
 __all__ = install_lazy_exports(__name__)
 
 if TYPE_CHECKING:  # the exports: what type checkers see, and what install_lazy_exports reads
-    from jaxquant import io, models, ops, pipeline, select
+    from jaxquant import io, models, ops, pipeline, rotations, select
     from jaxquant.calibrate import calibrate
     from jaxquant.embeddings import store_embeddings
     from jaxquant.finetune.pv import VStep, decoded_value_and_grad, pv_tuning
@@ -23,6 +23,6 @@ if TYPE_CHECKING:  # the exports: what type checkers see, and what install_lazy_
     from jaxquant.qarray import AdditiveQuantized, QuantizedArray, ScalarQuantized, register_array_type
     from jaxquant.qarray import dequantize, is_quantized, merge, split, tree_bits
     from jaxquant.quantize import quantize, quantize_weight
-    from jaxquant.recipes import AQLM, GPTQ, RTN, VPTQ, SpQR
+    from jaxquant.recipes import AQLM, GPTQ, RTN, VPTQ, Kashin, SpQR
     from jaxquant.recipes_named import named_recipe, recipe_from_dict, recipe_to_dict
     from jaxquant.stats import LayerStats

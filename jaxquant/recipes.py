@@ -390,4 +390,49 @@ class VPTQ:
         """``(dimension, field, size)`` pairs: each dimension must be a multiple of its size."""
         return (("d_out", "vector_size", self.vector_size),)
 
+@dataclasses.dataclass(frozen=True)
+class Kashin:
+    """Kashin quantization (Merkulov et al., "Quantization of Large Language Models with an
+    Overdetermined Basis"): each row ``w`` of the weight is split as ``w = u + Qᵀ v`` with
+    both factors flat (small largest entry), so each sits well on a tiny grid.
+
+    The split is Kashin's representation by alternating truncation: ``iterations`` times,
+    the part of the residual within ``±truncation · ‖residual‖₂ / √d_in`` goes to ``u``,
+    then the same for ``Q`` times what is left goes to ``v``. ``u`` is then coded on a
+    ``2**u_bits``-level k-means grid (per-row scale), and ``v`` is refitted to what ``u``'s
+    codes left, ``Q (w − û)``, and coded on a ``2**v_bits``-level grid. ``Q`` is a fixed
+    orthogonal transform with random signs (``jaxquant.rotations``). No data is used.
+
+    Attributes:
+        u_bits: bits per code of ``u`` (1..8).
+        v_bits: bits per code of ``v`` (1..8).
+        transform: ``Q``'s transform, one of ``ROTATIONS`` other than ``"none"``.
+        iterations: truncation rounds of the split.
+        truncation: ``η``, the truncation level relative to the residual's RMS.
+        kmeans_iters: Lloyd iterations of each factor's grid.
+        param_dtype: storage dtype of grids and per-row scales.
+    """
+
+    u_bits: int = 1
+    v_bits: int = 1
+    transform: str = "hadamard"
+    iterations: int = 20
+    truncation: float = 0.3
+    kmeans_iters: int = 30
+    param_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        _check_int("u_bits", self.u_bits, 1, 8)
+        _check_int("v_bits", self.v_bits, 1, 8)
+        _check_choice("transform", self.transform, ROTATIONS[1:])
+        _check_int("iterations", self.iterations, 1)
+        _check_float("truncation", self.truncation, 0.0, open_lo=True)
+        _check_int("kmeans_iters", self.kmeans_iters, 0)
+        _check_choice("param_dtype", self.param_dtype, _PARAM_DTYPES)
+
+    @property
+    def name(self) -> str:
+        return f"kashin-{self.u_bits}-{self.v_bits}"
+
+
 Recipe = Any  # an instance of any registered recipe type (see jaxquant.methods.register)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxquant.recipes import AQLM, GPTQ, RTN
+from jaxquant.recipes import AQLM, GPTQ, RTN, Kashin
 from jaxquant.recipes_named import recipe_from_dict, recipe_to_dict
 
 
@@ -75,7 +75,8 @@ def test_valid_edge_values_are_accepted():
 @pytest.mark.parametrize(
     "recipe",
     [RTN(), RTN(bits=2, group_size=None, symmetric=True, clip_search=True), GPTQ(bits=3, act_order=False),
-     AQLM(num_codebooks=1, codebook_bits=16, beam_size=1, lr=3e-4)],
+     AQLM(num_codebooks=1, codebook_bits=16, beam_size=1, lr=3e-4), GPTQ(bits=2, rotate=True),
+     Kashin(u_bits=1, v_bits=2, transform="dct")],
 )
 def test_round_trip_through_json(recipe):
     data = recipe_to_dict(recipe)
@@ -89,7 +90,7 @@ def test_from_dict_names_unknown_fields():
 
 
 def test_from_dict_unknown_or_missing_method():
-    with pytest.raises(ValueError, match=r"method='awq' must be one of \['aqlm', 'gptq', 'rtn'"):
+    with pytest.raises(ValueError, match=r"method='awq' must be one of \['aqlm', 'gptq', 'kashin', 'rtn'"):
         recipe_from_dict({"method": "awq"})
     with pytest.raises(ValueError, match="method=''"):
         recipe_from_dict({"bits": 3})

@@ -187,9 +187,15 @@ def _vptq_from_name(m: re.Match[str], d_ins: Iterable[int] | None) -> Any:
     return recipes.VPTQ(vector_size=int(vector), codebook_bits=int(bits), residual_bits=int(residual or 0))
 
 
+def _kashin_from_name(m: re.Match[str], d_ins: Iterable[int] | None) -> Any:
+    u_bits, v_bits = m.groups()
+    return recipes.Kashin(u_bits=int(u_bits), v_bits=int(v_bits))
+
+
 def _register_builtins() -> None:
     from jaxquant.methods import scalar_reencode  # noqa: PLC0415 (light: no search code)
     from jaxquant.methods.aqlm import reencode as aqlm_reencode  # noqa: PLC0415
+    from jaxquant.methods.kashin.array import KashinQuantized  # noqa: PLC0415
     from jaxquant.methods.spqr import reencode as spqr_reencode  # noqa: PLC0415
     from jaxquant import rotations  # noqa: F401, PLC0415 (registers RotatedQuantized for checkpoints)
     from jaxquant.methods.spqr.array import SpQRQuantized  # noqa: PLC0415
@@ -216,6 +222,9 @@ def _register_builtins() -> None:
                     name_pattern=r"vptq-(\d+)x(\d+)(?:r(\d+))?", from_name=_vptq_from_name,
                     examples=("vptq-8x8r8", "vptq-4x8", "vptq-8x12"),
                     array_type=VPTQQuantized, reencoder=vptq_reencode.REENCODER))
+    register(Method("kashin", recipes.Kashin, "jaxquant.methods.kashin.quantize:quantize_kashin",
+                    needs_statistics=False, name_pattern=r"kashin-(\d+)-(\d+)", from_name=_kashin_from_name,
+                    examples=("kashin-1-1", "kashin-2-2"), array_type=KashinQuantized))
 
 
 _register_builtins()
