@@ -47,7 +47,7 @@ from decode import versions  # noqa: E402  (one definition of the recorded packa
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--problem", default="synthetic", help="FILE.npz or 'synthetic'")
-    p.add_argument("--method", required=True, choices=("rtn", "gptq", "aqlm", "spqr", "vptq", "kashin"))
+    p.add_argument("--method", required=True, choices=("rtn", "gptq", "aqlm", "spqr", "vptq", "kashin", "pvq"))
     p.add_argument("--bits", type=int, default=None, help="RTN/GPTQ/SpQR bits per code")
     p.add_argument("--group-size", type=int, default=None, help="input group size (0: one group per row for RTN/GPTQ)")
     p.add_argument("--symmetric", action="store_true", help="RTN/GPTQ symmetric grid")
@@ -72,8 +72,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--u-bits", type=int, default=None, help="Kashin bits per code of the first factor")
     p.add_argument("--v-bits", type=int, default=None, help="Kashin bits per code of the second factor")
     p.add_argument("--transform", default=None, choices=("hadamard", "dct", "orthogonal"), help="Kashin's Q")
-    p.add_argument("--rotate", nargs="?", const="hadamard", default=None, choices=("hadamard", "dct", "orthogonal"),
-                   help="quantize in a randomly rotated basis (bare --rotate: hadamard)")
+    p.add_argument("--pulses", type=int, default=None, help="PVQ pulses per group (the pyramid's L1 radius)")
+    p.add_argument("--amplitude-bits", type=int, default=None, help="PVQ bits per group amplitude")
+    p.add_argument("--rotate", nargs="?", const="hadamard", default=None,
+                   choices=("none", "hadamard", "dct", "orthogonal"),
+                   help="quantize in a randomly rotated basis (bare --rotate: hadamard; PVQ rotates unless 'none')")
     p.add_argument("--no-warm", action="store_true", help="skip the second (warm) run; seconds_warm is then null")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shape", default=None, help="DOUTxDIN: a random problem of this size")
@@ -110,6 +113,10 @@ def build_recipe(args: argparse.Namespace) -> Any:
     elif args.method == "vptq":
         for name in ("vector_size", "codebook_bits", "residual_bits", "outlier_fraction", "kmeans_iters", "damp",
                      "block_size"):
+            put(name, getattr(args, name))
+        fields["act_order"] = not args.no_act_order
+    elif args.method == "pvq":
+        for name in ("group_size", "pulses", "amplitude_bits", "damp", "block_size", "kmeans_iters"):
             put(name, getattr(args, name))
         fields["act_order"] = not args.no_act_order
     elif args.method == "kashin":

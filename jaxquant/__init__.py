@@ -23,6 +23,6 @@ if TYPE_CHECKING:  # the exports: what type checkers see, and what install_lazy_
     from jaxquant.qarray import AdditiveQuantized, QuantizedArray, ScalarQuantized, register_array_type
     from jaxquant.qarray import dequantize, is_quantized, merge, split, tree_bits
     from jaxquant.quantize import quantize, quantize_weight
-    from jaxquant.recipes import AQLM, GPTQ, RTN, VPTQ, Kashin, SpQR
+    from jaxquant.recipes import AQLM, GPTQ, PVQ, RTN, VPTQ, Kashin, SpQR
     from jaxquant.recipes_named import named_recipe, recipe_from_dict, recipe_to_dict
     from jaxquant.stats import LayerStats

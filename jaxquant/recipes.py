@@ -435,4 +435,62 @@ class Kashin:
         return f"kashin-{self.u_bits}-{self.v_bits}"
 
 
+@dataclasses.dataclass(frozen=True)
+class PVQ:
+    """Pyramid vector quantization (van der Ouderaa et al., 2024) with GPTQ's error feedback.
+
+    Each column of ``W`` is cut into groups of ``group_size`` consecutive output rows. A
+    group's direction is coded as the nearest point of the pyramid lattice ``{y ∈ Zᵈ :
+    Σ|yᵢ| = pulses}`` (an implicit codebook: ``ceil(log2 |P(d, K)|)`` bits, nothing stored
+    for the codebook), its amplitude on a ``2**amplitude_bits``-level grid fitted by k-means
+    to the amplitudes, in units of the column's RMS (stored per column). Columns are coded
+    one at a time in ``diag(XᵀX)``-decreasing order, each column's error spread over the
+    columns not yet coded (the Hessian-aware variant). The weight is first rotated (random
+    Hadamard on both sides, ``rotate``) so that its groups look alike.
+
+    The defaults give 3.16 bits per weight on a 512-wide layer: 23 bits of direction and 2
+    of amplitude per 8 weights, plus the column scales and signs.
+
+    Attributes:
+        group_size: ``d``, output rows per group; must divide ``d_out``.
+        pulses: ``K``, the lattice's L1 radius (more pulses: finer directions, more bits).
+        amplitude_bits: bits per group amplitude (1..8).
+        act_order: code columns by decreasing ``diag(XᵀX)``.
+        damp: relative damping added to ``diag(XᵀX)`` (fraction of its mean).
+        block_size: columns per lazy-batch block.
+        kmeans_iters: Lloyd iterations of the amplitude grid.
+        param_dtype: storage dtype of the amplitude grid and column scales.
+        rotate: the change of basis (``True`` or one of ``ROTATIONS``; ``"none"`` for none).
+    """
+
+    group_size: int = 8
+    pulses: int = 14
+    amplitude_bits: int = 2
+    act_order: bool = True
+    damp: float = 0.01
+    block_size: int = 128
+    kmeans_iters: int = 30
+    param_dtype: str = "float16"
+    rotate: bool | str = True
+
+    def __post_init__(self) -> None:
+        _check_int("group_size", self.group_size, 1, 64)
+        _check_int("pulses", self.pulses, 1, 127)
+        _check_int("amplitude_bits", self.amplitude_bits, 1, 8)
+        _check_bool("act_order", self.act_order)
+        _check_float("damp", self.damp, 0.0, open_lo=True)
+        _check_int("block_size", self.block_size, 1)
+        _check_int("kmeans_iters", self.kmeans_iters, 0)
+        _check_choice("param_dtype", self.param_dtype, _PARAM_DTYPES)
+        _check_rotate(self)
+
+    @property
+    def name(self) -> str:
+        return f"pvq-{self.group_size}x{self.pulses}a{self.amplitude_bits}{rotation_suffix(self.rotate)}"
+
+    def divisors(self) -> tuple[tuple[str, str, int], ...]:
+        """``(dimension, field, size)`` pairs: each dimension must be a multiple of its size."""
+        return (("d_out", "group_size", self.group_size),)
+
+
 Recipe = Any  # an instance of any registered recipe type (see jaxquant.methods.register)

@@ -11,6 +11,7 @@ import pytest
 import jaxquant as jq
 from jaxquant import rotations
 from jaxquant.methods.kashin import KashinQuantized
+from jaxquant.methods import _lloyd1d
 from jaxquant.methods.kashin import quantize as kq
 from jaxquant.recipes_named import named_recipe
 from tests.array_checks import check_decode_rows_and_matmul
@@ -64,9 +65,9 @@ def test_split_matches_numpy_and_reconstructs(transform):
 
 def test_lloyd_and_nearest_level_match_numpy():
     x = np.random.default_rng(2).standard_normal(3000).astype(np.float32)
-    grid = np.asarray(kq.lloyd_1d(jnp.asarray(x), 4, 15))
+    grid = np.asarray(_lloyd1d.lloyd_1d(jnp.asarray(x), 4, 15))
     np.testing.assert_allclose(grid, numpy_lloyd(x.astype(np.float64), 4, 15), atol=1e-4)
-    cells = np.asarray(kq.nearest_level(jnp.asarray(x), jnp.asarray(grid)))
+    cells = np.asarray(_lloyd1d.nearest_level(jnp.asarray(x), jnp.asarray(grid)))
     np.testing.assert_array_equal(cells, np.abs(x[:, None] - grid[None, :]).argmin(1))
 
 

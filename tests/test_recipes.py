@@ -90,7 +90,7 @@ def test_from_dict_names_unknown_fields():
 
 
 def test_from_dict_unknown_or_missing_method():
-    with pytest.raises(ValueError, match=r"method='awq' must be one of \['aqlm', 'gptq', 'kashin', 'rtn'"):
+    with pytest.raises(ValueError, match=r"method='awq' must be one of \['aqlm', 'gptq', 'kashin', 'pvq', 'rtn'"):
         recipe_from_dict({"method": "awq"})
     with pytest.raises(ValueError, match="method=''"):
         recipe_from_dict({"bits": 3})

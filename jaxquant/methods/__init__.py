@@ -192,10 +192,16 @@ def _kashin_from_name(m: re.Match[str], d_ins: Iterable[int] | None) -> Any:
     return recipes.Kashin(u_bits=int(u_bits), v_bits=int(v_bits))
 
 
+def _pvq_from_name(m: re.Match[str], d_ins: Iterable[int] | None) -> Any:
+    group, pulses, amplitude = m.groups()
+    return recipes.PVQ(group_size=int(group), pulses=int(pulses), amplitude_bits=int(amplitude or 2))
+
+
 def _register_builtins() -> None:
     from jaxquant.methods import scalar_reencode  # noqa: PLC0415 (light: no search code)
     from jaxquant.methods.aqlm import reencode as aqlm_reencode  # noqa: PLC0415
     from jaxquant.methods.kashin.array import KashinQuantized  # noqa: PLC0415
+    from jaxquant.methods.pvq.array import PVQQuantized  # noqa: PLC0415
     from jaxquant.methods.spqr import reencode as spqr_reencode  # noqa: PLC0415
     from jaxquant import rotations  # noqa: F401, PLC0415 (registers RotatedQuantized for checkpoints)
     from jaxquant.methods.spqr.array import SpQRQuantized  # noqa: PLC0415
@@ -225,6 +231,9 @@ def _register_builtins() -> None:
     register(Method("kashin", recipes.Kashin, "jaxquant.methods.kashin.quantize:quantize_kashin",
                     needs_statistics=False, name_pattern=r"kashin-(\d+)-(\d+)", from_name=_kashin_from_name,
                     examples=("kashin-1-1", "kashin-2-2"), array_type=KashinQuantized))
+    register(Method("pvq", recipes.PVQ, "jaxquant.methods.pvq.quantize:quantize_pvq",
+                    name_pattern=r"pvq-(\d+)x(\d+)(?:a(\d+))?", from_name=_pvq_from_name,
+                    examples=("pvq-8x14", "pvq-16x27a3"), array_type=PVQQuantized))
 
 
 _register_builtins()

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant import rotations
+from jaxquant.methods._lloyd1d import lloyd_1d, nearest_level
 from jaxquant.methods.kashin.array import KashinQuantized, decode_factor
 from jaxquant.qarray import check_layout
 from jaxquant.recipes import Kashin
@@ -45,32 +46,13 @@ def kashin_split(w: jax.Array, signs: jax.Array, transform: str, iterations: int
     return u, v, residual
 
 
-def lloyd_1d(x: jax.Array, levels: int, iterations: int) -> jax.Array:
-    """An increasing grid of ``levels`` values minimising ``Σ (x − nearest)²`` (Lloyd's
-    algorithm from the quantiles; in one dimension the cells stay intervals)."""
-    grid = jnp.quantile(x, (jnp.arange(levels, dtype=x.dtype) + 0.5) / levels)
-
-    def step(_: int, grid: jax.Array) -> jax.Array:
-        cells = nearest_level(x, grid)
-        sums = jax.ops.segment_sum(x, cells, levels)
-        counts = jax.ops.segment_sum(jnp.ones_like(x), cells, levels)
-        return jnp.sort(jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), grid))
-
-    return jax.lax.fori_loop(0, iterations, step, grid)
-
-
-def nearest_level(x: jax.Array, grid: jax.Array) -> jax.Array:
-    """Index of the nearest value of the increasing ``grid`` for each entry of ``x``."""
-    return jnp.searchsorted((grid[1:] + grid[:-1]) / 2, x).astype(jnp.int32)
-
-
 def _factor_codes(f: jax.Array, bits: int, kmeans_iters: int, param_dtype: Any) -> tuple[jax.Array, ...]:
     """A factor's per-row scales, grid and codes, scales and grid rounded to their storage dtype."""
     peak = jnp.max(jnp.abs(f), axis=1)
     scales = jnp.where(peak > 0, peak, 1.0).astype(param_dtype)
     normalised = f / scales.astype(jnp.float32)[:, None]
-    grid = lloyd_1d(normalised.reshape(-1), 2**bits, kmeans_iters).astype(param_dtype)
-    codes = nearest_level(normalised, grid.astype(jnp.float32)).astype(jnp.uint8 if bits <= 8 else jnp.uint16)
+    grid = lloyd_1d(normalised, 2**bits, kmeans_iters).astype(param_dtype)
+    codes = nearest_level(normalised, grid.astype(jnp.float32)).astype(jnp.uint8)  # bits <= 8
     return codes, grid, scales
 
 
