@@ -272,8 +272,7 @@ def num_selected(n_groups: int, fraction: float) -> int:
 
 def group_distances(q: Any, target: jax.Array) -> jax.Array:
     """Squared distance per group between ``target`` and ``q``'s decoding: ``[n_groups]``."""
-    diff = target.astype(jnp.float32) - q.decode_out_in(jnp.float32)
-    return reencoder_for(q).group_sums(q, diff * diff)
+    return reencoder_for(q).group_distances(q, target)
 
 
 def num_groups(q: Any) -> int:

@@ -200,10 +200,13 @@ def _pvq_from_name(m: re.Match[str], d_ins: Iterable[int] | None) -> Any:
 def _register_builtins() -> None:
     from jaxquant.methods import scalar_reencode  # noqa: PLC0415 (light: no search code)
     from jaxquant.methods.aqlm import reencode as aqlm_reencode  # noqa: PLC0415
+    from jaxquant.methods import rotated_reencode  # noqa: PLC0415
+    from jaxquant.methods.kashin import reencode as kashin_reencode  # noqa: PLC0415
     from jaxquant.methods.kashin.array import KashinQuantized  # noqa: PLC0415
+    from jaxquant.methods.pvq import reencode as pvq_reencode  # noqa: PLC0415
     from jaxquant.methods.pvq.array import PVQQuantized  # noqa: PLC0415
     from jaxquant.methods.spqr import reencode as spqr_reencode  # noqa: PLC0415
-    from jaxquant import rotations  # noqa: F401, PLC0415 (registers RotatedQuantized for checkpoints)
+    from jaxquant import rotations  # noqa: PLC0415 (also registers RotatedQuantized for checkpoints)
     from jaxquant.methods.spqr.array import SpQRQuantized  # noqa: PLC0415
     from jaxquant.methods.vptq import reencode as vptq_reencode  # noqa: PLC0415
     from jaxquant.methods.vptq.array import VPTQQuantized  # noqa: PLC0415
@@ -230,10 +233,14 @@ def _register_builtins() -> None:
                     array_type=VPTQQuantized, reencoder=vptq_reencode.REENCODER))
     register(Method("kashin", recipes.Kashin, "jaxquant.methods.kashin.quantize:quantize_kashin",
                     needs_statistics=False, name_pattern=r"kashin-(\d+)-(\d+)", from_name=_kashin_from_name,
-                    examples=("kashin-1-1", "kashin-2-2"), array_type=KashinQuantized))
+                    examples=("kashin-1-1", "kashin-2-2"), array_type=KashinQuantized,
+                    reencoder=kashin_reencode.REENCODER))
     register(Method("pvq", recipes.PVQ, "jaxquant.methods.pvq.quantize:quantize_pvq",
                     name_pattern=r"pvq-(\d+)x(\d+)(?:a(\d+))?", from_name=_pvq_from_name,
-                    examples=("pvq-8x14", "pvq-16x27a3"), array_type=PVQQuantized))
+                    examples=("pvq-8x14", "pvq-16x27a3"), array_type=PVQQuantized,
+                    reencoder=pvq_reencode.REENCODER))
+    # A rotated array re-encodes through the array it wraps, whatever its method.
+    _REENCODERS[rotations.RotatedQuantized] = rotated_reencode.reencoder(reencoder_for)
 
 
 _register_builtins()

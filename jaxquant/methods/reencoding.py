@@ -33,11 +33,23 @@ class Reencoder:
             ``trust_ratio`` the changes are accepted in the order of ``idx`` while
             ``‖ΔŴ‖_F ≤ trust_ratio · ‖Ŵ‖_F`` (``accept_changes``). ``beam_size`` is for
             searches that use one.
+        distances: ``(q, target) -> [num_groups]``, each group's squared distance to the
+            ``(d_out, d_in)`` target, for a type whose groups are not sets of weights (a
+            rotated array's groups live in the rotated basis); ``None``: ``group_sums`` of
+            the squared difference.
     """
 
     num_groups: Callable[[Any], int]
     group_sums: Callable[[Any, jax.Array], jax.Array]
     reencode: Callable[..., Any]
+    distances: Callable[[Any, jax.Array], jax.Array] | None = None
+
+    def group_distances(self, q: Any, target: jax.Array) -> jax.Array:
+        """Squared distance per group between ``target`` and ``q``'s decoding: ``[num_groups]``."""
+        if self.distances is not None:
+            return self.distances(q, target)
+        diff = target.astype(jnp.float32) - q.decode_out_in(jnp.float32)
+        return self.group_sums(q, diff * diff)
 
 
 def accept_changes(better: jax.Array, delta_sq: jax.Array, w_sq: jax.Array, trust_ratio: float | None) -> jax.Array:
