@@ -1,9 +1,10 @@
-"""One table of every method on SmolLM2-135M at about 2, 3 and 4 bits per weight (issue 26).
+"""One table of every method on SmolLM2-135M at about 2, 3 and 4 bits per weight (issues 26, 27).
 
 Reads the summaries the protocols wrote (``benchmarks/results/real_model/*summary.json``,
 each from ``benchmarks/real_model.py``) and places each row by its honest bits per weight:
 about 2 bits is below 2.75, about 3 below 3.75, about 4 below 4.75. A method that no summary
-holds at a level shows as "not run". Writes Markdown.
+holds at a level shows as "not run". Rows whose name has ``-rot`` (quantized in a rotated
+basis) get a line of their own. Writes Markdown.
 
     python benchmarks/real_model_table.py --out benchmarks/results/real_model/table_2_3_4.md
 """
@@ -21,11 +22,13 @@ from jaxquant.atomic_files import atomic_write_bytes
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUMMARIES = os.path.join(HERE, "results", "real_model", "*summary.json")
 LEVELS = ((2, 2.75), (3, 3.75), (4, 4.75))  # (level, bits below which a row belongs to it)
-METHODS = ("rtn", "gptq", "spqr", "vptq", "aqlm")
+METHODS = ("rtn", "gptq", "gptq-rot", "spqr", "vptq", "aqlm", "kashin", "pvq")
+LABELS = {"gptq-rot": "GPTQ + rotation", "spqr": "SpQR", "kashin": "Kashin", "pvq": "PVQ (rotated)"}
 
 
 def _family(name: str) -> str:
-    return name.split("-")[0]
+    base = name.split("-")[0]
+    return f"{base}-rot" if "-rot" in name else base
 
 
 def _level(bits: float) -> int | None:
@@ -63,7 +66,7 @@ def table(cells: dict[tuple[str, str, int], list[dict]]) -> str:
     lines = [header, "|---" * (len(LEVELS) + 1) + "|"]
     for method in METHODS:
         for kind in ("one-shot", "+PV"):
-            line = [f"{method.upper() if method != 'spqr' else 'SpQR'} {kind}"]
+            line = [f"{LABELS.get(method, method.upper())} {kind}"]
             line += [_cell(cells.get((method, kind, level), [])) for level, _ in LEVELS]
             lines.append("| " + " | ".join(line) + " |")
     return "\n".join(lines) + "\n"
