@@ -47,7 +47,7 @@ def test_walsh_hadamard_needs_a_power_of_two():
         rotations.walsh_hadamard(jnp.zeros((2, 12)))
 
 
-@pytest.mark.parametrize("n", [576, 1536, 24])
+@pytest.mark.parametrize("n", [576, 24])
 def test_hadamard_of_other_widths_is_dct_kron_hadamard(n):
     m, p = rotations.odd_and_power_of_two(n)
     assert m % 2 == 1 and p & (p - 1) == 0 and m * p == n
@@ -100,7 +100,7 @@ def _problem(rng, d_out, d_in):
     return w.astype(np.float32), x.astype(np.float32), (x.T @ x / len(x)).astype(np.float32)
 
 
-@pytest.mark.parametrize("recipe", [jq.GPTQ(bits=3, group_size=16, rotate=True),
+@pytest.mark.parametrize("recipe", [jq.RTN(bits=3, group_size=16, rotate=True),
                                     jq.RTN(bits=4, group_size=16, rotate="dct"),
                                     jq.AQLM(num_codebooks=1, codebook_bits=4, group_size=4, max_rounds=1,
                                             adam_steps=5, kmeans_iters=5, rotate="orthogonal")])

@@ -86,7 +86,7 @@ def point(idx: int, d: int, pulses: int) -> list[int]:
 _START_EXTRA_PULSES = (0, 1, 2)
 
 
-def nearest_point(x: jax.Array, pulses: int) -> jax.Array:
+def nearest_point(x: jax.Array, pulses: int | jax.Array) -> jax.Array:
     """For each group ``x[..., :]`` (length ``d``), the point ``y`` of ``P(d, K)`` with the
     largest cosine to it.
 
@@ -96,6 +96,8 @@ def nearest_point(x: jax.Array, pulses: int) -> jax.Array:
     raises the cosine; the best of the searches is kept. Signs follow ``x``; a zero group
     gets all its pulses on the first coordinate.
 
+    ``pulses`` may be traced (one compiled program serves every ``K``).
+
     Returns:
         ``int32 [..., d]`` with ``Σ|y| = K`` per group.
     """
@@ -104,9 +106,11 @@ def nearest_point(x: jax.Array, pulses: int) -> jax.Array:
     l1 = jnp.sum(a, axis=-1, keepdims=True)
     a = jnp.where(l1 > 0, a, jax.nn.one_hot(0, d, dtype=a.dtype))
     l1 = jnp.sum(a, axis=-1, keepdims=True)
+    k = jnp.asarray(pulses, a.dtype)
+    max_moves = jnp.asarray(pulses, jnp.int32) + d
     best_y, best_cos = None, None
     for extra in _START_EXTRA_PULSES:
-        y = _refine(a, jnp.floor((pulses + extra) * a / l1), pulses, extra)
+        y = _refine(a, jnp.floor((k + extra) * a / l1), k, extra, max_moves)
         c = _cosine(a, y)
         if best_y is None:
             best_y, best_cos = y, c
@@ -120,8 +124,9 @@ def _cosine(a: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.sum(a * y, -1) * jax.lax.rsqrt(jnp.maximum(jnp.sum(y * y, -1), 1.0))
 
 
-def _refine(a: jax.Array, y: jax.Array, pulses: int, extra: int) -> jax.Array:
-    """``y`` (float, ``Σ y ≤ K + extra``) brought to ``K`` pulses, then improved by moves."""
+def _refine(a: jax.Array, y: jax.Array, pulses: jax.Array, extra: int, max_moves: jax.Array) -> jax.Array:
+    """``y`` (``Σ y ≤ K + extra``) brought to ``K`` pulses (``pulses``, in ``a``'s dtype),
+    then improved by at most ``max_moves`` pulse moves."""
     d = a.shape[-1]
 
     def sums(y: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -157,7 +162,7 @@ def _refine(a: jax.Array, y: jax.Array, pulses: int, extra: int) -> jax.Array:
 
     def moving(state: tuple[jax.Array, jax.Array]) -> jax.Array:
         y, moves = state
-        return (moves < pulses + d) & jnp.any(best_move(y)[0])
+        return (moves < max_moves) & jnp.any(best_move(y)[0])
 
     def move(state: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         y, moves = state
