@@ -1,4 +1,4 @@
-"""The input checks every second-order method shares (SpQR, VPTQ): recipe type, a 2-D
+"""The input checks every second-order method shares (SpQR, VPTQ, PVQ): recipe type, a 2-D
 weight whose dimensions fit the recipe's groups, and ``XᵀX`` of the matching shape."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxquant.recipes import check_divisible
 
@@ -29,3 +30,16 @@ def check_weight_and_statistics(w: Any, xtx: Any, recipe: Any, recipe_type: type
         got = None if xtx is None else tuple(jnp.shape(xtx))
         raise ValueError(f"{name} needs XᵀX of shape ({d_in}, {d_in}) for the weight at {where}, got {got}")
     return d_out, d_in
+
+
+def host_problem(w: Any, xtx: Any, recipe: Any, recipe_type: type, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """``w`` and ``xtx`` checked (``check_weight_and_statistics``) and brought to the host as
+    numpy arrays of one dtype (float64 where x64 is on, in tests; float32 otherwise), with
+    the columns of dead inputs (``diag(XᵀX) = 0``) zeroed as the column loop zeroes them.
+
+    Preparation runs on the host: eager jax ops would each compile a program.
+    """
+    check_weight_and_statistics(w, xtx, recipe, recipe_type, where)
+    dt = np.float64 if jnp.asarray(w).dtype == jnp.float64 else np.float32
+    w, h = np.asarray(w, dt), np.asarray(xtx, dt)
+    return np.where(np.diagonal(h)[None, :] == 0, dt(0), w), h

@@ -44,6 +44,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxquant.methods import _grid
 from jaxquant.qarray import ScalarQuantized
@@ -341,8 +342,42 @@ def _gptq_impl(
 
 
 # The compiled loop: one program per (shapes, dtype, static settings, group grid);
-# damping, code width and the outlier threshold are traced. GPTQ, SpQR and VPTQ run on it.
+# damping, code width and the outlier threshold are traced. GPTQ, SpQR, VPTQ and PVQ run on it.
 column_loop = jax.jit(_gptq_impl, static_argnames=_STATIC_ARGNAMES)
+
+
+def code_columns(w: np.ndarray, h: np.ndarray, rounder: Any, params: Any, *, damp: float, act_order: bool,
+                 block_size: int, where: str) -> np.ndarray:
+    """Every column of ``w`` coded by a column rounder on the loop, the error of each spread
+    over the columns not yet coded (in ``diag(XᵀX)``-decreasing order with ``act_order``).
+
+    Args:
+        w: ``[d_out, d_in]`` weight (numpy, float32 or float64).
+        h: ``[d_in, d_in]`` input statistics.
+        rounder: the column rounder (see ``column_loop``).
+        params: its parameters; arrays indexed by column are in *processing* order.
+        damp: relative damping; act_order, block_size: as in ``column_loop``.
+        where: the leaf path, for the error message.
+
+    Returns:
+        ``[rounder.code_width(d_out), d_in]`` codes in the weight's own column order.
+
+    Raises:
+        ValueError: ``XᵀX`` is not positive definite even after damping.
+    """
+    order = processing_order(h, act_order)
+    codes, _, _, ok = column_loop(
+        w[:, order], h[order][:, order], w.dtype.type(damp), 1, None, params,
+        group_size=w.shape[1], symmetric=False, act_order=False, block_size=block_size, clip_search=False,
+        param_dtype="float32", column_rounder=rounder)
+    if not bool(ok):
+        raise ValueError(f"XᵀX at {where} is not positive definite even after damping with damp={damp}")
+    return np.asarray(codes)[:, np.argsort(order)]
+
+
+def processing_order(h: np.ndarray, act_order: bool) -> np.ndarray:
+    """The order columns are coded in: ``diag(XᵀX)`` decreasing (stable) with ``act_order``."""
+    return np.argsort(-np.diagonal(h), kind="stable") if act_order else np.arange(h.shape[0])
 
 
 def quantize_gptq(w: jax.Array, xtx: Any, recipe: GPTQ, key: jax.Array, *, layout: str = "out_in",

@@ -67,3 +67,16 @@ def accept_changes(better: jax.Array, delta_sq: jax.Array, w_sq: jax.Array, trus
     # Sequential over the (few) selected groups: a greedy knapsack in selection order.
     _, keep = jax.lax.scan(admit, jnp.float32(0.0), (better, delta_sq.astype(jnp.float32)))
     return keep
+
+
+def keep_new(current: jax.Array, new: jax.Array, want: jax.Array, w_sq: jax.Array, trust_ratio: float | None,
+             force: bool) -> jax.Array:
+    """Which groups (``[n, ...]`` rows of decoded values) take their new codes: those strictly
+    closer to the target ``want`` (with ``force``: those that move toward it), admitted under
+    the trust ratio by ``accept_changes``."""
+    axes = tuple(range(1, current.ndim))
+    if force:
+        better = jnp.sum((new - current) * (want - current), axis=axes) > 0
+    else:
+        better = jnp.sum((new - want) ** 2, axis=axes) < jnp.sum((current - want) ** 2, axis=axes)
+    return accept_changes(better, jnp.sum((new - current) ** 2, axis=axes), w_sq, trust_ratio)

@@ -17,7 +17,7 @@ from jaxquant import rotations
 from jaxquant.methods._lloyd1d import nearest_level
 from jaxquant.methods.kashin.array import KashinQuantized, decode_factor
 from jaxquant.methods.kashin.quantize import kashin_split
-from jaxquant.methods.reencoding import Reencoder, accept_changes
+from jaxquant.methods.reencoding import Reencoder, keep_new
 from jaxquant.recipes import Kashin
 
 _DEFAULTS = Kashin()
@@ -39,12 +39,7 @@ def reencode_kashin(q: KashinQuantized, target: jax.Array, idx: jax.Array, *, be
     v = rotations.rotate(want - u_hat, q.signs, q.transform)
     v_codes = nearest_level(v / v_scales.astype(jnp.float32)[:, None], v_grid)
     new = u_hat + rotations.unrotate(decode_factor(v_codes, v_grid, v_scales), q.signs, q.transform)
-    if force:
-        better = jnp.sum((new - current) * (want - current), axis=1) > 0  # moves toward the target
-    else:
-        better = jnp.sum((new - want) ** 2, axis=1) < jnp.sum((current - want) ** 2, axis=1)
-    w_sq = jnp.sum(q.decode_out_in(jnp.float32) ** 2)
-    keep = accept_changes(better, jnp.sum((new - current) ** 2, axis=1), w_sq, trust_ratio)
+    keep = keep_new(current, new, want, jnp.sum(q.decode_out_in(jnp.float32) ** 2), trust_ratio, force)
 
     def update(codes: jax.Array, chosen: jax.Array) -> jax.Array:
         kept = jnp.where(keep[:, None], chosen.astype(codes.dtype), codes[idx])

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.methods import gptq
-from jaxquant.methods._inputs import check_weight_and_statistics
+from jaxquant.methods._inputs import host_problem
 from jaxquant.methods._lloyd1d import lloyd_1d, nearest_level
 from jaxquant.methods.pvq.array import PVQQuantized
 from jaxquant.methods.pvq.lattice import nearest_point
@@ -81,31 +81,21 @@ def quantize_pvq(w: jax.Array, xtx: Any, recipe: PVQ, key: jax.Array, *, layout:
     """
     del key
     where = path or "<weight>"
-    check_weight_and_statistics(w, xtx, recipe, PVQ, where)
     check_layout(layout)
-    dt = np.float64 if jnp.asarray(w).dtype == jnp.float64 else np.float32  # float64 where x64 is on (tests)
-    w, h = np.asarray(w, dt), np.asarray(xtx, dt)
+    w, h = host_problem(w, xtx, recipe, PVQ, where)
+    dt = w.dtype.type
     d_out, d_in = w.shape
     d, pdt = recipe.group_size, jnp.dtype(recipe.param_dtype)
-    diag = np.diagonal(h)
-    w = np.where(diag[None, :] == 0, dt(0), w)  # dead inputs: the loop zeroes them too
     rms = np.sqrt(np.mean(w * w, axis=0))
     scales = np.where(rms > 0, rms, 1.0).astype(pdt)
     units = scales.astype(dt) * dt(np.sqrt(d))
     grid = np.asarray(_amplitude_grid(jnp.asarray(w, jnp.float32), jnp.asarray(units, jnp.float32), group_size=d,
                                       pulses=recipe.pulses, levels=2**recipe.amplitude_bits,
                                       iterations=recipe.kmeans_iters)).astype(pdt)
-    order = np.argsort(-diag, kind="stable") if recipe.act_order else np.arange(d_in)
-    codes, _, _, ok = gptq.column_loop(
-        w[:, order], h[order][:, order], dt(recipe.damp), recipe.amplitude_bits, None,
-        (grid.astype(dt), units[order]),
-        group_size=d_in, symmetric=False, act_order=False,
-        block_size=recipe.block_size, clip_search=False, param_dtype="float32",
-        column_rounder=PulseRounding(d, recipe.pulses),
-    )
-    if not bool(ok):
-        raise ValueError(f"XᵀX at {where} is not positive definite even after damping with damp={recipe.damp}")
-    codes = np.asarray(codes)[:, np.argsort(order)]  # [d_out + d_out / d, d_in]
+    order = gptq.processing_order(h, recipe.act_order)
+    codes = gptq.code_columns(w, h, PulseRounding(d, recipe.pulses), (grid.astype(dt), units[order]),
+                              damp=recipe.damp, act_order=recipe.act_order, block_size=recipe.block_size,
+                              where=where)  # [d_out + d_out / d, d_in]
     return PVQQuantized(
         pulses=jnp.asarray(np.rint(codes[:d_out]).astype(np.int8)),
         amplitude_codes=jnp.asarray(np.rint(codes[d_out:]).astype(code_dtype(recipe.amplitude_bits))),

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jaxquant.methods._lloyd1d import nearest_level
 from jaxquant.methods.pvq.array import PVQQuantized
 from jaxquant.methods.pvq.quantize import direction_and_amplitude
-from jaxquant.methods.reencoding import Reencoder, accept_changes
+from jaxquant.methods.reencoding import Reencoder, keep_new
 
 
 def _groups(x: jax.Array, d: int) -> jax.Array:
@@ -39,12 +39,7 @@ def reencode_pvq(q: PVQQuantized, target: jax.Array, idx: jax.Array, *, beam_siz
     grid = q.amplitude_grid.astype(jnp.float32)
     codes = nearest_level(amplitude / units, grid)
     new = unit * (grid[codes] * units)[:, None]
-    if force:
-        better = jnp.sum((new - current) * (want - current), axis=1) > 0  # moves toward the target
-    else:
-        better = jnp.sum((new - want) ** 2, axis=1) < jnp.sum((current - want) ** 2, axis=1)
-    w_sq = jnp.sum(q.decode_out_in(jnp.float32) ** 2)
-    keep = accept_changes(better, jnp.sum((new - current) ** 2, axis=1), w_sq, trust_ratio)
+    keep = keep_new(current, new, want, jnp.sum(q.decode_out_in(jnp.float32) ** 2), trust_ratio, force)
 
     group_pulses = _groups(q.pulses, d)
     kept_pulses = jnp.where(keep[:, None], y.astype(q.pulses.dtype), group_pulses[rows, columns])

@@ -9,7 +9,6 @@ for the others, ``R`` the residual codebook (absent: zero) and ``s_i`` the colum
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.methods import gptq
-from jaxquant.methods._inputs import check_weight_and_statistics
+from jaxquant.methods._inputs import host_problem
 from jaxquant.methods.aqlm.kmeans import assign_all, host_rng, lloyd, sample_indices
 from jaxquant.methods.vptq.array import VPTQQuantized
 from jaxquant.qarray import check_layout, code_dtype
@@ -122,15 +122,12 @@ def quantize_vptq(w: jax.Array, xtx: Any, recipe: VPTQ, key: jax.Array, *, layou
             missing or mis-shaped ``xtx``, or ``xtx`` not positive definite after damping.
     """
     where = path or "<weight>"
-    check_weight_and_statistics(w, xtx, recipe, VPTQ, where)
     check_layout(layout)
-    # Preparation on the host, in numpy: eager jax ops would each compile a program.
-    dt = np.float64 if jnp.asarray(w).dtype == jnp.float64 else np.float32  # float64 where x64 is on (tests)
-    w, h = np.asarray(w, dt), np.asarray(xtx, dt)
+    w, h = host_problem(w, xtx, recipe, VPTQ, where)
+    dt = w.dtype.type
     d_out, d_in = w.shape
     v, pdt = recipe.vector_size, jnp.dtype(recipe.param_dtype)
     diag = np.diagonal(h)
-    w = np.where(diag[None, :] == 0, dt(0), w)  # dead inputs: the loop zeroes them too
 
     scales = None
     if recipe.normalize:
@@ -162,18 +159,13 @@ def quantize_vptq(w: jax.Array, xtx: Any, recipe: VPTQ, key: jax.Array, *, layou
                 left[:, columns] = np.asarray(_left_over(points[:, columns], book.astype(np.float32)))
         residual_codebook = fit(np.ones(d_in, bool), left, recipe.residual_bits)
 
-    order = by_diag if recipe.act_order else np.arange(d_in)
+    order = gptq.processing_order(h, recipe.act_order)
     books = tuple(b.astype(dt) for b in (codebook, codebook if outlier_codebook is None else outlier_codebook,
                                           codebook if residual_codebook is None else residual_codebook))
-    codes, _, _, ok = gptq.column_loop(
-        w[:, order], h[order][:, order], dt(recipe.damp), recipe.codebook_bits, None, (*books, s[order], outlier[order]),
-        group_size=d_in, symmetric=False, act_order=False,
-        block_size=recipe.block_size, clip_search=False, param_dtype="float32",
-        column_rounder=VectorRounding(v, bool(recipe.residual_bits)),
-    )
-    if not bool(ok):
-        raise ValueError(f"XᵀX at {where} is not positive definite even after damping with damp={recipe.damp}")
-    codes = np.asarray(codes)[:, np.argsort(order)].reshape(-1, d_out // v, d_in)  # [stages, d_out / v, d_in]
+    codes = gptq.code_columns(w, h, VectorRounding(v, bool(recipe.residual_bits)),
+                              (*books, s[order], outlier[order]), damp=recipe.damp, act_order=recipe.act_order,
+                              block_size=recipe.block_size, where=where)
+    codes = codes.reshape(-1, d_out // v, d_in)  # [stages, d_out / v, d_in]
     as_jax = lambda a: None if a is None else jnp.asarray(a)  # noqa: E731
     return VPTQQuantized(
         codes=jnp.asarray(codes[0].astype(code_dtype(recipe.codebook_bits))),

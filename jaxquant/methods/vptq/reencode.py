@@ -14,7 +14,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxquant.methods.reencoding import Reencoder, accept_changes
+from jaxquant.methods.reencoding import Reencoder, keep_new
 from jaxquant.methods.vptq.array import VPTQQuantized
 from jaxquant.methods.vptq.quantize import codeword_scores, column_vectors, nearest_exact
 
@@ -56,13 +56,7 @@ def reencode_vptq(q: VPTQQuantized, target: jax.Array, idx: jax.Array, *, beam_s
         residual = nearest_exact(left, q.residual_codebook.astype(jnp.float32))
     new = q.decode_vectors(first, residual, columns)
 
-    old_dist, new_dist = jnp.sum((current - want) ** 2, axis=1), jnp.sum((new - want) ** 2, axis=1)
-    if force:
-        better = jnp.sum((new - current) * (want - current), axis=1) > 0  # moves toward the target
-    else:
-        better = new_dist < old_dist
-    w_sq = jnp.sum(q.decode_out_in(jnp.float32) ** 2)
-    keep = accept_changes(better, jnp.sum((new - current) ** 2, axis=1), w_sq, trust_ratio)
+    keep = keep_new(current, new, want, jnp.sum(q.decode_out_in(jnp.float32) ** 2), trust_ratio, force)
 
     def update(codes: jax.Array, chosen: jax.Array) -> jax.Array:
         return codes.at[rows, columns].set(jnp.where(keep, chosen, codes[rows, columns].astype(jnp.int32))
