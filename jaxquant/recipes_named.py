@@ -9,9 +9,11 @@ step with the recipe classes:
   of two that does (64 for SmolLM2's widths 576 and 1536);
 * ``aqlm-{M}x{B}[-g{group}]``: ``M`` codebooks of ``2**B`` codewords over groups of 8
   input columns unless ``-g`` says otherwise (``aqlm-2x8`` and ``aqlm-1x16`` are the
-  paper's 2-bit configurations; ``aqlm-1x8-g4`` is 2 code bits with a tiny codebook).
+  paper's 2-bit configurations; ``aqlm-1x8-g4`` is 2 code bits with a tiny codebook);
+* ``spqr-{bits}[-g{group}]``, ``vptq-{v}x{B}[r{R}]``, ``kashin-{u bits}-{v bits}`` and
+  ``pvq-{group}x{pulses}[a{amplitude bits}]`` (PVQ rotates by default).
 
-Any name may end in ``-rot`` (quantize in a random Hadamard-rotated basis, see
+Any name but Kashin's may end in ``-rot`` (quantize in a random Hadamard-rotated basis, see
 ``jaxquant.rotations``) or ``-rot-dct`` / ``-rot-orthogonal``: ``gptq-3-g64-rot``.
 
 A recipe file (``.json`` or ``.toml``) holds one key, ``recipe``: a single recipe
@@ -69,7 +71,11 @@ def named_recipe(name: str, d_ins: Iterable[int] | None = None) -> Recipe:
     rotated = re.fullmatch(r"(.+?)-rot(?:-(\w+))?", key)
     if rotated:
         base, kind = rotated.groups()
-        return dataclasses.replace(named_recipe(base, d_ins), rotate=kind or "hadamard")
+        recipe = named_recipe(base, d_ins)
+        if "rotate" not in {f.name for f in dataclasses.fields(recipe)}:
+            raise ValueError(f"recipe name {name!r}: {type(recipe).__name__} recipes have no rotation "
+                             "(drop the -rot suffix)")
+        return dataclasses.replace(recipe, rotate=kind or "hadamard")
     for method in methods.registered():
         m = None if method.name_pattern is None else re.fullmatch(method.name_pattern, key)
         if m:

@@ -164,6 +164,8 @@ def test_rotate_recipe_field_and_names():
     assert named_recipe("gptq-3-g64-rot") == jq.GPTQ(bits=3, group_size=64, rotate="hadamard")
     assert named_recipe("aqlm-2x8-rot-dct") == jq.AQLM(rotate="dct")
     assert named_recipe("gptq-3-g64-rot").name == "gptq-3bit-g64-rot"
+    with pytest.raises(ValueError, match="Kashin recipes have no rotation"):
+        named_recipe("kashin-1-1-rot")
     spqr = jq.SpQR(rotate="orthogonal")
     assert recipe_from_dict(recipe_to_dict(spqr)) == spqr
 
