@@ -147,3 +147,21 @@ def test_checkpoint_round_trip_and_recipe_checks(tmp_path):
     with pytest.raises(ValueError, match="d_out=12 is not divisible by group_size=8"):
         jq.quantize_weight(jnp.ones((12, 16)), jnp.eye(16), jq.PVQ())
     assert named_recipe("pvq-16x27a3") == jq.PVQ(group_size=16, pulses=27, amplitude_bits=3)
+
+
+def test_layers_of_one_shape_compile_once():
+    from jaxquant import rotations  # noqa: PLC0415
+    from jaxquant.methods import gptq  # noqa: PLC0415
+    from jaxquant.methods.pvq import quantize as pvq_quantize  # noqa: PLC0415
+
+    rng = np.random.default_rng(6)
+    tree, stats = {}, {}
+    for name in ("a", "b", "c"):
+        w, _, h = _problem(rng, 32, 48)
+        tree[name] = {"kernel": jnp.asarray(w.T, jnp.float32)}
+        stats[f"{name}/kernel"] = jnp.asarray(h, jnp.float32)
+    jitted = (pvq_quantize._amplitude_grid, gptq.column_loop, rotations.rotate_weight, rotations.rotate_statistics)
+    before = [f._cache_size() for f in jitted]
+    jq.quantize(tree, stats, jq.PVQ(group_size=8, pulses=6, amplitude_bits=2))
+    new_programs = [f._cache_size() - b for f, b in zip(jitted, before, strict=True)]
+    assert all(n <= 1 for n in new_programs), new_programs  # at most one per function, for three layers
