@@ -29,8 +29,8 @@ def reencode_kashin(q: KashinQuantized, target: jax.Array, idx: jax.Array, *, be
     ``Reencoder.reencode`` contract; ``beam_size`` is unused). The split uses the default
     recipe's rounds and truncation."""
     del beam_size
-    want = target.astype(jnp.float32)[idx]
-    current = q.decode_rows(jnp.int32(0), q.d_out)[idx]
+    dense = q.decode_out_in(jnp.float32)
+    want, current = target.astype(jnp.float32)[idx], dense[idx]
     u_grid, v_grid = q.u_grid.astype(jnp.float32), q.v_grid.astype(jnp.float32)
     u_scales, v_scales = q.u_scales[idx], q.v_scales[idx]
     u, _, _ = kashin_split(want, q.signs, q.transform, _DEFAULTS.iterations, _DEFAULTS.truncation)
@@ -39,7 +39,7 @@ def reencode_kashin(q: KashinQuantized, target: jax.Array, idx: jax.Array, *, be
     v = rotations.rotate(want - u_hat, q.signs, q.transform)
     v_codes = nearest_level(v / v_scales.astype(jnp.float32)[:, None], v_grid)
     new = u_hat + rotations.unrotate(decode_factor(v_codes, v_grid, v_scales), q.signs, q.transform)
-    keep = keep_new(current, new, want, jnp.sum(q.decode_out_in(jnp.float32) ** 2), trust_ratio, force)
+    keep = keep_new(current, new, want, jnp.sum(dense**2), trust_ratio, force)
 
     def update(codes: jax.Array, chosen: jax.Array) -> jax.Array:
         kept = jnp.where(keep[:, None], chosen.astype(codes.dtype), codes[idx])

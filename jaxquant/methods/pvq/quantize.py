@@ -35,6 +35,16 @@ def direction_and_amplitude(groups: jax.Array, pulses: int) -> tuple[jax.Array, 
     return y, unit, jnp.sum(groups * unit, -1)
 
 
+def code_groups(groups: jax.Array, pulses: int, grid: jax.Array,
+                units: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Groups ``[n, d]`` coded as the quantizer codes them: ``(lattice points, amplitude
+    codes [n], decoded groups [n, d])``, amplitudes on ``grid`` in units of ``units``
+    (``[n]`` or one for all)."""
+    y, unit, amplitude = direction_and_amplitude(groups, pulses)
+    codes = nearest_level(amplitude / units, grid)
+    return y, codes, unit * (grid[codes] * units)[:, None]
+
+
 @dataclasses.dataclass(frozen=True)
 class PulseRounding:
     """The column rounding of PVQ for ``gptq.column_loop``.
@@ -52,9 +62,7 @@ class PulseRounding:
 
     def __call__(self, x: jax.Array, column: jax.Array, params: Any) -> tuple[jax.Array, jax.Array]:
         grid, units = params
-        y, unit, amplitude = direction_and_amplitude(x.reshape(-1, self.group_size), self.pulses)
-        codes = nearest_level(amplitude / units[column], grid)
-        decoded = unit * (grid[codes] * units[column])[:, None]
+        y, codes, decoded = code_groups(x.reshape(-1, self.group_size), self.pulses, grid, units[column])
         return jnp.concatenate([y.reshape(-1), codes.astype(y.dtype)]).astype(x.dtype), decoded.reshape(-1)
 
 

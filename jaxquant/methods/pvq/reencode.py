@@ -13,9 +13,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxquant.methods._lloyd1d import nearest_level
 from jaxquant.methods.pvq.array import PVQQuantized
-from jaxquant.methods.pvq.quantize import direction_and_amplitude
+from jaxquant.methods.pvq.quantize import code_groups
 from jaxquant.methods.reencoding import Reencoder, keep_new
 
 
@@ -32,14 +31,12 @@ def reencode_pvq(q: PVQQuantized, target: jax.Array, idx: jax.Array, *, beam_siz
     del beam_size
     d = q.group_size
     rows, columns = idx // q.d_in, idx % q.d_in
+    dense = q.decode_out_in(jnp.float32)
     want = _groups(target.astype(jnp.float32), d)[rows, columns]  # [n, d]
-    current = _groups(q.decode_out_in(jnp.float32), d)[rows, columns]
+    current = _groups(dense, d)[rows, columns]
     units = q.column_scales.astype(jnp.float32)[columns] * jnp.sqrt(jnp.float32(d))
-    y, unit, amplitude = direction_and_amplitude(want, q.pulses_per_group)
-    grid = q.amplitude_grid.astype(jnp.float32)
-    codes = nearest_level(amplitude / units, grid)
-    new = unit * (grid[codes] * units)[:, None]
-    keep = keep_new(current, new, want, jnp.sum(q.decode_out_in(jnp.float32) ** 2), trust_ratio, force)
+    y, codes, new = code_groups(want, q.pulses_per_group, q.amplitude_grid.astype(jnp.float32), units)
+    keep = keep_new(current, new, want, jnp.sum(dense**2), trust_ratio, force)
 
     group_pulses = _groups(q.pulses, d)
     kept_pulses = jnp.where(keep[:, None], y.astype(q.pulses.dtype), group_pulses[rows, columns])
