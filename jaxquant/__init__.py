@@ -12,7 +12,7 @@ from jaxquant.lazy_exports import install_lazy_exports
 __all__ = install_lazy_exports(__name__)
 
 if TYPE_CHECKING:  # the exports: what type checkers see, and what install_lazy_exports reads
-    from jaxquant import io, models, ops, pipeline, rotations, select
+    from jaxquant import io, models, ops, pipeline, rotations, search, select
     from jaxquant.calibrate import calibrate
     from jaxquant.embeddings import store_embeddings
     from jaxquant.finetune.pv import VStep, decoded_value_and_grad, pv_tuning

@@ -559,6 +559,12 @@ def flatten_by_path(tree: Any) -> tuple[list[tuple[str, Any]], Any]:
     return [(path_to_str(p), leaf) for p, leaf in flat], treedef
 
 
+def replace_by_path(tree: Any, new: dict[str, Any]) -> Any:
+    """``tree`` with the leaves at the given path strings replaced (quantized arrays are leaves)."""
+    flat, treedef = flatten_by_path(tree)
+    return jax.tree_util.tree_unflatten(treedef, [new.get(p, leaf) for p, leaf in flat])
+
+
 def _describe(q: QuantizedArray) -> str:
     # Arrays are summarised, never printed: a repr of a 4096x4096 layer must stay one line.
     return (

@@ -2,7 +2,7 @@
 
 Every ``import`` counts, at the top of a module or inside a function. The order is the
 design's (``qarray`` → ``ops`` → ``calibrate`` → ``methods`` → ``quantize`` → ``io`` →
-``finetune`` → ``pipeline`` → ``models`` → ``cli``), with the helpers each layer uses
+``finetune`` → ``search`` → ``pipeline`` → ``models`` → ``cli``), with the helpers each layer uses
 placed where they belong.
 """
 
@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("quantize", "embeddings"),
     ("io", "data", "eval"),
     ("finetune",),
+    ("search",),
     ("pipeline",),
     ("models",),
     ("train", "quickstart", "reference_quickstart", "cli"),

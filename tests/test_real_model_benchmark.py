@@ -1,5 +1,7 @@
 """The decision rule of benchmarks/real_model.py on made-up rows."""
 
+import json
+
 import benchmark_scripts
 import pytest
 
@@ -42,3 +44,34 @@ def test_summarize_chains_and_headline(bench):
     assert out["headline"]["holds"] is True
     rows["a"]["bits_per_weight"] = 2.5
     assert bench.summarize(protocol, rows)["headline"]["holds"] is False
+
+
+def _search_json(seed: int, ppl: float) -> dict:
+    rows = [{"name": "evopress", "average_bits": 2.495, "ppl": ppl},
+            {"name": "uniform gptq-2-g64-rot", "average_bits": 2.503, "ppl": 30.0},
+            {"name": "uniform gptq-2-grow-rot", "average_bits": 2.04, "ppl": 90.0},
+            {"name": "error-sum greedy", "average_bits": 2.49, "ppl": 25.0}]
+    return {"seed": seed, "average_bits": 2.495, "command": f"jaxquant search ... --search-seed {seed}",
+            "perplexity": {"rows": rows}, "search": {"seconds": 900.0}, "level_counts": {},
+            "database": {"build_seconds": 3000.0, "megabytes": 700.0}}
+
+
+def test_evopress_rows_and_claims_follow_the_protocol():
+    evo = benchmark_scripts.load("evopress")
+    with open(evo.DEFAULT_PROTOCOL, encoding="utf-8") as f:
+        protocol = json.load(f)
+    cfg = next(c for c in protocol["configs"] if c["name"] == "evopress-gptq-2.5")
+    rows = {r["name"]: r for r in evo.rows_of(cfg, [_search_json(s, p) for s, p in ((1, 20.0), (2, 20.5), (3, 19.8))])}
+    assert rows["evopress-gptq-2.5"]["ppl"] == pytest.approx(20.1)
+    assert rows["best uniform level within 2.5 (gptq levels)"]["level"] == "uniform gptq-2-g64-rot"
+    assert rows["error-sum greedy 2.5 (gptq levels)"]["ppl"] == 25.0
+    claims = {(c["left"], c["right"]): c for c in evo.summarize(protocol, rows)}
+    decided = claims[("evopress-gptq-2.5", "best uniform level within 2.5 (gptq levels)")]
+    assert decided["holds"] is True and decided["p"] < 0.05
+    assert claims[("evopress-gptq-3.0", "uniform gptq-3-g64 (no rotation)")]["holds"] is None
+    # Every claim names rows that the protocol's configurations or external rows produce.
+    names = {r["name"] for r in protocol["external_rows"]} | {c["name"] for c in protocol["configs"]}
+    names |= {f"{kind} {c['budget']} ({c['levels']} levels)" for c in protocol["configs"]
+              for kind in ("error-sum greedy", "best uniform level within")}
+    for c in protocol["claims"]:
+        assert c["left"] in names and (c["right"] in names or c["right"].startswith("uniform ")), c

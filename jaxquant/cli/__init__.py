@@ -1,7 +1,7 @@
 """The ``jaxquant`` command (also ``python -m jaxquant``): thin commands over library functions.
 
-``quantize`` and ``finetune`` live in ``cli/quantize.py`` and ``cli/finetune.py``, the
-smaller commands here. Subcommands are registered in ``COMMANDS``: each is a ``Command``
+``quantize``, ``search`` and ``finetune`` live in ``cli/quantize.py``, ``cli/search.py``
+and ``cli/finetune.py``, the smaller commands here. Subcommands are registered in ``COMMANDS``: each is a ``Command``
 holding a name, a help line, a function that adds its arguments to an ``argparse``
 parser, and a function that runs it from the parsed arguments and returns an exit
 status. A new command is those two functions and one ``register`` call.
@@ -223,6 +223,22 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
 
 register(Command("quantize", "quantize a model block by block (resumable)", _configure_quantize, _run_quantize))
+
+
+def _configure_search(p: argparse.ArgumentParser) -> None:
+    from jaxquant.cli.search import configure  # noqa: PLC0415
+
+    configure(p)
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    from jaxquant.cli.search import run  # noqa: PLC0415
+
+    return run(args)
+
+
+register(Command("search", "per-layer mixed precision by evolutionary search under a bits budget (EvoPress)",
+                 _configure_search, _run_search))
 
 
 def _configure_finetune(p: argparse.ArgumentParser) -> None:

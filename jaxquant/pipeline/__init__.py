@@ -15,5 +15,6 @@ __all__ = install_lazy_exports(__name__)
 
 if TYPE_CHECKING:  # the exports: what type checkers see, and what install_lazy_exports reads
     from jaxquant.finetune.block import BlockFinetuneConfig
+    from jaxquant.pipeline.levels import build_level_database, level_dir
     from jaxquant.pipeline.blocks import BlockwiseModel, ComposedApply, as_blockwise, register_blockwise
     from jaxquant.pipeline.run import QuantizeResult, assemble, quantize_model

@@ -46,7 +46,7 @@ from jaxquant.embeddings import EMBEDDING_BITS, store_embeddings
 from jaxquant.finetune.block import BlockFinetuneConfig, finetune_block, relative_error
 from jaxquant.pipeline import rundir as rd
 from jaxquant.pipeline.blocks import BlockwiseModel, as_blockwise
-from jaxquant.qarray import flatten_by_path, tree_bits
+from jaxquant.qarray import flatten_by_path, replace_by_path, tree_bits
 from jaxquant.quantize import leaf_key, leaf_layout, quantize_weight
 from jaxquant.recipes import check_divisible
 from jaxquant.recipes_named import recipe_spec_to_data
@@ -80,12 +80,6 @@ class QuantizeResult:
 # ----------------------------------------------------------------------------- trees
 
 
-def _replace(tree: Any, new: dict[str, Any]) -> Any:
-    """``tree`` with the leaves at the given path strings replaced."""
-    flat, treedef = flatten_by_path(tree)
-    return jax.tree_util.tree_unflatten(treedef, [new.get(p, leaf) for p, leaf in flat])
-
-
 def assemble(blockwise: BlockwiseModel, blocks: list[Any]) -> Any:
     """The full parameter tree with block ``i``'s subtree taken from ``blocks[i]``."""
     new: dict[str, Any] = {}
@@ -93,7 +87,7 @@ def assemble(blockwise: BlockwiseModel, blocks: list[Any]) -> Any:
         prefix = blockwise.block_prefix(i)
         for rel, leaf in flatten_by_path(block)[0]:
             new[f"{prefix}/{rel}"] = leaf
-    return _replace(blockwise.params, new)
+    return replace_by_path(blockwise.params, new)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -512,7 +506,7 @@ def _quantize_block(
     finally:
         layer_bar.close()
 
-    qblock = _replace(fp, new)
+    qblock = replace_by_path(fp, new)
     block_err = relative_error(fn, qblock, x, targets, batch_size=batch_size)
     block_rec: dict[str, Any] = {"block": i, "rel_error": block_err, "rel_error_finetuned": None, "finetune": None}
     if finetune is not None:

@@ -1,0 +1,207 @@
+"""(1+λ) evolutionary search over per-layer levels under a bits budget (EvoPress,
+Sieberling et al., 2024).
+
+Each generation mutates the parent into λ offspring (``moves.mutate``) and selects in
+stages: every stage scores its candidates on a few freshly drawn calibration windows and
+keeps the best; the parent joins the last stage, so a generation never loses the best
+point (elitism). Cheap early stages weed out most offspring on little data; the last
+stage decides on more.
+
+The search is deterministic for a seed (one ``numpy`` generator draws every mutation and
+window), and resumable: after each generation its state (parent, fitness, generator
+state, history) is written atomically to ``state_path``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxquant.atomic_files import atomic_write_json
+from jaxquant.search.moves import BitsBudget, mutate, starting_point
+
+# score(choice, window_ids) -> fitness (lower is better)
+Score = Callable[[np.ndarray, Sequence[int]], float]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvolutionConfig:
+    """Settings of the search.
+
+    Attributes:
+        generations: generations to run.
+        offspring: λ, offspring per generation.
+        survivors: candidates kept after each selection stage; the last is 1.
+        windows: calibration windows drawn for each stage (same length as ``survivors``).
+        initial_candidates: random starting points, of which the best on
+            ``initial_windows`` windows becomes the first parent.
+        initial_windows: windows to pick the first parent on.
+        max_changes: most level steps in one mutation.
+        seed: seed of every random draw.
+    """
+
+    generations: int = 100
+    offspring: int = 16
+    survivors: tuple[int, ...] = (4, 1)
+    windows: tuple[int, ...] = (1, 4)
+    initial_candidates: int = 8
+    initial_windows: int = 4
+    max_changes: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("generations", "offspring", "initial_candidates", "initial_windows", "max_changes"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        object.__setattr__(self, "survivors", tuple(self.survivors))
+        object.__setattr__(self, "windows", tuple(self.windows))
+        if not self.survivors or len(self.survivors) != len(self.windows):
+            raise ValueError(f"survivors {self.survivors} and windows {self.windows} must be non-empty and of one "
+                             "length (one entry per selection stage)")
+        if self.survivors[-1] != 1:
+            raise ValueError(f"the last stage must keep one survivor, got survivors={self.survivors}")
+        kept = (self.offspring, *self.survivors)
+        if any(b > a or b < 1 for a, b in zip(kept, kept[1:])):
+            raise ValueError(f"survivors {self.survivors} must shrink from offspring={self.offspring} down to 1")
+        if any(not (isinstance(w, int) and w >= 1) for w in self.windows):
+            raise ValueError(f"windows must be positive ints, got {self.windows}")
+
+    def evaluations_per_generation(self) -> int:
+        """Window evaluations of one generation (the parent joins the last stage)."""
+        counts = (self.offspring, *self.survivors[:-1])
+        return sum(n * w for n, w in zip(counts, self.windows)) + self.windows[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+    """What ``evolve`` returns.
+
+    Attributes:
+        choice: the best assignment (level index per layer).
+        fitness: its fitness in the last generation's final stage.
+        history: one record per generation: ``generation``, ``fitness``,
+            ``average_bits``, ``seconds`` (since the search started), ``window_evaluations``.
+        seconds: the search's time, over every session of a resumed run.
+    """
+
+    choice: np.ndarray
+    fitness: float
+    history: list[dict[str, Any]]
+    seconds: float
+
+
+def _fingerprint(budget: BitsBudget, config: EvolutionConfig) -> str:
+    digest = hashlib.sha256(budget.bits.tobytes())
+    digest.update(budget.sizes.tobytes())
+    # Not ``generations``: a finished search may be resumed for more generations.
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "generations"}
+    digest.update(json.dumps([budget.average, budget.tolerance, settings], sort_keys=True).encode("utf-8"))
+    return digest.hexdigest()
+
+
+def _select(candidates: list[np.ndarray], n_keep: int, n_windows: int, num_windows: int, score: Score,
+            rng: np.random.Generator) -> tuple[list[np.ndarray], list[float]]:
+    """The ``n_keep`` best candidates on ``n_windows`` windows drawn afresh, best first."""
+    ids = sorted(int(i) for i in rng.choice(num_windows, size=n_windows, replace=False))
+    fitness = [score(c, ids) for c in candidates]
+    best = np.argsort(np.asarray(fitness), kind="stable")[:n_keep]
+    return [candidates[i] for i in best], [fitness[i] for i in best]
+
+
+def evolve(
+    budget: BitsBudget,
+    score: Score,
+    num_windows: int,
+    config: EvolutionConfig = EvolutionConfig(),
+    *,
+    state_path: str | os.PathLike | None = None,
+    progress: bool = True,
+    on_generation: Callable[[dict[str, Any]], None] | None = None,
+) -> SearchResult:
+    """Search for the assignment of lowest fitness within the bits budget.
+
+    Args:
+        budget: bits of every option, the target average and its tolerance.
+        score: ``score(choice, window_ids) -> float``, lower is better (e.g. a
+            ``KLFitness`` over ``DecodedOptions.tree(base, choice)``).
+        num_windows: how many calibration windows ``score`` can be given (ids
+            ``0 .. num_windows - 1``).
+        config: the search's settings.
+        state_path: a JSON file for the search state; an existing one from the same
+            search (same bits, budget and settings but ``generations``) is resumed, and
+            the search stops at ``config.generations``.
+        progress: a progress bar with the best fitness so far.
+        on_generation: called with each generation's history record.
+
+    Raises:
+        ValueError: a stage wants more windows than there are, or ``state_path`` holds
+            the state of a different search.
+    """
+    most = max(config.initial_windows, *config.windows)
+    if most > num_windows:
+        raise ValueError(f"a selection stage draws {most} windows but num_windows={num_windows}")
+    fingerprint = _fingerprint(budget, config)
+    state = _read_state(state_path, fingerprint)
+    rng = np.random.default_rng(config.seed)
+    if state is None:
+        t0 = time.perf_counter()
+        starts = [starting_point(budget, rng) for _ in range(config.initial_candidates)]
+        (parent,), (fitness,) = _select(starts, 1, config.initial_windows, num_windows, score, rng)
+        state = {"fingerprint": fingerprint, "generation": 0, "parent": parent.tolist(), "fitness": fitness,
+                 "seconds": time.perf_counter() - t0, "history": []}
+    else:
+        rng.bit_generator.state = state["rng"]
+    parent = np.asarray(state["parent"], np.int64)
+
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    bar = tqdm(total=config.generations, initial=state["generation"], desc="evolutionary search",
+               disable=not progress, unit="gen")
+    bar.set_postfix(fitness=f"{state['fitness']:.4g}")
+    session_start, seconds_before = time.perf_counter(), state["seconds"]
+    while state["generation"] < config.generations:
+        offspring = [mutate(parent, budget, rng, config.max_changes) for _ in range(config.offspring)]
+        candidates = offspring
+        for stage, (n_keep, n_windows) in enumerate(zip(config.survivors, config.windows)):
+            if stage == len(config.survivors) - 1 and not any(np.array_equal(parent, c) for c in candidates):
+                candidates = [*candidates, parent]
+            candidates, fitness = _select(candidates, n_keep, n_windows, num_windows, score, rng)
+        parent = candidates[0]
+        record = {"generation": state["generation"] + 1, "fitness": fitness[0],
+                  "average_bits": budget.average_of(parent),
+                  "seconds": seconds_before + time.perf_counter() - session_start,
+                  "window_evaluations": config.evaluations_per_generation()}
+        state.update(generation=record["generation"], parent=parent.tolist(), fitness=fitness[0],
+                     seconds=record["seconds"], rng=rng.bit_generator.state)
+        state["history"].append(record)
+        if state_path is not None:
+            atomic_write_json(state_path, state)
+        if on_generation is not None:
+            on_generation(record)
+        bar.update(1)
+        bar.set_postfix(fitness=f"{fitness[0]:.4g}")
+    bar.close()
+    return SearchResult(choice=parent, fitness=float(state["fitness"]), history=list(state["history"]),
+                        seconds=float(state["seconds"]))
+
+
+def _read_state(path: str | os.PathLike | None, fingerprint: str) -> dict[str, Any] | None:
+    if path is None or not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        state = json.load(f)
+    if state.get("fingerprint") != fingerprint:
+        raise ValueError(f"{os.fspath(path)} holds the state of a different search (other levels, budget or "
+                         "settings); remove it or choose another path")
+    return state
+
+
+__all__ = ["EvolutionConfig", "Score", "SearchResult", "evolve"]
