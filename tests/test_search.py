@@ -15,7 +15,7 @@ from scipy.special import log_softmax
 
 import jaxquant as jq
 from jaxquant.cli import main
-from jaxquant.data import ByteTokenizer, calibration_windows
+from jaxquant.data import ByteTokenizer
 from jaxquant.models import LlamaForCausalLM, ModelConfig, functional, load_quantized_dir, save_pretrained
 from jaxquant.pipeline import build_level_database
 from jaxquant.recipes_named import load_recipe_file, named_recipe
@@ -298,6 +298,12 @@ def test_search_command_writes_a_recipe_a_model_and_a_summary(model_dir, search_
     again = json.loads((tmp_path / "b" / "search.json").read_text())
     assert again["assignment"] == summary["assignment"]
     assert all(r["reused"] for r in again["levels"])
+    # --resume extends the finished search from its saved state.
+    assert _search(model_dir, tmp_path / "a", search_db, "--resume", "--generations", "6") == 0
+    extended = json.loads((tmp_path / "a" / "search.json").read_text())
+    assert [h["fitness"] for h in extended["search"]["history"][:4]] == [h["fitness"] for h in
+                                                                         summary["search"]["history"]]
+    assert len(extended["search"]["history"]) == 6
     # jaxquant quantize --recipe FILE quantizes each layer with its chosen recipe.
     path, text = model_dir
     assert main(["quantize", str(path), "--recipe", str(tmp_path / "a" / "recipe.json"), "--calib", str(text),
@@ -306,6 +312,13 @@ def test_search_command_writes_a_recipe_a_model_and_a_summary(model_dir, search_
     layers = [json.loads(line) for line in (tmp_path / "q" / "layers.jsonl").read_text().splitlines()]
     assert {r["name"]: r["bits"] for r in layers} == pytest.approx(
         {p: float(LEVELS[name].bits) + 1.0 for p, name in summary["assignment"].items()})
+
+
+def test_level_names_are_plain_file_names(tmp_path):
+    assert jq.pipeline.level_dir(tmp_path, "gptq-3-g64-rot").endswith("levels/gptq-3-g64-rot")
+    for bad in ("../x", "a/b", ""):
+        with pytest.raises(ValueError, match="letters, digits"):
+            jq.pipeline.level_dir(tmp_path, bad)
 
 
 def test_search_command_errors(model_dir, search_db, tmp_path, capsys):
@@ -318,3 +331,6 @@ def test_search_command_errors(model_dir, search_db, tmp_path, capsys):
     (tmp_path / "c" / "something").write_text("x")
     assert _search(model_dir, tmp_path / "c", search_db) == 1
     assert "holds no search" in capsys.readouterr().err
+    assert _search(model_dir, tmp_path / "d", search_db, "--generations", "1") == 0
+    assert _search(model_dir, tmp_path / "d", search_db, "--generations", "1") == 1
+    assert "pass --resume" in capsys.readouterr().err

@@ -144,23 +144,25 @@ def fill_up(start: np.ndarray, budget: BitsBudget, rng: np.random.Generator) -> 
 
 
 def starting_point(budget: BitsBudget, rng: np.random.Generator) -> np.ndarray:
-    """A random valid assignment near the best uniform one: every layer at the dearest
-    level whose uniform assignment fits the budget (the cheapest per layer when none
-    does), then random up-steps until no step fits.
+    """A random valid assignment near uniform (as EvoPress starts): every layer at the
+    cheapest level whose uniform assignment meets the budget (the dearest level when none
+    does), random layers stepped down until the budget holds, then random layers stepped
+    up while a step still fits.
 
     Raises:
-        RuntimeError: even filled up, the assignment falls below the budget's floor.
+        RuntimeError: the assignment falls below the budget's floor.
     """
-    layers = np.arange(budget.bits.shape[0])
-    cheapest = budget.order[:, 0].copy()
-    start = cheapest
-    best = budget.spent(cheapest)
-    for level in range(budget.bits.shape[1]):
-        uniform = np.full(layers.size, level)
-        spent = budget.spent(uniform)
-        if best < spent <= budget.total + 1e-6:
-            start, best = uniform, spent
-    choice = fill_up(start, budget, rng)
+    n = budget.bits.shape[0]
+    uniform = sorted((budget.spent(np.full(n, k)), k) for k in range(budget.bits.shape[1]))
+    level = next((k for spent, k in uniform if spent >= budget.total - 1e-6), uniform[-1][1])
+    choice = np.full(n, level)
+    spent = budget.spent(choice)
+    while spent > budget.total + 1e-6:
+        layer = int(rng.choice(budget.can_step(choice, -1)))
+        before = budget.bits[layer, choice[layer]]
+        budget.step(choice, layer, -1)
+        spent += budget.bits[layer, choice[layer]] - before
+    choice = fill_up(choice, budget, rng)
     if not budget.is_valid(choice):
         raise RuntimeError(f"the starting assignment spends {budget.average_of(choice):.4f} bits per weight, under "
                            f"the budget {budget.average} less its tolerance {budget.tolerance}; raise the tolerance")
