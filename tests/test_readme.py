@@ -57,9 +57,11 @@ def test_the_command_line_example_runs_as_written(tmp_path, monkeypatch):
     write_llama_gguf(tiny, tied=True, context=512)
     monkeypatch.chdir(tmp_path)
     commands = _command_block()
-    assert [c.split()[1] for c in commands] == ["convert", "eval", "quantize", "finetune", "eval", "export"]
+    assert [c.split()[1] for c in commands] == ["convert", "eval", "quantize", "finetune", "search", "eval",
+                                                 "export"]
     for command in commands:
         argv = shlex.split(command.replace("smollm2-135m", str(tiny)).replace("MODEL_DIR", "smollm2-hf/"))
         assert argv[0] == "jaxquant"
         assert main(argv[1:]) == 0, command
     assert (tmp_path / "pv-hf" / "config.json").exists() and (tmp_path / "pv" / "finetune.json").exists()
+    assert (tmp_path / "s" / "recipe.json").exists() and (tmp_path / "s" / "model" / "params").exists()
