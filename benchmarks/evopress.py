@@ -8,7 +8,8 @@ Usage:
 Every configuration runs as the ``jaxquant search`` command a user would type, under
 ``/usr/bin/time -v``, one run per seed in ``WORK/NAME/seedS/`` (``search.json``, the log,
 the recipe and the model), all sharing the level database ``WORK/database``. A rerun
-skips finished runs. The summary holds one row per assignment (``name``,
+skips finished runs. Each finished run's ``search.json`` is copied to ``runs/`` beside the
+summary. The summary holds one row per assignment (``name``,
 ``average_bits``, ``ppl`` with its spread over seeds, and the command that produced
 it) and the protocol's claims, decided by its rule.
 """
@@ -161,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             for cfg in configs:
                 run_one(cfg, protocol, seed, work)
     rows: dict[str, dict[str, Any]] = {r["name"]: r for r in _external_rows(protocol)}
+    runs_dir = os.path.join(os.path.dirname(os.path.abspath(args.out)), "runs")
     for cfg in protocol["configs"]:
         finished = []
         for seed in protocol["seeds"]:
@@ -168,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             if os.path.exists(path):
                 with open(path, encoding="utf-8") as f:
                     finished.append(json.load(f))
+                # Each run's search (assignment, fitness per generation) for the notebook's plots.
+                _write_json(os.path.join(runs_dir, f"{cfg['name']}-seed{seed}.json"), finished[-1])
         if finished:
             rows.update({r["name"]: r for r in rows_of(cfg, finished)})
     summary = {"protocol": os.path.relpath(args.protocol, REPO), "command": "python benchmarks/evopress.py "

@@ -89,7 +89,7 @@ print(f"{jq.tree_bits(quantized)['bits_per_weight']:.3f} bits/weight;", database
 the assignment, the fitness per generation and held-out perplexities; the runs of
 `benchmarks/evopress.py` are kept in `benchmarks/results/evopress/runs/`. The heatmap shows
 the bits the search gave each layer (blocks × projection)."""),
-    ("code", """ROOT = next(p for p in (".", "..") if os.path.isdir(os.path.join(p, "benchmarks", "results", "evopress")))
+    ("code", """ROOT = next(p for p in (".", "..") if os.path.isdir(os.path.join(p, "benchmarks")))  # the repository
 runs = {os.path.basename(p)[:-5]: json.load(open(p))
         for p in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "evopress", "runs", "*.json")))}
 print(f"{len(runs)} searches:", ", ".join(runs))
