@@ -51,7 +51,7 @@ def _levels_arg(protocol: dict[str, Any], level_set: str, work: str) -> str:
 
 def command(cfg: dict[str, Any], protocol: dict[str, Any], seed: int, work: str) -> list[str]:
     """The ``jaxquant search`` command line of one run."""
-    db, s = protocol["database"], protocol["search"]
+    db, s = protocol["database"], {**protocol["search"], **cfg.get("search", {})}
     out = os.path.join(work, cfg["name"], f"seed{seed}", "search")
     return ["jaxquant", "search", protocol["model"], "--budget", str(cfg["budget"]),
             "--levels", _levels_arg(protocol, cfg["levels"], work), "--out", out,
@@ -61,7 +61,8 @@ def command(cfg: dict[str, Any], protocol: dict[str, Any], seed: int, work: str)
             "--generations", str(s["generations"]), "--offspring", str(s["offspring"]),
             "--survivors", ",".join(map(str, s["survivors"])), "--stage-windows", ",".join(map(str, s["stage_windows"])),
             "--initial-candidates", str(s["initial_candidates"]), "--tolerance", str(s["tolerance"]),
-            "--eval", protocol["evaluation"]["text"], "--resume", "--no-progress"]
+            "--eval", protocol["evaluation"]["text"], "--resume", "--no-progress",
+            *(["--fixed-windows"] if s.get("fixed_windows") else [])]
 
 
 def run_one(cfg: dict[str, Any], protocol: dict[str, Any], seed: int, work: str) -> dict[str, Any]:

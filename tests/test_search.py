@@ -138,11 +138,34 @@ def test_search_improves_on_its_start_and_repeats_for_a_seed(rng):
     assert len(first.history) == 40 and first.history[-1]["generation"] == 40
 
 
-def test_a_resumed_search_equals_an_uninterrupted_one(rng, tmp_path):
+def test_on_fixed_windows_the_fitness_never_rises(rng):
     bits, sizes = _table(rng, layers=16)
     budget = BitsBudget(bits, sizes, average=3.0, tolerance=0.1)
     score = _synthetic_score(rng, 16)
-    config = EvolutionConfig(generations=12, offspring=6, survivors=(2, 1), windows=(1, 3), seed=1)
+    calls = []
+
+    def counted(choice, ids):
+        calls.append(list(ids))
+        return score(choice, ids)
+
+    config = EvolutionConfig(generations=25, offspring=6, survivors=(2, 1), windows=(2, 5), fresh_windows=False, seed=2)
+    result = evolve(budget, counted, 64, config, progress=False)
+    fitness = [h["fitness"] for h in result.history]
+    assert all(b <= a for a, b in zip(fitness, fitness[1:])) and fitness[-1] < fitness[0]
+    assert fitness[-1] == pytest.approx(score(result.choice, calls[-1]))
+    # Two window sets in all, nested; the parent is never scored twice on the same set.
+    sets = {tuple(c) for c in calls}
+    assert len(sets) == 2 and set(min(sets, key=len)) <= set(max(sets, key=len))
+    assert len(calls) == config.initial_candidates + 25 * (6 + 2)
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_a_resumed_search_equals_an_uninterrupted_one(rng, tmp_path, fresh):
+    bits, sizes = _table(rng, layers=16)
+    budget = BitsBudget(bits, sizes, average=3.0, tolerance=0.1)
+    score = _synthetic_score(rng, 16)
+    config = EvolutionConfig(generations=12, offspring=6, survivors=(2, 1), windows=(1, 3), seed=1,
+                             fresh_windows=fresh)
     whole = evolve(budget, score, 64, config, progress=False)
     state = tmp_path / "state.json"
     evolve(budget, score, 64, EvolutionConfig(**{**vars(config), "generations": 5}), state_path=state, progress=False)

@@ -62,6 +62,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--survivors", type=_ints, default=(4, 1), help="survivors after each selection stage, e.g. 4,1")
     p.add_argument("--stage-windows", type=_ints, default=(1, 4), help="fitness windows of each stage, e.g. 1,4")
     p.add_argument("--initial-candidates", type=int, default=8)
+    p.add_argument("--fixed-windows", action="store_true",
+                   help="score every generation on the same windows (nested per stage) instead of fresh ones: "
+                        "a hill climb on one sample, far less noisy when the stages see few tokens")
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="how far under --budget an assignment may fall (bits per weight)")
     p.add_argument("--eval", default="builtin",
@@ -121,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     config = with_flags(args, lambda: EvolutionConfig(
         generations=args.generations, offspring=args.offspring, survivors=args.survivors,
         windows=args.stage_windows, initial_candidates=args.initial_candidates,
-        initial_windows=max(args.stage_windows), seed=args.search_seed))
+        initial_windows=max(args.stage_windows), fresh_windows=not args.fixed_windows, seed=args.search_seed))
     out = os.path.abspath(args.out)
     held = set(os.listdir(out)) if os.path.isdir(out) else set()
     if STATE_FILE in held and not args.resume:

@@ -2,10 +2,10 @@
 Sieberling et al., 2024).
 
 Each generation mutates the parent into λ offspring (``moves.mutate``) and selects in
-stages: every stage scores its candidates on a few freshly drawn calibration windows and
-keeps the best; the parent joins the last stage, so a generation never loses the best
-point (elitism). Cheap early stages weed out most offspring on little data; the last
-stage decides on more.
+stages: every stage scores its candidates on a few calibration windows (drawn afresh, as
+in the paper, or fixed: ``EvolutionConfig.fresh_windows``) and keeps the best; the parent
+joins the last stage, so a generation never loses the best point (elitism). Cheap early
+stages weed out most offspring on little data; the last stage decides on more.
 
 The search is deterministic for a seed (one ``numpy`` generator draws every mutation and
 window), and resumable: after each generation its state (parent, fitness, generator
@@ -44,6 +44,11 @@ class EvolutionConfig:
             ``initial_windows`` windows becomes the first parent.
         initial_windows: windows to pick the first parent on.
         max_changes: most level steps in one mutation.
+        fresh_windows: True (EvoPress): every stage draws its windows afresh each
+            generation and the parent is scored again in the last stage. False: every
+            stage uses the first windows of one fixed draw (nested sets), the parent keeps
+            its score, and fitness values compare across generations: a hill climb on one
+            calibration sample, far less noisy when each stage sees few tokens.
         seed: seed of every random draw.
     """
 
@@ -54,6 +59,7 @@ class EvolutionConfig:
     initial_candidates: int = 8
     initial_windows: int = 4
     max_changes: int = 10
+    fresh_windows: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -75,9 +81,10 @@ class EvolutionConfig:
             raise ValueError(f"windows must be positive ints, got {self.windows}")
 
     def evaluations_per_generation(self) -> int:
-        """Window evaluations of one generation (the parent joins the last stage)."""
+        """Window evaluations of one generation (the parent joins the last stage, scored
+        again only when the windows are fresh)."""
         counts = (self.offspring, *self.survivors[:-1])
-        return sum(n * w for n, w in zip(counts, self.windows)) + self.windows[-1]
+        return sum(n * w for n, w in zip(counts, self.windows)) + (self.windows[-1] if self.fresh_windows else 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,11 +114,28 @@ def _fingerprint(budget: BitsBudget, config: EvolutionConfig) -> str:
     return digest.hexdigest()
 
 
-def _select(candidates: list[np.ndarray], n_keep: int, n_windows: int, num_windows: int, score: Score,
-            rng: np.random.Generator) -> tuple[list[np.ndarray], list[float]]:
-    """The ``n_keep`` best candidates on ``n_windows`` windows drawn afresh, best first."""
-    ids = sorted(int(i) for i in rng.choice(num_windows, size=n_windows, replace=False))
-    fitness = [score(c, ids) for c in candidates]
+class _Windows:
+    """The window ids of each selection: drawn afresh from the search's generator, or the
+    first ``n`` of one fixed draw (nested sets, the same every generation)."""
+
+    def __init__(self, num_windows: int, config: EvolutionConfig) -> None:
+        self.num_windows = num_windows
+        most = max(config.initial_windows, *config.windows)
+        # A generator of its own: the fixed draw does not depend on the search's state.
+        self.fixed = None if config.fresh_windows else [
+            int(i) for i in np.random.default_rng([config.seed, 1]).choice(num_windows, size=most, replace=False)]
+
+    def ids(self, n: int, rng: np.random.Generator) -> list[int]:
+        if self.fixed is not None:
+            return sorted(self.fixed[:n])
+        return sorted(int(i) for i in rng.choice(self.num_windows, size=n, replace=False))
+
+
+def _select(candidates: list[np.ndarray], known: list[float | None], n_keep: int, ids: list[int],
+            score: Score) -> tuple[list[np.ndarray], list[float]]:
+    """The ``n_keep`` best candidates on windows ``ids``, best first (``known``: fitness
+    already measured on these windows, or None)."""
+    fitness = [score(c, ids) if f is None else f for c, f in zip(candidates, known)]
     best = np.argsort(np.asarray(fitness), kind="stable")[:n_keep]
     return [candidates[i] for i in best], [fitness[i] for i in best]
 
@@ -151,10 +175,13 @@ def evolve(
     fingerprint = _fingerprint(budget, config)
     state = _read_state(state_path, fingerprint)
     rng = np.random.default_rng(config.seed)
+    windows = _Windows(num_windows, config)
     if state is None:
         t0 = time.perf_counter()
         starts = [starting_point(budget, rng) for _ in range(config.initial_candidates)]
-        (parent,), (fitness,) = _select(starts, 1, config.initial_windows, num_windows, score, rng)
+        # On fixed windows the first parent is scored on the last stage's, like every later one.
+        first = config.initial_windows if config.fresh_windows else config.windows[-1]
+        (parent,), (fitness,) = _select(starts, [None] * len(starts), 1, windows.ids(first, rng), score)
         state = {"fingerprint": fingerprint, "generation": 0, "parent": parent.tolist(), "fitness": fitness,
                  "seconds": time.perf_counter() - t0, "history": []}
     else:
@@ -168,12 +195,15 @@ def evolve(
     bar.set_postfix(fitness=f"{state['fitness']:.4g}")
     session_start, seconds_before = time.perf_counter(), state["seconds"]
     while state["generation"] < config.generations:
-        offspring = [mutate(parent, budget, rng, config.max_changes) for _ in range(config.offspring)]
-        candidates = offspring
+        candidates = [mutate(parent, budget, rng, config.max_changes) for _ in range(config.offspring)]
+        known: list[float | None] = [None] * len(candidates)
         for stage, (n_keep, n_windows) in enumerate(zip(config.survivors, config.windows)):
-            if stage == len(config.survivors) - 1 and not any(np.array_equal(parent, c) for c in candidates):
+            if stage == len(config.survivors) - 1:
+                # Elitism: the parent joins the last stage, with its score when the windows are fixed.
                 candidates = [*candidates, parent]
-            candidates, fitness = _select(candidates, n_keep, n_windows, num_windows, score, rng)
+                known = [None] * (len(candidates) - 1) + [None if config.fresh_windows else state["fitness"]]
+            candidates, fitness = _select(candidates, known, n_keep, windows.ids(n_windows, rng), score)
+            known = [None] * len(candidates)
         parent = candidates[0]
         record = {"generation": state["generation"] + 1, "fitness": fitness[0],
                   "average_bits": budget.average_of(parent),
