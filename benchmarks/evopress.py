@@ -16,7 +16,6 @@ it) and the protocol's claims, decided by its rule.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -28,7 +27,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from real_model import _timed, _write_json, compare  # noqa: E402
+from real_model import _timed, _write_json, compare, parse_protocol_args  # noqa: E402
 
 DEFAULT_PROTOCOL = os.path.join(HERE, "protocols", "evopress_real_model.json")
 DEFAULT_OUT = os.path.join(HERE, "results", "evopress", "summary.json")
@@ -144,20 +143,10 @@ def summarize(protocol: dict[str, Any], rows: dict[str, dict[str, Any]]) -> list
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--protocol", default=DEFAULT_PROTOCOL)
-    p.add_argument("--work", required=True)
-    p.add_argument("--only", default=None, help="comma-separated configuration names")
-    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the protocol's)")
-    p.add_argument("--summary-only", action="store_true", help="summarize finished runs, run nothing")
-    p.add_argument("--out", default=DEFAULT_OUT)
-    args = p.parse_args(argv)
-    with open(args.protocol, encoding="utf-8") as f:
-        protocol = json.load(f)
+    args, protocol, only, seeds = parse_protocol_args(argv, __doc__.split("\n\n")[0], DEFAULT_PROTOCOL, DEFAULT_OUT)
     work = os.path.abspath(os.path.expanduser(args.work))
     os.makedirs(work, exist_ok=True)
-    seeds = protocol["seeds"] if args.seeds is None else [int(s) for s in args.seeds.split(",")]
-    configs = [c for c in protocol["configs"] if args.only is None or c["name"] in args.only.split(",")]
+    configs = [c for c in protocol["configs"] if only is None or c["name"] in only]
     if not args.summary_only:
         for seed in seeds:
             for cfg in configs:

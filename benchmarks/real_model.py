@@ -255,28 +255,39 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--protocol", default=DEFAULT_PROTOCOL)
+def parse_protocol_args(argv: list[str] | None, description: str, default_protocol: str,
+                        default_out: str) -> tuple[argparse.Namespace, dict[str, Any], list[str] | None, list[int]]:
+    """The command line every protocol runner takes: ``(args, protocol, only, seeds)``.
+
+    ``only`` is ``--only`` as a list (None: every configuration) and ``seeds`` the seeds to
+    run; both are checked against the protocol.
+    """
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--protocol", default=default_protocol)
     p.add_argument("--work", required=True, help="directory for the runs' models and results (resumable)")
     p.add_argument("--only", default=None, help="comma-separated configuration names to run")
     p.add_argument("--seeds", default=None, help="comma-separated seeds to run (default: the protocol's)")
     p.add_argument("--summary-only", action="store_true", help="summarize finished runs, run nothing")
-    p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--out", default=default_out)
     args = p.parse_args(argv)
-
-    from jaxquant.quickstart import machine_record  # noqa: PLC0415
-
     with open(args.protocol, encoding="utf-8") as f:
         protocol = json.load(f)
-    configs = protocol["configs"]
-    names = {c["name"] for c in configs}
+    names = {c["name"] for c in protocol["configs"]}
     only = None if args.only is None else args.only.split(",")
     if only is not None and not set(only) <= names:
         raise SystemExit(f"--only: unknown configurations {sorted(set(only) - names)}; known: {sorted(names)}")
     seeds = protocol["seeds"] if args.seeds is None else [int(s) for s in args.seeds.split(",")]
     if not set(seeds) <= set(protocol["seeds"]):
         raise SystemExit(f"--seeds {seeds}: the protocol's seeds are {protocol['seeds']}")
+    return args, protocol, only, seeds
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, protocol, only, seeds = parse_protocol_args(argv, __doc__.split("\n\n")[0], DEFAULT_PROTOCOL, DEFAULT_OUT)
+
+    from jaxquant.quickstart import machine_record  # noqa: PLC0415
+
+    configs = protocol["configs"]
     scorer = Scorer(protocol)
     if not args.summary_only:
         for seed in seeds:

@@ -19,8 +19,8 @@ from jaxquant.data import ByteTokenizer
 from jaxquant.models import LlamaForCausalLM, ModelConfig, functional, load_quantized_dir, save_pretrained
 from jaxquant.pipeline import build_level_database
 from jaxquant.recipes_named import load_recipe_file, named_recipe
-from jaxquant.search import (BitsBudget, DecodedOptions, EvolutionConfig, KLFitness, error_sum_greedy, evolve,
-                             mutate, starting_point, uniform_within)
+from jaxquant.search import (BitsBudget, DecodedOptions, EvolutionConfig, KLFitness, LevelDatabase, error_sum_greedy,
+                             evolve, mutate, starting_point, uniform_within)
 from jaxquant.select import flatten_with_paths
 
 # Widths 64 and 128 take groups of 32; every RTN level then costs one bit of scales.
@@ -181,7 +181,8 @@ def test_a_resumed_search_equals_an_uninterrupted_one(rng, tmp_path, fresh):
     ({"survivors": (2, 2), "windows": (1, 2)}, "last stage must keep one survivor"),
     ({"survivors": (4, 1), "windows": (1,)}, "one length"),
     ({"offspring": 2, "survivors": (4, 1)}, "must shrink"),
-    ({"generations": 0}, "generations must be a positive int"),
+    ({"generations": 0}, "generations=0 must be a positive int"),
+    ({"windows": (1, 0), "survivors": (4, 1)}, "windows=0 must be a positive int"),
 ])
 def test_bad_search_settings_are_named(kwargs, said):
     with pytest.raises(ValueError, match=said):
@@ -218,6 +219,10 @@ def test_database_holds_every_layer_at_every_level_with_honest_bits(model, level
                 chex_equal = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(leaf), jax.tree.leaves(assembled[p]))]
                 assert all(chex_equal)
     assert database.errors.shape == (14, 3) and np.all(database.errors[:, 0] > database.errors[:, 2])
+    # The same options read back from the levels' checkpoints.
+    loaded = LevelDatabase.load({name: path / "levels" / name / "params" for name in LEVELS})
+    assert loaded.layer_paths == database.layer_paths
+    np.testing.assert_array_equal(loaded.bits, database.bits)
     # A second build loads the finished runs instead of quantizing again.
     again, report2 = build_level_database(model, tokens, LEVELS, path, key=jax.random.key(0), progress=False)
     assert [r["reused"] for r in report2] == [True] * 3

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -210,51 +211,28 @@ register(Command("convert", "write a GGUF file (or any model source) as a Huggin
                  _configure_convert, _run_convert))
 
 
-def _configure_quantize(p: argparse.ArgumentParser) -> None:
-    from jaxquant.cli.quantize import configure  # noqa: PLC0415
+def _in_module(name: str) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]:
+    """``(configure, run)`` of the command in ``jaxquant/cli/<name>.py``, imported when called
+    (so ``--help`` of the other commands does not import it)."""
 
-    configure(p)
+    def configure(p: argparse.ArgumentParser) -> None:
+        importlib.import_module(f"jaxquant.cli.{name}").configure(p)
 
+    def run(args: argparse.Namespace) -> int:
+        return importlib.import_module(f"jaxquant.cli.{name}").run(args)
 
-def _run_quantize(args: argparse.Namespace) -> int:
-    from jaxquant.cli.quantize import run  # noqa: PLC0415
-
-    return run(args)
-
-
-register(Command("quantize", "quantize a model block by block (resumable)", _configure_quantize, _run_quantize))
+    return configure, run
 
 
-def _configure_search(p: argparse.ArgumentParser) -> None:
-    from jaxquant.cli.search import configure  # noqa: PLC0415
-
-    configure(p)
-
-
-def _run_search(args: argparse.Namespace) -> int:
-    from jaxquant.cli.search import run  # noqa: PLC0415
-
-    return run(args)
+register(Command("quantize", "quantize a model block by block (resumable)", *_in_module("quantize")))
 
 
 register(Command("search", "per-layer mixed precision by evolutionary search under a bits budget (EvoPress)",
-                 _configure_search, _run_search))
-
-
-def _configure_finetune(p: argparse.ArgumentParser) -> None:
-    from jaxquant.cli.finetune import configure  # noqa: PLC0415
-
-    configure(p)
-
-
-def _run_finetune(args: argparse.Namespace) -> int:
-    from jaxquant.cli.finetune import run  # noqa: PLC0415
-
-    return run(args)
+                 *_in_module("search")))
 
 
 register(Command("finetune", "PV-Tuning of a quantized model against its teacher (resumable)",
-                 _configure_finetune, _run_finetune))
+                 *_in_module("finetune")))
 
 
 def _configure_export(p: argparse.ArgumentParser) -> None:

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 from typing import Any
@@ -153,9 +154,11 @@ def run(args: argparse.Namespace) -> int:
         model, calibration_windows(ids, args.nsamples, args.seqlen, seed=args.seed), recipes, database_dir,
         key=jax.random.key(args.seed), batch_size=args.batch_size, progress=progress, log=True)
     budget = with_flags(args, lambda: BitsBudget(database.bits, database.sizes, args.budget, args.tolerance))
+    database_record = {"dir": os.path.abspath(database_dir),
+                       "megabytes": round(sum(r["megabytes"] for r in levels_report), 2),
+                       "build_seconds": round(sum(r["quantize_seconds"] for r in levels_report), 1)}
     print(f"database: {database.num_layers} layers x {database.num_levels} levels in {database_dir} "
-          f"({sum(r['megabytes'] for r in levels_report):.1f} MB, built in "
-          f"{sum(r['quantize_seconds'] for r in levels_report):.0f} s)")
+          f"({database_record['megabytes']:.1f} MB, built in {database_record['build_seconds']:.0f} s)")
 
     apply_fn, float_params = functional(model)
     options = DecodedOptions(database)
@@ -173,14 +176,13 @@ def run(args: argparse.Namespace) -> int:
     commit_dir(staging, model_dir, overwrite=True)  # a resumed search rewrites it
 
     summary: dict[str, Any] = {
-        "arguments": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if not callable(v)},
+        # JSON writes tuples as lists.
+        "arguments": {k: v for k, v in vars(args).items() if not callable(v)},
         "budget": args.budget, "tolerance": args.tolerance,
         "levels": levels_report,
-        "database": {"dir": os.path.abspath(database_dir),
-                     "megabytes": round(sum(r["megabytes"] for r in levels_report), 2),
-                     "build_seconds": round(sum(r["quantize_seconds"] for r in levels_report), 1)},
+        "database": database_record,
         "search": {"seconds": round(result.seconds, 1), "generations": len(result.history),
-                   "config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()},
+                   "config": dataclasses.asdict(config),
                    "fitness_windows": args.fitness_windows, "fitness_seqlen": args.fitness_seqlen,
                    "history": result.history},
         "assignment": {p: database.level_names[int(k)] for p, k in zip(database.layer_paths, choice)},

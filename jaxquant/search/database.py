@@ -11,6 +11,7 @@ rotation signs), so a layer whose codebook is large for its size pays for it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -104,12 +105,13 @@ class LevelDatabase:
     def num_levels(self) -> int:
         return len(self.level_names)
 
-    @property
+    # Computed once: the search asks for them on every candidate.
+    @functools.cached_property
     def sizes(self) -> np.ndarray:
         """Weights per layer, ``[layers]`` (int64)."""
         return np.array([row[0].d_out * row[0].d_in for row in self.options], np.int64)
 
-    @property
+    @functools.cached_property
     def bits(self) -> np.ndarray:
         """Stored bits of every option, ``[layers, levels]`` (float64)."""
         return np.array([[q.storage_bits for q in row] for row in self.options], np.float64)

@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxquant.atomic_files import atomic_write_json
 from jaxquant.search.moves import BitsBudget, mutate, starting_point
+from jaxquant.validate import require_positive_int, require_positive_ints
 
 # score(choice, window_ids) -> fitness (lower is better)
 Score = Callable[[np.ndarray, Sequence[int]], float]
@@ -63,10 +64,7 @@ class EvolutionConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("generations", "offspring", "initial_candidates", "initial_windows", "max_changes"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        require_positive_ints(self, "generations", "offspring", "initial_candidates", "initial_windows", "max_changes")
         object.__setattr__(self, "survivors", tuple(self.survivors))
         object.__setattr__(self, "windows", tuple(self.windows))
         if not self.survivors or len(self.survivors) != len(self.windows):
@@ -77,8 +75,13 @@ class EvolutionConfig:
         kept = (self.offspring, *self.survivors)
         if any(b > a or b < 1 for a, b in zip(kept, kept[1:])):
             raise ValueError(f"survivors {self.survivors} must shrink from offspring={self.offspring} down to 1")
-        if any(not (isinstance(w, int) and w >= 1) for w in self.windows):
-            raise ValueError(f"windows must be positive ints, got {self.windows}")
+        for w in self.windows:
+            require_positive_int("windows", w)
+
+    @property
+    def most_windows(self) -> int:
+        """The most windows any selection draws."""
+        return max(self.initial_windows, *self.windows)
 
     def evaluations_per_generation(self) -> int:
         """Window evaluations of one generation (the parent joins the last stage, scored
@@ -120,10 +123,10 @@ class _Windows:
 
     def __init__(self, num_windows: int, config: EvolutionConfig) -> None:
         self.num_windows = num_windows
-        most = max(config.initial_windows, *config.windows)
         # A generator of its own: the fixed draw does not depend on the search's state.
         self.fixed = None if config.fresh_windows else [
-            int(i) for i in np.random.default_rng([config.seed, 1]).choice(num_windows, size=most, replace=False)]
+            int(i) for i in np.random.default_rng([config.seed, 1]).choice(num_windows, size=config.most_windows,
+                                                                             replace=False)]
 
     def ids(self, n: int, rng: np.random.Generator) -> list[int]:
         if self.fixed is not None:
@@ -169,9 +172,8 @@ def evolve(
         ValueError: a stage wants more windows than there are, or ``state_path`` holds
             the state of a different search.
     """
-    most = max(config.initial_windows, *config.windows)
-    if most > num_windows:
-        raise ValueError(f"a selection stage draws {most} windows but num_windows={num_windows}")
+    if config.most_windows > num_windows:
+        raise ValueError(f"a selection stage draws {config.most_windows} windows but num_windows={num_windows}")
     fingerprint = _fingerprint(budget, config)
     state = _read_state(state_path, fingerprint)
     rng = np.random.default_rng(config.seed)

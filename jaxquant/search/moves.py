@@ -74,10 +74,15 @@ class BitsBudget:
         spent = self.spent(choice)
         return self.floor - 1e-6 <= spent <= self.total + 1e-6
 
-    def step(self, choice: np.ndarray, layer: int, direction: int) -> None:
-        """Move ``layer`` one level up (+1, dearer) or down (-1, cheaper) in place."""
-        rank = self.rank[layer, choice[layer]] + direction
-        choice[layer] = self.order[layer, rank]
+    def step(self, choice: np.ndarray, layer: int, direction: int) -> float:
+        """Move ``layer`` one level up (+1, dearer) or down (-1, cheaper) in place.
+
+        Returns:
+            The bits the move adds (negative for a step down).
+        """
+        before = self.bits[layer, choice[layer]]
+        choice[layer] = self.order[layer, self.rank[layer, choice[layer]] + direction]
+        return float(self.bits[layer, choice[layer]] - before)
 
     def can_step(self, choice: np.ndarray, direction: int) -> np.ndarray:
         """Layers that have a level one step up (+1) or down (-1)."""
@@ -106,19 +111,13 @@ def mutate(parent: np.ndarray, budget: BitsBudget, rng: np.random.Generator,
             ups = budget.can_step(child, +1)
             if ups.size == 0:
                 break
-            layer = int(rng.choice(ups))
-            before = budget.bits[layer, child[layer]]
-            budget.step(child, layer, +1)
-            spent += budget.bits[layer, child[layer]] - before
+            spent += budget.step(child, int(rng.choice(ups)), +1)
             changes += 1
         while spent > budget.total + 1e-6 and changes <= max_changes:
             downs = budget.can_step(child, -1)
             if downs.size == 0:
                 break
-            layer = int(rng.choice(downs))
-            before = budget.bits[layer, child[layer]]
-            budget.step(child, layer, -1)
-            spent += budget.bits[layer, child[layer]] - before
+            spent += budget.step(child, int(rng.choice(downs)), -1)
             changes += 1
         if changes <= max_changes and budget.is_valid(child) and not np.array_equal(child, parent):
             return child
@@ -137,10 +136,7 @@ def fill_up(start: np.ndarray, budget: BitsBudget, rng: np.random.Generator) -> 
         fits = ups[spent + cost <= budget.total + 1e-6]
         if fits.size == 0:
             return choice
-        layer = int(rng.choice(fits))
-        before = budget.bits[layer, choice[layer]]
-        budget.step(choice, layer, +1)
-        spent += budget.bits[layer, choice[layer]] - before
+        spent += budget.step(choice, int(rng.choice(fits)), +1)
 
 
 def starting_point(budget: BitsBudget, rng: np.random.Generator) -> np.ndarray:
@@ -158,10 +154,7 @@ def starting_point(budget: BitsBudget, rng: np.random.Generator) -> np.ndarray:
     choice = np.full(n, level)
     spent = budget.spent(choice)
     while spent > budget.total + 1e-6:
-        layer = int(rng.choice(budget.can_step(choice, -1)))
-        before = budget.bits[layer, choice[layer]]
-        budget.step(choice, layer, -1)
-        spent += budget.bits[layer, choice[layer]] - before
+        spent += budget.step(choice, int(rng.choice(budget.can_step(choice, -1))), -1)
     choice = fill_up(choice, budget, rng)
     if not budget.is_valid(choice):
         raise RuntimeError(f"the starting assignment spends {budget.average_of(choice):.4f} bits per weight, under "
