@@ -61,7 +61,7 @@ def command(cfg: dict[str, Any], protocol: dict[str, Any], seed: int, work: str)
             "--survivors", ",".join(map(str, s["survivors"])), "--stage-windows", ",".join(map(str, s["stage_windows"])),
             "--initial-candidates", str(s["initial_candidates"]), "--tolerance", str(s["tolerance"]),
             "--eval", protocol["evaluation"]["text"], "--resume", "--no-progress",
-            *(["--fixed-windows"] if s.get("fixed_windows") else [])]
+            *(["--fixed-windows"] if s.get("fixed_windows") else []), *(["--start", s["start"]] if "start" in s else [])]
 
 
 def run_one(cfg: dict[str, Any], protocol: dict[str, Any], seed: int, work: str) -> dict[str, Any]:

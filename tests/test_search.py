@@ -20,7 +20,7 @@ from jaxquant.models import LlamaForCausalLM, ModelConfig, functional, load_quan
 from jaxquant.pipeline import build_level_database
 from jaxquant.recipes_named import load_recipe_file, named_recipe
 from jaxquant.search import (BitsBudget, DecodedOptions, EvolutionConfig, KLFitness, LevelDatabase, error_sum_greedy,
-                             evolve, mutate, starting_point, uniform_within)
+                             evolve, fit_to_budget, mutate, starting_point, uniform_within)
 from jaxquant.select import flatten_with_paths
 
 # Widths 64 and 128 take groups of 32; every RTN level then costs one bit of scales.
@@ -157,6 +157,33 @@ def test_on_fixed_windows_the_fitness_never_rises(rng):
     sets = {tuple(c) for c in calls}
     assert len(sets) == 2 and set(min(sets, key=len)) <= set(max(sets, key=len))
     assert len(calls) == config.initial_candidates + 25 * (6 + 2)
+
+
+def test_given_starts_compete_for_the_first_parent(rng, tmp_path):
+    bits, sizes = _table(rng, layers=16)
+    budget = BitsBudget(bits, sizes, average=3.0, tolerance=0.1)
+    score = _synthetic_score(rng, 16)
+    # Uniform 4 bits spends too much: fit_to_budget steps random layers down until it is valid.
+    fitted = fit_to_budget(np.full(16, 2), budget, np.random.default_rng(0))
+    assert budget.is_valid(fitted) and np.any(fitted != 2)
+    # The search's own result is a start that beats every random one.
+    config = EvolutionConfig(generations=30, offspring=8, survivors=(2, 1), windows=(2, 4), fresh_windows=False,
+                             seed=4)
+    good = evolve(budget, score, 64, config, progress=False).choice
+    short = EvolutionConfig(**{**vars(config), "generations": 3})
+    result = evolve(budget, score, 64, short, starts=[fitted, good], state_path=tmp_path / "s.json", progress=False)
+    assert result.first_parent["start"] == 1
+    assert result.fitness <= result.first_parent["fitness"] == pytest.approx(score(good, sorted(
+        np.random.default_rng([4, 1]).choice(64, size=4, replace=False).tolist())))
+    plain = evolve(budget, score, 64, short, progress=False)
+    assert plain.first_parent["start"] is None and plain.fitness > result.fitness
+    # Other starts are another search; invalid ones are named.
+    with pytest.raises(ValueError, match="state of a different search"):
+        evolve(budget, score, 64, short, starts=[fitted], state_path=tmp_path / "s.json", progress=False)
+    with pytest.raises(ValueError, match=r"starts\[0\] spends .* bits per weight, outside"):
+        evolve(budget, score, 64, short, starts=[np.full(16, 2)], progress=False)
+    with pytest.raises(ValueError, match=r"starts\[1\] must be 16 level indices in 0..3"):
+        evolve(budget, score, 64, short, starts=[fitted, np.full(16, 4)], progress=False)
 
 
 @pytest.mark.parametrize("fresh", [True, False])
@@ -362,3 +389,14 @@ def test_search_command_errors(model_dir, search_db, tmp_path, capsys):
     assert _search(model_dir, tmp_path / "d", search_db, "--generations", "1") == 0
     assert _search(model_dir, tmp_path / "d", search_db, "--generations", "1") == 1
     assert "pass --resume" in capsys.readouterr().err
+
+
+def test_search_command_starts_from_the_heuristics(model_dir, search_db, tmp_path):
+    assert _search(model_dir, tmp_path / "h", search_db, "--start", "heuristics", "--fixed-windows",
+                   "--initial-candidates", "1") == 0
+    summary = json.loads((tmp_path / "h" / "search.json").read_text())
+    first = summary["search"]["first_parent"]
+    assert first["start"] in (None, 0, 1)
+    # On fixed windows no generation scores worse than the first parent.
+    assert max(h["fitness"] for h in summary["search"]["history"]) <= first["fitness"]
+    assert summary["arguments"]["start"] == "heuristics"

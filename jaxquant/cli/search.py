@@ -62,7 +62,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offspring", type=int, default=16, help="offspring per generation (lambda)")
     p.add_argument("--survivors", type=_ints, default=(4, 1), help="survivors after each selection stage, e.g. 4,1")
     p.add_argument("--stage-windows", type=_ints, default=(1, 4), help="fitness windows of each stage, e.g. 1,4")
-    p.add_argument("--initial-candidates", type=int, default=8)
+    p.add_argument("--initial-candidates", type=int, default=8, help="random starting points")
+    p.add_argument("--start", choices=("random", "heuristics"), default="random",
+                   help="random: the first parent is the best random starting point (EvoPress); heuristics: the "
+                        "best uniform level within the budget and the error-sum heuristic's assignment compete too")
     p.add_argument("--fixed-windows", action="store_true",
                    help="score every generation on the same windows (nested per stage) instead of fresh ones: "
                         "a hill climb on one sample, far less noisy when the stages see few tokens")
@@ -107,6 +110,7 @@ def _recipe_pairs(database: Any, choice: Any, recipes: dict[str, Any]) -> list[l
 def run(args: argparse.Namespace) -> int:
     """Run ``jaxquant search``; returns the exit status."""
     import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
 
     from jaxquant.atomic_files import atomic_write_json, commit_dir, staging_dir  # noqa: PLC0415
     from jaxquant.data import calibration_windows, eval_windows, load_tokenizer, read_text  # noqa: PLC0415
@@ -116,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxquant.models.files import write_model_files  # noqa: PLC0415
     from jaxquant.pipeline.levels import build_level_database  # noqa: PLC0415
     from jaxquant.search import (BitsBudget, DecodedOptions, EvolutionConfig, KLFitness,  # noqa: PLC0415
-                                 error_sum_greedy, evolve, uniform_within)
+                                 error_sum_greedy, evolve, fit_to_budget, uniform_within)
 
     require_positive(args, "budget", "nsamples", "seqlen", "batch_size", "fitness_windows", "fitness_seqlen",
                      "generations", "offspring", "initial_candidates")
@@ -160,12 +164,21 @@ def run(args: argparse.Namespace) -> int:
     print(f"database: {database.num_layers} layers x {database.num_levels} levels in {database_dir} "
           f"({database_record['megabytes']:.1f} MB, built in {database_record['build_seconds']:.0f} s)")
 
+    greedy = error_sum_greedy(database.errors, budget)
+    uniform_levels = uniform_within(budget, slack=args.tolerance)
+    starts = []
+    if args.start == "heuristics":
+        # A generator of its own, so that the random starts do not depend on --start.
+        rng = np.random.default_rng([args.search_seed, 2])
+        starts = [fit_to_budget(a, budget, rng) for a in (greedy, *map(database.uniform, uniform_levels[:1]))]
+
     apply_fn, float_params = functional(model)
     options = DecodedOptions(database)
     fitness = KLFitness(apply_fn, float_params,
                         calibration_windows(ids, args.fitness_windows, args.fitness_seqlen, seed=args.search_seed))
     result = evolve(budget, lambda choice, window_ids: fitness(options.tree(float_params, choice), window_ids),
-                    fitness.num_windows, config, state_path=os.path.join(out, STATE_FILE), progress=progress)
+                    fitness.num_windows, config, starts=starts, state_path=os.path.join(out, STATE_FILE),
+                    progress=progress)
     choice = result.choice
 
     atomic_write_json(os.path.join(out, RECIPE_FILE), {"recipe": _recipe_pairs(database, choice, recipes)})
@@ -182,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
         "levels": levels_report,
         "database": database_record,
         "search": {"seconds": round(result.seconds, 1), "generations": len(result.history),
+                   "first_parent": result.first_parent,
                    "config": dataclasses.asdict(config),
                    "fitness_windows": args.fitness_windows, "fitness_seqlen": args.fitness_seqlen,
                    "history": result.history},
@@ -199,10 +213,9 @@ def run(args: argparse.Namespace) -> int:
             return perplexity(apply_fn, options.tree(float_params, assignment), tokens, args.seqlen, batch_size=4)
 
         rows = [{"name": "evopress", "average_bits": database.average_bits(choice), "ppl": ppl(choice)}]
-        for k in uniform_within(budget, slack=args.tolerance):
+        for k in uniform_levels:
             rows.append({"name": f"uniform {database.level_names[k]}",
                          "average_bits": database.average_bits(database.uniform(k)), "ppl": ppl(database.uniform(k))})
-        greedy = error_sum_greedy(database.errors, budget)
         rows.append({"name": "error-sum greedy", "average_bits": database.average_bits(greedy), "ppl": ppl(greedy),
                      "assignment": {p: database.level_names[int(k)] for p, k in zip(database.layer_paths, greedy)}})
         summary["perplexity"] = {"text": args.eval, "windows": int(len(windows)), "seqlen": args.seqlen,

@@ -20,4 +20,4 @@ if TYPE_CHECKING:  # the exports: what type checkers see, and what install_lazy_
     from jaxquant.search.database import DecodedOptions, LevelDatabase, level_errors
     from jaxquant.search.evolution import EvolutionConfig, SearchResult, evolve
     from jaxquant.search.fitness import KLFitness
-    from jaxquant.search.moves import BitsBudget, fill_up, mutate, starting_point
+    from jaxquant.search.moves import BitsBudget, fill_up, fit_to_budget, mutate, starting_point

@@ -100,17 +100,22 @@ class SearchResult:
         history: one record per generation: ``generation``, ``fitness``,
             ``average_bits``, ``seconds`` (since the search started), ``window_evaluations``.
         seconds: the search's time, over every session of a resumed run.
+        first_parent: the first parent's ``fitness`` and ``start``, its index in
+            ``starts`` (None: a random starting point).
     """
 
     choice: np.ndarray
     fitness: float
     history: list[dict[str, Any]]
     seconds: float
+    first_parent: dict[str, Any]
 
 
-def _fingerprint(budget: BitsBudget, config: EvolutionConfig) -> str:
+def _fingerprint(budget: BitsBudget, config: EvolutionConfig, starts: list[np.ndarray]) -> str:
     digest = hashlib.sha256(budget.bits.tobytes())
     digest.update(budget.sizes.tobytes())
+    for start in starts:
+        digest.update(start.tobytes())
     # Not ``generations``: a finished search may be resumed for more generations.
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "generations"}
     digest.update(json.dumps([budget.average, budget.tolerance, settings], sort_keys=True).encode("utf-8"))
@@ -149,6 +154,7 @@ def evolve(
     num_windows: int,
     config: EvolutionConfig = EvolutionConfig(),
     *,
+    starts: Sequence[np.ndarray] = (),
     state_path: str | os.PathLike | None = None,
     progress: bool = True,
     on_generation: Callable[[dict[str, Any]], None] | None = None,
@@ -162,6 +168,9 @@ def evolve(
         num_windows: how many calibration windows ``score`` can be given (ids
             ``0 .. num_windows - 1``).
         config: the search's settings.
+        starts: valid assignments that compete for the first parent beside the
+            ``config.initial_candidates`` random ones (e.g. the best uniform level and
+            the error-sum heuristic's assignment, each ``moves.fit_to_budget``).
         state_path: a JSON file for the search state; an existing one from the same
             search (same bits, budget and settings but ``generations``) is resumed, and
             the search stops at ``config.generations``.
@@ -169,23 +178,34 @@ def evolve(
         on_generation: called with each generation's history record.
 
     Raises:
-        ValueError: a stage wants more windows than there are, or ``state_path`` holds
-            the state of a different search.
+        ValueError: a stage wants more windows than there are, a start is not a valid
+            assignment, or ``state_path`` holds the state of a different search.
     """
     if config.most_windows > num_windows:
         raise ValueError(f"a selection stage draws {config.most_windows} windows but num_windows={num_windows}")
-    fingerprint = _fingerprint(budget, config)
+    starts = [np.asarray(s, np.int64) for s in starts]
+    layers, levels = budget.bits.shape
+    for i, start in enumerate(starts):
+        if start.shape != (layers,) or not np.all((start >= 0) & (start < levels)):
+            raise ValueError(f"starts[{i}] must be {layers} level indices in 0..{levels - 1}, got {start.tolist()}")
+        if not budget.is_valid(start):
+            raise ValueError(f"starts[{i}] spends {budget.average_of(start):.4f} bits per weight, outside "
+                             f"{budget.average - budget.tolerance:.4f}..{budget.average} (moves.fit_to_budget fits it)")
+    fingerprint = _fingerprint(budget, config, starts)
     state = _read_state(state_path, fingerprint)
     rng = np.random.default_rng(config.seed)
     windows = _Windows(num_windows, config)
     if state is None:
         t0 = time.perf_counter()
-        starts = [starting_point(budget, rng) for _ in range(config.initial_candidates)]
+        candidates = [starting_point(budget, rng) for _ in range(config.initial_candidates)] + starts
         # On fixed windows the first parent is scored on the last stage's, like every later one.
         first = config.initial_windows if config.fresh_windows else config.windows[-1]
-        (parent,), (fitness,) = _select(starts, [None] * len(starts), 1, windows.ids(first, rng), score)
+        (parent,), (fitness,) = _select(candidates, [None] * len(candidates), 1, windows.ids(first, rng), score)
+        winner = next(i for i, c in enumerate(candidates) if c is parent)
         state = {"fingerprint": fingerprint, "generation": 0, "parent": parent.tolist(), "fitness": fitness,
-                 "seconds": time.perf_counter() - t0, "history": []}
+                 "seconds": time.perf_counter() - t0, "history": [],
+                 "first_parent": {"fitness": fitness, "start": winner - config.initial_candidates
+                                  if winner >= config.initial_candidates else None}}
     else:
         rng.bit_generator.state = state["rng"]
     parent = np.asarray(state["parent"], np.int64)
@@ -222,7 +242,7 @@ def evolve(
         bar.set_postfix(fitness=f"{fitness[0]:.4g}")
     bar.close()
     return SearchResult(choice=parent, fitness=float(state["fitness"]), history=list(state["history"]),
-                        seconds=float(state["seconds"]))
+                        seconds=float(state["seconds"]), first_parent=dict(state["first_parent"]))
 
 
 def _read_state(path: str | os.PathLike | None, fingerprint: str) -> dict[str, Any] | None:

@@ -139,19 +139,14 @@ def fill_up(start: np.ndarray, budget: BitsBudget, rng: np.random.Generator) -> 
         spent += budget.step(choice, int(rng.choice(fits)), +1)
 
 
-def starting_point(budget: BitsBudget, rng: np.random.Generator) -> np.ndarray:
-    """A random valid assignment near uniform (as EvoPress starts): every layer at the
-    cheapest level whose uniform assignment meets the budget (the dearest level when none
-    does), random layers stepped down until the budget holds, then random layers stepped
-    up while a step still fits.
+def fit_to_budget(start: np.ndarray, budget: BitsBudget, rng: np.random.Generator) -> np.ndarray:
+    """``start`` made valid: random layers stepped down while it spends more than the
+    budget, then random layers stepped up while a step still fits.
 
     Raises:
         RuntimeError: the assignment falls below the budget's floor.
     """
-    n = budget.bits.shape[0]
-    uniform = sorted((budget.spent(np.full(n, k)), k) for k in range(budget.bits.shape[1]))
-    level = next((k for spent, k in uniform if spent >= budget.total - 1e-6), uniform[-1][1])
-    choice = np.full(n, level)
+    choice = np.array(start, np.int64)
     spent = budget.spent(choice)
     while spent > budget.total + 1e-6:
         spent += budget.step(choice, int(rng.choice(budget.can_step(choice, -1))), -1)
@@ -162,4 +157,18 @@ def starting_point(budget: BitsBudget, rng: np.random.Generator) -> np.ndarray:
     return choice
 
 
-__all__ = ["BitsBudget", "fill_up", "mutate", "starting_point"]
+def starting_point(budget: BitsBudget, rng: np.random.Generator) -> np.ndarray:
+    """A random valid assignment near uniform (as EvoPress starts): every layer at the
+    cheapest level whose uniform assignment meets the budget (the dearest level when none
+    does), then ``fit_to_budget``.
+
+    Raises:
+        RuntimeError: the assignment falls below the budget's floor.
+    """
+    n = budget.bits.shape[0]
+    uniform = sorted((budget.spent(np.full(n, k)), k) for k in range(budget.bits.shape[1]))
+    level = next((k for spent, k in uniform if spent >= budget.total - 1e-6), uniform[-1][1])
+    return fit_to_budget(np.full(n, level), budget, rng)
+
+
+__all__ = ["BitsBudget", "fill_up", "fit_to_budget", "mutate", "starting_point"]
