@@ -159,16 +159,67 @@ def test_config_validation_errors():
         config_from_hf({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
     with pytest.raises(ValueError, match="sliding_windows has 1 entries"):
         ModelConfig(num_layers=2, sliding_windows=(4,))
+    with pytest.raises(ValueError, match="experts_per_token=3 and num_experts=2"):
+        ModelConfig(architecture="mixtral", num_experts=2, experts_per_token=3)
+    with pytest.raises(ValueError, match="'llama' is dense: num_experts=8"):
+        ModelConfig(num_experts=8, experts_per_token=2)
+
+
+MOE = ModelConfig(**{**TINY.__dict__, "architecture": "mixtral", "num_experts": 4, "experts_per_token": 2})
+
+
+def test_mixture_of_experts_weights_the_routers_top_experts(rng):
+    model = LlamaForCausalLM(MOE, rngs=nnx.Rngs(7))
+    assert MOE.num_params() == sum(x.size for x in jax.tree.leaves(nnx.state(model)))
+    moe = model.layers[0].mlp
+    x = jnp.asarray(rng.normal(size=(2, 5, 32)), jnp.float32)
+    weights, experts = moe.route(x)
+    np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, rtol=1e-6)
+    # Reference: softmax over the router's logits, the two largest renormalised, each
+    # picked expert's SwiGLU output weighted by them.
+    xs = np.asarray(x, np.float64).reshape(-1, 32)
+    logits = xs @ np.asarray(moe.router.kernel.get_value(), np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    want = np.zeros_like(xs)
+    for t in range(len(xs)):
+        top = np.argsort(-probs[t])[:2]
+        assert sorted(top) == sorted(np.asarray(experts).reshape(-1, 2)[t])
+        for e in top:
+            want[t] += probs[t, e] / probs[t, top].sum() * np.asarray(moe.experts[int(e)](jnp.asarray(xs[t:t + 1],
+                                                                                                 jnp.float32)))[0]
+    np.testing.assert_allclose(np.asarray(moe(x)).reshape(-1, 32), want, rtol=1e-4, atol=1e-6)
+
+
+def test_mixture_of_experts_cache_forward_and_quantized_experts(rng):
+    model = LlamaForCausalLM(MOE, rngs=nnx.Rngs(8))
+    tokens = _tokens(rng, t=9)
+    full = np.asarray(model(tokens))
+    cache = model.init_cache(2, 12)
+    parts = []
+    for start, stop in ((0, 4), (4, 5), (5, 9)):
+        logits, cache = model.forward(tokens[:, start:stop], cache, start)
+        parts.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-5, atol=1e-5)
+    # Every expert and the router are leaves of their own, quantized like any kernel.
+    apply_fn, params = functional(model)
+    selected = jq.select.selected_paths(params)
+    assert "layers/1/mlp/experts/3/down_proj/kernel" in selected and "layers/0/mlp/router/kernel" in selected
+    assert len(selected) == (4 + 1 + 3 * 4) * MOE.num_layers
+    q = jq.quantize(params, None, jq.RTN(bits=4, group_size=16))
+    np.testing.assert_allclose(np.asarray(jax.jit(apply_fn)(q, tokens)), np.asarray(apply_fn(jq.dequantize(q), tokens)),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_config_hf_dict_round_trip():
     cfg = ModelConfig(architecture="qwen2", qkv_bias=True, num_layers=3, sliding_windows=(None, 8, 8),
                       rope_scaling={"rope_type": "linear", "factor": 2.0})
     assert config_from_hf(cfg.to_hf_dict()) == cfg
+    assert config_from_hf(MOE.to_hf_dict()) == MOE
     hash(cfg)  # jit static arguments need it
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen2-sliding", "llama-sparse"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen2-sliding", "llama-sparse", "mixtral"])
 def test_load_config_reads_transformers_files_as_autoconfig_does(tmp_path, family):
     """A config.json that transformers wrote is read without transformers, with the result
     AutoConfig gives; one missing fields AutoConfig would fill in goes through AutoConfig."""
@@ -189,6 +240,7 @@ def test_load_config_reads_transformers_files_as_autoconfig_does(tmp_path, famil
         "qwen2-sliding": lambda: transformers.Qwen2Config(**common, use_sliding_window=True, sliding_window=8,
                                                           max_window_layers=1),
         "llama-sparse": lambda: transformers.LlamaConfig(**common),
+        "mixtral": lambda: transformers.MixtralConfig(**common, num_local_experts=8, num_experts_per_tok=2),
     }[family]()
     hf.save_pretrained(tmp_path)
     if family == "llama-sparse":  # an old-style file: AutoConfig supplies the missing defaults

@@ -1,7 +1,8 @@
 """Logit parity with the transformers PyTorch reference (the ``interop`` extra).
 
 Small random Llama (Llama 3 rope scaling), Mistral (a sliding window shorter than the
-sequence) and Qwen2 (q/k/v bias, tied head, sliding layers) checkpoints are saved with
+sequence), Qwen2 (q/k/v bias, tied head, sliding layers) and Mixtral (four experts, two per
+token; with a sliding window) checkpoints are saved with
 ``save_pretrained`` and loaded with jaxquant; float32 logits must agree to 1e-4 relative.
 """
 
@@ -31,6 +32,9 @@ def _cases():
         "qwen2-tied": (t.Qwen2ForCausalLM, t.Qwen2Config(**COMMON, tie_word_embeddings=True)),
         "qwen2-sliding": (t.Qwen2ForCausalLM, t.Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=5,
                                                             max_window_layers=1)),
+        "mixtral": (t.MixtralForCausalLM, t.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2)),
+        "mixtral-window": (t.MixtralForCausalLM, t.MixtralConfig(**COMMON, num_local_experts=3, num_experts_per_tok=1,
+                                                                 sliding_window=6)),
     }
 
 
@@ -92,9 +96,22 @@ def test_sharded_reference_checkpoint(tmp_path):
     assert _rel(got, _logits(ref_model, tokens)) <= 1e-4
 
 
-@pytest.mark.parametrize("shard", [None, 30_000])
-def test_save_pretrained_is_read_by_transformers(tmp_path, shard):
-    cls, cfg = _cases()["qwen2-sliding"]
+def test_expert_routing_matters(tmp_path):
+    # Guard against a vacuous Mixtral parity: with every expert weighted equally instead of
+    # the router's top two, the logits differ clearly.
+    cls, cfg = _cases()["mixtral"]
+    ref_model = _reference(cls, cfg, tmp_path)
+    tokens = np.random.default_rng(5).integers(0, VOCAB, (1, 24))
+    model = from_pretrained(tmp_path)
+    import dataclasses
+
+    every = from_pretrained(tmp_path, config=dataclasses.replace(model.config, experts_per_token=4))
+    assert _rel(np.asarray(every(jnp.asarray(tokens, jnp.int32))), _logits(ref_model, tokens)) > 1e-2
+
+
+@pytest.mark.parametrize("shard, case", [(None, "qwen2-sliding"), (30_000, "qwen2-sliding"), (None, "mixtral")])
+def test_save_pretrained_is_read_by_transformers(tmp_path, shard, case):
+    cls, cfg = _cases()[case]
     ref_model = _reference(cls, cfg, tmp_path / "ref")
     model = from_pretrained(tmp_path / "ref")
     save_pretrained(model, tmp_path / "ours", max_shard_bytes=shard)

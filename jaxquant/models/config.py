@@ -9,6 +9,8 @@ jaxquant's own. The three supported families differ in a few switches:
 * Mistral: a sliding attention window on every layer.
 * Qwen2: bias on q/k/v (not o); a sliding window only on layers listed as
   ``sliding_attention`` in ``layer_types``.
+* Mixtral: Mistral's attention, and a sparse mixture of SwiGLU experts in place of the
+  MLP (``num_experts``, of which a router picks ``experts_per_token`` per token).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 
 from jaxquant.validate import require_positive_ints
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral")
 _SUPPORTED_ROPE = ("default", "linear", "llama3")
 
 
@@ -32,10 +34,11 @@ class ModelConfig:
     """Shape and numerics of a Llama-family decoder.
 
     Attributes:
-        architecture: ``"llama"``, ``"mistral"`` or ``"qwen2"`` (HF ``model_type``).
+        architecture: ``"llama"``, ``"mistral"``, ``"qwen2"`` or ``"mixtral"`` (HF
+            ``model_type``).
         vocab_size: number of token ids.
         hidden_size: model width ``d``.
-        intermediate_size: SwiGLU hidden width.
+        intermediate_size: SwiGLU hidden width (of each expert in a mixture of experts).
         num_layers: decoder blocks.
         num_heads: query heads.
         num_kv_heads: key/value heads (grouped-query attention when fewer than heads).
@@ -53,6 +56,9 @@ class ModelConfig:
         sliding_windows: per layer, the attention window in tokens or ``None`` (full).
         bos_token_id: id prepended by tokenizers that use one, or ``None``.
         eos_token_id: end-of-sequence id(s), or ``None``.
+        num_experts: experts per layer of a mixture of experts; 0 for a dense MLP.
+        experts_per_token: experts the router picks per token (top-k), with their
+            softmax weights renormalised to sum to one.
     """
 
     architecture: str = "llama"
@@ -74,6 +80,8 @@ class ModelConfig:
     sliding_windows: tuple[int | None, ...] | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    num_experts: int = 0
+    experts_per_token: int = 0
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -86,6 +94,13 @@ class ModelConfig:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
+        moe = self.architecture == "mixtral"
+        if moe and not 1 <= self.experts_per_token <= self.num_experts:
+            raise ValueError(f"a mixtral model needs 1 <= experts_per_token <= num_experts, got "
+                             f"experts_per_token={self.experts_per_token} and num_experts={self.num_experts}")
+        if not moe and (self.num_experts or self.experts_per_token):
+            raise ValueError(f"architecture={self.architecture!r} is dense: num_experts={self.num_experts} and "
+                             f"experts_per_token={self.experts_per_token} must be 0")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.rope_scaling is not None:
@@ -115,6 +130,8 @@ class ModelConfig:
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0) + (d if self.o_bias else 0)
         mlp = 3 * d * f + ((2 * f + d) if self.mlp_bias else 0)
+        if self.num_experts:
+            mlp = self.num_experts * mlp + d * self.num_experts  # the experts and the router
         per_layer = attn + mlp + 2 * d
         head = 0 if self.tie_word_embeddings else d * v
         return v * d + self.num_layers * per_layer + d + head
@@ -135,7 +152,8 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A ``config.json`` dictionary that transformers reads back to the same model."""
-        names = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+        names = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "mixtral": "MixtralForCausalLM"}
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling:
             rope = {**self.rope, "rope_theta": self.rope_theta}
@@ -162,8 +180,11 @@ class ModelConfig:
             out["attention_bias"] = self.qkv_bias
             out["mlp_bias"] = self.mlp_bias
         windows = {w for w in (self.sliding_windows or ()) if w is not None}
-        if self.architecture == "mistral":
+        if self.architecture in ("mistral", "mixtral"):
             out["sliding_window"] = next(iter(windows)) if windows else None
+        if self.architecture == "mixtral":
+            out["num_local_experts"] = self.num_experts
+            out["num_experts_per_tok"] = self.experts_per_token
         if self.architecture == "qwen2":
             out["use_sliding_window"] = bool(windows)
             out["sliding_window"] = next(iter(windows)) if windows else None
@@ -223,7 +244,7 @@ def config_from_hf(hf: Any) -> ModelConfig:
     layers = int(_get(hf, "num_hidden_layers"))
     window = _get(hf, "sliding_window")
     windows: tuple[int | None, ...] | None = None
-    if arch == "mistral" and window:
+    if arch in ("mistral", "mixtral") and window:
         windows = (int(window),) * layers
     elif arch == "qwen2" and window and _get(hf, "use_sliding_window", False):
         types = _get(hf, "layer_types") or []
@@ -255,6 +276,8 @@ def config_from_hf(hf: Any) -> ModelConfig:
         sliding_windows=windows,
         bos_token_id=_get(hf, "bos_token_id"),
         eos_token_id=_get(hf, "eos_token_id"),
+        num_experts=int(_get(hf, "num_local_experts", 0) or 0) if arch == "mixtral" else 0,
+        experts_per_token=int(_get(hf, "num_experts_per_tok", 0) or 0) if arch == "mixtral" else 0,
     )
 
 
@@ -268,9 +291,10 @@ _COMPLETE_SLIDING = ("sliding_window", "use_sliding_window", "max_window_layers"
 
 def _complete(raw: dict[str, Any]) -> bool:
     """Whether ``config_from_hf(raw)`` needs none of ``AutoConfig``'s defaults."""
-    sliding = {"mistral": _COMPLETE_SLIDING[:1], "qwen2": _COMPLETE_SLIDING}.get(raw.get("model_type"), ())
+    specific = {"mistral": _COMPLETE_SLIDING[:1], "qwen2": _COMPLETE_SLIDING,
+                "mixtral": (*_COMPLETE_SLIDING[:1], "num_local_experts", "num_experts_per_tok")}.get(raw.get("model_type"), ())
     rope = "rope_parameters" in raw or "rope_theta" in raw
-    return rope and all(k in raw for k in (*_COMPLETE, *sliding))
+    return rope and all(k in raw for k in (*_COMPLETE, *specific))
 
 
 def load_config(path: str | os.PathLike) -> ModelConfig:

@@ -1,4 +1,5 @@
-"""A Llama-family decoder in Flax NNX: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+"""A Llama-family decoder in Flax NNX: RMSNorm, RoPE, grouped-query attention, SwiGLU,
+and Mixtral's sparse mixture of SwiGLU experts.
 
 Numerics follow the Hugging Face reference (norms and softmax in float32, rotary tables
 in float32 cast to the activation dtype) so that logits agree to float32 rounding.
@@ -12,7 +13,9 @@ with ``nnx.update`` (or ``nnx.merge``) runs unchanged, and calibration that reco
 Parameter paths (NNX state): ``embed/embedding``, ``layers/{i}/input_norm/scale``,
 ``layers/{i}/attn/{q,k,v,o}_proj/{kernel,bias}``, ``layers/{i}/post_attn_norm/scale``,
 ``layers/{i}/mlp/{gate,up,down}_proj/kernel``, ``final_norm/scale``, ``lm_head/kernel``
-(absent when the head is tied to the embedding).
+(absent when the head is tied to the embedding). A mixture-of-experts layer has
+``layers/{i}/mlp/router/kernel`` and ``layers/{i}/mlp/experts/{j}/{gate,up,down}_proj/kernel``
+in place of the MLP's kernels: every expert a leaf of its own, for recipes by pattern.
 """
 
 from __future__ import annotations
@@ -159,14 +162,46 @@ class MLP(nnx.Module):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class SparseMoE(nnx.Module):
+    """Mixtral's mixture of experts: a linear router scores the experts per token, the
+    ``experts_per_token`` best are kept with their softmax weights renormalised, and the
+    output is the weighted sum of those experts' SwiGLU outputs.
+
+    Every expert runs on every token here and the unpicked ones are weighted by zero:
+    exact, and simple to compile, at ``num_experts / experts_per_token`` times the
+    compute of running only the picked experts.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, dtype: Any, rngs: nnx.Rngs) -> None:
+        self.router = Linear(cfg.hidden_size, cfg.num_experts, bias=False, dtype=dtype, rngs=rngs)
+        self.experts = nnx.List([MLP(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_experts)])
+        self.experts_per_token = cfg.experts_per_token
+
+    def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(weights, experts)``, each ``[..., experts_per_token]``: the picked experts'
+        renormalised softmax weights (float32, best first) and their indices."""
+        probs = jax.nn.softmax(self.router(x).astype(jnp.float32), axis=-1)
+        weights, experts = jax.lax.top_k(probs, self.experts_per_token)
+        return weights / jnp.sum(weights, axis=-1, keepdims=True), experts
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weights, experts = self.route(x)
+        # [..., num_experts]: each expert's weight for each token, zero where not picked.
+        gates = jnp.einsum("...k,...ke->...e", weights, jax.nn.one_hot(experts, len(self.experts), dtype=jnp.float32))
+        out = jnp.zeros(x.shape, jnp.float32)
+        for e, expert in enumerate(self.experts):
+            out = out + expert(x).astype(jnp.float32) * gates[..., e:e + 1]
+        return out.astype(x.dtype)
+
+
 class DecoderLayer(nnx.Module):
-    """Pre-norm residual block: attention then MLP."""
+    """Pre-norm residual block: attention then MLP (or mixture of experts)."""
 
     def __init__(self, cfg: ModelConfig, layer: int, *, dtype: Any, rngs: nnx.Rngs) -> None:
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.attn = Attention(cfg, cfg.window(layer), dtype=dtype, rngs=rngs)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+        self.mlp = SparseMoE(cfg, dtype=dtype, rngs=rngs) if cfg.num_experts else MLP(cfg, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, q_pos, cache, start):  # noqa: ANN001, ANN204 - see Attention
         h, cache = self.attn(self.input_norm(x), cos, sin, q_pos, cache, start)
@@ -193,7 +228,7 @@ class Embedding(nnx.Module):
 
 
 class LlamaForCausalLM(nnx.Module):
-    """Llama / Mistral / Qwen2 decoder with a language-model head.
+    """Llama / Mistral / Qwen2 / Mixtral decoder with a language-model head.
 
     ``model(tokens)`` returns logits ``[B, T, vocab]``; ``model.forward(tokens, cache,
     start)`` additionally reads and writes a KV cache (see ``init_cache``).

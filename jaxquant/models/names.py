@@ -1,4 +1,4 @@
-"""Hugging Face tensor names and NNX parameter paths of the Llama family: one table.
+"""Hugging Face tensor names and NNX parameter paths of the Llama family and Mixtral: one table.
 
 Each row pairs a Hugging Face tensor name pattern with the NNX parameter path and says
 whether the tensor is a linear weight, stored ``(d_out, d_in)`` by PyTorch and transposed,
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 
-# (Hugging Face name, NNX path, transpose). "{i}" stands for the layer index.
+# (Hugging Face name, NNX path, transpose). "{i}" stands for the layer index, "{j}" for the
+# expert's in a mixture-of-experts layer (Mixtral: w1 is the gate, w3 the up, w2 the down
+# projection; the router is the block's "gate").
 NAME_TABLE: tuple[tuple[str, str, bool], ...] = (
     ("model.embed_tokens.weight", "embed/embedding", False),
     ("model.layers.{i}.input_layernorm.weight", "layers/{i}/input_norm/scale", False),
@@ -28,13 +30,18 @@ NAME_TABLE: tuple[tuple[str, str, bool], ...] = (
     ("model.layers.{i}.mlp.up_proj.bias", "layers/{i}/mlp/up_proj/bias", False),
     ("model.layers.{i}.mlp.down_proj.weight", "layers/{i}/mlp/down_proj/kernel", True),
     ("model.layers.{i}.mlp.down_proj.bias", "layers/{i}/mlp/down_proj/bias", False),
+    ("model.layers.{i}.block_sparse_moe.gate.weight", "layers/{i}/mlp/router/kernel", True),
+    ("model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight", "layers/{i}/mlp/experts/{j}/gate_proj/kernel", True),
+    ("model.layers.{i}.block_sparse_moe.experts.{j}.w3.weight", "layers/{i}/mlp/experts/{j}/up_proj/kernel", True),
+    ("model.layers.{i}.block_sparse_moe.experts.{j}.w2.weight", "layers/{i}/mlp/experts/{j}/down_proj/kernel", True),
     ("model.norm.weight", "final_norm/scale", False),
     ("lm_head.weight", "lm_head/kernel", True),
 )
 
 
 def _pattern(template: str) -> re.Pattern[str]:
-    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(\d+)") + "$")
+    escaped = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{j\}", r"(?P<j>\d+)")
+    return re.compile("^" + escaped + "$")
 
 
 # Per direction, each row as (pattern of the source name, template of the target name, transpose).
@@ -46,7 +53,9 @@ def _translate(name: str, rows: tuple[tuple[re.Pattern[str], str, bool], ...]) -
     for pattern, template, transpose in rows:
         m = pattern.match(name)
         if m:
-            return (template.replace("{i}", m.group(1)) if m.groups() else template), transpose
+            for key, index in m.groupdict().items():
+                template = template.replace("{" + key + "}", index)
+            return template, transpose
     return None
 
 
