@@ -42,7 +42,7 @@ from flax import nnx
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxquant.ops import record_matmul_inputs
+from jaxquant.ops import current_token_mask, record_matmul_inputs
 from jaxquant.select import Selector, as_predicate, flatten_with_paths
 from jaxquant.stats import LayerStats
 
@@ -74,7 +74,7 @@ class _Collector:
         self.by_id = {id(leaf): path for path, leaf in kernels.items()}
         self.dtype = dtype
         self.xtx: dict[str, jax.Array] = {}
-        self.count: dict[str, int] = {}
+        self.count: dict[str, int | jax.Array] = {}
         self._active: list[int] = []
         # (kernel, input) pairs already counted, with the inputs kept alive so their ids
         # stay unique during the trace: a layer whose hook and inner ops.matmul both fire
@@ -84,7 +84,7 @@ class _Collector:
     def lookup(self, kernel: Any) -> str | None:
         return self.by_id.get(id(kernel))
 
-    def add(self, path: str, x: jax.Array, axes: Sequence[int] = (-1,)) -> None:
+    def add(self, path: str, x: jax.Array, axes: Sequence[int] = (-1,), mask: jax.Array | None = None) -> None:
         kernel = self.kernels[path]
         key = (id(kernel), id(x))
         if key in self._seen:
@@ -99,10 +99,15 @@ class _Collector:
                 f"match its kernel of shape {tuple(kernel.shape)}"
             )
         xa = x2d.astype(self.dtype)
+        count: int | jax.Array = x2d.shape[0]
+        if mask is not None:  # only the rows marked by ops.token_mask (an expert's tokens) count
+            rows = jnp.reshape(mask, (-1,))
+            xa = xa * rows[:, None].astype(self.dtype)
+            count = jnp.sum(rows, dtype=jnp.int32)
         # HIGHEST: on GPU/TPU the default precision would round inputs to bf16/tf32.
         xtx = lax.dot_general(xa, xa, (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST)
         self.xtx[path] = xtx if path not in self.xtx else self.xtx[path] + xtx
-        self.count[path] = self.count.get(path, 0) + x2d.shape[0]
+        self.count[path] = self.count.get(path, 0) + count
 
     @contextlib.contextmanager
     def layer(self, kernel: Any) -> Iterator[None]:
@@ -116,7 +121,7 @@ class _Collector:
     def on_matmul(self, x: jax.Array, w: Any) -> None:
         path = self.lookup(w)
         if path is not None and id(w) not in self._active:
-            self.add(path, x)
+            self.add(path, x, mask=current_token_mask())
 
     def linen_interceptor(self, next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
         module = context.module

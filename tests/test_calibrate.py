@@ -177,6 +177,21 @@ def test_layer_captured_by_hook_and_matmul_counts_once(rng):
     _assert_stats(stats, {"kernel": sum(_np_xtx(b) for b in batches)}, {"kernel": 8})
 
 
+def test_token_mask_counts_only_the_marked_rows(rng):
+    w = jnp.asarray(rng.standard_normal((D_IN, D_OUT)), jnp.float32)
+    batches = _batches(rng, 2, (4, 3, D_IN))
+
+    def fn(p, x):
+        mask = x[..., 0] > 0  # rows whose first feature is positive, as a router might pick them
+        with jq.ops.token_mask(mask):
+            return jq.ops.matmul(x, p["w"])
+
+    stats = calibrate(fn, {"w": w}, batches, where="w")
+    kept = [b.reshape(-1, D_IN)[b.reshape(-1, D_IN)[:, 0] > 0] for b in batches]
+    _assert_stats(stats, {"w": sum(_np_xtx(k) for k in kept)}, {"w": sum(len(k) for k in kept)})
+    assert jq.ops.current_token_mask() is None
+
+
 def test_layer_called_twice_sums_both_inputs(rng):
     w = jnp.asarray(rng.standard_normal((D_IN, D_IN)), jnp.float32)
     batches = _batches(rng, 2, (4, D_IN))

@@ -211,6 +211,37 @@ def test_mixture_of_experts_cache_forward_and_quantized_experts(rng):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_expert_statistics_count_only_the_tokens_routed_to_the_expert(rng):
+    model = LlamaForCausalLM(MOE, rngs=nnx.Rngs(9))
+    apply_fn, params = functional(model)
+    tokens = _tokens(rng, b=4, t=8)
+    stats = jq.calibrate(apply_fn, params, [tokens])
+    # The layer-0 experts' input: the normed residual after attention, from a hook on the MoE.
+    seen = {}
+    moe = model.layers[0].mlp
+    original = type(moe).__call__
+
+    def spy(self, x):
+        if self is moe:
+            seen["x"] = np.asarray(x, np.float64).reshape(-1, 32)
+            seen["experts"] = np.asarray(self.route(x)[1]).reshape(-1, 2)
+        return original(self, x)
+
+    type(moe).__call__ = spy
+    try:
+        model(tokens)
+    finally:
+        type(moe).__call__ = original
+    counts = [int(stats[f"layers/0/mlp/experts/{e}/gate_proj/kernel"].count) for e in range(4)]
+    assert sum(counts) == 2 * 32 and counts == [int(np.sum(seen["experts"] == e)) for e in range(4)]
+    for e in range(4):
+        rows = seen["x"][np.any(seen["experts"] == e, axis=1)]
+        np.testing.assert_allclose(np.asarray(stats[f"layers/0/mlp/experts/{e}/up_proj/kernel"].xtx), rows.T @ rows,
+                                   rtol=1e-4, atol=1e-4)
+        assert int(stats[f"layers/0/mlp/experts/{e}/down_proj/kernel"].count) == counts[e]
+    assert int(stats["layers/0/mlp/router/kernel"].count) == 32
+
+
 def test_config_hf_dict_round_trip():
     cfg = ModelConfig(architecture="qwen2", qkv_bias=True, num_layers=3, sliding_windows=(None, 8, 8),
                       rope_scaling={"rope_type": "linear", "factor": 2.0})

@@ -222,3 +222,34 @@ def test_a_damaged_progress_record_is_named(model, tokens, tmp_path, monkeypatch
     with pytest.raises(ValueError, match=r"progress.json is damaged .*Delete .*state to start the run over"):
         quantize_model(model, tokens, GPTQ(bits=2, group_size=32), key=KEY, out_dir=out, resume=True, progress=False,
                        batch_size=8)
+
+
+def test_damped_statistics_fill_up_to_the_token_floor(rng):
+    x = jnp.asarray(rng.standard_normal((5, 8)), jnp.float32)
+    stats = jq.LayerStats(x.T @ x, jnp.asarray(5, jnp.int32))
+    got = jq.stats.damped(stats, 20)
+    energy = float(jnp.sum(x * x)) / (5 * 8)
+    np.testing.assert_allclose(np.asarray(got.xtx), np.asarray(x.T @ x) + 15 * energy * np.eye(8), rtol=1e-5)
+    assert int(got.count) == 20
+    assert jq.stats.damped(stats, 5) is stats
+    empty = jq.stats.damped(jq.LayerStats(jnp.zeros((8, 8)), jnp.asarray(0, jnp.int32)), 20)
+    np.testing.assert_array_equal(np.asarray(empty.mean()), np.eye(8))
+
+
+def test_experts_are_calibrated_on_their_own_tokens_and_sparse_ones_damped(tokens):
+    moe = LlamaForCausalLM(ModelConfig(**{**CFG.__dict__, "architecture": "mixtral", "num_experts": 4,
+                                          "experts_per_token": 1}), rngs=nnx.Rngs(1))
+    few = tokens[:2, :24]  # 48 tokens in all: the floor is 48, about 12 per expert
+    with pytest.warns(UserWarning, match=r"block 1: \d+ layers saw fewer than 48 calibration tokens \(.*"
+                                         r"layers/0/mlp/experts/\d/gate_proj/kernel \d+") as said:
+        res = quantize_model(moe, few, GPTQ(bits=3, group_size=32), key=KEY, progress=False, batch_size=2)
+    # Dense layers saw every token: never floored, even with fewer than 64 tokens in all.
+    assert not any("router" in str(w.message) or "attn" in str(w.message) for w in said)
+    records = {r["name"]: r for r in res.layers}
+    for block in range(2):
+        experts = [records[f"layers/{block}/mlp/experts/{e}/up_proj/kernel"]["calibration_tokens"] for e in range(4)]
+        assert sum(experts) == 48  # one expert per token
+        assert records[f"layers/{block}/mlp/router/kernel"]["calibration_tokens"] == 48
+        assert records[f"layers/{block}/attn/q_proj/kernel"]["calibration_tokens"] == 48
+    assert all(np.isfinite(r["rel_error"]) for r in res.layers)
+    assert all(np.all(np.isfinite(np.asarray(jq.dequantize(leaf)))) for leaf in _quantized(res.params).values())

@@ -167,9 +167,10 @@ class SparseMoE(nnx.Module):
     ``experts_per_token`` best are kept with their softmax weights renormalised, and the
     output is the weighted sum of those experts' SwiGLU outputs.
 
-    Every expert runs on every token here and the unpicked ones are weighted by zero:
-    exact, and simple to compile, at ``num_experts / experts_per_token`` times the
-    compute of running only the picked experts.
+    Every expert runs on every token here, its output weighted by zero where it was not
+    picked: exact, and simple to compile, at ``num_experts / experts_per_token`` times the
+    compute of running only the picked experts. Each expert runs inside
+    ``ops.token_mask`` of its own tokens, so that calibration counts only those.
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype: Any, rngs: nnx.Rngs) -> None:
@@ -186,11 +187,15 @@ class SparseMoE(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         weights, experts = self.route(x)
+        picked = jax.nn.one_hot(experts, len(self.experts), dtype=jnp.float32)  # [..., k, num_experts]
         # [..., num_experts]: each expert's weight for each token, zero where not picked.
-        gates = jnp.einsum("...k,...ke->...e", weights, jax.nn.one_hot(experts, len(self.experts), dtype=jnp.float32))
+        gates = jnp.einsum("...k,...ke->...e", weights, picked)
+        routed = jnp.sum(picked, axis=-2) > 0
         out = jnp.zeros(x.shape, jnp.float32)
         for e, expert in enumerate(self.experts):
-            out = out + expert(x).astype(jnp.float32) * gates[..., e:e + 1]
+            with ops.token_mask(routed[..., e]):
+                y = expert(x)
+            out = out + y.astype(jnp.float32) * gates[..., e:e + 1]
         return out.astype(x.dtype)
 
 

@@ -23,7 +23,9 @@ dense product, where decoding once is amortised over the rows.
 Calibration needs the input of every linear layer. Rather than each model exposing
 hooks, ``record_matmul_inputs`` installs a recorder for the duration of a trace; every
 ``matmul`` call then hands ``(x, w)`` to it. The recorder runs at trace time only, so
-it costs nothing in compiled code that does not use it.
+it costs nothing in compiled code that does not use it. A model whose layer sees only some
+of its input rows (an expert, of the tokens routed to it) says which inside
+``token_mask(mask)``; ``current_token_mask()`` gives the recorder that mask.
 """
 
 from __future__ import annotations
@@ -61,6 +63,24 @@ def record_matmul_inputs(recorder: Recorder) -> Iterator[None]:
         yield
     finally:
         _local.recorder = previous
+
+
+@contextlib.contextmanager
+def token_mask(mask: jax.Array) -> Iterator[None]:
+    """Mark the rows of the ``matmul`` inputs inside the ``with`` block that count for
+    calibration: ``mask`` is boolean, shaped as the inputs' leading axes. It changes no
+    product."""
+    previous = getattr(_local, "token_mask", None)
+    _local.token_mask = mask
+    try:
+        yield
+    finally:
+        _local.token_mask = previous
+
+
+def current_token_mask() -> jax.Array | None:
+    """The mask of the innermost ``token_mask`` block, or ``None``."""
+    return getattr(_local, "token_mask", None)
 
 
 def _dense_matmul(x: jax.Array, w: jax.Array, precision: Any = None) -> jax.Array:

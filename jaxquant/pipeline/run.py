@@ -30,8 +30,10 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -51,10 +53,13 @@ from jaxquant.quantize import leaf_key, leaf_layout, quantize_weight
 from jaxquant.recipes import check_divisible
 from jaxquant.recipes_named import recipe_spec_to_data
 from jaxquant.select import Selector, resolve_recipes
-from jaxquant.stats import LayerStats
+from jaxquant.stats import LayerStats, damped
 from jaxquant.validate import require_positive_int
 
 _FINETUNE_TAG = 0x66745F62  # folded into the key for fine-tuning, apart from layer keys
+# A layer calibrated on fewer tokens than this (an expert the router seldom picked) is
+# quantized against statistics damped up to it (``stats.damped``), with a warning.
+MIN_CALIBRATION_TOKENS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -484,6 +489,17 @@ def _quantize_block(
 
     wanted = set(todo)
     stats = calibrate(fn, fp_dev, _batches(x, batch_size), where=lambda p, leaf: p in wanted)
+    tokens = {rel: int(s.count) for rel, s in stats.items()}
+    # Only layers that saw part of the block's tokens (experts) are floored: a dense layer
+    # sees every calibration token, and its statistics are what the user asked for.
+    floor = min(MIN_CALIBRATION_TOKENS, math.prod(x.shape[:2]))
+    sparse = [rel for rel, n in tokens.items() if n < floor]
+    if sparse:
+        seen = ", ".join(f"{todo[rel][0]} {tokens[rel]}" for rel in sparse)
+        warnings.warn(f"block {i + 1}: {len(sparse)} layers saw fewer than {floor} calibration tokens "
+                      f"({seen}); they are quantized against damped statistics (more calibration windows would "
+                      "give them more)", stacklevel=2)
+        stats.update({rel: damped(stats[rel], floor) for rel in sparse})
     fp_leaves = dict(flatten_by_path(fp)[0])
 
     recs: list[dict[str, Any]] = []
@@ -499,7 +515,8 @@ def _quantize_block(
             err = _rel_error(fp_leaves[rel], q, stats[rel], path)
             new[rel] = q
             recs.append({"block": i, "name": path, "method": recipe.name, "scheme": q.scheme,
-                         "bits": q.bits_per_weight, "rel_error": err, "rel_error_finetuned": None,
+                         "bits": q.bits_per_weight, "calibration_tokens": tokens[rel], "rel_error": err,
+                         "rel_error_finetuned": None,
                          "seconds": time.perf_counter() - t1})
             layer_bar.update(1)
             layer_bar.set_postfix_str(f"{path} err {err:.4g}")
