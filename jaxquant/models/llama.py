@@ -162,6 +162,15 @@ class MLP(nnx.Module):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def top_k_routing(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``(weights, experts)``, each ``[..., k]``, from router logits ``[..., num_experts]``:
+    the ``k`` most probable experts (best first) and their softmax probabilities
+    renormalised to sum to one (float32), as Mixtral routes."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, k)
+    return weights / jnp.sum(weights, axis=-1, keepdims=True), experts
+
+
 class SparseMoE(nnx.Module):
     """Mixtral's mixture of experts: a linear router scores the experts per token, the
     ``experts_per_token`` best are kept with their softmax weights renormalised, and the
@@ -181,9 +190,7 @@ class SparseMoE(nnx.Module):
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``(weights, experts)``, each ``[..., experts_per_token]``: the picked experts'
         renormalised softmax weights (float32, best first) and their indices."""
-        probs = jax.nn.softmax(self.router(x).astype(jnp.float32), axis=-1)
-        weights, experts = jax.lax.top_k(probs, self.experts_per_token)
-        return weights / jnp.sum(weights, axis=-1, keepdims=True), experts
+        return top_k_routing(self.router(x), self.experts_per_token)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         weights, experts = self.route(x)
@@ -309,7 +316,7 @@ class LlamaForCausalLM(nnx.Module):
     def head(self, x: jax.Array) -> jax.Array:
         """Logits ``[..., vocab]`` of final-normalised hidden states ``x [..., d]``."""
         if self.lm_head is None:
-            return _tied_logits(x, self.embed.embedding.get_value())
+            return tied_logits(x, self.embed.embedding.get_value())
         return self.lm_head(x)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -317,7 +324,8 @@ class LlamaForCausalLM(nnx.Module):
         return self.forward(tokens)[0]
 
 
-def _tied_logits(x: jax.Array, embedding: Any) -> jax.Array:
+def tied_logits(x: jax.Array, embedding: Any) -> jax.Array:
+    """Logits of a head tied to the embedding table ``[vocab, d]`` (dense or quantized)."""
     if is_quantized(embedding):  # the table [vocab, d] is the head's out_in weight
         return ops.matmul(x, embedding)
     return jnp.einsum("...d,vd->...v", x, embedding.astype(x.dtype))
@@ -501,7 +509,7 @@ def functional_parts(model: LlamaForCausalLM, *, scan_layers: bool = False) -> t
         if STACKED not in params:
             return nnx.merge(graphdef, params).head(x)
         if lm_head is None:
-            return _tied_logits(x, params["embed"]["embedding"].get_value())
+            return tied_logits(x, params["embed"]["embedding"].get_value())
         return nnx.merge(lm_head, params["lm_head"])(x)
 
     return hidden_fn, head_fn

@@ -1,0 +1,359 @@
+"""Generation with a mixture of experts offloaded (Eliseev and Mazur, 2023).
+
+Most of a mixture-of-experts model's bytes are experts that each token barely touches.
+Here the experts live in a slow tier, an ``ExpertStore``: one memory-mapped file per
+array on disk, or host memory (the tier to use beside an accelerator). Each layer keeps
+the experts it used last in the fast tier, an ``ExpertCache`` of a fixed number of
+experts per layer, evicting the least recently used. While layer ``l`` runs, the router
+of layer ``l + 1`` is applied to layer ``l``'s hidden state to guess the experts it will
+pick, and a reader thread starts loading the guessed ones (speculative prefetch).
+
+Everything but the experts (embedding, attention, norms, routers, head) stays resident.
+``OffloadedGenerator`` decodes greedily one token at a time and gives the tokens that
+``generate`` gives with the whole model in memory: only the picked experts run, summed
+in the same order as there, where the others add exact zeros.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxquant.atomic_files import atomic_write
+from jaxquant.models.llama import LlamaForCausalLM, rotary_tables, tied_logits, top_k_routing
+from jaxquant.validate import require_positive_int
+
+TIERS = ("disk", "host")
+
+
+class ExpertStore:
+    """Every expert's parameters, outside the fast tier.
+
+    Args:
+        tier: ``"disk"``: each array in a ``.npy`` file under ``directory``, read through
+            a memory map when the expert is loaded; ``"host"``: numpy arrays in memory.
+        directory: where the disk tier writes (created if needed).
+    """
+
+    def __init__(self, tier: str, directory: str | os.PathLike | None = None) -> None:
+        if tier not in TIERS:
+            raise ValueError(f"tier must be one of {TIERS}, got {tier!r}")
+        if tier == "disk":
+            if directory is None:
+                raise ValueError("the disk tier needs a directory")
+            os.makedirs(directory, exist_ok=True)
+        self.tier, self.directory = tier, None if directory is None else os.fspath(directory)
+        # Per expert: the tree's structure, and each array's dtype and shape.
+        self._layout: dict[tuple[int, int], tuple[Any, list[np.dtype], list[tuple[int, ...]]]] = {}
+        self._arrays: dict[tuple[int, int], list[Any]] = {}  # host arrays, or file names
+        self._nbytes: dict[tuple[int, int], int] = {}
+
+    @classmethod
+    def from_params(cls, params: Any, tier: str, directory: str | os.PathLike | None = None) -> ExpertStore:
+        """A store of every expert under ``layers/{i}/mlp/experts/{j}`` of a model's state."""
+        store = cls(tier, directory)
+        raw = params.raw_mapping if isinstance(params, nnx.State) else params
+        for i, layer in raw["layers"].items():
+            for j, expert in layer["mlp"]["experts"].items():
+                store.put(int(i), int(j), expert)
+        return store
+
+    def put(self, layer: int, expert: int, params: Any) -> None:
+        """Store one expert's parameter tree (dense or quantized arrays)."""
+        leaves, treedef = jax.tree.flatten(params)
+        arrays = [np.asarray(jax.device_get(leaf)) for leaf in leaves]
+        key = (int(layer), int(expert))
+        self._layout[key] = (treedef, [a.dtype for a in arrays], [a.shape for a in arrays])
+        self._nbytes[key] = int(sum(a.nbytes for a in arrays))
+        if self.tier == "host":
+            self._arrays[key] = arrays
+            return
+        names = []
+        for k, a in enumerate(arrays):
+            name = os.path.join(self.directory, f"layer{key[0]}-expert{key[1]}-{k}.npy")
+            # Stored as raw bytes: numpy's format has no bfloat16; the dtype is kept here.
+            atomic_write(name, lambda f, a=a: np.save(f, np.ascontiguousarray(a).view(np.uint8)))
+            names.append(name)
+        self._arrays[key] = names
+
+    def read(self, layer: int, expert: int) -> Any:
+        """The expert's parameter tree as numpy arrays in host memory (from disk: read now)."""
+        key = (int(layer), int(expert))
+        if key not in self._layout:
+            raise KeyError(f"the store holds no expert {expert} of layer {layer}")
+        treedef, dtypes, shapes = self._layout[key]
+        if self.tier == "host":
+            return jax.tree.unflatten(treedef, self._arrays[key])
+        arrays = [np.array(np.load(name, mmap_mode="r")).view(dtype).reshape(shape)
+                  for name, dtype, shape in zip(self._arrays[key], dtypes, shapes)]
+        return jax.tree.unflatten(treedef, arrays)
+
+    def nbytes(self, layer: int, expert: int) -> int:
+        """Bytes one load of the expert moves."""
+        return self._nbytes[(int(layer), int(expert))]
+
+    def __len__(self) -> int:
+        return len(self._layout)
+
+    def __contains__(self, key: tuple[int, int]) -> bool:
+        return (int(key[0]), int(key[1])) in self._layout
+
+
+@dataclasses.dataclass
+class CacheStats:
+    """What the expert cache did.
+
+    Attributes:
+        lookups: experts asked for, per layer.
+        hits: of those, found in the cache, per layer.
+        prefetch_hits: found loaded (or loading) by a prefetch, per layer.
+        prefetched: loads a prefetch started.
+        bytes_moved: bytes loaded from the slow tier (misses and prefetches).
+        guesses: experts guessed for the next layer; ``guessed_right``: of those, picked.
+    """
+
+    lookups: list[int]
+    hits: list[int]
+    prefetch_hits: list[int]
+    prefetched: int = 0
+    bytes_moved: int = 0
+    guesses: int = 0
+    guessed_right: int = 0
+
+    @classmethod
+    def empty(cls, num_layers: int) -> CacheStats:
+        return cls([0] * num_layers, [0] * num_layers, [0] * num_layers)
+
+    def hit_rate(self) -> float:
+        """Share of lookups served without waiting on a load started at the lookup."""
+        return (sum(self.hits) + sum(self.prefetch_hits)) / max(sum(self.lookups), 1)
+
+    def prefetch_accuracy(self) -> float:
+        """Share of guessed experts that the next layer then picked."""
+        return self.guessed_right / max(self.guesses, 1)
+
+    def summary(self) -> dict[str, Any]:
+        return {"lookups": sum(self.lookups), "hits": sum(self.hits), "prefetch_hits": sum(self.prefetch_hits),
+                "hit_rate": self.hit_rate(), "prefetched": self.prefetched,
+                "prefetch_accuracy": self.prefetch_accuracy(), "bytes_moved": self.bytes_moved,
+                "hit_rate_per_layer": [(h + p) / max(n, 1) for h, p, n in
+                                       zip(self.hits, self.prefetch_hits, self.lookups)]}
+
+
+class ExpertCache:
+    """Each layer's most recently used experts in the fast tier (device arrays).
+
+    Args:
+        store: the slow tier.
+        capacity: experts kept per layer (>= 1).
+        num_layers: layers of the model.
+        prefetch_threads: reader threads for ``prefetch`` (0: prefetch loads nothing).
+    """
+
+    def __init__(self, store: ExpertStore, capacity: int, num_layers: int, prefetch_threads: int = 1) -> None:
+        require_positive_int("capacity", capacity)
+        self.store, self.capacity = store, capacity
+        self.stats = CacheStats.empty(num_layers)
+        self._lru: list[collections.OrderedDict[int, Any]] = [collections.OrderedDict() for _ in range(num_layers)]
+        self._pending: list[dict[int, Future]] = [{} for _ in range(num_layers)]
+        self._pool = ThreadPoolExecutor(prefetch_threads) if prefetch_threads else None
+
+    def _load(self, layer: int, expert: int) -> Any:
+        return jax.device_put(self.store.read(layer, expert))
+
+    def prefetch(self, layer: int, experts: Any) -> None:
+        """Start loading ``experts`` of ``layer`` that are neither cached nor loading."""
+        if self._pool is None:
+            return
+        for e in map(int, experts):
+            if e not in self._lru[layer] and e not in self._pending[layer]:
+                self._pending[layer][e] = self._pool.submit(self._load, layer, e)
+                self.stats.prefetched += 1
+                self.stats.bytes_moved += self.store.nbytes(layer, e)
+
+    def get(self, layer: int, expert: int) -> Any:
+        """The expert's parameters on device: cached, prefetched, or loaded now."""
+        stats, lru = self.stats, self._lru[layer]
+        stats.lookups[layer] += 1
+        if expert in lru:
+            stats.hits[layer] += 1
+            lru.move_to_end(expert)
+            if isinstance(lru[expert], Future):  # a kept prefetch (see ``finish``)
+                lru[expert] = lru[expert].result()
+            return lru[expert]
+        pending = self._pending[layer].pop(expert, None)
+        if pending is not None:
+            stats.prefetch_hits[layer] += 1
+            params = pending.result()
+        else:
+            stats.bytes_moved += self.store.nbytes(layer, expert)
+            params = self._load(layer, expert)
+        lru[expert] = params
+        while len(lru) > self.capacity:
+            lru.popitem(last=False)
+        return params
+
+    def finish(self, layer: int) -> None:
+        """Settle the layer's prefetches that were not used (wrong guesses): kept as the
+        least recently used while the layer's cache has room, else dropped (they would
+        evict experts the layer did use)."""
+        lru = self._lru[layer]
+        for expert, future in self._pending[layer].items():
+            if len(lru) < self.capacity:
+                lru[expert] = future
+                lru.move_to_end(expert, last=False)
+            else:
+                future.cancel()
+        self._pending[layer].clear()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _raw(params: Any) -> Any:
+    return params.raw_mapping if isinstance(params, nnx.State) else params
+
+
+class OffloadedGenerator:
+    """Greedy decoding of a Mixtral-family model whose experts sit in an ``ExpertStore``.
+
+    Args:
+        model: the model: its structure, and its resident weights unless ``params`` is
+            given (it may then be abstract, from ``nnx.eval_shape``).
+        store: the experts.
+        cache_size: experts kept per layer in the fast tier.
+        prefetch: guess each next layer's experts with its router and load them ahead.
+        params: the resident weights, in the layout of the model's state (its experts,
+            if any, are not read).
+    """
+
+    def __init__(self, model: LlamaForCausalLM, store: ExpertStore, *, cache_size: int, prefetch: bool = True,
+                 params: Any = None) -> None:
+        cfg = model.config
+        if not cfg.num_experts:
+            raise ValueError(f"OffloadedGenerator needs a mixture of experts; {cfg.architecture!r} has none")
+        missing = [(i, j) for i in range(cfg.num_layers) for j in range(cfg.num_experts)
+                   if (i, j) not in store]
+        if missing:
+            raise ValueError(f"the store lacks {len(missing)} experts, e.g. (layer, expert) {missing[:4]}")
+        raw = _raw(nnx.state(model) if params is None else params)
+        self.config, self.prefetch = cfg, prefetch
+        self.cache = ExpertCache(store, cache_size, cfg.num_layers, prefetch_threads=1 if prefetch else 0)
+        self._fronts = []  # per layer: graph definitions and states of the norms, attention, router
+        for i, layer in enumerate(model.layers):
+            parts = ("input_norm", "attn", "post_attn_norm")
+            graphdefs = (*(nnx.graphdef(getattr(layer, p)) for p in parts), nnx.graphdef(layer.mlp.router))
+            states = (*(raw["layers"][i][p] for p in parts), raw["layers"][i]["mlp"]["router"])
+            self._fronts.append((graphdefs, states))
+        self._expert_graphdefs = [nnx.graphdef(layer.mlp.experts[0]) for layer in model.layers]
+        self._ends = ((nnx.graphdef(model.embed), nnx.graphdef(model.final_norm),
+                       None if model.lm_head is None else nnx.graphdef(model.lm_head)),
+                      (raw["embed"], raw["final_norm"], None if model.lm_head is None else raw["lm_head"]))
+        inv_freq, k = cfg.inv_freq(), cfg.experts_per_token
+
+        def front(graphdefs: Any, states: Any, x: jax.Array, cache: Any, start: jax.Array) -> Any:
+            input_norm, attn, post_attn_norm, router = (nnx.merge(g, s) for g, s in zip(graphdefs, states))
+            q_pos = start + jnp.arange(x.shape[1], dtype=jnp.int32)
+            cos, sin = rotary_tables(inv_freq, q_pos)
+            h, cache = attn(input_norm(x), cos, sin, q_pos, cache, start)
+            x = x + h
+            normed = post_attn_norm(x)
+            weights, experts = top_k_routing(router(normed), k)
+            return x, normed, cache, weights, experts
+
+        def guess(graphdef: Any, state: Any, normed: jax.Array) -> jax.Array:
+            return top_k_routing(nnx.merge(graphdef, state)(normed), k)[1]
+
+        def expert(graphdef: Any, state: Any, normed: jax.Array, gate: jax.Array) -> jax.Array:
+            return nnx.merge(graphdef, state)(normed).astype(jnp.float32) * gate[..., None]
+
+        def embed(graphdefs: Any, states: Any, tokens: jax.Array) -> jax.Array:
+            return nnx.merge(graphdefs[0], states[0])(tokens)
+
+        def head(graphdefs: Any, states: Any, x: jax.Array) -> jax.Array:
+            x = nnx.merge(graphdefs[1], states[1])(x)
+            if graphdefs[2] is None:
+                return tied_logits(x, nnx.merge(graphdefs[0], states[0]).embedding.get_value())
+            return nnx.merge(graphdefs[2], states[2])(x)
+
+        self._front = jax.jit(front, static_argnums=0)
+        self._guess = jax.jit(guess, static_argnums=0)
+        self._expert = jax.jit(expert, static_argnums=0)
+        self._embed = jax.jit(embed, static_argnums=0)
+        self._head = jax.jit(head, static_argnums=0)
+        self.dtype = model.dtype
+
+    def generate(self, prompt: Any, max_new_tokens: int,
+                 on_token: Callable[[int], None] | None = None) -> np.ndarray:
+        """Greedy continuation of one prompt ``[T]`` by ``max_new_tokens`` tokens.
+
+        Raises:
+            ValueError: an empty or out-of-vocabulary prompt, or more tokens than the
+                context holds.
+        """
+        cfg = self.config
+        tokens = np.asarray(prompt)
+        if tokens.ndim != 1 or tokens.size == 0 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"prompt must be a non-empty [T] array of token ids, got shape {tokens.shape} "
+                             f"dtype {tokens.dtype}")
+        require_positive_int("max_new_tokens", max_new_tokens)
+        if tokens.size + max_new_tokens > cfg.max_position_embeddings:
+            raise ValueError(f"prompt of {tokens.size} tokens plus max_new_tokens={max_new_tokens} exceeds the "
+                             f"model's context of {cfg.max_position_embeddings} tokens")
+        if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {cfg.vocab_size}), got [{tokens.min()}, {tokens.max()}]")
+        shape = (1, tokens.size + max_new_tokens, cfg.num_kv_heads, cfg.head_dim)
+        caches = [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in range(cfg.num_layers)]
+        chunk, start, new = tokens.astype(np.int32), 0, []
+        for _ in range(max_new_tokens):
+            x = self._embed(*self._ends, jnp.asarray(chunk[None]))
+            guessed = None
+            for i, (graphdefs, states) in enumerate(self._fronts):
+                x, normed, caches[i], weights, experts = self._front(graphdefs, states, x, caches[i], jnp.int32(start))
+                if self.prefetch and i + 1 < cfg.num_layers:
+                    nxt_graphdef, nxt_states = self._fronts[i + 1]
+                    next_guess = np.asarray(self._guess(nxt_graphdef[3], nxt_states[3], normed[:, -1]))[0]
+                    self.cache.prefetch(i + 1, next_guess)
+                weights, experts = np.asarray(weights)[0], np.asarray(experts)[0]  # [t, k]
+                if guessed is not None:
+                    self.cache.stats.guesses += len(guessed)
+                    self.cache.stats.guessed_right += len(set(guessed.tolist()) & set(experts[-1].tolist()))
+                x = x + self._experts(i, normed, weights, experts).astype(x.dtype)
+                self.cache.finish(i)
+                guessed = next_guess if self.prefetch and i + 1 < cfg.num_layers else None
+            token = int(np.argmax(np.asarray(self._head(*self._ends, x[:, -1:]))[0, -1]))
+            new.append(token)
+            if on_token is not None:
+                on_token(token)
+            start += chunk.size
+            chunk = np.asarray([token], np.int32)
+        return np.asarray(new, np.int32)
+
+    def _experts(self, layer: int, normed: jax.Array, weights: np.ndarray, experts: np.ndarray) -> jax.Array:
+        """Sum of the picked experts' outputs, each weighted per token (zero where another
+        expert was picked), in increasing expert order as the full model sums them."""
+        gates = np.zeros((experts.shape[0], self.config.num_experts), np.float32)
+        np.put_along_axis(gates, experts, weights, axis=1)
+        total = None
+        for e in sorted(set(experts.reshape(-1).tolist())):
+            term = self._expert(self._expert_graphdefs[layer], self.cache.get(layer, e), normed,
+                                jnp.asarray(gates[None, :, e]))
+            total = term if total is None else total + term
+        return total
+
+    def close(self) -> None:
+        """Stop the reader thread."""
+        self.cache.close()
+
+
+__all__ = ["TIERS", "CacheStats", "ExpertCache", "ExpertStore", "OffloadedGenerator"]

@@ -1,0 +1,110 @@
+"""Expert offloading: the store's tiers, the LRU cache, speculative prefetch, and greedy
+tokens equal to the model's own with every expert in memory."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxquant as jq
+from jaxquant.models import LlamaForCausalLM, ModelConfig, functional, generate
+from jaxquant.models.offload import ExpertCache, ExpertStore, OffloadedGenerator
+
+CFG = ModelConfig(architecture="mixtral", hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
+                  num_kv_heads=2, head_dim=8, vocab_size=64, max_position_embeddings=64, num_experts=4,
+                  experts_per_token=2)
+PROMPT = np.array([3, 17, 42, 5, 9, 11], np.int32)
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    model = LlamaForCausalLM(CFG, rngs=nnx.Rngs(0))
+    # Larger weights than the initialiser's: routing and tokens then vary with the input.
+    nnx.update(model, jax.tree.map(lambda a: a * 8.0 if a.ndim == 2 else a, nnx.state(model)))
+    return model
+
+
+@pytest.fixture(scope="module")
+def reference(model) -> np.ndarray:
+    return generate(model, PROMPT, 12)
+
+
+@pytest.mark.parametrize("tier, cache_size, prefetch", [("disk", 1, True), ("disk", 2, False), ("host", 2, True),
+                                                        ("host", 4, True)])
+def test_offloaded_greedy_tokens_equal_the_whole_model(model, reference, tmp_path, tier, cache_size, prefetch):
+    store = ExpertStore.from_params(nnx.state(model), tier, tmp_path / "experts")
+    assert len(store) == 3 * 4
+    gen = OffloadedGenerator(model, store, cache_size=cache_size, prefetch=prefetch)
+    streamed = []
+    try:
+        got = gen.generate(PROMPT, 12, on_token=streamed.append)
+    finally:
+        gen.close()
+    np.testing.assert_array_equal(got, reference)
+    assert streamed == got.tolist()
+    stats = gen.cache.stats
+    summary = stats.summary()
+    # Two experts per token and layer, over the prompt's union of experts and 11 single tokens.
+    assert 3 * 2 * 11 <= summary["lookups"] <= 3 * 4 + 3 * 2 * 11
+    misses = summary["lookups"] - summary["hits"] - summary["prefetch_hits"]
+    expert_bytes = store.nbytes(0, 0)
+    assert summary["bytes_moved"] == (misses + stats.prefetched) * expert_bytes
+    if cache_size == 4:  # every expert fits: each is loaded once at most
+        assert misses + stats.prefetched <= 12
+    if prefetch:
+        assert stats.guesses > 0 and 0.0 <= summary["prefetch_accuracy"] <= 1.0
+    else:
+        assert stats.prefetched == 0 and summary["prefetch_hits"] == 0
+
+
+def test_quantized_experts_offload_from_disk(model, tmp_path):
+    apply_fn, params = functional(model)
+    q = jq.quantize(params, None, [("experts", jq.RTN(bits=2, group_size=16)), ("attn", jq.RTN(bits=4, group_size=16))])
+    want = generate(model, PROMPT, 6, params=q)
+    store = ExpertStore.from_params(q, "disk", tmp_path)
+    # A quantized expert moves its codes (a byte each for RTN) and scales, not float32 weights.
+    assert store.nbytes(0, 0) < 0.35 * 3 * 32 * 48 * 4
+    assert jq.is_quantized(store.read(1, 2)["up_proj"]["kernel"].get_value())
+    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(CFG, rngs=nnx.Rngs(0)))
+    gen = OffloadedGenerator(abstract, store, cache_size=2, params=q)
+    try:
+        np.testing.assert_array_equal(gen.generate(PROMPT, 6), want)
+    finally:
+        gen.close()
+
+
+def test_lru_cache_evicts_the_least_recently_used(model, tmp_path):
+    store = ExpertStore.from_params(nnx.state(model), "host")
+    cache = ExpertCache(store, capacity=2, num_layers=3, prefetch_threads=0)
+    for e in (0, 1, 0, 2, 1):  # 2 evicts 1 (0 was used since); then 1 evicts 0
+        cache.get(0, e)
+    assert cache.stats.lookups[0] == 5 and cache.stats.hits[0] == 1
+    assert list(cache._lru[0]) == [2, 1]
+    for a, b in zip(jax.tree.leaves(cache.get(0, 2)), jax.tree.leaves(nnx.state(model.layers[0].mlp.experts[2]))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bad_offload_input_is_named(model, tmp_path):
+    with pytest.raises(ValueError, match="tier must be one of"):
+        ExpertStore("ssd")
+    with pytest.raises(ValueError, match="needs a directory"):
+        ExpertStore("disk")
+    store = ExpertStore("host")
+    with pytest.raises(ValueError, match="the store lacks 12 experts"):
+        OffloadedGenerator(model, store, cache_size=2)
+    with pytest.raises(KeyError, match="no expert 1 of layer 0"):
+        store.read(0, 1)
+    dense = LlamaForCausalLM(ModelConfig(hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
+                                         num_kv_heads=2, head_dim=8, vocab_size=64), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="needs a mixture of experts"):
+        OffloadedGenerator(dense, store, cache_size=2)
+    full = ExpertStore.from_params(nnx.state(model), "host")
+    gen = OffloadedGenerator(model, full, cache_size=2, prefetch=False)
+    with pytest.raises(ValueError, match="exceeds the model's context of 64"):
+        gen.generate(PROMPT, 60)
+    with pytest.raises(ValueError, match=r"must be in \[0, 64\)"):
+        gen.generate(np.array([70]), 2)
+    with pytest.raises(ValueError, match="capacity=0 must be a positive int"):
+        ExpertCache(full, 0, 3)
