@@ -32,7 +32,7 @@ def reference(model) -> np.ndarray:
 
 
 @pytest.mark.parametrize("tier, cache_size, prefetch", [("disk", 1, True), ("disk", 2, False), ("host", 2, True),
-                                                        ("host", 4, True)])
+                                                        ("host", 4, True), ("host", 0, False)])
 def test_offloaded_greedy_tokens_equal_the_whole_model(model, reference, tmp_path, tier, cache_size, prefetch):
     store = ExpertStore.from_params(nnx.state(model), tier, tmp_path / "experts")
     assert len(store) == 3 * 4
@@ -53,6 +53,8 @@ def test_offloaded_greedy_tokens_equal_the_whole_model(model, reference, tmp_pat
     assert summary["bytes_moved"] == (misses + stats.prefetched) * expert_bytes
     if cache_size == 4:  # every expert fits: each is loaded once at most
         assert misses + stats.prefetched <= 12
+    if cache_size == 0:  # nothing kept: every lookup loads
+        assert misses == summary["lookups"]
     if prefetch:
         assert stats.guesses > 0 and 0.0 <= summary["prefetch_accuracy"] <= 1.0
     else:
@@ -106,5 +108,32 @@ def test_bad_offload_input_is_named(model, tmp_path):
         gen.generate(PROMPT, 60)
     with pytest.raises(ValueError, match=r"must be in \[0, 64\)"):
         gen.generate(np.array([70]), 2)
-    with pytest.raises(ValueError, match="capacity=0 must be a positive int"):
-        ExpertCache(full, 0, 3)
+    with pytest.raises(ValueError, match="capacity must be an int >= 0"):
+        ExpertCache(full, -1, 3)
+
+
+def test_a_second_generator_compiles_nothing_new(model, reference):
+    from jaxquant.models import offload
+
+    store = ExpertStore.from_params(nnx.state(model), "host")
+    jitted = (offload._front, offload._guess, offload._expert, offload._embed, offload._head)
+    first = OffloadedGenerator(model, store, cache_size=2)
+    np.testing.assert_array_equal(first.generate(PROMPT, 12), reference)
+    sizes = [f._cache_size() for f in jitted]
+    second = OffloadedGenerator(model, store, cache_size=3, prefetch=False)
+    np.testing.assert_array_equal(second.generate(PROMPT, 12), reference)
+    assert [f._cache_size() for f in jitted] == sizes
+    first.close(), second.close()
+
+
+def test_offload_benchmark_runs_at_a_tiny_shape(tmp_path):
+    import json
+
+    from benchmark_scripts import load
+
+    report = load("moe_offload").main(["--work", str(tmp_path), "--shape", "tiny", "--new-tokens", "3",
+                                       "--caches", "2", "--out", str(tmp_path / "r.json")])
+    assert report["same_tokens"] and len(report["rows"]) == 3
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert [(r["cache_size"], r["prefetch"]) for r in saved["rows"]] == [(0, False), (2, False), (2, True)]
+    assert saved["rows"][0]["hit_rate"] == 0.0 and saved["expert_bytes_on_disk"] > 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -154,13 +155,14 @@ class ExpertCache:
 
     Args:
         store: the slow tier.
-        capacity: experts kept per layer (>= 1).
+        capacity: experts kept per layer; 0 keeps none (every use loads the expert).
         num_layers: layers of the model.
         prefetch_threads: reader threads for ``prefetch`` (0: prefetch loads nothing).
     """
 
     def __init__(self, store: ExpertStore, capacity: int, num_layers: int, prefetch_threads: int = 1) -> None:
-        require_positive_int("capacity", capacity)
+        if not (isinstance(capacity, int) and capacity >= 0):
+            raise ValueError(f"capacity must be an int >= 0 (experts per layer), got {capacity!r}")
         self.store, self.capacity = store, capacity
         self.stats = CacheStats.empty(num_layers)
         self._lru: list[collections.OrderedDict[int, Any]] = [collections.OrderedDict() for _ in range(num_layers)]
@@ -220,6 +222,47 @@ class ExpertCache:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+# The compiled pieces of a decoding step, shared by every generator (the graph definitions
+# and the config are static; prefill and single-token steps compile once each).
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _front(config: Any, graphdefs: Any, states: Any, x: jax.Array, cache: Any, start: jax.Array) -> Any:
+    """A layer up to its experts: attention with the KV cache, the residual, the
+    post-attention norm, and the router's picks."""
+    input_norm, attn, post_attn_norm, router = (nnx.merge(g, s) for g, s in zip(graphdefs, states))
+    q_pos = start + jnp.arange(x.shape[1], dtype=jnp.int32)
+    cos, sin = rotary_tables(config.inv_freq(), q_pos)
+    h, cache = attn(input_norm(x), cos, sin, q_pos, cache, start)
+    x = x + h
+    normed = post_attn_norm(x)
+    weights, experts = top_k_routing(router(normed), config.experts_per_token)
+    return x, normed, cache, weights, experts
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _guess(k: int, graphdef: Any, state: Any, normed: jax.Array) -> jax.Array:
+    return top_k_routing(nnx.merge(graphdef, state)(normed), k)[1]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _expert(graphdef: Any, state: Any, normed: jax.Array, gate: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, state)(normed).astype(jnp.float32) * gate[..., None]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _embed(graphdefs: Any, states: Any, tokens: jax.Array) -> jax.Array:
+    return nnx.merge(graphdefs[0], states[0])(tokens)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _head(graphdefs: Any, states: Any, x: jax.Array) -> jax.Array:
+    x = nnx.merge(graphdefs[1], states[1])(x)
+    if graphdefs[2] is None:
+        return tied_logits(x, nnx.merge(graphdefs[0], states[0]).embedding.get_value())
+    return nnx.merge(graphdefs[2], states[2])(x)
+
+
 def _raw(params: Any) -> Any:
     return params.raw_mapping if isinstance(params, nnx.State) else params
 
@@ -231,7 +274,7 @@ class OffloadedGenerator:
         model: the model: its structure, and its resident weights unless ``params`` is
             given (it may then be abstract, from ``nnx.eval_shape``).
         store: the experts.
-        cache_size: experts kept per layer in the fast tier.
+        cache_size: experts kept per layer in the fast tier (0: none).
         prefetch: guess each next layer's experts with its router and load them ahead.
         params: the resident weights, in the layout of the model's state (its experts,
             if any, are not read).
@@ -259,38 +302,6 @@ class OffloadedGenerator:
         self._ends = ((nnx.graphdef(model.embed), nnx.graphdef(model.final_norm),
                        None if model.lm_head is None else nnx.graphdef(model.lm_head)),
                       (raw["embed"], raw["final_norm"], None if model.lm_head is None else raw["lm_head"]))
-        inv_freq, k = cfg.inv_freq(), cfg.experts_per_token
-
-        def front(graphdefs: Any, states: Any, x: jax.Array, cache: Any, start: jax.Array) -> Any:
-            input_norm, attn, post_attn_norm, router = (nnx.merge(g, s) for g, s in zip(graphdefs, states))
-            q_pos = start + jnp.arange(x.shape[1], dtype=jnp.int32)
-            cos, sin = rotary_tables(inv_freq, q_pos)
-            h, cache = attn(input_norm(x), cos, sin, q_pos, cache, start)
-            x = x + h
-            normed = post_attn_norm(x)
-            weights, experts = top_k_routing(router(normed), k)
-            return x, normed, cache, weights, experts
-
-        def guess(graphdef: Any, state: Any, normed: jax.Array) -> jax.Array:
-            return top_k_routing(nnx.merge(graphdef, state)(normed), k)[1]
-
-        def expert(graphdef: Any, state: Any, normed: jax.Array, gate: jax.Array) -> jax.Array:
-            return nnx.merge(graphdef, state)(normed).astype(jnp.float32) * gate[..., None]
-
-        def embed(graphdefs: Any, states: Any, tokens: jax.Array) -> jax.Array:
-            return nnx.merge(graphdefs[0], states[0])(tokens)
-
-        def head(graphdefs: Any, states: Any, x: jax.Array) -> jax.Array:
-            x = nnx.merge(graphdefs[1], states[1])(x)
-            if graphdefs[2] is None:
-                return tied_logits(x, nnx.merge(graphdefs[0], states[0]).embedding.get_value())
-            return nnx.merge(graphdefs[2], states[2])(x)
-
-        self._front = jax.jit(front, static_argnums=0)
-        self._guess = jax.jit(guess, static_argnums=0)
-        self._expert = jax.jit(expert, static_argnums=0)
-        self._embed = jax.jit(embed, static_argnums=0)
-        self._head = jax.jit(head, static_argnums=0)
         self.dtype = model.dtype
 
     def generate(self, prompt: Any, max_new_tokens: int,
@@ -316,13 +327,14 @@ class OffloadedGenerator:
         caches = [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in range(cfg.num_layers)]
         chunk, start, new = tokens.astype(np.int32), 0, []
         for _ in range(max_new_tokens):
-            x = self._embed(*self._ends, jnp.asarray(chunk[None]))
+            x = _embed(*self._ends, jnp.asarray(chunk[None]))
             guessed = None
             for i, (graphdefs, states) in enumerate(self._fronts):
-                x, normed, caches[i], weights, experts = self._front(graphdefs, states, x, caches[i], jnp.int32(start))
+                x, normed, caches[i], weights, experts = _front(cfg, graphdefs, states, x, caches[i], jnp.int32(start))
                 if self.prefetch and i + 1 < cfg.num_layers:
                     nxt_graphdef, nxt_states = self._fronts[i + 1]
-                    next_guess = np.asarray(self._guess(nxt_graphdef[3], nxt_states[3], normed[:, -1]))[0]
+                    next_guess = np.asarray(_guess(cfg.experts_per_token, nxt_graphdef[3], nxt_states[3],
+                                                   normed[:, -1]))[0]
                     self.cache.prefetch(i + 1, next_guess)
                 weights, experts = np.asarray(weights)[0], np.asarray(experts)[0]  # [t, k]
                 if guessed is not None:
@@ -331,7 +343,7 @@ class OffloadedGenerator:
                 x = x + self._experts(i, normed, weights, experts).astype(x.dtype)
                 self.cache.finish(i)
                 guessed = next_guess if self.prefetch and i + 1 < cfg.num_layers else None
-            token = int(np.argmax(np.asarray(self._head(*self._ends, x[:, -1:]))[0, -1]))
+            token = int(np.argmax(np.asarray(_head(*self._ends, x[:, -1:]))[0, -1]))
             new.append(token)
             if on_token is not None:
                 on_token(token)
@@ -346,8 +358,8 @@ class OffloadedGenerator:
         np.put_along_axis(gates, experts, weights, axis=1)
         total = None
         for e in sorted(set(experts.reshape(-1).tolist())):
-            term = self._expert(self._expert_graphdefs[layer], self.cache.get(layer, e), normed,
-                                jnp.asarray(gates[None, :, e]))
+            term = _expert(self._expert_graphdefs[layer], self.cache.get(layer, e), normed,
+                           jnp.asarray(gates[None, :, e]))
             total = term if total is None else total + term
         return total
 
