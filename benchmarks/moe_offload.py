@@ -11,7 +11,7 @@ straight into an ``ExpertStore`` on disk, one expert at a time.
 Then ``OffloadedGenerator`` decodes greedily from a random prompt with no cache, with an
 LRU cache of 2, 4 and 6 experts per layer, and with LRU plus speculative prefetch.
 Reported per setting: decode tokens/s (from the times the tokens arrive, the first token
-excluded), the cache's hit rate (per layer too), the prefetch's accuracy, bytes moved; and
+excluded; the median over ``--repeats`` rounds, the settings interleaved), the cache's hit rate (per layer too), the prefetch's accuracy, bytes moved; and
 the process's peak RSS. Every setting must give the same tokens.
 
     python benchmarks/moe_offload.py --work /root/jq-moe     # -> results/moe/offload_cpu.json
@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--new-tokens", type=int, default=12)
     parser.add_argument("--prompt-len", type=int, default=8)
     parser.add_argument("--caches", default="2,4,6", help="LRU sizes (experts per layer)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over the settings (medians reported)")
     parser.add_argument("--out", type=Path, default=RESULTS / "moe" / "offload_cpu.json")
     args = parser.parse_args(argv)
     if args.new_tokens < 3:
@@ -123,14 +125,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Compile every piece once (prefill and single-token shapes), outside the timings.
     decode(model, params, store, prompt, 3, 2, True)
     settings = [(0, False)] + [(c, p) for c in caches for p in (False, True)]
-    rows = []
-    for cache_size, prefetch in settings:
-        row = decode(model, params, store, prompt, args.new_tokens, cache_size, prefetch)
-        rows.append(row)
-        print(f"cache {cache_size} prefetch {prefetch}: {row['decode_tokens_per_s']:.3f} tokens/s, hit rate "
-              f"{row['hit_rate']:.2f}, prefetch accuracy {row['prefetch_accuracy']:.2f}, "
-              f"{_gib(row['bytes_moved'])} moved", flush=True)
-    same = all(r["tokens"] == rows[0]["tokens"] for r in rows)
+    runs: dict[tuple[int, bool], list[dict[str, Any]]] = {s: [] for s in settings}
+    for round_ in range(args.repeats):  # interleaved: every setting sees the same drift in load
+        for cache_size, prefetch in settings:
+            run = decode(model, params, store, prompt, args.new_tokens, cache_size, prefetch)
+            runs[(cache_size, prefetch)].append(run)
+            print(f"round {round_ + 1}: cache {cache_size} prefetch {prefetch}: {run['decode_tokens_per_s']:.3f} "
+                  f"tokens/s, hit rate {run['hit_rate']:.2f}, prefetch accuracy {run['prefetch_accuracy']:.2f}, "
+                  f"{_gib(run['bytes_moved'])} moved", flush=True)
+    rows = [{**done[-1], "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in done),
+             "all_decode_tokens_per_s": [r["decode_tokens_per_s"] for r in done]} for done in runs.values()]
+    same = all(r["tokens"] == rows[0]["tokens"] for done in runs.values() for r in done)
     report = {
         "benchmark": "moe_offload", **machine_info(), "command": " ".join(["moe_offload.py", *sys.argv[1:]]),
         "config": dataclasses.asdict(cfg), "num_params": cfg.num_params(),
@@ -138,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "quantization": "random AQLM: experts 2x8 g8 (2 bits + codebooks and scales), attention 2x8 g4 (4 bits); "
                         "router, norms float32/bfloat16, embedding and head bfloat16",
         "expert_bytes_on_disk": expert_bytes, "expert_write_s": write_s, "resident_param_bytes": resident_bytes(params),
-        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rows": rows, "same_tokens": same,
+        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats, "rows": rows, "same_tokens": same,
         "peak_rss_bytes": _peak_rss_bytes(),
     }
     print(f"peak RSS {_gib(report['peak_rss_bytes'])}; same tokens in every setting: {same}")

@@ -132,8 +132,9 @@ def test_offload_benchmark_runs_at_a_tiny_shape(tmp_path):
     from benchmark_scripts import load
 
     report = load("moe_offload").main(["--work", str(tmp_path), "--shape", "tiny", "--new-tokens", "3",
-                                       "--caches", "2", "--out", str(tmp_path / "r.json")])
+                                       "--caches", "2", "--repeats", "2", "--out", str(tmp_path / "r.json")])
     assert report["same_tokens"] and len(report["rows"]) == 3
     saved = json.loads((tmp_path / "r.json").read_text())
     assert [(r["cache_size"], r["prefetch"]) for r in saved["rows"]] == [(0, False), (2, False), (2, True)]
     assert saved["rows"][0]["hit_rate"] == 0.0 and saved["expert_bytes_on_disk"] > 0
+    assert all(len(r["all_decode_tokens_per_s"]) == 2 for r in saved["rows"])
