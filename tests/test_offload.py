@@ -138,3 +138,17 @@ def test_offload_benchmark_runs_at_a_tiny_shape(tmp_path):
     assert [(r["cache_size"], r["prefetch"]) for r in saved["rows"]] == [(0, False), (2, False), (2, True)]
     assert saved["rows"][0]["hit_rate"] == 0.0 and saved["expert_bytes_on_disk"] > 0
     assert all(len(r["all_decode_tokens_per_s"]) == 2 for r in saved["rows"])
+
+
+def test_disk_tier_round_trips_every_dtype_and_shape(tmp_path):
+    import ml_dtypes
+
+    tree = {"a": np.arange(6, dtype=np.uint16).reshape(2, 3), "b": np.float32(2.5) * np.ones((), np.float32),
+            "c": np.linspace(-1, 1, 8).astype(ml_dtypes.bfloat16).reshape(2, 2, 2)}
+    store = ExpertStore("disk", tmp_path)
+    store.put(0, 0, tree)
+    back = store.read(0, 0)
+    for k, v in tree.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape
+        np.testing.assert_array_equal(back[k], v)
+    assert store.nbytes(0, 0) == 12 + 4 + 16 and (0, 0) in store and (0, 1) not in store

@@ -82,7 +82,7 @@ class ExpertStore:
         for k, a in enumerate(arrays):
             name = os.path.join(self.directory, f"layer{key[0]}-expert{key[1]}-{k}.npy")
             # Stored as raw bytes: numpy's format has no bfloat16; the dtype is kept here.
-            atomic_write(name, lambda f, a=a: np.save(f, np.ascontiguousarray(a).view(np.uint8)))
+            atomic_write(name, lambda f, a=a: np.save(f, np.ascontiguousarray(a).reshape(-1).view(np.uint8)))
             names.append(name)
         self._arrays[key] = names
 
@@ -143,6 +143,7 @@ class CacheStats:
         return self.guessed_right / max(self.guesses, 1)
 
     def summary(self) -> dict[str, Any]:
+        """Totals, rates and the hit rate of each layer, for a results file."""
         return {"lookups": sum(self.lookups), "hits": sum(self.hits), "prefetch_hits": sum(self.prefetch_hits),
                 "hit_rate": self.hit_rate(), "prefetched": self.prefetched,
                 "prefetch_accuracy": self.prefetch_accuracy(), "bytes_moved": self.bytes_moved,
