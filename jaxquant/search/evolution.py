@@ -101,7 +101,8 @@ class SearchResult:
             ``average_bits``, ``seconds`` (since the search started), ``window_evaluations``.
         seconds: the search's time, over every session of a resumed run.
         first_parent: the first parent's ``fitness`` and ``start``, its index in
-            ``starts`` (None: a random starting point).
+            ``starts`` (None: a random starting point); empty for a state saved before
+            this was recorded.
     """
 
     choice: np.ndarray
@@ -242,7 +243,7 @@ def evolve(
         bar.set_postfix(fitness=f"{fitness[0]:.4g}")
     bar.close()
     return SearchResult(choice=parent, fitness=float(state["fitness"]), history=list(state["history"]),
-                        seconds=float(state["seconds"]), first_parent=dict(state["first_parent"]))
+                        seconds=float(state["seconds"]), first_parent=dict(state.get("first_parent", {})))
 
 
 def _read_state(path: str | os.PathLike | None, fingerprint: str) -> dict[str, Any] | None:
