@@ -60,15 +60,15 @@ def test_evopress_rows_and_claims_follow_the_protocol():
     evo = benchmark_scripts.load("evopress")
     with open(evo.DEFAULT_PROTOCOL, encoding="utf-8") as f:
         protocol = json.load(f)
-    cfg = next(c for c in protocol["configs"] if c["name"] == "evopress-gptq-2.5")
+    cfg = next(c for c in protocol["configs"] if c["name"] == "evopress-warm-gptq-2.5")
     rows = {r["name"]: r for r in evo.rows_of(cfg, [_search_json(s, p) for s, p in ((1, 20.0), (2, 20.5), (3, 19.8))])}
-    assert rows["evopress-gptq-2.5"]["ppl"] == pytest.approx(20.1)
+    assert rows["evopress-warm-gptq-2.5"]["ppl"] == pytest.approx(20.1)
     assert rows["best uniform level within 2.5 (gptq levels)"]["level"] == "uniform gptq-2-g64-rot"
     assert rows["error-sum greedy 2.5 (gptq levels)"]["ppl"] == 25.0
     claims = {(c["left"], c["right"]): c for c in evo.summarize(protocol, rows)}
-    decided = claims[("evopress-gptq-2.5", "best uniform level within 2.5 (gptq levels)")]
+    decided = claims[("evopress-warm-gptq-2.5", "best uniform level within 2.5 (gptq levels)")]
     assert decided["holds"] is True and decided["p"] < 0.05
-    assert claims[("evopress-gptq-3.0", "uniform gptq-3-g64 (no rotation)")]["holds"] is None
+    assert claims[("evopress-warm-gptq-3.0", "uniform gptq-3-g64 (no rotation)")]["holds"] is None
     # Every claim names rows that the protocol's configurations or external rows produce.
     names = {r["name"] for r in protocol["external_rows"]} | {c["name"] for c in protocol["configs"]}
     names |= {f"{kind} {c['budget']} ({c['levels']} levels)" for c in protocol["configs"]
