@@ -50,8 +50,9 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def random_hf_tensors(seed: int, vocab: int, tied: bool) -> dict[str, np.ndarray]:
-    """Random float32 Llama weights under Hugging Face names (linear weights ``(d_out, d_in)``)."""
+def random_hf_tensors(seed: int, vocab: int, tied: bool, experts: int = 0) -> dict[str, np.ndarray]:
+    """Random float32 Llama weights under Hugging Face names (linear weights ``(d_out, d_in)``);
+    with ``experts``, a Mixtral: a router and that many SwiGLU experts per layer."""
     rng = np.random.default_rng(seed)
 
     def w(*shape: int, scale: float = 0.08) -> np.ndarray:
@@ -69,9 +70,29 @@ def random_hf_tensors(seed: int, vocab: int, tied: bool) -> dict[str, np.ndarray
         out[p + "self_attn.k_proj.weight"] = w(KV_HEADS * HEAD_DIM, HIDDEN)
         out[p + "self_attn.v_proj.weight"] = w(KV_HEADS * HEAD_DIM, HIDDEN)
         out[p + "self_attn.o_proj.weight"] = w(HIDDEN, HEADS * HEAD_DIM)
+        if experts:
+            out[p + "block_sparse_moe.gate.weight"] = w(experts, HIDDEN, scale=0.5)
+            for j in range(experts):
+                e = f"{p}block_sparse_moe.experts.{j}."
+                out[e + "w1.weight"], out[e + "w3.weight"], out[e + "w2.weight"] = w(FFN, HIDDEN), w(FFN, HIDDEN), w(
+                    HIDDEN, FFN)
+            continue
         out[p + "mlp.gate_proj.weight"] = w(FFN, HIDDEN)
         out[p + "mlp.up_proj.weight"] = w(FFN, HIDDEN)
         out[p + "mlp.down_proj.weight"] = w(HIDDEN, FFN)
+    return out
+
+
+def _stack_experts(hf: dict[str, np.ndarray], experts: int) -> dict[str, np.ndarray]:
+    """llama.cpp's layout of a Mixtral: each layer's experts stacked per projection
+    (``ffn_{gate,up,down}_exps``, ``[experts, d_out, d_in]``), the router ``ffn_gate_inp``."""
+    out = {k: v for k, v in hf.items() if ".block_sparse_moe." not in k}
+    for i in range(LAYERS):
+        moe = f"model.layers.{i}.block_sparse_moe."
+        out[f"blk.{i}.ffn_gate_inp.weight"] = hf[moe + "gate.weight"]
+        for gguf_kind, hf_kind in (("gate", "w1"), ("up", "w3"), ("down", "w2")):
+            out[f"blk.{i}.ffn_{gguf_kind}_exps.weight"] = np.stack(
+                [hf[f"{moe}experts.{j}.{hf_kind}.weight"] for j in range(experts)])
     return out
 
 
@@ -94,7 +115,8 @@ def gguf_name(hf: str) -> str:
 def write_llama_gguf(path: str | os.PathLike, *, seed: int = 0, tied: bool = False,
                      types: dict[str, gguf.GGMLQuantizationType] | None = None,
                      default_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
-                     pre: str = "smollm", context: int = CONTEXT) -> dict[str, np.ndarray]:
+                     pre: str = "smollm", context: int = CONTEXT, experts: int = 0,
+                     experts_per_token: int = 2) -> dict[str, np.ndarray]:
     """Write a random 2-layer Llama as a GGUF file; returns its Hugging Face float32 tensors.
 
     Args:
@@ -106,9 +128,11 @@ def write_llama_gguf(path: str | os.PathLike, *, seed: int = 0, tied: bool = Fal
         default_type: storage type of every other matrix.
         pre: ``tokenizer.ggml.pre``.
         context: the context length the file declares.
+        experts: a Mixtral with this many experts per layer (0: a dense Llama), of which
+            the router picks ``experts_per_token``.
     """
     tokens, merges, token_types = tokenizer_vocab()
-    hf = random_hf_tensors(seed, len(tokens), tied)
+    hf = random_hf_tensors(seed, len(tokens), tied, experts)
     w = gguf.GGUFWriter(os.fspath(path), "llama")
     w.add_block_count(LAYERS)
     w.add_context_length(context)
@@ -128,8 +152,11 @@ def write_llama_gguf(path: str | os.PathLike, *, seed: int = 0, tied: bool = Fal
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_chat_template(CHAT_TEMPLATE)
-    for name, arr in hf.items():
-        g = gguf_name(name)
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(experts_per_token)
+    for name, arr in (_stack_experts(hf, experts) if experts else hf).items():
+        g = name if name.startswith("blk.") else gguf_name(name)
         if g.endswith("attn_q.weight"):
             arr = _permute(arr, HEADS)
         elif g.endswith("attn_k.weight"):

@@ -15,7 +15,7 @@ from jaxquant.cli import main
 from jaxquant.data import load_tokenizer
 from jaxquant.io.gguf import gguf_to_hf_name, is_gguf, read_gguf
 from jaxquant.models import from_pretrained, functional
-from jaxquant.models.files import convert, write_model_files
+from jaxquant.models.files import write_model_files
 
 Q = gguf.GGMLQuantizationType
 # Every matrix type the gguf package can both write and dequantize, spread over the layers.
@@ -204,3 +204,29 @@ def test_quantize_and_eval_take_a_gguf_file(tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["bits_per_weight"] == pytest.approx(4.5)
     assert main(["eval", str(out), "--text", "builtin", "--seqlen", "32"]) == 0
     assert "perplexity" in capsys.readouterr().out
+
+
+def test_mixtral_file_splits_its_stacked_experts(tmp_path):
+    from jaxquant.io.safetensors import write_safetensors
+
+    path = tmp_path / "moe.gguf"
+    hf = write_llama_gguf(path, experts=4, experts_per_token=2, types={"ffn_down_exps": Q.Q8_0})
+    ck = read_gguf(path)
+    cfg = ck.hf_config
+    assert (cfg["model_type"], cfg["num_local_experts"], cfg["num_experts_per_tok"]) == ("mixtral", 4, 2)
+    assert set(ck.tensors) == set(hf) and "model.layers.1.block_sparse_moe.experts.3.w2.weight" in hf
+    for name, want in hf.items():
+        err = np.abs(ck.tensors[name] - want).max() / np.abs(want).max()
+        assert err <= TYPE_TOLERANCE[ck.tensor_types[name]], (name, err)
+    assert ck.tensor_types["model.layers.0.block_sparse_moe.experts.2.w2.weight"] == "Q8_0"
+    assert read_gguf(path, tensors=False).tensor_types.keys() == ck.tensor_types.keys()
+    # The same model from a Hugging Face directory of the file's own floats (that loader's
+    # parity with transformers' Mixtral is tested in test_models_parity).
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    write_safetensors(str(hf_dir / "model.safetensors"), ck.tensors)
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    ids = _tokens()
+    from_file = from_pretrained(path)
+    assert from_file.config.num_experts == 4
+    np.testing.assert_allclose(_logits(from_file, ids), _logits(from_pretrained(hf_dir), ids), rtol=1e-6, atol=1e-6)

@@ -12,7 +12,8 @@ one into what the rest of jaxquant already understands:
   included.
 
 Only the Llama family is mapped here (``general.architecture`` ``llama``, which Mistral
-files also use, and ``qwen2``). Anything this module cannot represent exactly, such as
+and Mixtral files also use — a Mixtral's experts, stacked per projection, are split into
+one tensor per expert — and ``qwen2``). Anything this module cannot represent exactly, such as
 Llama 3.1's ``rope_freqs`` tensor, is refused with a message naming it.
 """
 
@@ -39,6 +40,11 @@ GGUF_NAME_TABLE: tuple[tuple[str, str], ...] = (
       for g, h in (("q", "q"), ("k", "k"), ("v", "v"), ("output", "o")) for kind in ("weight", "bias")),
     *((f"blk.{{i}}.ffn_{p}.{kind}", f"model.layers.{{i}}.mlp.{p}_proj.{kind}")
       for p in ("gate", "up", "down") for kind in ("weight", "bias")),
+    # A mixture of experts (Mixtral): the router, and each projection of every expert
+    # stacked in one tensor, split here into one Hugging Face tensor per expert ("{j}").
+    ("blk.{i}.ffn_gate_inp.weight", "model.layers.{i}.block_sparse_moe.gate.weight"),
+    *((f"blk.{{i}}.ffn_{p}_exps.weight", f"model.layers.{{i}}.block_sparse_moe.experts.{{j}}.{w}.weight")
+      for p, w in (("gate", "w1"), ("up", "w3"), ("down", "w2"))),
 )
 _TABLE = [(re.compile("^" + re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), h) for g, h in GGUF_NAME_TABLE]
 
@@ -152,9 +158,12 @@ def hf_config_from_metadata(meta: dict[str, Any], tensor_names: set[str], path: 
     if "rope_freqs.weight" in tensor_names:
         raise ValueError(f"{path}: the tensor rope_freqs.weight (per-frequency RoPE factors, as in Llama 3.1) "
                          "is not supported")
+    experts = int(meta.get(f"{arch}.expert_count", 0) or 0)
+    model_type = "mixtral" if experts else arch
     cfg: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
-        "model_type": arch,
+        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                           "mixtral": "MixtralForCausalLM"}[model_type]],
+        "model_type": model_type,
         "vocab_size": int(vocab),
         "hidden_size": hidden,
         "intermediate_size": int(need("feed_forward_length")),
@@ -171,9 +180,11 @@ def hf_config_from_metadata(meta: dict[str, Any], tensor_names: set[str], path: 
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "dtype": "float32",
     }
-    if arch == "llama":
+    if model_type == "llama":
         cfg["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
         cfg["mlp_bias"] = "blk.0.ffn_gate.bias" in tensor_names
+    if model_type == "mixtral":
+        cfg.update(num_local_experts=experts, num_experts_per_tok=int(need("expert_used_count")), sliding_window=None)
     return cfg
 
 
@@ -205,7 +216,10 @@ def read_gguf(path: str | os.PathLike, *, tensors: bool = True) -> GGUFCheckpoin
         hf = gguf_to_hf_name(t.name)
         if hf is None:
             raise ValueError(f"{path}: tensor {t.name!r} has no Hugging Face name in jaxquant's GGUF table")
-        types[hf] = t.tensor_type.name
+        # A stacked expert tensor becomes one Hugging Face tensor per expert.
+        hf_names = [hf.replace("{j}", str(j)) for j in range(hf_config.get("num_local_experts", 0))] \
+            if "{j}" in hf else [hf]
+        types.update(dict.fromkeys(hf_names, t.tensor_type.name))
         if not tensors:
             continue
         try:
@@ -216,11 +230,18 @@ def read_gguf(path: str | os.PathLike, *, tensors: bool = True) -> GGUFCheckpoin
         # GGUF lists dimensions fastest-first; numpy order is the reverse.
         shape = tuple(int(s) for s in reversed(t.shape))
         arr = arr.reshape(shape)
-        if hf_config["model_type"] == "llama" and ".self_attn.q_proj." in hf:
+        llama = meta["general.architecture"] == "llama"  # Mixtral files say llama too
+        if llama and ".self_attn.q_proj." in hf:
             arr = _unpermute(arr, hf_config["num_attention_heads"])
-        elif hf_config["model_type"] == "llama" and ".self_attn.k_proj." in hf:
+        elif llama and ".self_attn.k_proj." in hf:
             arr = _unpermute(arr, hf_config["num_key_value_heads"])
-        out[hf] = arr
+        if "{j}" not in hf:
+            out[hf] = arr
+        elif arr.shape[0] != len(hf_names):
+            raise ValueError(f"{path}: tensor {t.name!r} stacks {arr.shape[0]} experts, the metadata says "
+                             f"{len(hf_names)}")
+        else:
+            out.update(zip(hf_names, arr))
     return GGUFCheckpoint(path=path, hf_config=hf_config, tensors=out, tensor_types=types, metadata=meta)
 
 
