@@ -80,12 +80,17 @@ def test_gqa_equals_mha_with_repeated_kv_heads(rng):
 @pytest.mark.parametrize("window", [None, 4])
 def test_chunked_cache_forward_matches_full_forward(rng, window):
     cfg = ModelConfig(**{**TINY.__dict__, "sliding_windows": (window, window)})
-    model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(2))
-    tokens = _tokens(rng, t=11)
+    _assert_chunked_forward_equals_full(LlamaForCausalLM(cfg, rngs=nnx.Rngs(2)), _tokens(rng, t=11), (5, 6), 16)
+
+
+def _assert_chunked_forward_equals_full(model, tokens, cuts, cache_len):
+    """Logits of ``tokens`` fed in chunks split at ``cuts`` through the KV cache equal the
+    whole sequence's without it."""
     full = np.asarray(model(tokens))
-    cache = model.init_cache(2, 16)
+    cache = model.init_cache(tokens.shape[0], cache_len)
+    bounds = (0, *cuts, tokens.shape[1])
     parts = []
-    for start, stop in ((0, 5), (5, 6), (6, 11)):
+    for start, stop in zip(bounds, bounds[1:]):
         logits, cache = model.forward(tokens[:, start:stop], cache, start)
         parts.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-5, atol=1e-5)
@@ -194,13 +199,7 @@ def test_mixture_of_experts_weights_the_routers_top_experts(rng):
 def test_mixture_of_experts_cache_forward_and_quantized_experts(rng):
     model = LlamaForCausalLM(MOE, rngs=nnx.Rngs(8))
     tokens = _tokens(rng, t=9)
-    full = np.asarray(model(tokens))
-    cache = model.init_cache(2, 12)
-    parts = []
-    for start, stop in ((0, 4), (4, 5), (5, 9)):
-        logits, cache = model.forward(tokens[:, start:stop], cache, start)
-        parts.append(np.asarray(logits))
-    np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-5, atol=1e-5)
+    _assert_chunked_forward_equals_full(model, tokens, (4, 5), 12)
     # Every expert and the router are leaves of their own, quantized like any kernel.
     apply_fn, params = functional(model)
     selected = jq.select.selected_paths(params)

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from jaxquant.atomic_files import atomic_write
-from jaxquant.models.llama import LlamaForCausalLM, rotary_tables, tied_logits, top_k_routing
+from jaxquant.models.llama import LlamaForCausalLM, _raw, rotary_tables, tied_logits, top_k_routing
 from jaxquant.validate import require_positive_int
 
 TIERS = ("disk", "host")
@@ -62,8 +62,7 @@ class ExpertStore:
     def from_params(cls, params: Any, tier: str, directory: str | os.PathLike | None = None) -> ExpertStore:
         """A store of every expert under ``layers/{i}/mlp/experts/{j}`` of a model's state."""
         store = cls(tier, directory)
-        raw = params.raw_mapping if isinstance(params, nnx.State) else params
-        for i, layer in raw["layers"].items():
+        for i, layer in _raw(params)["layers"].items():
             for j, expert in layer["mlp"]["experts"].items():
                 store.put(int(i), int(j), expert)
         return store
@@ -264,10 +263,6 @@ def _head(graphdefs: Any, states: Any, x: jax.Array) -> jax.Array:
     return nnx.merge(graphdefs[2], states[2])(x)
 
 
-def _raw(params: Any) -> Any:
-    return params.raw_mapping if isinstance(params, nnx.State) else params
-
-
 class OffloadedGenerator:
     """Greedy decoding of a Mixtral-family model whose experts sit in an ``ExpertStore``.
 
@@ -332,6 +327,7 @@ class OffloadedGenerator:
             guessed = None
             for i, (graphdefs, states) in enumerate(self._fronts):
                 x, normed, caches[i], weights, experts = _front(cfg, graphdefs, states, x, caches[i], jnp.int32(start))
+                next_guess = None
                 if self.prefetch and i + 1 < cfg.num_layers:
                     nxt_graphdef, nxt_states = self._fronts[i + 1]
                     next_guess = np.asarray(_guess(cfg.experts_per_token, nxt_graphdef[3], nxt_states[3],
@@ -343,7 +339,7 @@ class OffloadedGenerator:
                     self.cache.stats.guessed_right += len(set(guessed.tolist()) & set(experts[-1].tolist()))
                 x = x + self._experts(i, normed, weights, experts).astype(x.dtype)
                 self.cache.finish(i)
-                guessed = next_guess if self.prefetch and i + 1 < cfg.num_layers else None
+                guessed = next_guess
             token = int(np.argmax(np.asarray(_head(*self._ends, x[:, -1:]))[0, -1]))
             new.append(token)
             if on_token is not None:

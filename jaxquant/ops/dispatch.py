@@ -55,27 +55,26 @@ Recorder = Callable[[jax.Array, Any], None]
 
 
 @contextlib.contextmanager
-def record_matmul_inputs(recorder: Recorder) -> Iterator[None]:
-    """Call ``recorder(x, w)`` for every ``matmul`` made inside the ``with`` block."""
-    previous = getattr(_local, "recorder", None)
-    _local.recorder = recorder
+def _thread_setting(name: str, value: Any) -> Iterator[None]:
+    """``_local.<name>`` set to ``value`` inside the ``with`` block, restored after it."""
+    previous = getattr(_local, name, None)
+    setattr(_local, name, value)
     try:
         yield
     finally:
-        _local.recorder = previous
+        setattr(_local, name, previous)
 
 
-@contextlib.contextmanager
-def token_mask(mask: jax.Array) -> Iterator[None]:
+def record_matmul_inputs(recorder: Recorder) -> contextlib.AbstractContextManager[None]:
+    """Call ``recorder(x, w)`` for every ``matmul`` made inside the ``with`` block."""
+    return _thread_setting("recorder", recorder)
+
+
+def token_mask(mask: jax.Array) -> contextlib.AbstractContextManager[None]:
     """Mark the rows of the ``matmul`` inputs inside the ``with`` block that count for
     calibration: ``mask`` is boolean, shaped as the inputs' leading axes. It changes no
     product."""
-    previous = getattr(_local, "token_mask", None)
-    _local.token_mask = mask
-    try:
-        yield
-    finally:
-        _local.token_mask = previous
+    return _thread_setting("token_mask", mask)
 
 
 def current_token_mask() -> jax.Array | None:
