@@ -77,6 +77,26 @@ def test_quantized_experts_offload_from_disk(model, tmp_path):
         gen.close()
 
 
+def test_disk_tier_without_page_cache_drops_every_file_it_writes_and_reads(model, reference, tmp_path, monkeypatch):
+    dropped = []
+    real_drop = ExpertStore._drop_pages
+    monkeypatch.setattr(ExpertStore, "_drop_pages", staticmethod(lambda name: (dropped.append(name), real_drop(name))))
+    store = ExpertStore.from_params(nnx.state(model), "disk", tmp_path, page_cache=False)
+    files = sorted(str(f) for f in tmp_path.glob("*.npy"))
+    assert sorted(dropped) == files  # each file once, after it was written
+    dropped.clear()
+    gen = OffloadedGenerator(model, store, cache_size=1, prefetch=True)
+    try:
+        np.testing.assert_array_equal(gen.generate(PROMPT, 12), reference)
+    finally:
+        gen.close()
+    loads = gen.cache.stats.bytes_moved // store.nbytes(0, 0)
+    arrays_per_expert = len(files) // len(store)
+    assert len(dropped) == loads * arrays_per_expert  # every load read its files and dropped them
+    with pytest.raises(ValueError, match="page_cache=False"):
+        ExpertStore("host", page_cache=False)
+
+
 def test_lru_cache_evicts_the_least_recently_used(model, tmp_path):
     store = ExpertStore.from_params(nnx.state(model), "host")
     cache = ExpertCache(store, capacity=2, num_layers=3, prefetch_threads=0)
@@ -86,6 +106,32 @@ def test_lru_cache_evicts_the_least_recently_used(model, tmp_path):
     assert list(cache._lru[0]) == [2, 1]
     for a, b in zip(jax.tree.leaves(cache.get(0, 2)), jax.tree.leaves(nnx.state(model.layers[0].mlp.experts[2]))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_known_loads_ahead_are_misses_and_guesses_are_prefetch_hits(model, tmp_path):
+    store = ExpertStore.from_params(nnx.state(model), "disk", tmp_path)
+    cache = ExpertCache(store, capacity=2, num_layers=3, prefetch_threads=1)
+    try:
+        cache.prefetch(0, [1, 3], guess=False)  # needed now: loaded ahead, but not hits
+        cache.prefetch(1, [2])  # a guess for the next layer
+        for layer, e in ((0, 1), (0, 3), (1, 2)):
+            cache.get(layer, e)
+        stats = cache.stats
+        assert stats.lookups == [2, 1, 0] and stats.hits == [0, 0, 0] and stats.prefetch_hits == [0, 1, 0]
+        assert stats.prefetched == 1 and stats.bytes_moved == 3 * store.nbytes(0, 0)
+        for a, b in zip(jax.tree.leaves(cache.get(0, 3)), jax.tree.leaves(nnx.state(model.layers[0].mlp.experts[3]))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    finally:
+        cache.close()
+
+
+def test_a_truncated_expert_file_is_named(model, tmp_path):
+    store = ExpertStore.from_params(nnx.state(model), "disk", tmp_path)
+    name = sorted(tmp_path.glob("layer1-expert2-*.npy"))[0]
+    data = name.read_bytes()
+    name.write_bytes(data[: len(data) // 4])
+    with pytest.raises(OSError, match=f"{name.name}: the file has"):
+        store.read(1, 2)
 
 
 def test_bad_offload_input_is_named(model, tmp_path):

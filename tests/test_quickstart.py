@@ -313,3 +313,12 @@ def test_reference_quickstart_on_a_small_gguf_model(tmp_path):
     assert by["AQLM + PV"]["ppl"] != by["AQLM"]["ppl"] and by["AQLM + PV"]["tune"]["steps"] == 3
     assert res["eval"]["texts"] == {"builtin validation": 96, "stdlib-docs": 96}
     assert any("Greedy continuations" in line for line in lines)
+
+
+def test_config_hash_ignores_the_router_coefficient_of_a_dense_model():
+    corpus = "abc"
+    other_coef = qs.QuickstartConfig(model=TINY.model, train=dataclasses.replace(TINY.train, router_aux_loss_coef=0.5))
+    assert qs.config_hash(TINY, corpus) == qs.config_hash(other_coef, corpus)
+    moe = dataclasses.replace(TINY.model, architecture="mixtral", num_experts=4, experts_per_token=2)
+    assert (qs.config_hash(dataclasses.replace(TINY, model=moe), corpus)
+            != qs.config_hash(dataclasses.replace(other_coef, model=moe), corpus))

@@ -30,6 +30,7 @@ from flax import nnx
 from jaxquant import ops
 from jaxquant.in_order import signature, stack, unstack
 from jaxquant.models.config import ModelConfig
+from jaxquant.models.routing import report_router_logits, top_k_routing
 from jaxquant.qarray import dequantize, is_quantized
 
 # Per layer (keys, values), each [batch, cache_len, num_kv_heads, head_dim].
@@ -162,15 +163,6 @@ class MLP(nnx.Module):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def top_k_routing(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """``(weights, experts)``, each ``[..., k]``, from router logits ``[..., num_experts]``:
-    the ``k`` most probable experts (best first) and their softmax probabilities
-    renormalised to sum to one (float32), as Mixtral routes."""
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    weights, experts = jax.lax.top_k(probs, k)
-    return weights / jnp.sum(weights, axis=-1, keepdims=True), experts
-
-
 class SparseMoE(nnx.Module):
     """Mixtral's mixture of experts: a linear router scores the experts per token, the
     ``experts_per_token`` best are kept with their softmax weights renormalised, and the
@@ -190,7 +182,9 @@ class SparseMoE(nnx.Module):
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``(weights, experts)``, each ``[..., experts_per_token]``: the picked experts'
         renormalised softmax weights (float32, best first) and their indices."""
-        return top_k_routing(self.router(x), self.experts_per_token)
+        logits = self.router(x)
+        report_router_logits(logits, self.experts_per_token)
+        return top_k_routing(logits, self.experts_per_token)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         weights, experts = self.route(x)
