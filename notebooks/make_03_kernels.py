@@ -5,12 +5,9 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from notebook_builder import write
 
 CELLS = [
     ("md", """# Decode kernels: memory and speed of a quantized model against dense
@@ -184,26 +181,5 @@ plt.show()"""),
 ]
 
 
-def build() -> nbformat.NotebookNode:
-    nb = new_notebook()
-    nb.metadata = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-                   "language_info": {"name": "python"}}
-    nb.cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in CELLS]
-    return nb
-
-
-def main() -> None:
-    out = Path(__file__).with_name("03_kernels.ipynb")
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".03_kernels.", suffix=".ipynb")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            nbformat.write(build(), fh)
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    print(f"wrote {out}")
-
-
 if __name__ == "__main__":
-    main()
+    write(CELLS, Path(__file__).with_name("03_kernels.ipynb"))

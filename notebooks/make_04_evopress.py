@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from notebook_builder import write
 
 CELLS = [
     ("md", """# Mixed precision by evolutionary search (EvoPress)
@@ -144,17 +143,5 @@ against average bits: the searched assignments and the baselines each search rep
 ]
 
 
-def build() -> nbformat.NotebookNode:
-    nb = new_notebook(metadata={"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-                                "language_info": {"name": "python"}})
-    for i, (kind, text) in enumerate(CELLS):
-        cell = new_markdown_cell(text) if kind == "md" else new_code_cell(text)
-        cell["id"] = f"evopress-{i:02d}"
-        nb.cells.append(cell)
-    return nb
-
-
 if __name__ == "__main__":
-    path = Path(__file__).with_name("04_evopress.ipynb")
-    nbformat.write(build(), path)
-    print(f"wrote {path}")
+    write(CELLS, Path(__file__).with_name("04_evopress.ipynb"), id_prefix="evopress")

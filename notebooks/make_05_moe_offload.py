@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from notebook_builder import write
 
 CELLS = [
     ("md", """# Mixture of experts: quantize per expert, generate with the experts offloaded
@@ -130,17 +129,5 @@ ax.set_xlabel("experts cached per layer"); ax.set_ylabel("tokens / s"); ax.legen
 ]
 
 
-def build() -> nbformat.NotebookNode:
-    nb = new_notebook(metadata={"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-                                "language_info": {"name": "python"}})
-    for i, (kind, text) in enumerate(CELLS):
-        cell = new_markdown_cell(text) if kind == "md" else new_code_cell(text)
-        cell["id"] = f"moe-{i:02d}"
-        nb.cells.append(cell)
-    return nb
-
-
 if __name__ == "__main__":
-    path = Path(__file__).with_name("05_moe_offload.ipynb")
-    nbformat.write(build(), path)
-    print(f"wrote {path}")
+    write(CELLS, Path(__file__).with_name("05_moe_offload.ipynb"), id_prefix="moe")
