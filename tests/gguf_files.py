@@ -74,8 +74,9 @@ def random_hf_tensors(seed: int, vocab: int, tied: bool, experts: int = 0) -> di
             out[p + "block_sparse_moe.gate.weight"] = w(experts, HIDDEN, scale=0.5)
             for j in range(experts):
                 e = f"{p}block_sparse_moe.experts.{j}."
-                out[e + "w1.weight"], out[e + "w3.weight"], out[e + "w2.weight"] = w(FFN, HIDDEN), w(FFN, HIDDEN), w(
-                    HIDDEN, FFN)
+                out[e + "w1.weight"] = w(FFN, HIDDEN)
+                out[e + "w3.weight"] = w(FFN, HIDDEN)
+                out[e + "w2.weight"] = w(HIDDEN, FFN)
             continue
         out[p + "mlp.gate_proj.weight"] = w(FFN, HIDDEN)
         out[p + "mlp.up_proj.weight"] = w(FFN, HIDDEN)

@@ -210,6 +210,7 @@ def read_gguf(path: str | os.PathLike, *, tensors: bool = True) -> GGUFCheckpoin
     meta = read_metadata(reader)
     names = {t.name for t in reader.tensors}
     hf_config = hf_config_from_metadata(meta, names, path)
+    llama = meta["general.architecture"] == "llama"  # Mixtral files say llama too
     out: dict[str, np.ndarray] = {}
     types: dict[str, str] = {}
     for t in reader.tensors:
@@ -230,7 +231,6 @@ def read_gguf(path: str | os.PathLike, *, tensors: bool = True) -> GGUFCheckpoin
         # GGUF lists dimensions fastest-first; numpy order is the reverse.
         shape = tuple(int(s) for s in reversed(t.shape))
         arr = arr.reshape(shape)
-        llama = meta["general.architecture"] == "llama"  # Mixtral files say llama too
         if llama and ".self_attn.q_proj." in hf:
             arr = _unpermute(arr, hf_config["num_attention_heads"])
         elif llama and ".self_attn.k_proj." in hf:

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 
+from jaxquant.thread_scope import thread_setting
+
 _local = threading.local()
 
 
@@ -31,13 +33,9 @@ def top_k_routing(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 def record_router_logits() -> Iterator[list[tuple[jax.Array, int]]]:
     """Collect ``(router logits [..., num_experts], experts per token)`` of every routing
     made inside the ``with`` block, in call order, into the list it yields."""
-    previous = getattr(_local, "seen", None)
     seen: list[tuple[jax.Array, int]] = []
-    _local.seen = seen
-    try:
+    with thread_setting(_local, "seen", seen):
         yield seen
-    finally:
-        _local.seen = previous
 
 
 def report_router_logits(logits: jax.Array, k: int) -> None:

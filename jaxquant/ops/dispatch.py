@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -42,6 +42,7 @@ from jax import lax
 
 from jaxquant.ops import cpu_ffi, cuda_ffi, xla
 from jaxquant.qarray import AdditiveQuantized, is_quantized
+from jaxquant.thread_scope import thread_setting
 
 # Above this many rows of x, decoding a tile once and using a dense product beats
 # per-row lookups (the LUT work grows with rows, the decode does not). Measured on a
@@ -54,27 +55,16 @@ _local = threading.local()
 Recorder = Callable[[jax.Array, Any], None]
 
 
-@contextlib.contextmanager
-def _thread_setting(name: str, value: Any) -> Iterator[None]:
-    """``_local.<name>`` set to ``value`` inside the ``with`` block, restored after it."""
-    previous = getattr(_local, name, None)
-    setattr(_local, name, value)
-    try:
-        yield
-    finally:
-        setattr(_local, name, previous)
-
-
 def record_matmul_inputs(recorder: Recorder) -> contextlib.AbstractContextManager[None]:
     """Call ``recorder(x, w)`` for every ``matmul`` made inside the ``with`` block."""
-    return _thread_setting("recorder", recorder)
+    return thread_setting(_local, "recorder", recorder)
 
 
 def token_mask(mask: jax.Array) -> contextlib.AbstractContextManager[None]:
     """Mark the rows of the ``matmul`` inputs inside the ``with`` block that count for
     calibration: ``mask`` is boolean, shaped as the inputs' leading axes. It changes no
     product."""
-    return _thread_setting("token_mask", mask)
+    return thread_setting(_local, "token_mask", mask)
 
 
 def current_token_mask() -> jax.Array | None:
