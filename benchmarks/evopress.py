@@ -61,7 +61,9 @@ def command(cfg: dict[str, Any], protocol: dict[str, Any], seed: int, work: str)
             "--survivors", ",".join(map(str, s["survivors"])), "--stage-windows", ",".join(map(str, s["stage_windows"])),
             "--initial-candidates", str(s["initial_candidates"]), "--tolerance", str(s["tolerance"]),
             "--eval", protocol["evaluation"]["text"], "--resume", "--no-progress",
-            *(["--fixed-windows"] if s.get("fixed_windows") else []), *(["--start", s["start"]] if "start" in s else [])]
+            *(["--fixed-windows"] if s.get("fixed_windows") else []), *(["--start", s["start"]] if "start" in s else []),
+            *[arg for key in ("holdout_windows", "holdout_checkpoints") if key in s
+              for arg in (f"--{key.replace('_', '-')}", str(s[key]))]]
 
 
 def run_one(cfg: dict[str, Any], protocol: dict[str, Any], seed: int, work: str) -> dict[str, Any]:

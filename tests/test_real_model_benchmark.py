@@ -69,6 +69,10 @@ def test_evopress_rows_and_claims_follow_the_protocol():
     decided = claims[("evopress-warm-gptq-2.5", "best uniform level within 2.5 (gptq levels)")]
     assert decided["holds"] is True and decided["p"] < 0.05
     assert claims[("evopress-warm-gptq-3.0", "uniform gptq-3-g64 (no rotation)")]["holds"] is None
+    held = next(c for c in protocol["configs"] if c["name"] == "evopress-held-gptq-2.5")
+    cmd = " ".join(evo.command(held, protocol, 1, "/work"))
+    assert "--fixed-windows --start heuristics --holdout-windows 24 --holdout-checkpoints 8" in cmd
+    assert "--holdout" not in " ".join(evo.command(cfg, protocol, 1, "/work"))
     # Every claim names rows that the protocol's configurations or external rows produce.
     names = {r["name"] for r in protocol["external_rows"]} | {c["name"] for c in protocol["configs"]}
     names |= {f"{kind} {c['budget']} ({c['levels']} levels)" for c in protocol["configs"]

@@ -204,12 +204,94 @@ def test_a_resumed_search_equals_an_uninterrupted_one(rng, tmp_path, fresh):
         evolve(budget, score, 64, other, state_path=state, progress=False)
 
 
+def test_held_out_windows_leave_a_fixed_window_climb_unchanged_and_choose_its_checkpoint(rng, tmp_path):
+    bits, sizes = _table(rng, layers=16)
+    budget = BitsBudget(bits, sizes, average=3.0, tolerance=0.1)
+    score = _synthetic_score(rng, 16)
+    calls = []
+
+    def counted(choice, ids):
+        calls.append(list(ids))
+        return score(choice, ids)
+
+    config = EvolutionConfig(generations=20, offspring=6, survivors=(2, 1), windows=(2, 5), fresh_windows=False,
+                             seed=3)
+    plain = evolve(budget, score, 64, config, progress=False)
+    held = EvolutionConfig(**{**vars(config), "holdout_windows": 40, "holdout_checkpoints": 4})
+    state = tmp_path / "state.json"
+    result = evolve(budget, counted, 64, held, state_path=state, progress=False)
+    holdout = result.holdout
+    assert [h["fitness"] for h in result.history] == [h["fitness"] for h in plain.history]
+    # The held-out windows are never scored during the climb, only at its end.
+    climb = calls[:-len(holdout["checkpoints"])]
+    assert len(holdout["window_ids"]) == 40 and not set(holdout["window_ids"]) & {i for c in climb for i in c}
+    assert calls[-len(holdout["checkpoints"]):] == [holdout["window_ids"]] * len(holdout["checkpoints"])
+    # Up to 4 checkpoints, the first parent and the last included; the best held out wins.
+    generations = [c["generation"] for c in holdout["checkpoints"]]
+    assert 2 <= len(generations) <= 4 and generations[0] == 0 and generations == sorted(generations)
+    last = max(g for g, (a, b) in enumerate(zip([None] + result.history, result.history), start=1)
+               if a is None or b["fitness"] != a["fitness"])
+    assert generations[-1] == last
+    best = min(holdout["checkpoints"], key=lambda c: c["holdout_fitness"])
+    assert holdout["chosen_generation"] == best["generation"]
+    assert score(result.choice, holdout["window_ids"]) == pytest.approx(best["holdout_fitness"])
+    # A resumed finished search does not score again.
+    calls.clear()
+    again = evolve(budget, counted, 64, held, state_path=state, progress=False)
+    assert calls == [] and np.array_equal(again.choice, result.choice) and again.holdout == holdout
+
+
+def test_held_out_choice_stops_a_climb_that_fits_its_own_windows(rng):
+    bits, sizes = _table(rng, layers=16)
+    budget = BitsBudget(bits, sizes, average=3.0, tolerance=0.1)
+    true_loss = _synthetic_score(rng, 16)
+    config = EvolutionConfig(generations=15, offspring=6, survivors=(2, 1), windows=(2, 4), fresh_windows=False,
+                             seed=1, holdout_windows=8)
+    searched = set(np.random.default_rng([1, 1]).choice(64, size=4, replace=False).tolist())
+
+    def misleading(choice, ids):
+        # The climb's own windows reward exactly what the held-out ones punish.
+        sign = -1.0 if set(ids) <= searched else 1.0
+        return sign * true_loss(choice, range(64))
+
+    result = evolve(budget, misleading, 64, config, progress=False)
+    plain = evolve(budget, misleading, 64, EvolutionConfig(**{**vars(config), "holdout_windows": 0}), progress=False)
+    assert result.holdout["chosen_generation"] == 0
+    assert true_loss(result.choice, range(64)) < true_loss(plain.choice, range(64))
+
+
+def test_fresh_windows_never_draw_held_out_ones_and_draw_as_before_without_them(rng):
+    bits, sizes = _table(rng, layers=16)
+    budget = BitsBudget(bits, sizes, average=3.0, tolerance=0.1)
+    score = _synthetic_score(rng, 16)
+    calls = []
+
+    def counted(choice, ids):
+        calls.append(list(ids))
+        return score(choice, ids)
+
+    config = EvolutionConfig(generations=6, offspring=4, survivors=(2, 1), windows=(1, 3), seed=2,
+                             holdout_windows=50, holdout_checkpoints=3)
+    result = evolve(budget, counted, 64, config, progress=False)
+    drawn = {i for c in calls[:-len(result.holdout["checkpoints"])] for i in c}
+    assert drawn and not drawn & set(result.holdout["window_ids"]) and len(result.holdout["window_ids"]) == 50
+    # Without held-out windows the draws are a plain choice over range(num_windows).
+    from jaxquant.search.evolution import _Windows
+    windows = _Windows(64, EvolutionConfig(seed=2))
+    a, b = np.random.default_rng(9), np.random.default_rng(9)
+    assert windows.ids(5, a) == sorted(int(i) for i in b.choice(64, size=5, replace=False))
+    with pytest.raises(ValueError, match="61 are held out, but num_windows=64"):
+        evolve(budget, score, 64, EvolutionConfig(**{**vars(config), "holdout_windows": 61}), progress=False)
+
+
 @pytest.mark.parametrize("kwargs, said", [
     ({"survivors": (2, 2), "windows": (1, 2)}, "last stage must keep one survivor"),
     ({"survivors": (4, 1), "windows": (1,)}, "one length"),
     ({"offspring": 2, "survivors": (4, 1)}, "must shrink"),
     ({"generations": 0}, "generations=0 must be a positive int"),
     ({"windows": (1, 0), "survivors": (4, 1)}, "windows=0 must be a positive int"),
+    ({"holdout_windows": -1}, "holdout_windows must be an int >= 0"),
+    ({"holdout_checkpoints": 0}, "holdout_checkpoints=0 must be a positive int"),
 ])
 def test_bad_search_settings_are_named(kwargs, said):
     with pytest.raises(ValueError, match=said):
@@ -400,3 +482,16 @@ def test_search_command_starts_from_the_heuristics(model_dir, search_db, tmp_pat
     # On fixed windows no generation scores worse than the first parent.
     assert max(h["fitness"] for h in summary["search"]["history"]) <= first["fitness"]
     assert summary["arguments"]["start"] == "heuristics"
+    assert summary["search"]["holdout"] == {}
+
+
+def test_search_command_chooses_a_checkpoint_on_held_out_windows(model_dir, search_db, tmp_path, capsys):
+    assert _search(model_dir, tmp_path / "h", search_db, "--fixed-windows", "--holdout-windows", "4") == 0
+    assert "held-out windows (generation: fitness)" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "h" / "search.json").read_text())
+    holdout = summary["search"]["holdout"]
+    assert len(holdout["window_ids"]) == 4 and holdout["checkpoints"][0]["generation"] == 0
+    assert holdout["chosen_generation"] in [c["generation"] for c in holdout["checkpoints"]]
+    assert _search(model_dir, tmp_path / "x", search_db, "--fixed-windows", "--holdout-windows", "5") == 1
+    assert "--holdout-windows 5 plus the 2 windows a selection stage draws must not exceed --fitness-windows 6" in \
+        capsys.readouterr().err

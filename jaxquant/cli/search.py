@@ -69,6 +69,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fixed-windows", action="store_true",
                    help="score every generation on the same windows (nested per stage) instead of fresh ones: "
                         "a hill climb on one sample, far less noisy when the stages see few tokens")
+    p.add_argument("--holdout-windows", type=int, default=0,
+                   help="fitness windows no selection stage scores; at the end the climb's checkpoints are scored "
+                        "on them and the best there is the result (0: the last parent)")
+    p.add_argument("--holdout-checkpoints", type=int, default=8,
+                   help="the most checkpoints (evenly spaced parents of the climb) scored on the held-out windows")
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="how far under --budget an assignment may fall (bits per weight)")
     p.add_argument("--eval", default="builtin",
@@ -129,7 +134,11 @@ def run(args: argparse.Namespace) -> int:
     config = with_flags(args, lambda: EvolutionConfig(
         generations=args.generations, offspring=args.offspring, survivors=args.survivors,
         windows=args.stage_windows, initial_candidates=args.initial_candidates,
-        initial_windows=max(args.stage_windows), fresh_windows=not args.fixed_windows, seed=args.search_seed))
+        initial_windows=max(args.stage_windows), fresh_windows=not args.fixed_windows,
+        holdout_windows=args.holdout_windows, holdout_checkpoints=args.holdout_checkpoints, seed=args.search_seed))
+    require(args, "holdout_windows", config.most_windows + args.holdout_windows <= args.fitness_windows,
+            f"plus the {config.most_windows} windows a selection stage draws must not exceed --fitness-windows "
+            f"{args.fitness_windows}")
     out = os.path.abspath(args.out)
     held = set(os.listdir(out)) if os.path.isdir(out) else set()
     if STATE_FILE in held and not args.resume:
@@ -198,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
                    "first_parent": result.first_parent,
                    "config": dataclasses.asdict(config),
                    "fitness_windows": args.fitness_windows, "fitness_seqlen": args.fitness_seqlen,
-                   "history": result.history},
+                   "history": result.history, "holdout": result.holdout},
         "assignment": {p: database.level_names[int(k)] for p, k in zip(database.layer_paths, choice)},
         "average_bits": database.average_bits(choice),
         "level_counts": database.level_counts(choice),
@@ -230,6 +239,11 @@ def _print_summary(s: dict[str, Any], out: str) -> None:
     counts = ", ".join(f"{name} {n}" for name, n in s["level_counts"].items() if n)
     lines = [f"searched {s['search']['generations']} generations in {s['search']['seconds']:.0f} s: "
              f"{s['average_bits']:.3f} bits per weight ({counts})"]
+    holdout = s["search"]["holdout"]
+    if holdout:
+        scores = ", ".join(f"{c['generation']}: {c['holdout_fitness']:.4g}" for c in holdout["checkpoints"])
+        lines.append(f"checkpoints on {len(holdout['window_ids'])} held-out windows (generation: fitness): {scores}; "
+                     f"chose generation {holdout['chosen_generation']}")
     ppl = s.get("perplexity")
     if ppl:
         lines.append(f"perplexity on {ppl['windows']} windows of {ppl['seqlen']} tokens of {ppl['text']}: "

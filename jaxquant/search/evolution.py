@@ -7,9 +7,14 @@ in the paper, or fixed: ``EvolutionConfig.fresh_windows``) and keeps the best; t
 joins the last stage, so a generation never loses the best point (elitism). Cheap early
 stages weed out most offspring on little data; the last stage decides on more.
 
+With ``holdout_windows``, some calibration windows are never scored during the climb;
+at its end the climb's checkpoints (a few of its successive parents, the first included)
+are scored on them and the best there is the result. A climb on few tokens fits its own
+windows; the held-out choice stops it where held-out fitness stopped improving.
+
 The search is deterministic for a seed (one ``numpy`` generator draws every mutation and
 window), and resumable: after each generation its state (parent, fitness, generator
-state, history) is written atomically to ``state_path``.
+state, history, the parents so far) is written atomically to ``state_path``.
 """
 
 from __future__ import annotations
@@ -50,6 +55,13 @@ class EvolutionConfig:
             stage uses the first windows of one fixed draw (nested sets), the parent keeps
             its score, and fitness values compare across generations: a hill climb on one
             calibration sample, far less noisy when each stage sees few tokens.
+        holdout_windows: windows kept out of every selection stage, to choose among
+            the climb's checkpoints at its end (0: the last parent is the result). With
+            fixed windows they come from the windows the stages never draw, so the climb
+            itself is the same as without them.
+        holdout_checkpoints: the most checkpoints scored on the held-out windows: that
+            many of the climb's distinct parents, evenly spaced, the first and last
+            included.
         seed: seed of every random draw.
     """
 
@@ -61,10 +73,15 @@ class EvolutionConfig:
     initial_windows: int = 4
     max_changes: int = 10
     fresh_windows: bool = True
+    holdout_windows: int = 0
+    holdout_checkpoints: int = 8
     seed: int = 0
 
     def __post_init__(self) -> None:
-        require_positive_ints(self, "generations", "offspring", "initial_candidates", "initial_windows", "max_changes")
+        require_positive_ints(self, "generations", "offspring", "initial_candidates", "initial_windows", "max_changes",
+                              "holdout_checkpoints")
+        if not (isinstance(self.holdout_windows, int) and self.holdout_windows >= 0):
+            raise ValueError(f"holdout_windows must be an int >= 0, got {self.holdout_windows!r}")
         object.__setattr__(self, "survivors", tuple(self.survivors))
         object.__setattr__(self, "windows", tuple(self.windows))
         if not self.survivors or len(self.survivors) != len(self.windows):
@@ -103,6 +120,11 @@ class SearchResult:
         first_parent: the first parent's ``fitness`` and ``start``, its index in
             ``starts`` (None: a random starting point); empty for a state saved before
             this was recorded.
+        holdout: with held-out windows, their ``window_ids`` and the scored
+            ``checkpoints`` (``generation``: the one whose parent it is, 0 for the first
+            parent; ``fitness`` on the climb's windows; ``holdout_fitness``), and the
+            ``chosen_generation``; ``choice`` and ``fitness`` are then the chosen
+            checkpoint's. Empty without held-out windows.
     """
 
     choice: np.ndarray
@@ -110,6 +132,7 @@ class SearchResult:
     history: list[dict[str, Any]]
     seconds: float
     first_parent: dict[str, Any]
+    holdout: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _fingerprint(budget: BitsBudget, config: EvolutionConfig, starts: list[np.ndarray]) -> str:
@@ -117,27 +140,36 @@ def _fingerprint(budget: BitsBudget, config: EvolutionConfig, starts: list[np.nd
     digest.update(budget.sizes.tobytes())
     for start in starts:
         digest.update(start.tobytes())
-    # Not ``generations``: a finished search may be resumed for more generations.
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "generations"}
+    # Not ``generations``: a finished search may be resumed for more generations. The
+    # held-out settings only when used, so that states saved before they existed resume.
+    unused = {"generations"} | ({"holdout_windows", "holdout_checkpoints"} if not config.holdout_windows else set())
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in unused}
     digest.update(json.dumps([budget.average, budget.tolerance, settings], sort_keys=True).encode("utf-8"))
     return digest.hexdigest()
 
 
 class _Windows:
     """The window ids of each selection: drawn afresh from the search's generator, or the
-    first ``n`` of one fixed draw (nested sets, the same every generation)."""
+    first ``n`` of one fixed draw (nested sets, the same every generation); and the
+    held-out ids that no selection draws."""
 
     def __init__(self, num_windows: int, config: EvolutionConfig) -> None:
-        self.num_windows = num_windows
-        # A generator of its own: the fixed draw does not depend on the search's state.
+        # Generators of their own: the fixed and held-out draws do not depend on the
+        # search's state, and the fixed draw not on whether windows are held out.
         self.fixed = None if config.fresh_windows else [
             int(i) for i in np.random.default_rng([config.seed, 1]).choice(num_windows, size=config.most_windows,
                                                                              replace=False)]
+        rest = np.setdiff1d(np.arange(num_windows), self.fixed or [])
+        self.holdout = sorted(int(i) for i in np.random.default_rng([config.seed, 3]).choice(
+            rest, size=config.holdout_windows, replace=False))
+        self.pool = np.setdiff1d(np.arange(num_windows), self.holdout)
 
     def ids(self, n: int, rng: np.random.Generator) -> list[int]:
         if self.fixed is not None:
             return sorted(self.fixed[:n])
-        return sorted(int(i) for i in rng.choice(self.num_windows, size=n, replace=False))
+        # ``choice`` over the pool picks positions as over ``range(len(pool))``, so without
+        # held-out windows the draws are those of earlier versions.
+        return sorted(int(i) for i in rng.choice(self.pool, size=n, replace=False))
 
 
 def _select(candidates: list[np.ndarray], known: list[float | None], n_keep: int, ids: list[int],
@@ -182,8 +214,9 @@ def evolve(
         ValueError: a stage wants more windows than there are, a start is not a valid
             assignment, or ``state_path`` holds the state of a different search.
     """
-    if config.most_windows > num_windows:
-        raise ValueError(f"a selection stage draws {config.most_windows} windows but num_windows={num_windows}")
+    if config.most_windows + config.holdout_windows > num_windows:
+        raise ValueError(f"a selection stage draws {config.most_windows} windows and {config.holdout_windows} are "
+                         f"held out, but num_windows={num_windows}")
     starts = [np.asarray(s, np.int64) for s in starts]
     layers, levels = budget.bits.shape
     for i, start in enumerate(starts):
@@ -205,6 +238,7 @@ def evolve(
         winner = next(i for i, c in enumerate(candidates) if c is parent)
         state = {"fingerprint": fingerprint, "generation": 0, "parent": parent.tolist(), "fitness": fitness,
                  "seconds": time.perf_counter() - t0, "history": [],
+                 "parents": [{"generation": 0, "fitness": fitness, "choice": parent.tolist()}],
                  "first_parent": {"fitness": fitness, "start": winner - config.initial_candidates
                                   if winner >= config.initial_candidates else None}}
     else:
@@ -232,6 +266,9 @@ def evolve(
                   "average_bits": budget.average_of(parent),
                   "seconds": seconds_before + time.perf_counter() - session_start,
                   "window_evaluations": config.evaluations_per_generation()}
+        if parent.tolist() != state["parent"] and "parents" in state:
+            state["parents"].append({"generation": record["generation"], "fitness": fitness[0],
+                                     "choice": parent.tolist()})
         state.update(generation=record["generation"], parent=parent.tolist(), fitness=fitness[0],
                      seconds=record["seconds"], rng=rng.bit_generator.state)
         state["history"].append(record)
@@ -242,8 +279,31 @@ def evolve(
         bar.update(1)
         bar.set_postfix(fitness=f"{fitness[0]:.4g}")
     bar.close()
-    return SearchResult(choice=parent, fitness=float(state["fitness"]), history=list(state["history"]),
-                        seconds=float(state["seconds"]), first_parent=dict(state.get("first_parent", {})))
+    result = SearchResult(choice=parent, fitness=float(state["fitness"]), history=list(state["history"]),
+                          seconds=float(state["seconds"]), first_parent=dict(state.get("first_parent", {})))
+    if not config.holdout_windows:
+        return result
+    if state.get("holdout", {}).get("generations") != state["generation"]:
+        state["holdout"] = _score_checkpoints(state["parents"], windows.holdout, config.holdout_checkpoints, score)
+        state["holdout"]["generations"] = state["generation"]
+        if state_path is not None:
+            atomic_write_json(state_path, state)
+    holdout = {k: v for k, v in state["holdout"].items() if k != "generations"}
+    chosen = next(p for p in state["parents"] if p["generation"] == holdout["chosen_generation"])
+    return dataclasses.replace(result, choice=np.asarray(chosen["choice"], np.int64), fitness=float(chosen["fitness"]),
+                               holdout=holdout)
+
+
+def _score_checkpoints(parents: list[dict[str, Any]], window_ids: list[int], most: int,
+                       score: Score) -> dict[str, Any]:
+    """Score up to ``most`` of the climb's successive parents (evenly spaced, the first
+    and last included) on the held-out windows; the lowest wins (the earliest on a tie)."""
+    picks = sorted({int(round(x)) for x in np.linspace(0, len(parents) - 1, min(most, len(parents)))})
+    checkpoints = [{"generation": parents[i]["generation"], "fitness": parents[i]["fitness"],
+                    "holdout_fitness": score(np.asarray(parents[i]["choice"], np.int64), window_ids)}
+                   for i in picks]
+    best = min(checkpoints, key=lambda c: c["holdout_fitness"])
+    return {"window_ids": window_ids, "checkpoints": checkpoints, "chosen_generation": best["generation"]}
 
 
 def _read_state(path: str | os.PathLike | None, fingerprint: str) -> dict[str, Any] | None:
