@@ -132,6 +132,16 @@ class QuantizedArray(abc.ABC):
         """Bytes the arrays occupy in memory now."""
 
     @property
+    def code_widths(self) -> dict[str, int]:
+        """Array fields of integer codes, with the bits each code needs.
+
+        Checkpoints store a field whose width is narrower than its dtype packed at that
+        width (``jaxquant.bitpack``), so that a file holds about ``storage_bits``. This
+        default names none.
+        """
+        return {}
+
+    @property
     @abc.abstractmethod
     def scheme(self) -> str:
         """A short description of the format, e.g. ``int3 asym g64``."""
@@ -341,6 +351,10 @@ class ScalarQuantized(QuantizedArray):
         return _nbytes(self.codes) + _nbytes(self.scales) + _nbytes(self.zeros)
 
     @property
+    def code_widths(self) -> dict[str, int]:
+        return {"codes": self.bits}
+
+    @property
     def scheme(self) -> str:
         kind = "sym" if self.symmetric else "asym"
         return f"int{self.bits} {kind} g{self.group_size}"
@@ -415,6 +429,10 @@ class AdditiveQuantized(QuantizedArray):
     @property
     def resident_bytes(self) -> int:
         return _nbytes(self.codes) + _nbytes(self.codebooks) + _nbytes(self.scales)
+
+    @property
+    def code_widths(self) -> dict[str, int]:
+        return {"codes": self.codebook_bits}
 
     @property
     def scheme(self) -> str:

@@ -64,6 +64,10 @@ class SignQuantized(jq.QuantizedArray):
     def scheme(self) -> str:
         return "sign per-row"
 
+    @property
+    def code_widths(self) -> dict[str, int]:
+        return {"codes": 1}
+
 
 @dataclasses.dataclass(frozen=True)
 class Sign:
@@ -170,6 +174,8 @@ def test_checkpoint_round_trip_names_the_type(tree, tmp_path):
     jq.io.save(tmp_path / "ckpt", q)
     manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
     assert "SignQuantized" in {leaf["kind"] for leaf in manifest["leaves"]}
+    leaf = next(leaf for leaf in manifest["leaves"] if leaf["kind"] == "SignQuantized")
+    assert leaf["arrays"]["codes"]["packed_bits"] == 1  # stored at one bit per code
     back = jq.io.load(tmp_path / "ckpt")
     assert isinstance(back["mlp"]["kernel"], SignQuantized)
     np.testing.assert_array_equal(np.asarray(back["mlp"]["kernel"].codes), np.asarray(q["mlp"]["kernel"].codes))

@@ -300,3 +300,39 @@ def test_zero_size_arrays_round_trip(tmp_path):
     np.testing.assert_array_equal(back["full"], tree["full"])
     only_empty = jio.load(jio.save(tmp_path / "ck2", {"e": jnp.zeros((0,))}))
     assert only_empty["e"].shape == (0,)
+
+
+def _array_bytes(path) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path / "arrays") for f in fs)
+
+
+def test_narrow_codes_are_stored_packed_and_earlier_checkpoints_load(tmp_path, rng, monkeypatch):
+    from jaxquant.rotations import RotatedQuantized
+
+    def sq(bits: int, d_out: int = 64, d_in: int = 512) -> ScalarQuantized:
+        return ScalarQuantized(codes=jnp.asarray(rng.integers(0, 2**bits, (d_out, d_in)), jnp.uint8),
+                               scales=jnp.asarray(rng.random((d_out, d_in // 64)), jnp.float16), zeros=None,
+                               bits=bits, group_size=64, shape=(d_out, d_in), layout="out_in")
+
+    rotated = RotatedQuantized(inner=sq(3), in_signs=jnp.ones(512, jnp.int8), out_signs=-jnp.ones(64, jnp.int8),
+                               kind="hadamard", shape=(64, 512), layout="out_in")
+    tree = {"two": sq(2), "rotated": rotated, "aq6": _aq(rng, d_out=64, d_in=512, bits=6), "aq8": _aq(rng)}
+    back = jio.load(jio.save(tmp_path / "new", tree))
+    _assert_bit_identical(tree, back)
+    assert isinstance(back["two"].codes, jax.Array) and back["two"].codes.dtype == jnp.uint8
+    manifest = json.loads((tmp_path / "new" / "manifest.json").read_text())
+    assert manifest["version"] == 2
+    packed = {leaf["path"]: {name: rec.get("packed_bits") for name, rec in leaf["arrays"].items() if rec}
+              for leaf in manifest["leaves"]}
+    assert packed["two"]["codes"] == 2 and packed["rotated"]["inner__codes"] == 3
+    assert packed["aq6"]["codes"] == 6 and packed["aq8"]["codes"] is None  # a byte is its width
+    assert packed["rotated"]["in_signs"] is None
+    # A checkpoint written before packing (version 1, codes a byte each) loads the same.
+    monkeypatch.setattr(ckpt, "_packable", lambda x, bits: False)
+    monkeypatch.setattr(ckpt, "VERSION", 1)
+    jio.save(tmp_path / "old", tree)
+    monkeypatch.undo()
+    _assert_bit_identical(tree, jio.load(tmp_path / "old"))
+    # Packing saves 6, 5 and 2 bits of every byte of 2-, 3- and 6-bit codes.
+    saving = (64 * 512 * (6 + 5) + 64 * 64 * 2 * 2) // 8
+    assert _array_bytes(tmp_path / "old") - _array_bytes(tmp_path / "new") >= 0.9 * saving

@@ -18,7 +18,7 @@ PACKAGE = pathlib.Path(jaxquant.__file__).parent
 # Each top-level module or subpackage of jaxquant, lowest layer first.
 LAYERS: list[tuple[str, ...]] = [
     ("atomic_files", "lazy_exports", "known_models", "host_memory", "native_build", "in_order", "validate",
-     "thread_scope"),
+     "thread_scope", "bitpack"),
     ("qarray",),
     ("recipes", "select", "stats", "problems", "rotations"),
     ("ops",),

@@ -15,6 +15,12 @@ On-disk layout of a checkpoint directory::
       manifest.json    format, version, the tree structure, and per leaf its path,
                        kind, static fields, and per array dtype, shape, sharding, sha256
 
+Integer codes narrower than their dtype (``QuantizedArray.code_widths``: a 2-bit code
+held in a byte) are stored packed at their width (``jaxquant.bitpack``): their record
+keeps the array's own dtype, shape and checksum and adds ``packed_bits``, and ``load``
+unpacks them. So a 2-bit model's file is about a quarter of its unpacked codes. Version
+1 checkpoints (nothing packed) still load.
+
 Arrays are keyed by leaf index rather than by their path because orbax joins nested
 keys with ``.`` and path strings may contain any character.
 
@@ -48,10 +54,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from jaxquant.atomic_files import atomic_write_bytes, commit_dir, staging_dir
+from jaxquant.bitpack import pack_codes, packed_size, unpack_codes
 from jaxquant.qarray import array_type, array_type_name, is_quantized
 
 FORMAT = "jaxquant-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: codes packed at their width
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 ARRAYS = "arrays"
 
@@ -73,21 +81,40 @@ class CheckpointError(ValueError):
 _NESTED = "__"
 
 
-def _quantized_parts(q: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(static fields, array fields)`` of a quantized array, wrapped arrays flattened."""
+def _quantized_parts(q: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, int]]:
+    """``(static fields, array fields, code widths)`` of a quantized array, wrapped arrays
+    flattened."""
     static: dict[str, Any] = {}
     arrays: dict[str, Any] = {}
+    widths = dict(q.code_widths)
     for field in dataclasses.fields(q):
         value = getattr(q, field.name)
         if field.metadata.get("static"):
             static[field.name] = value
         elif is_quantized(value):
-            sub_static, sub_arrays = _quantized_parts(value)
+            sub_static, sub_arrays, sub_widths = _quantized_parts(value)
             static[field.name] = {"wrapped_kind": array_type_name(type(value)), "static": sub_static}
             arrays.update({f"{field.name}{_NESTED}{name}": a for name, a in sub_arrays.items()})
+            widths.update({f"{field.name}{_NESTED}{name}": b for name, b in sub_widths.items()})
         else:
             arrays[field.name] = value
-    return static, arrays
+    return static, arrays, widths
+
+
+def _packable(x: Any, bits: int | None) -> bool:
+    """Whether codes ``x`` of ``bits`` bits shrink when packed (and this process sees them whole)."""
+    if bits is None or x is None or isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return False
+    dtype = jnp.dtype(x.dtype)
+    return dtype.kind == "u" and 1 <= bits < dtype.itemsize * 8 and bits <= 8
+
+
+def _stored_form(record: dict[str, Any]) -> tuple[str, list[int]]:
+    """``(dtype, shape)`` of an array record as orbax holds it (packed codes: bytes)."""
+    bits = record.get("packed_bits")
+    if bits is None:
+        return record["dtype"], list(record["shape"])
+    return "uint8", [packed_size(int(np.prod(record["shape"])), bits)]
 
 
 def _build_quantized(cls: type, static: dict[str, Any], arrays: dict[str, Any]) -> Any:
@@ -228,7 +255,7 @@ class _Encoder:
 
     def _leaf_quantized(self, q: Any, path: tuple[str, ...]) -> dict:
         key = self._key()
-        static, fields = _quantized_parts(q)
+        static, fields, widths = _quantized_parts(q)
         records: dict[str, Any] = {}
         sub: dict[str, Any] = {}
         for name, a in fields.items():
@@ -237,7 +264,12 @@ class _Encoder:
                 continue
             records[name] = _array_record(a, self.checksum)
             records[name]["container"] = "jax" if isinstance(a, jax.Array) else "numpy"
-            if not records[name].get("empty"):
+            if records[name].get("empty"):
+                continue
+            if _packable(a, widths.get(name)):
+                records[name]["packed_bits"] = widths[name]
+                sub[name] = pack_codes(np.asarray(a), widths[name])
+            else:
                 sub[name] = a if isinstance(a, jax.Array) else np.asarray(a)
         if sub:
             self.arrays[key] = sub
@@ -349,9 +381,10 @@ def _read_manifest(path: str) -> dict[str, Any]:
         raise CheckpointError(f"jaxquant.io.load: {mpath} is corrupt (not valid JSON: {e})") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"jaxquant.io.load: {mpath} is not a {FORMAT} manifest")
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"jaxquant.io.load: {mpath} has version {manifest.get('version')}, this jaxquant reads {VERSION}"
+            f"jaxquant.io.load: {mpath} has version {manifest.get('version')}, this jaxquant reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
     for key in ("structure", "leaves"):
         if key not in manifest:
@@ -415,7 +448,9 @@ def _restore_plan(manifest: dict[str, Any], shardings: ShardingSpec) -> tuple[di
         restore_args[key], expected[key] = {}, {}
         for name, rec in stored.items():
             expected[key][name] = rec
-            if rec.get("container", "jax") == "jax":
+            if "packed_bits" in rec:  # bytes on the host, unpacked by _unpack
+                restore_args[key][name] = ocp.RestoreArgs(restore_type=np.ndarray)
+            elif rec.get("container", "jax") == "jax":
                 sharding = _target_sharding(shardings, f"{leaf['path']}/{name}", rec)
                 restore_args[key][name] = ocp.ArrayRestoreArgs(sharding=sharding, dtype=jnp.dtype(rec["dtype"]))
             else:
@@ -436,12 +471,13 @@ def _check_against_stored(path: str, manifest: dict, expected: dict, stored: Any
         label = _leaf_label(manifest, key, name)
         if meta is None:
             raise CheckpointError(f"jaxquant.io.load: checkpoint at {path}: array for {label} is missing")
-        shape = tuple(int(n) for n in meta.shape)
+        shape = [int(n) for n in meta.shape]
         dtype = jnp.dtype(meta.dtype).name
-        if shape != tuple(rec["shape"]) or dtype != rec["dtype"]:
+        want_dtype, want_shape = _stored_form(rec)
+        if shape != want_shape or dtype != want_dtype:
             raise CheckpointError(
-                f"jaxquant.io.load: checkpoint at {path}: {label} is stored as {dtype}{list(shape)} "
-                f"but the manifest expects {rec['dtype']}{rec['shape']}"
+                f"jaxquant.io.load: checkpoint at {path}: {label} is stored as {dtype}{shape} "
+                f"but the manifest expects {want_dtype}{want_shape}"
             )
 
     for key, rec in expected.items():
@@ -451,6 +487,21 @@ def _check_against_stored(path: str, manifest: dict, expected: dict, stored: Any
         else:
             for name, sub in rec.items():
                 check(key, name, sub, node.get(name) if isinstance(node, Mapping) else None)
+
+
+def _unpack(manifest: dict[str, Any], restored: dict, shardings: ShardingSpec) -> None:
+    """Replace every packed code array in ``restored`` by its codes, where they belong."""
+    for leaf in manifest["leaves"]:
+        if leaf["kind"] == "array":
+            continue
+        for name, rec in leaf["arrays"].items():
+            if rec is None or "packed_bits" not in rec or rec.get("empty"):
+                continue
+            codes = unpack_codes(restored[leaf["key"]][name], rec["packed_bits"], tuple(rec["shape"]),
+                                 jnp.dtype(rec["dtype"]))
+            if rec.get("container", "jax") == "jax":
+                codes = jax.device_put(codes, _target_sharding(shardings, f"{leaf['path']}/{name}", rec))
+            restored[leaf["key"]][name] = codes
 
 
 def _verify(path: str, manifest: dict, expected: dict, restored: dict) -> None:
@@ -589,6 +640,7 @@ def load(path: str | os.PathLike, *, shardings: ShardingSpec = None, verify: boo
         raise CheckpointError(
             f"jaxquant.io.load: checkpoint at {path}: array data is missing or corrupt ({type(e).__name__}: {e})"
         ) from e
+    _unpack(manifest, restored, shardings)
     if verify:
         _verify(path, manifest, expected, restored)
     leaves = [_build_leaf(leaf, restored.get(leaf["key"])) for leaf in manifest["leaves"]]

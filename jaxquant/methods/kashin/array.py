@@ -80,5 +80,9 @@ class KashinQuantized(QuantizedArray):
         return sum(array_bits(x) for x in arrays) // 8  # codes one byte each
 
     @property
+    def code_widths(self) -> dict[str, int]:
+        return {"u_codes": self.u_bits, "v_codes": self.v_bits}
+
+    @property
     def scheme(self) -> str:
         return f"kashin {self.u_bits}+{self.v_bits} {self.transform}"

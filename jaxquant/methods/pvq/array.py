@@ -85,5 +85,10 @@ class PVQQuantized(QuantizedArray):
                                            self.column_scales)) // 8
 
     @property
+    def code_widths(self) -> dict[str, int]:
+        # The pulses are stored as signed counts, not as their enumeration index.
+        return {"amplitude_codes": self.amplitude_bits}
+
+    @property
     def scheme(self) -> str:
         return f"pvq d{self.group_size} K{self.pulses_per_group} a{self.amplitude_bits}"

@@ -139,6 +139,10 @@ class SpQRQuantized(QuantizedArray):
         return sum(array_bits(a) for a in fields) // 8
 
     @property
+    def code_widths(self) -> dict[str, int]:
+        return {"codes": self.bits, "scale_codes": self.stat_bits, "zero_codes": self.stat_bits}
+
+    @property
     def scheme(self) -> str:
         return (f"spqr int{self.bits} g{self.group_size}, stats int{self.stat_bits} g{self.stat_group}, "
                 f"{self.num_outliers} outliers")

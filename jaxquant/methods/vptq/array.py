@@ -114,6 +114,10 @@ class VPTQQuantized(QuantizedArray):
         return sum(array_bits(a) for a in fields) // 8
 
     @property
+    def code_widths(self) -> dict[str, int]:
+        return {"codes": self.codebook_bits, "residual_codes": self.residual_bits}
+
+    @property
     def scheme(self) -> str:
         residual = f" + residual {self.residual_bits}-bit" if self.residual_codebook is not None else ""
         outliers = "" if self.outlier_columns is None else f", {self.outlier_columns.shape[0]} outlier columns"
