@@ -415,6 +415,7 @@ def test_search_command_writes_a_recipe_a_model_and_a_summary(model_dir, search_
     assert len(summary["search"]["history"]) == 4 and summary["database"]["build_seconds"] > 0
     names = [r["name"] for r in summary["perplexity"]["rows"]]
     assert names == ["evopress", "uniform rtn-2-g32", "error-sum greedy"]
+    assert summary["search"]["holdout"] == {}  # no held-out windows: the last parent
     assert all(np.isfinite(r["ppl"]) for r in summary["perplexity"]["rows"])
     # The recipe file assigns each layer the level the search chose ...
     pairs = load_recipe_file(tmp_path / "a" / "recipe.json")
@@ -473,25 +474,21 @@ def test_search_command_errors(model_dir, search_db, tmp_path, capsys):
     assert "pass --resume" in capsys.readouterr().err
 
 
-def test_search_command_starts_from_the_heuristics(model_dir, search_db, tmp_path):
+def test_search_command_starts_from_the_heuristics_and_chooses_on_held_out_windows(model_dir, search_db, tmp_path,
+                                                                                    capsys):
     assert _search(model_dir, tmp_path / "h", search_db, "--start", "heuristics", "--fixed-windows",
-                   "--initial-candidates", "1") == 0
+                   "--initial-candidates", "1", "--holdout-windows", "4") == 0
+    assert "held-out windows (generation: fitness)" in capsys.readouterr().out
     summary = json.loads((tmp_path / "h" / "search.json").read_text())
     first = summary["search"]["first_parent"]
     assert first["start"] in (None, 0, 1)
     # On fixed windows no generation scores worse than the first parent.
     assert max(h["fitness"] for h in summary["search"]["history"]) <= first["fitness"]
     assert summary["arguments"]["start"] == "heuristics"
-    assert summary["search"]["holdout"] == {}
-
-
-def test_search_command_chooses_a_checkpoint_on_held_out_windows(model_dir, search_db, tmp_path, capsys):
-    assert _search(model_dir, tmp_path / "h", search_db, "--fixed-windows", "--holdout-windows", "4") == 0
-    assert "held-out windows (generation: fitness)" in capsys.readouterr().out
-    summary = json.loads((tmp_path / "h" / "search.json").read_text())
     holdout = summary["search"]["holdout"]
     assert len(holdout["window_ids"]) == 4 and holdout["checkpoints"][0]["generation"] == 0
-    assert holdout["chosen_generation"] in [c["generation"] for c in holdout["checkpoints"]]
+    chosen = next(c for c in holdout["checkpoints"] if c["generation"] == holdout["chosen_generation"])
+    assert chosen["holdout_fitness"] == min(c["holdout_fitness"] for c in holdout["checkpoints"])
     assert _search(model_dir, tmp_path / "x", search_db, "--fixed-windows", "--holdout-windows", "5") == 1
     assert "--holdout-windows 5 plus the 2 windows a selection stage draws must not exceed --fitness-windows 6" in \
         capsys.readouterr().err
