@@ -67,3 +67,26 @@ def test_a_checkpoint_holds_about_the_bits_a_method_claims(name, tmp_path, rng):
     assert stored <= 1.05 * q.storage_bits / 8 + 20_000, (stored, q.storage_bits / 8)
     assert stored < q.resident_bytes  # codes a byte each in memory
     np.testing.assert_array_equal(np.asarray(jio.load(path)["w"].decode()), np.asarray(q.decode()))
+
+
+def test_the_packing_benchmark_reports_both_sizes(tmp_path, rng, monkeypatch):
+    import json
+
+    from benchmark_scripts import load
+
+    from jaxquant.io import checkpoint
+    from jaxquant.qarray import ScalarQuantized
+
+    q = ScalarQuantized(codes=jnp.asarray(rng.integers(0, 4, (256, 1024)), jnp.uint8),
+                        scales=jnp.ones((256, 16), jnp.float16), zeros=None, bits=2, group_size=64,
+                        shape=(256, 1024), layout="out_in")
+    with monkeypatch.context() as m:  # a checkpoint as written before packing
+        m.setattr(checkpoint, "_packable", lambda x, bits: False)
+        m.setattr(checkpoint, "VERSION", 1)
+        jio.save(tmp_path / "old", {"w": q})
+    out = tmp_path / "sizes.json"
+    assert load("checkpoint_packing").main(["--work", str(tmp_path / "work"), f"sq2={tmp_path / 'old'}",
+                                            "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["source_version"] == 1 and row["version"] == 2 and row["bit_identical"]
+    assert row["mb_after"] < 0.5 * row["mb_before"]
