@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -327,6 +328,9 @@ def test_narrow_codes_are_stored_packed_and_earlier_checkpoints_load(tmp_path, r
     assert packed["two"]["codes"] == 2 and packed["rotated"]["inner__codes"] == 3
     assert packed["aq6"]["codes"] == 6 and packed["aq8"]["codes"] is None  # a byte is its width
     assert packed["rotated"]["in_signs"] is None
+    bad = dataclasses.replace(tree["two"], codes=tree["two"].codes.at[0, 3].set(4))
+    with pytest.raises(ValueError, match=r"layer/codes: code 4 at flat index 3 does not fit 2 bits"):
+        jio.save(tmp_path / "bad", {"layer": bad})
     # A checkpoint written before packing (version 1, codes a byte each) loads the same.
     monkeypatch.setattr(ckpt, "_packable", lambda x, bits: False)
     monkeypatch.setattr(ckpt, "VERSION", 1)

@@ -268,7 +268,10 @@ class _Encoder:
                 continue
             if _packable(a, widths.get(name)):
                 records[name]["packed_bits"] = widths[name]
-                sub[name] = pack_codes(np.asarray(a), widths[name])
+                try:
+                    sub[name] = pack_codes(np.asarray(a), widths[name])
+                except ValueError as e:  # a code wider than its type says: name the leaf
+                    raise ValueError(f"jaxquant.io.save: {'/'.join((*path, name))}: {e}") from None
             else:
                 sub[name] = a if isinstance(a, jax.Array) else np.asarray(a)
         if sub:
