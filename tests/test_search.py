@@ -123,10 +123,25 @@ def _synthetic_score(rng: np.random.Generator, layers: int):
     return score
 
 
-def test_search_improves_on_its_start_and_repeats_for_a_seed(rng):
+def _problem(rng: np.random.Generator):
+    """``(budget, score)``: 16 layers of ``_table`` at 3.0 ± 0.1 bits and their synthetic score."""
     bits, sizes = _table(rng, layers=16)
-    budget = BitsBudget(bits, sizes, average=3.0, tolerance=0.1)
-    score = _synthetic_score(rng, 16)
+    return BitsBudget(bits, sizes, average=3.0, tolerance=0.1), _synthetic_score(rng, 16)
+
+
+def _recorded(score):
+    """``(calls, counted)``: ``counted`` scores as ``score`` does and appends each call's window ids to ``calls``."""
+    calls = []
+
+    def counted(choice, ids):
+        calls.append(list(ids))
+        return score(choice, ids)
+
+    return calls, counted
+
+
+def test_search_improves_on_its_start_and_repeats_for_a_seed(rng):
+    budget, score = _problem(rng)
     config = EvolutionConfig(generations=40, offspring=8, survivors=(2, 1), windows=(2, 4), seed=5)
     first = evolve(budget, score, 64, config, progress=False)
     again = evolve(budget, score, 64, config, progress=False)
@@ -139,14 +154,8 @@ def test_search_improves_on_its_start_and_repeats_for_a_seed(rng):
 
 
 def test_on_fixed_windows_the_fitness_never_rises(rng):
-    bits, sizes = _table(rng, layers=16)
-    budget = BitsBudget(bits, sizes, average=3.0, tolerance=0.1)
-    score = _synthetic_score(rng, 16)
-    calls = []
-
-    def counted(choice, ids):
-        calls.append(list(ids))
-        return score(choice, ids)
+    budget, score = _problem(rng)
+    calls, counted = _recorded(score)
 
     config = EvolutionConfig(generations=25, offspring=6, survivors=(2, 1), windows=(2, 5), fresh_windows=False, seed=2)
     result = evolve(budget, counted, 64, config, progress=False)
@@ -160,9 +169,7 @@ def test_on_fixed_windows_the_fitness_never_rises(rng):
 
 
 def test_given_starts_compete_for_the_first_parent(rng, tmp_path):
-    bits, sizes = _table(rng, layers=16)
-    budget = BitsBudget(bits, sizes, average=3.0, tolerance=0.1)
-    score = _synthetic_score(rng, 16)
+    budget, score = _problem(rng)
     # Uniform 4 bits spends too much: fit_to_budget steps random layers down until it is valid.
     fitted = fit_to_budget(np.full(16, 2), budget, np.random.default_rng(0))
     assert budget.is_valid(fitted) and np.any(fitted != 2)
@@ -188,9 +195,7 @@ def test_given_starts_compete_for_the_first_parent(rng, tmp_path):
 
 @pytest.mark.parametrize("fresh", [True, False])
 def test_a_resumed_search_equals_an_uninterrupted_one(rng, tmp_path, fresh):
-    bits, sizes = _table(rng, layers=16)
-    budget = BitsBudget(bits, sizes, average=3.0, tolerance=0.1)
-    score = _synthetic_score(rng, 16)
+    budget, score = _problem(rng)
     config = EvolutionConfig(generations=12, offspring=6, survivors=(2, 1), windows=(1, 3), seed=1,
                              fresh_windows=fresh)
     whole = evolve(budget, score, 64, config, progress=False)
@@ -205,14 +210,8 @@ def test_a_resumed_search_equals_an_uninterrupted_one(rng, tmp_path, fresh):
 
 
 def test_held_out_windows_leave_a_fixed_window_climb_unchanged_and_choose_its_checkpoint(rng, tmp_path):
-    bits, sizes = _table(rng, layers=16)
-    budget = BitsBudget(bits, sizes, average=3.0, tolerance=0.1)
-    score = _synthetic_score(rng, 16)
-    calls = []
-
-    def counted(choice, ids):
-        calls.append(list(ids))
-        return score(choice, ids)
+    budget, score = _problem(rng)
+    calls, counted = _recorded(score)
 
     config = EvolutionConfig(generations=20, offspring=6, survivors=(2, 1), windows=(2, 5), fresh_windows=False,
                              seed=3)
@@ -242,9 +241,7 @@ def test_held_out_windows_leave_a_fixed_window_climb_unchanged_and_choose_its_ch
 
 
 def test_held_out_choice_stops_a_climb_that_fits_its_own_windows(rng):
-    bits, sizes = _table(rng, layers=16)
-    budget = BitsBudget(bits, sizes, average=3.0, tolerance=0.1)
-    true_loss = _synthetic_score(rng, 16)
+    budget, true_loss = _problem(rng)
     config = EvolutionConfig(generations=15, offspring=6, survivors=(2, 1), windows=(2, 4), fresh_windows=False,
                              seed=1, holdout_windows=8)
     searched = set(np.random.default_rng([1, 1]).choice(64, size=4, replace=False).tolist())
@@ -261,14 +258,8 @@ def test_held_out_choice_stops_a_climb_that_fits_its_own_windows(rng):
 
 
 def test_fresh_windows_never_draw_held_out_ones_and_draw_as_before_without_them(rng):
-    bits, sizes = _table(rng, layers=16)
-    budget = BitsBudget(bits, sizes, average=3.0, tolerance=0.1)
-    score = _synthetic_score(rng, 16)
-    calls = []
-
-    def counted(choice, ids):
-        calls.append(list(ids))
-        return score(choice, ids)
+    budget, score = _problem(rng)
+    calls, counted = _recorded(score)
 
     config = EvolutionConfig(generations=6, offspring=4, survivors=(2, 1), windows=(1, 3), seed=2,
                              holdout_windows=50, holdout_checkpoints=3)
