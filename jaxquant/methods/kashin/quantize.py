@@ -4,6 +4,7 @@ grid per factor (``jaxquant.recipes.Kashin`` describes the method)."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -18,14 +19,24 @@ from jaxquant.recipes import Kashin
 
 def kashin_split(w: jax.Array, signs: jax.Array, transform: str, iterations: int,
                  truncation: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Kashin's representation of each row ``w`` of ``w``: ``w = u + Qᵀ v + residual``.
-
-    Each round moves the residual's entries, clipped to ``±truncation · RMS(residual)``,
-    into ``u``, then does the same for ``Q · residual`` into ``v``; the clipping makes both
-    factors flat and the residual shrinks geometrically.
+    """Kashin's representation of each row ``w`` of ``w``: ``w = u + Qᵀ v + residual``, with
+    ``Q`` the rotation ``transform`` with ``signs`` of ``jaxquant.rotations``.
 
     Returns:
         ``(u, v, residual)``, each ``[d_out, d_in]``.
+    """
+    return kashin_split_with(w, lambda x: rotations.rotate(x, signs, transform),
+                             lambda y: rotations.unrotate(y, signs, transform), iterations, truncation)
+
+
+def kashin_split_with(w: jax.Array, forward: Callable[[jax.Array], jax.Array],
+                      backward: Callable[[jax.Array], jax.Array], iterations: int,
+                      truncation: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``kashin_split`` for any orthogonal ``Q``: ``forward`` maps rows ``r`` to ``Q r``, ``backward`` to ``Qᵀ r``.
+
+    Each round moves the residual's entries, clipped to ``±truncation · RMS(residual)``,
+    into ``u``, then does the same for ``Q · residual`` into ``v``; the clipping makes both
+    factors flat and the residual shrinks geometrically when ``Q`` mixes coordinates well.
     """
     d_in = w.shape[1]
 
@@ -36,9 +47,9 @@ def kashin_split(w: jax.Array, signs: jax.Array, transform: str, iterations: int
         x, u, v = carry
         a = jnp.clip(x, -level(x), level(x))
         x, u = x - a, u + a
-        y = rotations.rotate(x, signs, transform)
+        y = forward(x)
         b = jnp.clip(y, -level(y), level(y))
-        x, v = x - rotations.unrotate(b, signs, transform), v + b
+        x, v = x - backward(b), v + b
         return (x, u, v), None
 
     zeros = jnp.zeros_like(w)
