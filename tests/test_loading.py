@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from jaxquant.models import (
+    EXPERT_NAME_TABLES,
     NAME_TABLE,
     LlamaForCausalLM,
     ModelConfig,
@@ -42,6 +43,13 @@ def test_name_table_round_trip():
         hf_i, path_i = (name.replace("{i}", "3").replace("{j}", "12") for name in (hf, path))
         assert hf_to_nnx_name(hf_i) == (path_i, transpose)
         assert nnx_to_hf_name(path_i) == (hf_i, transpose)
+    for arch, rows in EXPERT_NAME_TABLES.items():  # each mixture's expert names, both ways
+        for hf, path, transpose in rows:
+            hf_i, path_i = (name.replace("{i}", "3").replace("{j}", "12") for name in (hf, path))
+            assert hf_to_nnx_name(hf_i, arch) == (path_i, transpose)
+            assert nnx_to_hf_name(path_i, arch) == (hf_i, transpose)
+    assert nnx_to_hf_name("layers/0/mlp/router/kernel")[0] == "model.layers.0.block_sparse_moe.gate.weight"
+    assert nnx_to_hf_name("layers/0/mlp/router/kernel", "qwen2_moe")[0] == "model.layers.0.mlp.gate.weight"
     assert hf_to_nnx_name("model.layers.0.self_attn.rotary_emb.inv_freq") is None
     # Only linear weights transpose; embeddings and norms keep their layout.
     assert [t for hf, _, t in NAME_TABLE if t] == [t for hf, _, t in NAME_TABLE if hf.endswith("proj.weight")

@@ -210,6 +210,27 @@ def test_mixture_of_experts_cache_forward_and_quantized_experts(rng):
                                rtol=1e-5, atol=1e-5)
 
 
+QWEN2_MOE = ModelConfig(**{**TINY.__dict__, "architecture": "qwen2_moe", "num_layers": 3, "num_experts": 4,
+                           "experts_per_token": 2, "expert_size": 16, "shared_expert_size": 24,
+                           "normalize_routing": False, "dense_layers": (1,), "qkv_bias": True})
+
+
+def test_qwen2_moe_layers_quantize_and_count_their_parameters(rng):
+    model = LlamaForCausalLM(QWEN2_MOE, rngs=nnx.Rngs(3))
+    apply_fn, params = functional(model)
+    assert QWEN2_MOE.num_params() == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    selected = jq.select.selected_paths(params)
+    # Sparse layers: 4 attention kernels, the router, 4 experts x 3, the shared expert and its gate.
+    assert len(selected) == 2 * (4 + 1 + 12 + 3 + 1) + (4 + 3)
+    assert "layers/1/mlp/down_proj/kernel" in selected and "layers/2/mlp/shared_expert_gate/kernel" in selected
+    tokens = _tokens(rng, t=9)
+    stats = jq.calibrate(apply_fn, params, [tokens])
+    assert int(stats["layers/0/mlp/shared_expert/up_proj/kernel"].count) == 2 * 9  # every token runs it
+    q = jq.quantize(params, stats, jq.GPTQ(bits=4, group_size=8))
+    np.testing.assert_allclose(np.asarray(jax.jit(apply_fn)(q, tokens)), np.asarray(apply_fn(jq.dequantize(q), tokens)),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_expert_statistics_count_only_the_tokens_routed_to_the_expert(rng):
     model = LlamaForCausalLM(MOE, rngs=nnx.Rngs(9))
     apply_fn, params = functional(model)
@@ -246,10 +267,12 @@ def test_config_hf_dict_round_trip():
                       rope_scaling={"rope_type": "linear", "factor": 2.0})
     assert config_from_hf(cfg.to_hf_dict()) == cfg
     assert config_from_hf(MOE.to_hf_dict()) == MOE
+    assert config_from_hf(QWEN2_MOE.to_hf_dict()) == QWEN2_MOE
     hash(cfg)  # jit static arguments need it
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen2-sliding", "llama-sparse", "mixtral"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen2-sliding", "llama-sparse", "mixtral",
+                                    "qwen2-moe"])
 def test_load_config_reads_transformers_files_as_autoconfig_does(tmp_path, family):
     """A config.json that transformers wrote is read without transformers, with the result
     AutoConfig gives; one missing fields AutoConfig would fill in goes through AutoConfig."""
@@ -271,6 +294,9 @@ def test_load_config_reads_transformers_files_as_autoconfig_does(tmp_path, famil
                                                           max_window_layers=1),
         "llama-sparse": lambda: transformers.LlamaConfig(**common),
         "mixtral": lambda: transformers.MixtralConfig(**common, num_local_experts=8, num_experts_per_tok=2),
+        "qwen2-moe": lambda: transformers.Qwen2MoeConfig(**common, num_experts=8, num_experts_per_tok=2,
+                                                         decoder_sparse_step=2, use_sliding_window=True,
+                                                         sliding_window=8),
     }[family]()
     hf.save_pretrained(tmp_path)
     if family == "llama-sparse":  # an old-style file: AutoConfig supplies the missing defaults

@@ -1,8 +1,10 @@
 """Logit parity with the transformers PyTorch reference (the ``interop`` extra).
 
 Small random Llama (Llama 3 rope scaling), Mistral (a sliding window shorter than the
-sequence), Qwen2 (q/k/v bias, tied head, sliding layers) and Mixtral (four experts, two per
-token; with a sliding window) checkpoints are saved with
+sequence), Qwen2 (q/k/v bias, tied head, sliding layers), Mixtral (four experts, two per
+token; with a sliding window) and Qwen2-MoE (narrower experts, a gated shared expert,
+unnormalised or renormalised routing, dense layers by ``mlp_only_layers`` or
+``decoder_sparse_step``, sliding layers) checkpoints are saved with
 ``save_pretrained`` and loaded with jaxquant; float32 logits must agree to 1e-4 relative.
 """
 
@@ -35,6 +37,12 @@ def _cases():
         "mixtral": (t.MixtralForCausalLM, t.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2)),
         "mixtral-window": (t.MixtralForCausalLM, t.MixtralConfig(**COMMON, num_local_experts=3, num_experts_per_tok=1,
                                                                  sliding_window=6)),
+        "qwen2moe": (t.Qwen2MoeForCausalLM, t.Qwen2MoeConfig(**{**COMMON, "num_hidden_layers": 3}, num_experts=4,
+                                                             num_experts_per_tok=2, moe_intermediate_size=32,
+                                                             shared_expert_intermediate_size=48, mlp_only_layers=[1])),
+        "qwen2moe-norm-step": (t.Qwen2MoeForCausalLM, t.Qwen2MoeConfig(
+            **COMMON, num_experts=3, num_experts_per_tok=2, moe_intermediate_size=40, shared_expert_intermediate_size=24,
+            norm_topk_prob=True, decoder_sparse_step=2, use_sliding_window=True, sliding_window=5)),
     }
 
 
@@ -109,7 +117,8 @@ def test_expert_routing_matters(tmp_path):
     assert _rel(np.asarray(every(jnp.asarray(tokens, jnp.int32))), _logits(ref_model, tokens)) > 1e-2
 
 
-@pytest.mark.parametrize("shard, case", [(None, "qwen2-sliding"), (30_000, "qwen2-sliding"), (None, "mixtral")])
+@pytest.mark.parametrize("shard, case", [(None, "qwen2-sliding"), (30_000, "qwen2-sliding"), (None, "mixtral"),
+                                         (None, "qwen2moe")])
 def test_save_pretrained_is_read_by_transformers(tmp_path, shard, case):
     cls, cfg = _cases()[case]
     ref_model = _reference(cls, cfg, tmp_path / "ref")
@@ -127,3 +136,21 @@ def test_bfloat16_load_close_to_reference(tmp_path):
     model = from_pretrained(tmp_path, dtype=jnp.bfloat16)
     got = np.asarray(model(jnp.asarray(tokens, jnp.int32)).astype(jnp.float32))
     assert _rel(got, _logits(ref_model, tokens)) < 3e-2
+
+
+@pytest.mark.parametrize("case, dense, normalize, windows", [("qwen2moe", (1,), False, None),
+                                                              ("qwen2moe-norm-step", (0,), True, (5, None))])
+def test_qwen2_moe_config_and_shared_expert_matter(tmp_path, case, dense, normalize, windows):
+    # Guard against a vacuous Qwen2-MoE parity: the config carries the dense layers, the
+    # routing rule and the sliding layers, and without the shared expert the logits differ.
+    cls, cfg = _cases()[case]
+    ref_model = _reference(cls, cfg, tmp_path)
+    model = from_pretrained(tmp_path)
+    c = model.config
+    assert (c.dense_layers, c.normalize_routing, c.sliding_windows) == (dense, normalize, windows)
+    assert c.routed_expert_size == cfg.moe_intermediate_size and c.shared_expert_size == cfg.shared_expert_intermediate_size
+    sparse = next(i for i in range(c.num_layers) if c.sparse(i))
+    gate = model.layers[sparse].mlp.shared_expert_gate.kernel
+    gate.set_value(jnp.full(gate.get_value().shape, -1e4, jnp.float32))  # sigmoid -> 0: no shared expert
+    tokens = np.random.default_rng(4).integers(0, VOCAB, (1, 24))
+    assert _rel(np.asarray(model(jnp.asarray(tokens, jnp.int32))), _logits(ref_model, tokens)) > 1e-2

@@ -61,6 +61,29 @@ def test_offloaded_greedy_tokens_equal_the_whole_model(model, reference, tmp_pat
         assert stats.prefetched == 0 and summary["prefetch_hits"] == 0
 
 
+QWEN2_MOE = ModelConfig(architecture="qwen2_moe", hidden_size=32, intermediate_size=40, num_layers=4, num_heads=4,
+                        num_kv_heads=2, head_dim=8, vocab_size=64, max_position_embeddings=64, num_experts=4,
+                        experts_per_token=2, expert_size=16, shared_expert_size=24, normalize_routing=False,
+                        dense_layers=(1,), qkv_bias=True)
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_qwen2_moe_offloads_with_a_shared_expert_and_a_dense_layer(tmp_path, prefetch):
+    # Qwen2-MoE's pieces outside the routed experts stay resident: the gated shared expert
+    # of every sparse layer and the whole dense layer 1; the store holds only routed experts.
+    model = LlamaForCausalLM(QWEN2_MOE, rngs=nnx.Rngs(1))
+    nnx.update(model, jax.tree.map(lambda a: a * 8.0 if a.ndim == 2 else a, nnx.state(model)))
+    store = ExpertStore.from_params(nnx.state(model), "disk", tmp_path / "experts")
+    assert len(store) == 3 * 4 and (1, 0) not in store and all((i, j) in store for i in (0, 2, 3) for j in range(4))
+    gen = OffloadedGenerator(model, store, cache_size=2, prefetch=prefetch)
+    try:
+        np.testing.assert_array_equal(gen.generate(PROMPT, 12), generate(model, PROMPT, 12))
+    finally:
+        gen.close()
+    if prefetch:  # layer 2 guesses layer 3's experts; layer 0 guesses nothing (layer 1 is dense)
+        assert gen.cache.stats.guesses > 0
+
+
 def test_quantized_experts_offload_from_disk(model, tmp_path):
     apply_fn, params = functional(model)
     q = jq.quantize(params, None, [("experts", jq.RTN(bits=2, group_size=16)), ("attn", jq.RTN(bits=4, group_size=16))])
@@ -162,7 +185,7 @@ def test_a_second_generator_compiles_nothing_new(model, reference):
     from jaxquant.models import offload
 
     store = ExpertStore.from_params(nnx.state(model), "host")
-    jitted = (offload._front, offload._guess, offload._expert, offload._embed, offload._head)
+    jitted = (offload._front, offload._guess, offload._expert, offload._embed, offload._head, offload._dense_layer)
     first = OffloadedGenerator(model, store, cache_size=2)
     np.testing.assert_array_equal(first.generate(PROMPT, 12), reference)
     sizes = [f._cache_size() for f in jitted]

@@ -8,10 +8,11 @@ from jaxquant.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, config_
 from jaxquant.models.generate import generate, sample_token
 from jaxquant.models.llama import KVCache, LlamaForCausalLM, functional
 from jaxquant.models.loading import from_pretrained, save_pretrained
-from jaxquant.models.names import NAME_TABLE, hf_to_nnx_name, nnx_to_hf_name
+from jaxquant.models.names import EXPERT_NAME_TABLES, NAME_TABLE, hf_to_nnx_name, nnx_to_hf_name
 from jaxquant.models.quantized_dirs import export_hf_aqlm, load_hf_aqlm, load_quantized_dir
 
 __all__ = [
+    "EXPERT_NAME_TABLES",
     "NAME_TABLE",
     "SUPPORTED_ARCHITECTURES",
     "KVCache",

@@ -11,6 +11,10 @@ jaxquant's own. The three supported families differ in a few switches:
   ``sliding_attention`` in ``layer_types``.
 * Mixtral: Mistral's attention, and a sparse mixture of SwiGLU experts in place of the
   MLP (``num_experts``, of which a router picks ``experts_per_token`` per token).
+* Qwen2-MoE: Qwen2's attention; experts of their own width, the picked experts' weights
+  renormalised only with ``norm_topk_prob``, a shared expert that every token runs (its
+  output scaled by a sigmoid gate), and a dense MLP on the layers listed in
+  ``mlp_only_layers`` or skipped by ``decoder_sparse_step``.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import numpy as np
 
 from jaxquant.validate import require_positive_ints
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe")
 _SUPPORTED_ROPE = ("default", "linear", "llama3")
 
 
@@ -34,11 +39,10 @@ class ModelConfig:
     """Shape and numerics of a Llama-family decoder.
 
     Attributes:
-        architecture: ``"llama"``, ``"mistral"``, ``"qwen2"`` or ``"mixtral"`` (HF
-            ``model_type``).
+        architecture: one of ``SUPPORTED_ARCHITECTURES`` (HF ``model_type``).
         vocab_size: number of token ids.
         hidden_size: model width ``d``.
-        intermediate_size: SwiGLU hidden width (of each expert in a mixture of experts).
+        intermediate_size: SwiGLU hidden width of the dense MLPs (and of Mixtral's experts).
         num_layers: decoder blocks.
         num_heads: query heads.
         num_kv_heads: key/value heads (grouped-query attention when fewer than heads).
@@ -57,8 +61,14 @@ class ModelConfig:
         bos_token_id: id prepended by tokenizers that use one, or ``None``.
         eos_token_id: end-of-sequence id(s), or ``None``.
         num_experts: experts per layer of a mixture of experts; 0 for a dense MLP.
-        experts_per_token: experts the router picks per token (top-k), with their
-            softmax weights renormalised to sum to one.
+        experts_per_token: experts the router picks per token (top-k).
+        expert_size: SwiGLU hidden width of each routed expert; 0 means ``intermediate_size``.
+        shared_expert_size: hidden width of a shared expert that every token runs, its
+            output scaled by ``sigmoid(shared_expert_gate(x))``; 0 for none.
+        normalize_routing: renormalise the picked experts' softmax weights to sum to one
+            (Mixtral; Qwen2-MoE's ``norm_topk_prob``).
+        dense_layers: layers of a mixture-of-experts model that have a dense MLP of
+            ``intermediate_size`` instead of experts.
     """
 
     architecture: str = "llama"
@@ -82,6 +92,10 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     num_experts: int = 0
     experts_per_token: int = 0
+    expert_size: int = 0
+    shared_expert_size: int = 0
+    normalize_routing: bool = True
+    dense_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -94,13 +108,23 @@ class ModelConfig:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
-        moe = self.architecture == "mixtral"
+        moe = self.architecture in MOE_ARCHITECTURES
         if moe and not 1 <= self.experts_per_token <= self.num_experts:
-            raise ValueError(f"a mixtral model needs 1 <= experts_per_token <= num_experts, got "
+            raise ValueError(f"a {self.architecture} model needs 1 <= experts_per_token <= num_experts, got "
                              f"experts_per_token={self.experts_per_token} and num_experts={self.num_experts}")
-        if not moe and (self.num_experts or self.experts_per_token):
-            raise ValueError(f"architecture={self.architecture!r} is dense: num_experts={self.num_experts} and "
-                             f"experts_per_token={self.experts_per_token} must be 0")
+        object.__setattr__(self, "dense_layers", tuple(sorted(set(int(i) for i in self.dense_layers))))
+        moe_fields = {"num_experts": self.num_experts, "experts_per_token": self.experts_per_token,
+                      "expert_size": self.expert_size, "shared_expert_size": self.shared_expert_size,
+                      "dense_layers": self.dense_layers}
+        if not moe and any(moe_fields.values()):
+            raise ValueError(f"architecture={self.architecture!r} is dense: "
+                             + ", ".join(f"{k}={v}" for k, v in moe_fields.items()) + " must be 0 or empty")
+        if self.expert_size < 0 or self.shared_expert_size < 0:
+            raise ValueError(f"expert_size={self.expert_size} and shared_expert_size={self.shared_expert_size} "
+                             "must be >= 0")
+        outside = [i for i in self.dense_layers if not 0 <= i < self.num_layers]
+        if outside:
+            raise ValueError(f"dense_layers {outside} are not layers of a {self.num_layers}-layer model")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.rope_scaling is not None:
@@ -124,17 +148,32 @@ class ModelConfig:
         """Attention window of ``layer`` in tokens, ``None`` for full causal attention."""
         return None if self.sliding_windows is None else self.sliding_windows[layer]
 
+    def sparse(self, layer: int) -> bool:
+        """Whether ``layer`` has a mixture of experts (else a dense MLP)."""
+        return self.num_experts > 0 and layer not in self.dense_layers
+
+    @property
+    def routed_expert_size(self) -> int:
+        """Hidden width of each routed expert."""
+        return self.expert_size or self.intermediate_size
+
     def num_params(self) -> int:
         """Number of parameters of the model this config describes."""
-        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        d, v = self.hidden_size, self.vocab_size
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0) + (d if self.o_bias else 0)
-        mlp = 3 * d * f + ((2 * f + d) if self.mlp_bias else 0)
-        if self.num_experts:
-            mlp = self.num_experts * mlp + d * self.num_experts  # the experts and the router
-        per_layer = attn + mlp + 2 * d
-        head = 0 if self.tie_word_embeddings else d * v
-        return v * d + self.num_layers * per_layer + d + head
+
+        def swiglu(f: int) -> int:
+            return 3 * d * f + ((2 * f + d) if self.mlp_bias else 0)
+
+        total = v * d + d + (0 if self.tie_word_embeddings else d * v)
+        for layer in range(self.num_layers):
+            mlp = swiglu(self.intermediate_size)
+            if self.sparse(layer):  # the experts, the router, and the shared expert with its gate
+                mlp = self.num_experts * (swiglu(self.routed_expert_size) + d)
+                mlp += (swiglu(self.shared_expert_size) + d) if self.shared_expert_size else 0
+            total += attn + mlp + 2 * d
+        return total
 
     def inv_freq(self) -> np.ndarray:
         """RoPE inverse frequencies ``[head_dim // 2]`` in float32, scaling applied."""
@@ -153,7 +192,7 @@ class ModelConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """A ``config.json`` dictionary that transformers reads back to the same model."""
         names = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "mixtral": "MixtralForCausalLM"}
+                 "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling:
             rope = {**self.rope, "rope_theta": self.rope_theta}
@@ -185,7 +224,12 @@ class ModelConfig:
         if self.architecture == "mixtral":
             out["num_local_experts"] = self.num_experts
             out["num_experts_per_tok"] = self.experts_per_token
-        if self.architecture == "qwen2":
+        if self.architecture == "qwen2_moe":
+            out.update(num_experts=self.num_experts, num_experts_per_tok=self.experts_per_token,
+                       moe_intermediate_size=self.routed_expert_size,
+                       shared_expert_intermediate_size=self.shared_expert_size, norm_topk_prob=self.normalize_routing,
+                       decoder_sparse_step=1, mlp_only_layers=list(self.dense_layers), qkv_bias=self.qkv_bias)
+        if self.architecture in ("qwen2", "qwen2_moe"):
             out["use_sliding_window"] = bool(windows)
             out["sliding_window"] = next(iter(windows)) if windows else None
             out["layer_types"] = [
@@ -246,16 +290,31 @@ def config_from_hf(hf: Any) -> ModelConfig:
     windows: tuple[int | None, ...] | None = None
     if arch in ("mistral", "mixtral") and window:
         windows = (int(window),) * layers
-    elif arch == "qwen2" and window and _get(hf, "use_sliding_window", False):
+    elif arch in ("qwen2", "qwen2_moe") and window and _get(hf, "use_sliding_window", False):
         types = _get(hf, "layer_types") or []
         if types:
             windows = tuple(int(window) if t == "sliding_attention" else None for t in types)
-        else:
+        elif arch == "qwen2":
             first = int(_get(hf, "max_window_layers", layers))
             windows = tuple(int(window) if i >= first else None for i in range(layers))
+        else:  # Qwen2-MoE's own default: every other layer below max_window_layers
+            last = int(_get(hf, "max_window_layers", layers))
+            windows = tuple(int(window) if i % 2 == 0 and i < last else None for i in range(layers))
     if windows is not None and all(w is None for w in windows):
         windows = None
     bias = bool(_get(hf, "attention_bias", False))
+    moe: dict[str, Any] = {}
+    if arch == "mixtral":
+        moe = {"num_experts": int(_get(hf, "num_local_experts", 0) or 0),
+               "experts_per_token": int(_get(hf, "num_experts_per_tok", 0) or 0)}
+    elif arch == "qwen2_moe":
+        step = int(_get(hf, "decoder_sparse_step", 1) or 1)
+        only = {int(i) for i in _get(hf, "mlp_only_layers", None) or ()}
+        moe = {"num_experts": int(_get(hf, "num_experts")), "experts_per_token": int(_get(hf, "num_experts_per_tok")),
+               "expert_size": int(_get(hf, "moe_intermediate_size")),
+               "shared_expert_size": int(_get(hf, "shared_expert_intermediate_size", 0) or 0),
+               "normalize_routing": bool(_get(hf, "norm_topk_prob", False)),
+               "dense_layers": tuple(i for i in range(layers) if i in only or (i + 1) % step)}
     return ModelConfig(
         architecture=arch,
         vocab_size=int(_get(hf, "vocab_size")),
@@ -270,14 +329,13 @@ def config_from_hf(hf: Any) -> ModelConfig:
         rope_scaling=scaling,
         max_position_embeddings=int(_get(hf, "max_position_embeddings", 2048)),
         tie_word_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
-        qkv_bias=True if arch == "qwen2" else bias,
+        qkv_bias=True if arch == "qwen2" else bool(_get(hf, "qkv_bias", True)) if arch == "qwen2_moe" else bias,
         o_bias=bias if arch == "llama" else False,
         mlp_bias=bool(_get(hf, "mlp_bias", False)) if arch == "llama" else False,
         sliding_windows=windows,
         bos_token_id=_get(hf, "bos_token_id"),
         eos_token_id=_get(hf, "eos_token_id"),
-        num_experts=int(_get(hf, "num_local_experts", 0) or 0) if arch == "mixtral" else 0,
-        experts_per_token=int(_get(hf, "num_experts_per_tok", 0) or 0) if arch == "mixtral" else 0,
+        **moe,
     )
 
 
@@ -292,7 +350,10 @@ _COMPLETE_SLIDING = ("sliding_window", "use_sliding_window", "max_window_layers"
 def _complete(raw: dict[str, Any]) -> bool:
     """Whether ``config_from_hf(raw)`` needs none of ``AutoConfig``'s defaults."""
     specific = {"mistral": _COMPLETE_SLIDING[:1], "qwen2": _COMPLETE_SLIDING,
-                "mixtral": (*_COMPLETE_SLIDING[:1], "num_local_experts", "num_experts_per_tok")}.get(raw.get("model_type"), ())
+                "mixtral": (*_COMPLETE_SLIDING[:1], "num_local_experts", "num_experts_per_tok"),
+                "qwen2_moe": (*_COMPLETE_SLIDING, "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                              "shared_expert_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
+                              "mlp_only_layers", "qkv_bias")}.get(raw.get("model_type"), ())
     rope = "rope_parameters" in raw or "rope_theta" in raw
     return rope and all(k in raw for k in (*_COMPLETE, *specific))
 

@@ -1,5 +1,5 @@
 """A Llama-family decoder in Flax NNX: RMSNorm, RoPE, grouped-query attention, SwiGLU,
-and Mixtral's sparse mixture of SwiGLU experts.
+and the sparse mixtures of SwiGLU experts of Mixtral and Qwen2-MoE.
 
 Numerics follow the Hugging Face reference (norms and softmax in float32, rotary tables
 in float32 cast to the activation dtype) so that logits agree to float32 rounding.
@@ -15,7 +15,9 @@ Parameter paths (NNX state): ``embed/embedding``, ``layers/{i}/input_norm/scale`
 ``layers/{i}/mlp/{gate,up,down}_proj/kernel``, ``final_norm/scale``, ``lm_head/kernel``
 (absent when the head is tied to the embedding). A mixture-of-experts layer has
 ``layers/{i}/mlp/router/kernel`` and ``layers/{i}/mlp/experts/{j}/{gate,up,down}_proj/kernel``
-in place of the MLP's kernels: every expert a leaf of its own, for recipes by pattern.
+in place of the MLP's kernels: every expert a leaf of its own, for recipes by pattern; with a
+shared expert also ``layers/{i}/mlp/shared_expert/{gate,up,down}_proj/kernel`` and
+``layers/{i}/mlp/shared_expert_gate/kernel``.
 """
 
 from __future__ import annotations
@@ -151,10 +153,11 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``, of hidden width ``width`` (default the
+    config's ``intermediate_size``)."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype: Any, rngs: nnx.Rngs) -> None:
-        d, f = cfg.hidden_size, cfg.intermediate_size
+    def __init__(self, cfg: ModelConfig, width: int | None = None, *, dtype: Any, rngs: nnx.Rngs) -> None:
+        d, f = cfg.hidden_size, width or cfg.intermediate_size
         self.gate_proj = Linear(d, f, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
         self.up_proj = Linear(d, f, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
         self.down_proj = Linear(f, d, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
@@ -163,10 +166,16 @@ class MLP(nnx.Module):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def gated_shared_expert(expert: MLP, gate: Linear, x: jax.Array) -> jax.Array:
+    """``sigmoid(gate(x)) · expert(x)`` in float32: Qwen2-MoE's shared expert."""
+    return jax.nn.sigmoid(gate(x).astype(jnp.float32)) * expert(x).astype(jnp.float32)
+
+
 class SparseMoE(nnx.Module):
-    """Mixtral's mixture of experts: a linear router scores the experts per token, the
-    ``experts_per_token`` best are kept with their softmax weights renormalised, and the
-    output is the weighted sum of those experts' SwiGLU outputs.
+    """A mixture of experts (Mixtral, Qwen2-MoE): a linear router scores the experts per
+    token, the ``experts_per_token`` best are kept with their softmax weights (renormalised
+    with ``normalize_routing``), and the output is the weighted sum of those experts' SwiGLU
+    outputs, plus, with a shared expert, ``sigmoid(shared_expert_gate(x)) · shared_expert(x)``.
 
     Every expert runs on every token here, its output weighted by zero where it was not
     picked: exact, and simple to compile, at ``num_experts / experts_per_token`` times the
@@ -176,15 +185,26 @@ class SparseMoE(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, dtype: Any, rngs: nnx.Rngs) -> None:
         self.router = Linear(cfg.hidden_size, cfg.num_experts, bias=False, dtype=dtype, rngs=rngs)
-        self.experts = nnx.List([MLP(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_experts)])
+        self.experts = nnx.List([MLP(cfg, cfg.routed_expert_size, dtype=dtype, rngs=rngs)
+                                 for _ in range(cfg.num_experts)])
         self.experts_per_token = cfg.experts_per_token
+        self.normalize = cfg.normalize_routing
+        if cfg.shared_expert_size:
+            self.shared_expert = MLP(cfg, cfg.shared_expert_size, dtype=dtype, rngs=rngs)
+            self.shared_expert_gate = Linear(cfg.hidden_size, 1, bias=False, dtype=dtype, rngs=rngs)
+        else:
+            self.shared_expert = self.shared_expert_gate = None
 
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``(weights, experts)``, each ``[..., experts_per_token]``: the picked experts'
-        renormalised softmax weights (float32, best first) and their indices."""
+        softmax weights (float32, best first) and their indices."""
         logits = self.router(x)
         report_router_logits(logits, self.experts_per_token)
-        return top_k_routing(logits, self.experts_per_token)
+        return top_k_routing(logits, self.experts_per_token, self.normalize)
+
+    def shared(self, x: jax.Array) -> jax.Array | None:
+        """The gated shared expert's output in float32, or ``None`` without one."""
+        return None if self.shared_expert is None else gated_shared_expert(self.shared_expert, self.shared_expert_gate, x)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         weights, experts = self.route(x)
@@ -197,7 +217,8 @@ class SparseMoE(nnx.Module):
             with ops.token_mask(routed[..., e]):
                 y = expert(x)
             out = out + y.astype(jnp.float32) * gates[..., e:e + 1]
-        return out.astype(x.dtype)
+        shared = self.shared(x)
+        return (out if shared is None else out + shared).astype(x.dtype)
 
 
 class DecoderLayer(nnx.Module):
@@ -207,7 +228,7 @@ class DecoderLayer(nnx.Module):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.attn = Attention(cfg, cfg.window(layer), dtype=dtype, rngs=rngs)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = SparseMoE(cfg, dtype=dtype, rngs=rngs) if cfg.num_experts else MLP(cfg, dtype=dtype, rngs=rngs)
+        self.mlp = SparseMoE(cfg, dtype=dtype, rngs=rngs) if cfg.sparse(layer) else MLP(cfg, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, q_pos, cache, start):  # noqa: ANN001, ANN204 - see Attention
         h, cache = self.attn(self.input_norm(x), cos, sin, q_pos, cache, start)
@@ -234,7 +255,7 @@ class Embedding(nnx.Module):
 
 
 class LlamaForCausalLM(nnx.Module):
-    """Llama / Mistral / Qwen2 / Mixtral decoder with a language-model head.
+    """Llama / Mistral / Qwen2 / Mixtral / Qwen2-MoE decoder with a language-model head.
 
     ``model(tokens)`` returns logits ``[B, T, vocab]``; ``model.forward(tokens, cache,
     start)`` additionally reads and writes a KV cache (see ``init_cache``).

@@ -28,7 +28,7 @@ from jaxquant.io.safetensors import INDEX_FILE, SINGLE_FILE, read_checkpoint_ten
 from jaxquant.known_models import resolve_model
 from jaxquant.models.config import ModelConfig, config_from_hf, load_config
 from jaxquant.models.llama import LlamaForCausalLM
-from jaxquant.models.names import NAME_TABLE, hf_to_nnx_name, nnx_to_hf_name
+from jaxquant.models.names import hf_to_nnx_name, nnx_to_hf_name
 from jaxquant.models.quantized_dirs import load_hf_aqlm, load_quantized_dir
 from jaxquant.qarray import is_quantized
 
@@ -56,12 +56,13 @@ def state_from_tensors(
     """
     state = nnx.state(model, nnx.Param)
     expected = _state_paths(state)
+    arch = model.config.architecture
     mapped: dict[str, np.ndarray] = {}
     extra = []
     for name, arr in tensors.items():
         if _IGNORED.search(name):
             continue
-        hit = hf_to_nnx_name(name)
+        hit = hf_to_nnx_name(name, arch)
         if hit is None or hit[0] not in expected:
             if name == "lm_head.weight" and model.config.tie_word_embeddings:
                 continue  # some tied checkpoints store the shared matrix twice
@@ -71,14 +72,14 @@ def state_from_tensors(
         mapped[nnx_path] = arr.T if transpose else arr
     if extra:
         raise ValueError(f"{source} has tensors the {model.config.architecture} model does not use: {sorted(extra)[:8]}")
-    missing = [nnx_to_hf_name(p)[0] if nnx_to_hf_name(p) else p for p in expected if p not in mapped]
+    missing = [nnx_to_hf_name(p, arch)[0] if nnx_to_hf_name(p, arch) else p for p in expected if p not in mapped]
     if missing:
         raise ValueError(f"{source} is missing tensors: {missing[:8]}")
     for p, leaf in expected.items():
         if tuple(mapped[p].shape) != tuple(leaf.shape):
-            hf_name = nnx_to_hf_name(p)[0]
-            shape = mapped[p].shape[::-1] if nnx_to_hf_name(p)[1] else mapped[p].shape
-            want = tuple(leaf.shape)[::-1] if nnx_to_hf_name(p)[1] else tuple(leaf.shape)
+            hf_name, transpose = nnx_to_hf_name(p, arch)
+            shape = mapped[p].shape[::-1] if transpose else mapped[p].shape
+            want = tuple(leaf.shape)[::-1] if transpose else tuple(leaf.shape)
             raise ValueError(f"{source}: tensor {hf_name} has shape {tuple(shape)}, the config implies {want}")
 
     flat, treedef = jax.tree_util.tree_flatten_with_path(state)
@@ -165,13 +166,12 @@ def tensors_from_state(state: Any, config: ModelConfig) -> dict[str, np.ndarray]
                 f"save_pretrained writes dense checkpoints; {p} is quantized "
                 "(dequantize it with jaxquant.dequantize, or use jaxquant.io for quantized formats)"
             )
-        hit = nnx_to_hf_name(p)
+        hit = nnx_to_hf_name(p, config.architecture)
         if hit is None:
             raise ValueError(f"parameter {p} has no Hugging Face name in the name table")
         name, transpose = hit
         arr = np.asarray(jax.device_get(leaf))
         out[name] = np.ascontiguousarray(arr.T if transpose else arr)
-    del config
     return out
 
 
@@ -238,4 +238,4 @@ def _write_text(path: str, text: str) -> None:
 def expected_hf_names(config: ModelConfig) -> Iterable[str]:
     """The Hugging Face tensor names a checkpoint of ``config`` holds."""
     model = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
-    return sorted(nnx_to_hf_name(p)[0] for p in _state_paths(nnx.state(model, nnx.Param)))
+    return sorted(nnx_to_hf_name(p, config.architecture)[0] for p in _state_paths(nnx.state(model, nnx.Param)))

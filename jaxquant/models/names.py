@@ -1,8 +1,10 @@
-"""Hugging Face tensor names and NNX parameter paths of the Llama family and Mixtral: one table.
+"""Hugging Face tensor names and NNX parameter paths of the Llama family and its mixtures
+of experts: one table.
 
 Each row pairs a Hugging Face tensor name pattern with the NNX parameter path and says
 whether the tensor is a linear weight, stored ``(d_out, d_in)`` by PyTorch and transposed,
-at the loading boundary, into a Flax ``(d_in, d_out)`` kernel.
+at the loading boundary, into a Flax ``(d_in, d_out)`` kernel. Mixtral and Qwen2-MoE name
+the same NNX parameters differently; their rows say which architecture they belong to.
 """
 
 from __future__ import annotations
@@ -10,8 +12,7 @@ from __future__ import annotations
 import re
 
 # (Hugging Face name, NNX path, transpose). "{i}" stands for the layer index, "{j}" for the
-# expert's in a mixture-of-experts layer (Mixtral: w1 is the gate, w3 the up, w2 the down
-# projection; the router is the block's "gate").
+# expert's in a mixture-of-experts layer.
 NAME_TABLE: tuple[tuple[str, str, bool], ...] = (
     ("model.embed_tokens.weight", "embed/embedding", False),
     ("model.layers.{i}.input_layernorm.weight", "layers/{i}/input_norm/scale", False),
@@ -30,13 +31,28 @@ NAME_TABLE: tuple[tuple[str, str, bool], ...] = (
     ("model.layers.{i}.mlp.up_proj.bias", "layers/{i}/mlp/up_proj/bias", False),
     ("model.layers.{i}.mlp.down_proj.weight", "layers/{i}/mlp/down_proj/kernel", True),
     ("model.layers.{i}.mlp.down_proj.bias", "layers/{i}/mlp/down_proj/bias", False),
-    ("model.layers.{i}.block_sparse_moe.gate.weight", "layers/{i}/mlp/router/kernel", True),
-    ("model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight", "layers/{i}/mlp/experts/{j}/gate_proj/kernel", True),
-    ("model.layers.{i}.block_sparse_moe.experts.{j}.w3.weight", "layers/{i}/mlp/experts/{j}/up_proj/kernel", True),
-    ("model.layers.{i}.block_sparse_moe.experts.{j}.w2.weight", "layers/{i}/mlp/experts/{j}/down_proj/kernel", True),
     ("model.norm.weight", "final_norm/scale", False),
     ("lm_head.weight", "lm_head/kernel", True),
 )
+
+# Rows of one architecture's experts. Mixtral: w1 is the gate, w3 the up, w2 the down
+# projection, and the router is the block's "gate"; Qwen2-MoE: the router is the MLP's "gate".
+EXPERT_NAME_TABLES: dict[str, tuple[tuple[str, str, bool], ...]] = {
+    "mixtral": (
+        ("model.layers.{i}.block_sparse_moe.gate.weight", "layers/{i}/mlp/router/kernel", True),
+        ("model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight", "layers/{i}/mlp/experts/{j}/gate_proj/kernel", True),
+        ("model.layers.{i}.block_sparse_moe.experts.{j}.w3.weight", "layers/{i}/mlp/experts/{j}/up_proj/kernel", True),
+        ("model.layers.{i}.block_sparse_moe.experts.{j}.w2.weight", "layers/{i}/mlp/experts/{j}/down_proj/kernel", True),
+    ),
+    "qwen2_moe": (
+        ("model.layers.{i}.mlp.gate.weight", "layers/{i}/mlp/router/kernel", True),
+        *((f"model.layers.{{i}}.mlp.experts.{{j}}.{p}.weight", f"layers/{{i}}/mlp/experts/{{j}}/{p}/kernel", True)
+          for p in ("gate_proj", "up_proj", "down_proj")),
+        *((f"model.layers.{{i}}.mlp.shared_expert.{p}.weight", f"layers/{{i}}/mlp/shared_expert/{p}/kernel", True)
+          for p in ("gate_proj", "up_proj", "down_proj")),
+        ("model.layers.{i}.mlp.shared_expert_gate.weight", "layers/{i}/mlp/shared_expert_gate/kernel", True),
+    ),
+}
 
 
 def _pattern(template: str) -> re.Pattern[str]:
@@ -44,9 +60,10 @@ def _pattern(template: str) -> re.Pattern[str]:
     return re.compile("^" + escaped + "$")
 
 
-# Per direction, each row as (pattern of the source name, template of the target name, transpose).
-_HF_TO_NNX = tuple((_pattern(hf), nnx_path, transpose) for hf, nnx_path, transpose in NAME_TABLE)
-_NNX_TO_HF = tuple((_pattern(nnx_path), hf, transpose) for hf, nnx_path, transpose in NAME_TABLE)
+def _rows(architecture: str | None) -> tuple[tuple[str, str, bool], ...]:
+    # Without an architecture, Mixtral's expert names (the first mixture supported) win.
+    experts = EXPERT_NAME_TABLES.get(architecture or "mixtral", ())
+    return NAME_TABLE + experts
 
 
 def _translate(name: str, rows: tuple[tuple[re.Pattern[str], str, bool], ...]) -> tuple[str, bool] | None:
@@ -59,14 +76,22 @@ def _translate(name: str, rows: tuple[tuple[re.Pattern[str], str, bool], ...]) -
     return None
 
 
-def hf_to_nnx_name(name: str) -> tuple[str, bool] | None:
-    """NNX path and transpose flag of a Hugging Face tensor name (``None`` if unmapped)."""
-    return _translate(name, _HF_TO_NNX)
+_HF_TO_NNX = {arch: tuple((_pattern(hf), path, t) for hf, path, t in _rows(arch)) for arch in (None, *EXPERT_NAME_TABLES)}
+_NNX_TO_HF = {arch: tuple((_pattern(path), hf, t) for hf, path, t in _rows(arch)) for arch in (None, *EXPERT_NAME_TABLES)}
 
 
-def nnx_to_hf_name(path: str) -> tuple[str, bool] | None:
-    """Hugging Face tensor name and transpose flag of an NNX path (``None`` if unmapped)."""
-    return _translate(path, _NNX_TO_HF)
+def hf_to_nnx_name(name: str, architecture: str | None = None) -> tuple[str, bool] | None:
+    """NNX path and transpose flag of a Hugging Face tensor name (``None`` if unmapped).
+
+    Expert tensors are named as ``architecture`` names them (Mixtral's names when ``None``
+    or a dense architecture)."""
+    return _translate(name, _HF_TO_NNX.get(architecture, _HF_TO_NNX[None]))
 
 
-__all__ = ["NAME_TABLE", "hf_to_nnx_name", "nnx_to_hf_name"]
+def nnx_to_hf_name(path: str, architecture: str | None = None) -> tuple[str, bool] | None:
+    """Hugging Face tensor name and transpose flag of an NNX path (``None`` if unmapped);
+    expert tensors as in ``hf_to_nnx_name``."""
+    return _translate(path, _NNX_TO_HF.get(architecture, _NNX_TO_HF[None]))
+
+
+__all__ = ["EXPERT_NAME_TABLES", "NAME_TABLE", "hf_to_nnx_name", "nnx_to_hf_name"]

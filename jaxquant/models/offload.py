@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from jaxquant.atomic_files import atomic_write
-from jaxquant.models.llama import LlamaForCausalLM, _raw, rotary_tables, tied_logits
+from jaxquant.models.llama import LlamaForCausalLM, _raw, gated_shared_expert, rotary_tables, tied_logits
 from jaxquant.models.routing import top_k_routing
 from jaxquant.validate import require_positive_int
 
@@ -97,7 +97,7 @@ class ExpertStore:
         """A store of every expert under ``layers/{i}/mlp/experts/{j}`` of a model's state."""
         store = cls(tier, directory, page_cache=page_cache)
         for i, layer in _raw(params)["layers"].items():
-            for j, expert in layer["mlp"]["experts"].items():
+            for j, expert in layer["mlp"].get("experts", {}).items():  # dense layers have none
                 store.put(int(i), int(j), expert)
         return store
 
@@ -289,23 +289,37 @@ class ExpertCache:
 # and the config are static; prefill and single-token steps compile once each).
 
 
+def _positions(config: Any, x: jax.Array, start: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    q_pos = start + jnp.arange(x.shape[1], dtype=jnp.int32)
+    return (q_pos, *rotary_tables(config.inv_freq(), q_pos))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _front(config: Any, graphdefs: Any, states: Any, x: jax.Array, cache: Any, start: jax.Array) -> Any:
-    """A layer up to its experts: attention with the KV cache, the residual, the
-    post-attention norm, and the router's picks."""
-    input_norm, attn, post_attn_norm, router = (nnx.merge(g, s) for g, s in zip(graphdefs, states))
-    q_pos = start + jnp.arange(x.shape[1], dtype=jnp.int32)
-    cos, sin = rotary_tables(config.inv_freq(), q_pos)
+    """A layer up to its routed experts: attention with the KV cache, the residual, the
+    post-attention norm, the router's picks, and the gated shared expert's output (zeros
+    without one)."""
+    input_norm, attn, post_attn_norm, router, *shared = (None if g is None else nnx.merge(g, s)
+                                                         for g, s in zip(graphdefs, states))
+    q_pos, cos, sin = _positions(config, x, start)
     h, cache = attn(input_norm(x), cos, sin, q_pos, cache, start)
     x = x + h
     normed = post_attn_norm(x)
-    weights, experts = top_k_routing(router(normed), config.experts_per_token)
-    return x, normed, cache, weights, experts
+    weights, experts = top_k_routing(router(normed), config.experts_per_token, config.normalize_routing)
+    shared_out = jnp.zeros(x.shape, jnp.float32) if shared[0] is None else gated_shared_expert(*shared, normed)
+    return x, normed, cache, weights, experts, shared_out
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _guess(k: int, graphdef: Any, state: Any, normed: jax.Array) -> jax.Array:
-    return top_k_routing(nnx.merge(graphdef, state)(normed), k)[1]
+def _dense_layer(config: Any, graphdef: Any, state: Any, x: jax.Array, cache: Any, start: jax.Array) -> Any:
+    """A whole layer with a dense MLP (Qwen2-MoE's ``mlp_only_layers``), all resident."""
+    q_pos, cos, sin = _positions(config, x, start)
+    return nnx.merge(graphdef, state)(x, cos, sin, q_pos, cache, start)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _guess(config: Any, graphdef: Any, state: Any, normed: jax.Array) -> jax.Array:
+    return top_k_routing(nnx.merge(graphdef, state)(normed), config.experts_per_token, config.normalize_routing)[1]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -344,20 +358,29 @@ class OffloadedGenerator:
         cfg = model.config
         if not cfg.num_experts:
             raise ValueError(f"OffloadedGenerator needs a mixture of experts; {cfg.architecture!r} has none")
-        missing = [(i, j) for i in range(cfg.num_layers) for j in range(cfg.num_experts)
+        missing = [(i, j) for i in range(cfg.num_layers) if cfg.sparse(i) for j in range(cfg.num_experts)
                    if (i, j) not in store]
         if missing:
             raise ValueError(f"the store lacks {len(missing)} experts, e.g. (layer, expert) {missing[:4]}")
         raw = _raw(nnx.state(model) if params is None else params)
         self.config, self.prefetch = cfg, prefetch
         self.cache = ExpertCache(store, cache_size, cfg.num_layers, prefetch_threads=1 if prefetch else 0)
-        self._fronts = []  # per layer: graph definitions and states of the norms, attention, router
+        # Per layer, graph definitions and states: of the norms, attention and the mixture
+        # without its routed experts (router, shared expert) in a sparse layer, of the
+        # whole layer in a dense one.
+        self._fronts = []
         for i, layer in enumerate(model.layers):
-            parts = ("input_norm", "attn", "post_attn_norm")
-            graphdefs = (*(nnx.graphdef(getattr(layer, p)) for p in parts), nnx.graphdef(layer.mlp.router))
-            states = (*(raw["layers"][i][p] for p in parts), raw["layers"][i]["mlp"]["router"])
-            self._fronts.append((graphdefs, states))
-        self._expert_graphdefs = [nnx.graphdef(layer.mlp.experts[0]) for layer in model.layers]
+            layer_raw = raw["layers"][i]
+            if not cfg.sparse(i):
+                self._fronts.append((nnx.graphdef(layer), layer_raw))
+                continue
+            modules = [layer.input_norm, layer.attn, layer.post_attn_norm, layer.mlp.router,
+                       layer.mlp.shared_expert, layer.mlp.shared_expert_gate]
+            states = [layer_raw[p] for p in ("input_norm", "attn", "post_attn_norm")]
+            states += [layer_raw["mlp"].get(p) for p in ("router", "shared_expert", "shared_expert_gate")]
+            self._fronts.append((tuple(None if m is None else nnx.graphdef(m) for m in modules), tuple(states)))
+        self._expert_graphdefs = [nnx.graphdef(layer.mlp.experts[0]) if cfg.sparse(i) else None
+                                  for i, layer in enumerate(model.layers)]
         self._ends = ((nnx.graphdef(model.embed), nnx.graphdef(model.final_norm),
                        None if model.lm_head is None else nnx.graphdef(model.lm_head)),
                       (raw["embed"], raw["final_norm"], None if model.lm_head is None else raw["lm_head"]))
@@ -389,22 +412,26 @@ class OffloadedGenerator:
             x = _embed(*self._ends, jnp.asarray(chunk[None]))
             guessed = None
             for i, (graphdefs, states) in enumerate(self._fronts):
-                x, normed, caches[i], weights, experts = _front(cfg, graphdefs, states, x, caches[i], jnp.int32(start))
+                if not cfg.sparse(i):
+                    x, caches[i] = _dense_layer(cfg, graphdefs, states, x, caches[i], jnp.int32(start))
+                    guessed = None
+                    continue
+                x, normed, caches[i], weights, experts, shared = _front(cfg, graphdefs, states, x, caches[i],
+                                                                        jnp.int32(start))
                 weights, experts = np.asarray(weights)[0], np.asarray(experts)[0]  # [t, k]
                 next_guess = None
                 if self.prefetch:
                     # First this layer's missing experts (each load then overlaps the compute
                     # of the ones before it), then the guess for the next layer behind them.
                     self.cache.prefetch(i, np.unique(experts), guess=False)
-                    if i + 1 < cfg.num_layers:
+                    if i + 1 < cfg.num_layers and cfg.sparse(i + 1):
                         nxt_graphdef, nxt_states = self._fronts[i + 1]
-                        next_guess = np.asarray(_guess(cfg.experts_per_token, nxt_graphdef[3], nxt_states[3],
-                                                       normed[:, -1]))[0]
+                        next_guess = np.asarray(_guess(cfg, nxt_graphdef[3], nxt_states[3], normed[:, -1]))[0]
                         self.cache.prefetch(i + 1, next_guess)
                 if guessed is not None:
                     self.cache.stats.guesses += len(guessed)
                     self.cache.stats.guessed_right += len(set(guessed.tolist()) & set(experts[-1].tolist()))
-                x = x + self._experts(i, normed, weights, experts).astype(x.dtype)
+                x = x + (self._experts(i, normed, weights, experts) + shared).astype(x.dtype)
                 self.cache.finish(i)
                 guessed = next_guess
             token = int(np.argmax(np.asarray(_head(*self._ends, x[:, -1:]))[0, -1]))

@@ -32,8 +32,9 @@ def _nnx_params(model_or_state: Any) -> dict[str, Any]:
     return dict(flatten_with_paths(state))
 
 
-def hf_tensors_from_state(state: Any) -> dict[str, Any]:
-    """Hugging Face-named tensors from an NNX model or state with quantized kernels.
+def hf_tensors_from_state(state: Any, architecture: str | None = None) -> dict[str, Any]:
+    """Hugging Face-named tensors from an NNX model or state with quantized kernels, expert
+    tensors named as ``architecture`` names them (``jaxquant.models.nnx_to_hf_name``).
 
     Dense linear kernels are transposed to PyTorch ``(d_out, d_in)``; quantized
     kernels are passed through (their codes are already in ``(d_out, d_in)`` order).
@@ -41,7 +42,7 @@ def hf_tensors_from_state(state: Any) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for path, leaf in _nnx_params(state).items():
-        hit = nnx_to_hf_name(path)
+        hit = nnx_to_hf_name(path, architecture)
         if hit is None:
             raise ValueError(f"export: parameter {path} has no Hugging Face name in the models' name table")
         name, transpose = hit
@@ -83,7 +84,7 @@ def export_hf_aqlm(
         if config is None:
             raise ValueError("export_hf_aqlm: pass config= (a ModelConfig or config.json dict) with a bare state")
     cfg = dict(config) if isinstance(config, Mapping) else config.to_hf_dict()
-    tensors = hf_tensors_from_state(model_or_state)
+    tensors = hf_tensors_from_state(model_or_state, cfg.get("model_type"))
     dense = [np.asarray(t).dtype for t in tensors.values() if not is_quantized(t)]
     if dense and not isinstance(config, Mapping):
         cfg["dtype"] = np.dtype(dense[0]).name  # what transformers' dtype="auto" then uses
@@ -124,7 +125,7 @@ def load_hf_aqlm(model_dir: str | os.PathLike, dtype: Any = jnp.float32) -> Any:
     for name, x in tensors.items():
         if name.endswith("rotary_emb.inv_freq"):
             continue
-        hit = hf_to_nnx_name(name)
+        hit = hf_to_nnx_name(name, config.architecture)
         if hit is None or hit[0] not in expected:
             extra.append(name)
             continue
@@ -144,7 +145,7 @@ def load_hf_aqlm(model_dir: str | os.PathLike, dtype: Any = jnp.float32) -> Any:
         mapped[path] = x
     if extra:
         raise ValueError(f"{model_dir} has tensors the {config.architecture} model does not use: {sorted(extra)[:8]}")
-    missing = [nnx_to_hf_name(p)[0] for p in expected if p not in mapped]
+    missing = [nnx_to_hf_name(p, config.architecture)[0] for p in expected if p not in mapped]
     if missing:
         raise ValueError(f"{model_dir} is missing tensors: {missing[:8]}")
     flat, treedef = jax.tree_util.tree_flatten_with_path(state)

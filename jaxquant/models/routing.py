@@ -20,13 +20,14 @@ from jaxquant.thread_scope import thread_setting
 _local = threading.local()
 
 
-def top_k_routing(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+def top_k_routing(logits: jax.Array, k: int, normalize: bool = True) -> tuple[jax.Array, jax.Array]:
     """``(weights, experts)``, each ``[..., k]``, from router logits ``[..., num_experts]``:
-    the ``k`` most probable experts (best first) and their softmax probabilities
-    renormalised to sum to one (float32), as Mixtral routes."""
+    the ``k`` most probable experts (best first) and their softmax probabilities (float32),
+    renormalised to sum to one with ``normalize`` (Mixtral) or as they are (Qwen2-MoE's
+    default)."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     weights, experts = jax.lax.top_k(probs, k)
-    return weights / jnp.sum(weights, axis=-1, keepdims=True), experts
+    return (weights / jnp.sum(weights, axis=-1, keepdims=True) if normalize else weights), experts
 
 
 @contextlib.contextmanager
