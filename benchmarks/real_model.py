@@ -16,7 +16,8 @@ Each run is scored here, on its decoded weights, with the float model's forward:
 perplexity on every window of the built-in validation split and on the first windows of
 the second corpus (never used for calibration). The summary holds one row per
 configuration (mean and spread over its finished seeds) and the protocol's orderings,
-decided by its rule.
+decided by its rule. An ordering may name a row of another protocol's summary, listed
+under the protocol's ``external_rows`` (``{"name": ..., "from": "benchmarks/results/..."}``).
 """
 
 from __future__ import annotations
@@ -219,8 +220,20 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def external_rows(protocol: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The rows of other summaries that the protocol's orderings name, as those summaries hold them."""
+    rows = {}
+    for ext in protocol.get("external_rows", []):
+        with open(os.path.join(os.path.dirname(HERE), ext["from"]), encoding="utf-8") as f:
+            source = json.load(f)
+        rows[ext["name"]] = {**next(r for r in source["rows"] if r["method"] == ext["name"]), "from": ext["from"]}
+    return rows
+
+
 def summarize(protocol: dict[str, Any], rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Orderings and the headline, decided by the protocol's rule on the finished rows."""
+    """Orderings and the headline, decided by the protocol's rule on the finished rows (and
+    the external rows it names)."""
+    rows = {**external_rows(protocol), **rows}
     orderings = []
     for chain in protocol["orderings"]:
         if not all(n in rows for n in chain):

@@ -46,6 +46,33 @@ def test_summarize_chains_and_headline(bench):
     assert bench.summarize(protocol, rows)["headline"]["holds"] is False
 
 
+def test_orderings_name_rows_of_other_summaries(bench):
+    # Every external row of the committed protocols exists in the summary it names.
+    import glob
+    import os
+
+    for path in glob.glob(os.path.join(os.path.dirname(bench.__file__), "protocols", "*_real_model.json")):
+        with open(path, encoding="utf-8") as f:
+            protocol = json.load(f)
+        if "orderings" not in protocol:
+            continue
+        external = bench.external_rows(protocol)
+        assert set(external) == {e["name"] for e in protocol.get("external_rows", [])}
+        for name, row in external.items():
+            assert row["method"] == name and len(row["per_seed"]) >= 1
+
+
+
+def test_an_ordering_against_an_external_row_is_decided(bench, tmp_path):
+    other = tmp_path / "other_summary.json"
+    other.write_text(json.dumps({"rows": [_row("vptq", [22.5, 22.2, 22.9])]}))
+    protocol = {"orderings": [["pvq", "vptq"]], "headline": {"left": "pvq", "right": "vptq", "max_bits": 2.2},
+                "external_rows": [{"name": "vptq", "from": str(other)}]}
+    out = bench.summarize(protocol, {"pvq": _row("pvq", [19.4, 19.9, 19.1], bits=2.15)})
+    assert out["orderings"][0]["holds"] is True and out["orderings"][0]["steps"][0]["p"] < 0.01
+    assert out["headline"]["holds"] is True
+
+
 def _search_json(seed: int, ppl: float) -> dict:
     rows = [{"name": "evopress", "average_bits": 2.495, "ppl": ppl},
             {"name": "uniform gptq-2-g64-rot", "average_bits": 2.503, "ppl": 30.0},
