@@ -15,6 +15,7 @@ import numpy as np
 from gguf.quants import quantize
 
 HIDDEN, FFN, LAYERS, HEADS, KV_HEADS, CONTEXT = 64, 128, 2, 4, 2, 128
+EXPERT_FFN, SHARED_FFN = 32, 48  # Qwen2-MoE's expert and shared-expert widths
 HEAD_DIM = HIDDEN // HEADS
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -50,9 +51,11 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def random_hf_tensors(seed: int, vocab: int, tied: bool, experts: int = 0) -> dict[str, np.ndarray]:
+def random_hf_tensors(seed: int, vocab: int, tied: bool, experts: int = 0,
+                      qwen2moe: bool = False) -> dict[str, np.ndarray]:
     """Random float32 Llama weights under Hugging Face names (linear weights ``(d_out, d_in)``);
-    with ``experts``, a Mixtral: a router and that many SwiGLU experts per layer."""
+    with ``experts``, a Mixtral: a router and that many SwiGLU experts per layer; with
+    ``qwen2moe`` too, a Qwen2-MoE: q/k/v biases, narrower experts, a gated shared expert."""
     rng = np.random.default_rng(seed)
 
     def w(*shape: int, scale: float = 0.08) -> np.ndarray:
@@ -70,6 +73,17 @@ def random_hf_tensors(seed: int, vocab: int, tied: bool, experts: int = 0) -> di
         out[p + "self_attn.k_proj.weight"] = w(KV_HEADS * HEAD_DIM, HIDDEN)
         out[p + "self_attn.v_proj.weight"] = w(KV_HEADS * HEAD_DIM, HIDDEN)
         out[p + "self_attn.o_proj.weight"] = w(HIDDEN, HEADS * HEAD_DIM)
+        if qwen2moe:
+            for proj, width in (("q", HEADS), ("k", KV_HEADS), ("v", KV_HEADS)):
+                out[p + f"self_attn.{proj}_proj.bias"] = w(width * HEAD_DIM)
+            out[p + "mlp.gate.weight"] = w(experts, HIDDEN, scale=0.5)
+            for prefix, width in [*((f"mlp.experts.{j}.", EXPERT_FFN) for j in range(experts)),
+                                  ("mlp.shared_expert.", SHARED_FFN)]:
+                out[p + prefix + "gate_proj.weight"] = w(width, HIDDEN)
+                out[p + prefix + "up_proj.weight"] = w(width, HIDDEN)
+                out[p + prefix + "down_proj.weight"] = w(HIDDEN, width)
+            out[p + "mlp.shared_expert_gate.weight"] = w(1, HIDDEN, scale=0.5)
+            continue
         if experts:
             out[p + "block_sparse_moe.gate.weight"] = w(experts, HIDDEN, scale=0.5)
             for j in range(experts):
@@ -84,16 +98,17 @@ def random_hf_tensors(seed: int, vocab: int, tied: bool, experts: int = 0) -> di
     return out
 
 
-def _stack_experts(hf: dict[str, np.ndarray], experts: int) -> dict[str, np.ndarray]:
-    """llama.cpp's layout of a Mixtral: each layer's experts stacked per projection
+def _stack_experts(hf: dict[str, np.ndarray], experts: int, qwen2moe: bool) -> dict[str, np.ndarray]:
+    """llama.cpp's layout of a mixture: each layer's experts stacked per projection
     (``ffn_{gate,up,down}_exps``, ``[experts, d_out, d_in]``), the router ``ffn_gate_inp``."""
-    out = {k: v for k, v in hf.items() if ".block_sparse_moe." not in k}
+    moe, kinds = ("mlp.", ("gate_proj", "up_proj", "down_proj")) if qwen2moe else ("block_sparse_moe.", ("w1", "w3", "w2"))
+    out = {k: v for k, v in hf.items() if f".{moe}gate." not in k and f".{moe}experts." not in k}
     for i in range(LAYERS):
-        moe = f"model.layers.{i}.block_sparse_moe."
-        out[f"blk.{i}.ffn_gate_inp.weight"] = hf[moe + "gate.weight"]
-        for gguf_kind, hf_kind in (("gate", "w1"), ("up", "w3"), ("down", "w2")):
+        prefix = f"model.layers.{i}.{moe}"
+        out[f"blk.{i}.ffn_gate_inp.weight"] = hf[prefix + "gate.weight"]
+        for gguf_kind, hf_kind in zip(("gate", "up", "down"), kinds):
             out[f"blk.{i}.ffn_{gguf_kind}_exps.weight"] = np.stack(
-                [hf[f"{moe}experts.{j}.{hf_kind}.weight"] for j in range(experts)])
+                [hf[f"{prefix}experts.{j}.{hf_kind}.weight"] for j in range(experts)])
     return out
 
 
@@ -101,7 +116,9 @@ _GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.wei
                "lm_head.weight": "output.weight", "input_layernorm": "attn_norm", "post_attention_layernorm":
                "ffn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-               "mlp.down_proj": "ffn_down"}
+               "mlp.down_proj": "ffn_down", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+               "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp",
+               "mlp.shared_expert_gate": "ffn_gate_inp_shexp"}
 
 
 def gguf_name(hf: str) -> str:
@@ -117,7 +134,7 @@ def write_llama_gguf(path: str | os.PathLike, *, seed: int = 0, tied: bool = Fal
                      types: dict[str, gguf.GGMLQuantizationType] | None = None,
                      default_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
                      pre: str = "smollm", context: int = CONTEXT, experts: int = 0,
-                     experts_per_token: int = 2) -> dict[str, np.ndarray]:
+                     experts_per_token: int = 2, arch: str = "llama") -> dict[str, np.ndarray]:
     """Write a random 2-layer Llama as a GGUF file; returns its Hugging Face float32 tensors.
 
     Args:
@@ -131,10 +148,14 @@ def write_llama_gguf(path: str | os.PathLike, *, seed: int = 0, tied: bool = Fal
         context: the context length the file declares.
         experts: a Mixtral with this many experts per layer (0: a dense Llama), of which
             the router picks ``experts_per_token``.
+        arch: ``general.architecture``: ``llama``, or ``qwen2moe`` for a Qwen2-MoE with
+            ``experts`` experts and a shared expert (query and key rows not permuted, as
+            llama.cpp's converter leaves Qwen's).
     """
     tokens, merges, token_types = tokenizer_vocab()
-    hf = random_hf_tensors(seed, len(tokens), tied, experts)
-    w = gguf.GGUFWriter(os.fspath(path), "llama")
+    qwen2moe = arch == "qwen2moe"
+    hf = random_hf_tensors(seed, len(tokens), tied, experts, qwen2moe)
+    w = gguf.GGUFWriter(os.fspath(path), arch)
     w.add_block_count(LAYERS)
     w.add_context_length(context)
     w.add_embedding_length(HIDDEN)
@@ -156,11 +177,14 @@ def write_llama_gguf(path: str | os.PathLike, *, seed: int = 0, tied: bool = Fal
     if experts:
         w.add_expert_count(experts)
         w.add_expert_used_count(experts_per_token)
-    for name, arr in (_stack_experts(hf, experts) if experts else hf).items():
+    if qwen2moe:
+        w.add_expert_feed_forward_length(EXPERT_FFN)
+        w.add_expert_shared_feed_forward_length(SHARED_FFN)
+    for name, arr in (_stack_experts(hf, experts, qwen2moe) if experts else hf).items():
         g = name if name.startswith("blk.") else gguf_name(name)
-        if g.endswith("attn_q.weight"):
+        if g.endswith("attn_q.weight") and not qwen2moe:
             arr = _permute(arr, HEADS)
-        elif g.endswith("attn_k.weight"):
+        elif g.endswith("attn_k.weight") and not qwen2moe:
             arr = _permute(arr, KV_HEADS)
         qtype = gguf.GGMLQuantizationType.F32 if arr.ndim == 1 else next(
             (t for key, t in (types or {}).items() if key in g), default_type)

@@ -230,3 +230,33 @@ def test_mixtral_file_splits_its_stacked_experts(tmp_path):
     from_file = from_pretrained(path)
     assert from_file.config.num_experts == 4
     np.testing.assert_allclose(_logits(from_file, ids), _logits(from_pretrained(hf_dir), ids), rtol=1e-6, atol=1e-6)
+
+
+def test_qwen2_moe_file_matches_transformers(tmp_path):
+    # A Qwen2-MoE file as llama.cpp lays it out (stacked experts, the shared expert and its
+    # gate, q/k/v biases, no row permutation) gives transformers' logits for its own floats.
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path / "qwen2moe.gguf"
+    hf = write_llama_gguf(path, experts=4, experts_per_token=2, arch="qwen2moe", types={"ffn_up_exps": Q.Q8_0})
+    ck = read_gguf(path)
+    cfg = ck.hf_config
+    assert (cfg["model_type"], cfg["num_experts"], cfg["moe_intermediate_size"], cfg["norm_topk_prob"]) == (
+        "qwen2_moe", 4, 32, False)
+    assert set(ck.tensors) == set(hf) and "model.layers.1.mlp.shared_expert_gate.weight" in hf
+    for name, want in hf.items():
+        err = np.abs(ck.tensors[name] - want).max() / np.abs(want).max()
+        assert err <= TYPE_TOLERANCE[ck.tensor_types[name]], (name, err)
+    from jaxquant.io.safetensors import write_safetensors
+
+    hf_dir = tmp_path / "hf"  # the file's own floats, read by transformers
+    hf_dir.mkdir()
+    write_safetensors(str(hf_dir / "model.safetensors"), ck.tensors)
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    assert type(ref).__name__ == "Qwen2MoeForCausalLM"
+    ids = _tokens()
+    with torch.no_grad():
+        want = ref(torch.from_numpy(np.asarray(ids[None], np.int64))).logits.numpy()
+    got = _logits(from_pretrained(path), ids)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-4

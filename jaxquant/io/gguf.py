@@ -13,8 +13,10 @@ one into what the rest of jaxquant already understands:
 
 Only the Llama family is mapped here (``general.architecture`` ``llama``, which Mistral
 and Mixtral files also use — a Mixtral's experts, stacked per projection, are split into
-one tensor per expert — and ``qwen2``). Anything this module cannot represent exactly, such as
-Llama 3.1's ``rope_freqs`` tensor, is refused with a message naming it.
+one tensor per expert — ``qwen2``, and ``qwen2moe``: Qwen2-MoE with its shared expert, every
+layer sparse, routing weights not renormalised, as llama.cpp runs it). Anything this
+module cannot represent exactly, such as Llama 3.1's ``rope_freqs`` tensor, is refused
+with a message naming it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 import numpy as np
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen2moe")
 
 # (GGUF name, Hugging Face name); "{i}" stands for the layer index.
 GGUF_NAME_TABLE: tuple[tuple[str, str], ...] = (
@@ -40,13 +42,33 @@ GGUF_NAME_TABLE: tuple[tuple[str, str], ...] = (
       for g, h in (("q", "q"), ("k", "k"), ("v", "v"), ("output", "o")) for kind in ("weight", "bias")),
     *((f"blk.{{i}}.ffn_{p}.{kind}", f"model.layers.{{i}}.mlp.{p}_proj.{kind}")
       for p in ("gate", "up", "down") for kind in ("weight", "bias")),
-    # A mixture of experts (Mixtral): the router, and each projection of every expert
-    # stacked in one tensor, split here into one Hugging Face tensor per expert ("{j}").
-    ("blk.{i}.ffn_gate_inp.weight", "model.layers.{i}.block_sparse_moe.gate.weight"),
-    *((f"blk.{{i}}.ffn_{p}_exps.weight", f"model.layers.{{i}}.block_sparse_moe.experts.{{j}}.{w}.weight")
-      for p, w in (("gate", "w1"), ("up", "w3"), ("down", "w2"))),
 )
-_TABLE = [(re.compile("^" + re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), h) for g, h in GGUF_NAME_TABLE]
+# A mixture of experts, by Hugging Face model type: the router, and each projection of
+# every expert stacked in one tensor, split here into one Hugging Face tensor per expert
+# ("{j}"); Qwen2-MoE's shared expert and its gate.
+GGUF_EXPERT_NAME_TABLES: dict[str, tuple[tuple[str, str], ...]] = {
+    "mixtral": (
+        ("blk.{i}.ffn_gate_inp.weight", "model.layers.{i}.block_sparse_moe.gate.weight"),
+        *((f"blk.{{i}}.ffn_{p}_exps.weight", f"model.layers.{{i}}.block_sparse_moe.experts.{{j}}.{w}.weight")
+          for p, w in (("gate", "w1"), ("up", "w3"), ("down", "w2"))),
+    ),
+    "qwen2_moe": (
+        ("blk.{i}.ffn_gate_inp.weight", "model.layers.{i}.mlp.gate.weight"),
+        *((f"blk.{{i}}.ffn_{p}_exps.weight", f"model.layers.{{i}}.mlp.experts.{{j}}.{p}_proj.weight")
+          for p in ("gate", "up", "down")),
+        *((f"blk.{{i}}.ffn_{p}_shexp.weight", f"model.layers.{{i}}.mlp.shared_expert.{p}_proj.weight")
+          for p in ("gate", "up", "down")),
+        ("blk.{i}.ffn_gate_inp_shexp.weight", "model.layers.{i}.mlp.shared_expert_gate.weight"),
+    ),
+}
+
+
+def _compiled(rows: tuple[tuple[str, str], ...]) -> list[tuple[re.Pattern[str], str]]:
+    return [(re.compile("^" + re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), h) for g, h in rows]
+
+
+_TABLES = {kind: _compiled(GGUF_NAME_TABLE + rows) for kind, rows in
+           {None: (), **GGUF_EXPERT_NAME_TABLES}.items()}
 
 # llama.cpp pre-tokenizer names whose rule is "each digit alone, then GPT-2's split"
 # (llama.cpp's LLAMA_VOCAB_PRE_TYPE_STARCODER family); transformers' GGUF tokenizer
@@ -84,9 +106,10 @@ def is_gguf(path: str | os.PathLike) -> bool:
         return f.read(4) == GGUF_MAGIC
 
 
-def gguf_to_hf_name(name: str) -> str | None:
-    """The Hugging Face name of a llama.cpp tensor name (``None`` if unmapped)."""
-    for pattern, hf in _TABLE:
+def gguf_to_hf_name(name: str, model_type: str | None = None) -> str | None:
+    """The Hugging Face name of a llama.cpp tensor name (``None`` if unmapped); expert
+    tensors as the Hugging Face ``model_type`` (``mixtral`` when ``None``) names them."""
+    for pattern, hf in _TABLES.get(model_type or "mixtral", _TABLES[None]):
         m = pattern.match(name)
         if m:
             return hf.replace("{i}", m.group(1)) if m.groups() else hf
@@ -159,10 +182,10 @@ def hf_config_from_metadata(meta: dict[str, Any], tensor_names: set[str], path: 
         raise ValueError(f"{path}: the tensor rope_freqs.weight (per-frequency RoPE factors, as in Llama 3.1) "
                          "is not supported")
     experts = int(meta.get(f"{arch}.expert_count", 0) or 0)
-    model_type = "mixtral" if experts else arch
+    model_type = {"qwen2moe": "qwen2_moe"}.get(arch, "mixtral" if experts else arch)
     cfg: dict[str, Any] = {
-        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                           "mixtral": "MixtralForCausalLM"}[model_type]],
+        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM",
+                           "qwen2_moe": "Qwen2MoeForCausalLM"}[model_type]],
         "model_type": model_type,
         "vocab_size": int(vocab),
         "hidden_size": hidden,
@@ -185,6 +208,13 @@ def hf_config_from_metadata(meta: dict[str, Any], tensor_names: set[str], path: 
         cfg["mlp_bias"] = "blk.0.ffn_gate.bias" in tensor_names
     if model_type == "mixtral":
         cfg.update(num_local_experts=experts, num_experts_per_tok=int(need("expert_used_count")), sliding_window=None)
+    if model_type == "qwen2_moe":
+        shared = "blk.0.ffn_gate_shexp.weight" in tensor_names
+        cfg.update(num_experts=experts, num_experts_per_tok=int(need("expert_used_count")),
+                   moe_intermediate_size=int(need("expert_feed_forward_length")),
+                   shared_expert_intermediate_size=int(need("expert_shared_feed_forward_length")) if shared else 0,
+                   norm_topk_prob=bool(meta.get(f"{arch}.expert_weights_norm", False)), decoder_sparse_step=1,
+                   mlp_only_layers=[], qkv_bias="blk.0.attn_q.bias" in tensor_names, use_sliding_window=False)
     return cfg
 
 
@@ -214,12 +244,12 @@ def read_gguf(path: str | os.PathLike, *, tensors: bool = True) -> GGUFCheckpoin
     out: dict[str, np.ndarray] = {}
     types: dict[str, str] = {}
     for t in reader.tensors:
-        hf = gguf_to_hf_name(t.name)
+        hf = gguf_to_hf_name(t.name, hf_config["model_type"])
         if hf is None:
             raise ValueError(f"{path}: tensor {t.name!r} has no Hugging Face name in jaxquant's GGUF table")
         # A stacked expert tensor becomes one Hugging Face tensor per expert.
-        hf_names = [hf.replace("{j}", str(j)) for j in range(hf_config.get("num_local_experts", 0))] \
-            if "{j}" in hf else [hf]
+        experts = hf_config.get("num_local_experts") or hf_config.get("num_experts") or 0
+        hf_names = [hf.replace("{j}", str(j)) for j in range(experts)] if "{j}" in hf else [hf]
         types.update(dict.fromkeys(hf_names, t.tensor_type.name))
         if not tensors:
             continue
@@ -292,6 +322,7 @@ def load_gguf_tokenizer(path: str | os.PathLike) -> Any:
 
 
 __all__ = [
+    "GGUF_EXPERT_NAME_TABLES",
     "GGUF_NAME_TABLE",
     "GGUFCheckpoint",
     "gguf_to_hf_name",
