@@ -2,7 +2,7 @@
 
 transformers is used for configuration files only (``AutoConfig`` parses and upgrades
 ``config.json``, e.g. legacy ``rope_scaling`` into ``rope_parameters``); the model code is
-jaxquant's own. The three supported families differ in a few switches:
+jaxquant's own. The supported families differ in a few switches:
 
 * Llama: optional ``attention_bias`` (q/k/v/o) and ``mlp_bias``; RoPE scaling ``llama3``
   or ``linear``.
