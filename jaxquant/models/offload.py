@@ -341,7 +341,7 @@ def _head(graphdefs: Any, states: Any, x: jax.Array) -> jax.Array:
 
 
 class OffloadedGenerator:
-    """Greedy decoding of a Mixtral-family model whose experts sit in an ``ExpertStore``.
+    """Greedy decoding of a mixture of experts (Mixtral, Qwen2-MoE) whose routed experts sit in an ``ExpertStore``.
 
     Args:
         model: the model: its structure, and its resident weights unless ``params`` is
