@@ -243,12 +243,12 @@ def read_gguf(path: str | os.PathLike, *, tensors: bool = True) -> GGUFCheckpoin
     llama = meta["general.architecture"] == "llama"  # Mixtral files say llama too
     out: dict[str, np.ndarray] = {}
     types: dict[str, str] = {}
+    experts = hf_config.get("num_local_experts") or hf_config.get("num_experts") or 0
     for t in reader.tensors:
         hf = gguf_to_hf_name(t.name, hf_config["model_type"])
         if hf is None:
             raise ValueError(f"{path}: tensor {t.name!r} has no Hugging Face name in jaxquant's GGUF table")
         # A stacked expert tensor becomes one Hugging Face tensor per expert.
-        experts = hf_config.get("num_local_experts") or hf_config.get("num_experts") or 0
         hf_names = [hf.replace("{j}", str(j)) for j in range(experts)] if "{j}" in hf else [hf]
         types.update(dict.fromkeys(hf_names, t.tensor_type.name))
         if not tensors:

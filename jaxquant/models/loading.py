@@ -72,7 +72,7 @@ def state_from_tensors(
         mapped[nnx_path] = arr.T if transpose else arr
     if extra:
         raise ValueError(f"{source} has tensors the {model.config.architecture} model does not use: {sorted(extra)[:8]}")
-    missing = [nnx_to_hf_name(p, arch)[0] if nnx_to_hf_name(p, arch) else p for p in expected if p not in mapped]
+    missing = [(nnx_to_hf_name(p, arch) or (p,))[0] for p in expected if p not in mapped]
     if missing:
         raise ValueError(f"{source} is missing tensors: {missing[:8]}")
     for p, leaf in expected.items():
