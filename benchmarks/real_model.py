@@ -226,7 +226,11 @@ def external_rows(protocol: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for ext in protocol.get("external_rows", []):
         with open(os.path.join(os.path.dirname(HERE), ext["from"]), encoding="utf-8") as f:
             source = json.load(f)
-        rows[ext["name"]] = {**next(r for r in source["rows"] if r["method"] == ext["name"]), "from": ext["from"]}
+        row = next((r for r in source["rows"] if r["method"] == ext["name"]), None)
+        if row is None:
+            raise ValueError(f"external_rows: {ext['from']} has no row {ext['name']!r}; it has "
+                             f"{[r['method'] for r in source['rows']]}")
+        rows[ext["name"]] = {**row, "from": ext["from"]}
     return rows
 
 

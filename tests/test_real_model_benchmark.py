@@ -71,6 +71,9 @@ def test_an_ordering_against_an_external_row_is_decided(bench, tmp_path):
     out = bench.summarize(protocol, {"pvq": _row("pvq", [19.4, 19.9, 19.1], bits=2.15)})
     assert out["orderings"][0]["holds"] is True and out["orderings"][0]["steps"][0]["p"] < 0.01
     assert out["headline"]["holds"] is True
+    protocol["external_rows"] = [{"name": "aqlm", "from": str(other)}]
+    with pytest.raises(ValueError, match="has no row 'aqlm'"):
+        bench.summarize(protocol, {})
 
 
 def _search_json(seed: int, ppl: float) -> dict:
