@@ -9,7 +9,7 @@ Every configuration runs as the ``jaxquant search`` command a user would type, u
 ``/usr/bin/time -v``, one run per seed in ``WORK/NAME/seedS/`` (``search.json``, the log,
 the recipe and the model), all sharing the level database ``WORK/database``. A rerun
 skips finished runs. Each finished run's ``search.json`` is copied to ``runs/`` beside the
-summary. The summary holds one row per assignment (``name``,
+summary; the summary reads a run from there when its work directory is gone. The summary holds one row per assignment (``name``,
 ``average_bits``, ``ppl`` with its spread over seeds, and the command that produced
 it) and the protocol's claims, decided by its rule.
 """
@@ -159,11 +159,16 @@ def main(argv: list[str] | None = None) -> int:
         finished = []
         for seed in protocol["seeds"]:
             path = os.path.join(work, cfg["name"], f"seed{seed}", "result.json")
+            record = os.path.join(runs_dir, f"{cfg['name']}-seed{seed}.json")
             if os.path.exists(path):
                 with open(path, encoding="utf-8") as f:
                     finished.append(json.load(f))
                 # Each run's search (assignment, fitness per generation) for the notebook's plots.
-                _write_json(os.path.join(runs_dir, f"{cfg['name']}-seed{seed}.json"), finished[-1])
+                _write_json(record, finished[-1])
+            elif os.path.exists(record):
+                # A run whose work directory is gone (another machine) counts by its committed record.
+                with open(record, encoding="utf-8") as f:
+                    finished.append(json.load(f))
         if finished:
             rows.update({r["name"]: r for r in rows_of(cfg, finished)})
     summary = {"protocol": os.path.relpath(args.protocol, REPO), "command": "python benchmarks/evopress.py "
