@@ -235,9 +235,15 @@ register(Command("finetune", "PV-Tuning of a quantized model against its teacher
                  *_in_module("finetune")))
 
 
+# --format -> (exporter in jaxquant.models.quantized_dirs, the layers it writes)
+_EXPORTERS = {"hf-aqlm": ("export_hf_aqlm", "AQLM"), "hf-vptq": ("export_hf_vptq", "VPTQ")}
+
+
 def _configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("quant_dir", help="quantized model directory (config.json + jaxquant checkpoint)")
-    p.add_argument("--format", default="hf-aqlm", choices=["hf-aqlm"], help="output format")
+    p.add_argument("--format", default="hf-aqlm", choices=sorted(_EXPORTERS),
+                   help="output format: hf-aqlm (AQLM layers, transformers + aqlm), hf-vptq (VPTQ layers, "
+                   "transformers + vptq)")
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--max-shard-mb", type=int, default=None, help="shard the safetensors above this size")
@@ -246,21 +252,24 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     import jax  # noqa: PLC0415
 
-    from jaxquant.models.quantized_dirs import export_hf_aqlm, load_quantized_dir  # noqa: PLC0415
+    from jaxquant.models import quantized_dirs  # noqa: PLC0415
     from jaxquant.qarray import is_quantized  # noqa: PLC0415
 
     if os.path.exists(args.out) and not args.overwrite:
         raise FileExistsError(f"export: --out {args.out} already exists; pass --overwrite to replace it")
-    config, state = load_quantized_dir(args.quant_dir)
-    out = export_hf_aqlm(state, args.out, config=config, tokenizer_dir=args.quant_dir, overwrite=args.overwrite,
-                         max_shard_bytes=None if args.max_shard_mb is None else args.max_shard_mb * 2**20)
+    exporter, kind = _EXPORTERS[args.format]
+    config, state = quantized_dirs.load_quantized_dir(args.quant_dir)
+    out = getattr(quantized_dirs, exporter)(
+        state, args.out, config=config, tokenizer_dir=args.quant_dir, overwrite=args.overwrite,
+        max_shard_bytes=None if args.max_shard_mb is None else args.max_shard_mb * 2**20)
     leaves = jax.tree.leaves(state, is_leaf=is_quantized)
     n_q = sum(1 for t in leaves if is_quantized(t))
-    print(f"exported {n_q} AQLM layers and {len(leaves) - n_q} dense tensors to {out}")
+    print(f"exported {n_q} {kind} layers and {len(leaves) - n_q} dense tensors to {out}")
     return 0
 
 
-register(Command("export", "write a quantized model in the Hugging Face AQLM format", _configure_export, _run_export))
+register(Command("export", "write a quantized model in the Hugging Face AQLM or VPTQ format", _configure_export,
+                 _run_export))
 
 
 # ----------------------------------------------------------------------------- main

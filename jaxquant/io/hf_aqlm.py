@@ -36,9 +36,7 @@ kernels and PyTorch ``(d_out, d_in)`` weights, by the models' name table.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shutil
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -46,30 +44,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant.atomic_files import atomic_write_bytes, commit_dir, staging_dir
-from jaxquant.io.safetensors import read_checkpoint_tensors, write_safetensors
+from jaxquant.io.hf_model_dir import CONFIG_FILE, read_config, stored_floats, write_model_dir
+from jaxquant.io.safetensors import read_checkpoint_tensors
 from jaxquant.qarray import AdditiveQuantized, code_dtype, is_quantized
 
 QUANT_METHOD = "aqlm"
-CONFIG_FILE = "config.json"
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 _PARTS = ("codes", "codebooks", "scales")
-# Files a Hugging Face model directory may carry beside its weights that travel with an
-# export (tokenizers of every flavour, generation defaults, chat templates).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-    "jaxquant_tokenizer.json",  # jaxquant's byte-level tokenizer, for models trained by quickstart
-)
 
 
 # ----------------------------------------------------------------------------- format
@@ -135,15 +115,6 @@ def unpack_codes(stored: Any, bits: int) -> np.ndarray:
     return (np.asarray(stored).astype(np.int64) % (2**bits)).astype(code_dtype(bits))
 
 
-def _to_float16(x: Any, what: str) -> np.ndarray:
-    host = np.asarray(jax.device_get(x))
-    with np.errstate(over="ignore"):  # overflow is detected and reported just below
-        out = host.astype(np.float16)
-    if not np.all(np.isfinite(out)) and np.all(np.isfinite(host.astype(np.float32))):
-        raise ValueError(f"{what} overflows float16 (max |value| {np.abs(host.astype(np.float32)).max():.4g})")
-    return out
-
-
 def layer_tensors(module: str, q: AdditiveQuantized, *, float_dtype: Any = np.float16) -> dict[str, np.ndarray]:
     """``{<module>.codes, <module>.codebooks, <module>.scales}`` for one quantized layer."""
     n_out, n_in, m = q.codes.shape
@@ -152,12 +123,8 @@ def layer_tensors(module: str, q: AdditiveQuantized, *, float_dtype: Any = np.fl
             f"{module}: codes {tuple(q.codes.shape)} and codebooks {tuple(q.codebooks.shape)} do not tile "
             f"(d_out, d_in)=({q.d_out}, {q.d_in})"
         )
-    if np.dtype(float_dtype) == np.float16:
-        codebooks = _to_float16(q.codebooks, f"{module}.codebooks")
-        scales = _to_float16(q.scales, f"{module}.scales")
-    else:
-        codebooks = np.asarray(jax.device_get(q.codebooks)).astype(float_dtype)
-        scales = np.asarray(jax.device_get(q.scales)).astype(float_dtype)
+    codebooks = stored_floats(q.codebooks, float_dtype, f"{module}.codebooks")
+    scales = stored_floats(q.scales, float_dtype, f"{module}.scales")
     return {
         f"{module}.codes": pack_codes(jax.device_get(q.codes), q.codebook_bits),
         f"{module}.codebooks": codebooks,
@@ -232,25 +199,6 @@ def quantization_config(fmt: AqlmFormat, not_quantized: Iterable[str]) -> dict[s
 # ----------------------------------------------------------------------------- files
 
 
-def _write_json(path: str, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
-
-
-def _shards(tensors: Mapping[str, np.ndarray], max_bytes: int | None) -> list[list[str]]:
-    names = sorted(tensors)
-    if max_bytes is None:
-        return [names]
-    shards: list[list[str]] = [[]]
-    size = 0
-    for n in names:
-        if shards[-1] and size + tensors[n].nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(n)
-        size += tensors[n].nbytes
-    return shards
-
-
 def write_hf_aqlm(
     out_dir: str | os.PathLike,
     tensors: Mapping[str, Any],
@@ -285,9 +233,6 @@ def write_hf_aqlm(
         FileExistsError: ``out_dir`` exists and ``overwrite`` is false.
     """
 
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"export: {out_dir} already exists (pass overwrite=True to replace it)")
     formats: dict[AqlmFormat, list[str]] = {}
     flat: dict[str, np.ndarray] = {}
     not_quantized = set(extra_not_quantized)
@@ -317,46 +262,8 @@ def write_hf_aqlm(
     cfg = dict(config)
     cfg["quantization_config"] = quantization_config(fmt, not_quantized)
 
-    staging = staging_dir(out_dir)
-    if os.path.exists(staging):
-        shutil.rmtree(staging)
-    os.makedirs(staging)
-    try:
-        shards = _shards(flat, max_shard_bytes)
-        if len(shards) == 1:
-            write_safetensors(os.path.join(staging, SINGLE_FILE), flat)
-        else:
-            weight_map = {}
-            for k, names in enumerate(shards):
-                fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-                write_safetensors(os.path.join(staging, fname), {n: flat[n] for n in names})
-                weight_map.update(dict.fromkeys(names, fname))
-            total = int(sum(a.nbytes for a in flat.values()))
-            _write_json(os.path.join(staging, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
-        if tokenizer_dir is not None:
-            for fname in TOKENIZER_FILES:
-                src = os.path.join(os.fspath(tokenizer_dir), fname)
-                if os.path.isfile(src):
-                    shutil.copyfile(src, os.path.join(staging, fname))
-        # config.json last: it is what marks a Hugging Face model directory as complete.
-        _write_json(os.path.join(staging, CONFIG_FILE), cfg)
-        commit_dir(staging, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
-
-
-def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
-    """``config.json`` of a model directory as a dict."""
-    path = os.path.join(os.fspath(model_dir), CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {CONFIG_FILE} in model directory {os.fspath(model_dir)!r}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return write_model_dir(out_dir, flat, cfg, tokenizer_dir=tokenizer_dir, overwrite=overwrite,
+                           max_shard_bytes=max_shard_bytes)
 
 
 def is_hf_aqlm(model_dir: str | os.PathLike) -> bool:

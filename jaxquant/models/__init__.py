@@ -9,7 +9,7 @@ from jaxquant.models.generate import generate, sample_token
 from jaxquant.models.llama import KVCache, LlamaForCausalLM, functional
 from jaxquant.models.loading import from_pretrained, save_pretrained
 from jaxquant.models.names import EXPERT_NAME_TABLES, NAME_TABLE, hf_to_nnx_name, nnx_to_hf_name
-from jaxquant.models.quantized_dirs import export_hf_aqlm, load_hf_aqlm, load_quantized_dir
+from jaxquant.models.quantized_dirs import export_hf_aqlm, export_hf_vptq, load_hf_aqlm, load_quantized_dir
 
 __all__ = [
     "EXPERT_NAME_TABLES",
@@ -22,6 +22,7 @@ __all__ = [
     "ModelConfig",
     "config_from_hf",
     "export_hf_aqlm",
+    "export_hf_vptq",
     "from_pretrained",
     "functional",
     "generate",

@@ -16,7 +16,7 @@ import shutil
 from typing import Any
 
 from jaxquant.atomic_files import atomic_write_bytes, commit_dir, staging_dir
-from jaxquant.io.hf_aqlm import TOKENIZER_FILES
+from jaxquant.io.hf_model_dir import TOKENIZER_FILES
 from jaxquant.known_models import resolve_model
 
 

@@ -1,5 +1,6 @@
 """Quantized models on disk, assembled into models: Hugging Face AQLM directories and
-``jaxquant quantize``/``finetune`` output directories, and the export to the former.
+``jaxquant quantize``/``finetune`` output directories, and the export to the Hugging Face
+AQLM and VPTQ formats.
 
 ``jaxquant.io.hf_aqlm`` converts the format's tensors to and from quantized arrays; this
 module maps them onto the Llama model's parameters.
@@ -19,6 +20,7 @@ from flax import nnx
 
 from jaxquant.io.checkpoint import is_checkpoint, load
 from jaxquant.io.hf_aqlm import read_hf_aqlm, write_hf_aqlm
+from jaxquant.io.hf_vptq import write_hf_vptq
 from jaxquant.models.config import load_config
 from jaxquant.models.llama import LlamaForCausalLM
 from jaxquant.models.names import hf_to_nnx_name, nnx_to_hf_name
@@ -54,6 +56,25 @@ def hf_tensors_from_state(state: Any, architecture: str | None = None) -> dict[s
     return out
 
 
+def _export(writer: Any, what: str, model_or_state: Any, out_dir: str | os.PathLike, *, config: Any,
+            tokenizer_dir: str | os.PathLike | None, overwrite: bool, max_shard_bytes: int | None) -> str:
+    """Hugging Face-named tensors and config of a model, written by a format's ``writer``."""
+    if config is None:
+        config = getattr(model_or_state, "config", None)
+        if config is None:
+            raise ValueError(f"{what}: pass config= (a ModelConfig or config.json dict) with a bare state")
+    cfg = dict(config) if isinstance(config, Mapping) else config.to_hf_dict()
+    tensors = hf_tensors_from_state(model_or_state, cfg.get("model_type"))
+    dense = [np.asarray(t).dtype for t in tensors.values() if not is_quantized(t)]
+    if dense and not isinstance(config, Mapping):
+        cfg["dtype"] = np.dtype(dense[0]).name  # what transformers' dtype="auto" then uses
+    extra = []
+    if cfg.get("tie_word_embeddings") and "lm_head.weight" not in tensors:
+        extra.append("lm_head")  # the tied head is a Linear in transformers: keep it dense
+    return writer(out_dir, tensors, cfg, extra_not_quantized=extra, tokenizer_dir=tokenizer_dir,
+                  overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+
+
 def export_hf_aqlm(
     model_or_state: Any,
     out_dir: str | os.PathLike,
@@ -79,27 +100,24 @@ def export_hf_aqlm(
     Returns:
         The absolute output directory.
     """
-    if config is None:
-        config = getattr(model_or_state, "config", None)
-        if config is None:
-            raise ValueError("export_hf_aqlm: pass config= (a ModelConfig or config.json dict) with a bare state")
-    cfg = dict(config) if isinstance(config, Mapping) else config.to_hf_dict()
-    tensors = hf_tensors_from_state(model_or_state, cfg.get("model_type"))
-    dense = [np.asarray(t).dtype for t in tensors.values() if not is_quantized(t)]
-    if dense and not isinstance(config, Mapping):
-        cfg["dtype"] = np.dtype(dense[0]).name  # what transformers' dtype="auto" then uses
-    extra = []
-    if cfg.get("tie_word_embeddings") and "lm_head.weight" not in tensors:
-        extra.append("lm_head")  # the tied head is a Linear in transformers: keep it dense
-    return write_hf_aqlm(
-        out_dir,
-        tensors,
-        cfg,
-        extra_not_quantized=extra,
-        tokenizer_dir=tokenizer_dir,
-        overwrite=overwrite,
-        max_shard_bytes=max_shard_bytes,
-    )
+    return _export(write_hf_aqlm, "export_hf_aqlm", model_or_state, out_dir, config=config,
+                   tokenizer_dir=tokenizer_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+
+
+def export_hf_vptq(
+    model_or_state: Any,
+    out_dir: str | os.PathLike,
+    *,
+    config: Any = None,
+    tokenizer_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int | None = None,
+) -> str:
+    """Export a jaxquant model with ``VPTQQuantized`` kernels as a Hugging Face VPTQ directory
+    (``jaxquant.io.hf_vptq``); arguments as ``export_hf_aqlm``. Each layer keeps its own
+    VPTQ configuration."""
+    return _export(write_hf_vptq, "export_hf_vptq", model_or_state, out_dir, config=config,
+                   tokenizer_dir=tokenizer_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
 
 
 def load_hf_aqlm(model_dir: str | os.PathLike, dtype: Any = jnp.float32) -> Any:
