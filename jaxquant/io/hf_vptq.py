@@ -64,12 +64,11 @@ def pack_indices(codes: np.ndarray, bits: int, residual_codes: np.ndarray | None
             raise ValueError(f"residual_codes must have the codes' shape {np.shape(codes)}")
         merged = merged | (_checked(residual_codes, residual_bits, "residual_codes") << np.uint64(bits))
     # Element i's bit b is bit i·total + b of the row's stream, least significant first.
-    stream = ((merged[..., None] >> np.arange(total, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8)
-    stream = stream.reshape(*merged.shape[:-1], -1)
+    bits_of = np.unpackbits(merged.astype("<u4")[..., None].view(np.uint8), axis=-1, bitorder="little")
+    stream = bits_of[..., :total].reshape(*merged.shape[:-1], -1)
     pad = -stream.shape[-1] % _WORD_BITS
     stream = np.concatenate([stream, np.zeros((*stream.shape[:-1], pad), np.uint8)], axis=-1)
-    words = np.packbits(stream, axis=-1, bitorder="little").view("<u4")
-    return words.astype(np.uint32).view(np.int32)
+    return np.packbits(stream, axis=-1, bitorder="little").view("<u4").astype(np.uint32).view(np.int32)
 
 
 def unpack_indices(words: np.ndarray, n: int, bits: int, residual_bits: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
@@ -78,8 +77,9 @@ def unpack_indices(words: np.ndarray, n: int, bits: int, residual_bits: int = 0)
     stream = np.unpackbits(np.ascontiguousarray(words).view("<u4").view(np.uint8), axis=-1, bitorder="little")
     if stream.shape[-1] < n * total:
         raise ValueError(f"{words.shape[-1]} words hold {stream.shape[-1]} bits, fewer than {n} x {total}")
-    per_element = stream[..., : n * total].reshape(*stream.shape[:-1], n, total).astype(np.uint64)
-    merged = (per_element << np.arange(total, dtype=np.uint64)).sum(axis=-1, dtype=np.uint64)
+    per_element = stream[..., : n * total].reshape(*stream.shape[:-1], n, total)
+    per_element = np.concatenate([per_element, np.zeros((*per_element.shape[:-1], _WORD_BITS - total), np.uint8)], -1)
+    merged = np.packbits(per_element, axis=-1, bitorder="little").view("<u4")[..., 0].astype(np.uint64)
     codes = (merged & np.uint64((1 << bits) - 1)).astype(np.int64)
     residual = (merged >> np.uint64(bits)).astype(np.int64) if residual_bits else None
     return codes, residual
