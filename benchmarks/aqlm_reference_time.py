@@ -39,6 +39,7 @@ from jaxquant.data import calibration_windows, load_tokenizer, read_text
 from jaxquant.known_models import resolve_model
 from jaxquant.models import from_pretrained, functional
 from jaxquant.quickstart import machine_record
+from jaxquant.select import flatten_with_paths
 from jaxquant.stats import as_xtx
 
 
@@ -111,12 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     calib = calibration_windows(ids, args.nsamples, args.seqlen, seed=0)
     stats = calibrate(apply_fn, params, [jnp.asarray(calib[i:i + 8]) for i in range(0, len(calib), 8)])
     rows = []
+    leaves = dict(flatten_with_paths(params))
     for name in args.layers.split(","):
         key = f"layers/{name}/kernel"
-        kernel = params["layers"][int(name.split("/")[0])]
-        for part in name.split("/")[1:]:
-            kernel = kernel[part]
-        w = np.asarray(kernel["kernel"].get_value(), np.float32).T  # Flax (d_in, d_out) -> (d_out, d_in)
+        w = np.asarray(leaves[key], np.float32).T  # Flax (d_in, d_out) -> (d_out, d_in)
         xtx = np.asarray(as_xtx(stats[key]), np.float64)
         ours = run_ours(w, xtx, args)
         ref = run_reference(w, xtx, args)

@@ -32,6 +32,7 @@ from jaxquant.methods.kashin.quantize import kashin_split, kashin_split_with
 from jaxquant.models import from_pretrained, functional
 from jaxquant.quickstart import machine_record
 from jaxquant.recipes import Kashin
+from jaxquant.select import flatten_with_paths
 
 _REFLECTION_SEED = 7
 
@@ -68,11 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     recipe = Kashin()
     _, params = functional(from_pretrained(resolve_model("smollm2-135m")))
     rows = []
+    leaves = dict(flatten_with_paths(params))
     for name in args.layers.split(","):
-        node = params["layers"][int(name.split("/")[0])]
-        for part in name.split("/")[1:]:
-            node = node[part]
-        w = jnp.asarray(np.asarray(node["kernel"].get_value(), np.float32).T)  # Flax (d_in, d_out) -> (d_out, d_in)
+        kernel = leaves[f"layers/{name}/kernel"]
+        w = jnp.asarray(np.asarray(kernel, np.float32).T)  # Flax (d_in, d_out) -> (d_out, d_in)
         n = w.shape[1]
         signs = rotations.random_signs(jax.random.key(0), n)
         candidates = {kind: jax.jit(lambda x, kind=kind: kashin_split(x, signs, kind, recipe.iterations,
