@@ -9,6 +9,7 @@ it in).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -17,9 +18,13 @@ import pytest
 from flax import nnx
 
 from jaxquant.cli import main
-from jaxquant.io import hf_vptq
+from jaxquant.io import hf_vptq, save
 from jaxquant.methods.vptq.array import VPTQQuantized
 from jaxquant.models import quantized_dirs
+from jaxquant.models.config import ModelConfig
+from jaxquant.models.llama import LlamaForCausalLM
+from jaxquant.models.loading import save_pretrained
+from jaxquant.qarray import ScalarQuantized
 from jaxquant.select import flatten_with_paths
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -122,6 +127,12 @@ def test_pack_rejects_codes_out_of_range():
 # ----------------------------------------------------------------------------- layer tensors
 
 
+def _with_outlier_columns(q: VPTQQuantized, rng, n_outliers: int) -> VPTQQuantized:
+    """``q`` with ``n_outliers`` outlier columns coded by a copy of its codebook."""
+    cols = jnp.asarray(np.sort(rng.choice(q.d_in, n_outliers, replace=False)), jnp.int16)
+    return dataclasses.replace(q, outlier_columns=cols, outlier_codebook=q.codebook)
+
+
 def test_layer_tensors_decode_to_the_array(rng):
     """The stored tensors, read by the format's rules (module docstring), give the array's weight."""
     q = _random_vptq(rng, 48, 40, bits=6, n_outliers=4, layout="out_in")
@@ -141,24 +152,14 @@ def test_layer_tensors_decode_to_the_array(rng):
 
 
 def test_layer_tensors_refuse_what_the_format_cannot_hold(rng):
-    both = dataclass_replace(_random_vptq(rng, 16, 16, bits=4, residual_bits=4), rng, n_outliers=2)
+    both = _with_outlier_columns(_random_vptq(rng, 16, 16, bits=4, residual_bits=4), rng, n_outliers=2)
     with pytest.raises(ValueError, match="m: the VPTQ format has no residual codebook for outlier columns"):
         hf_vptq.layer_tensors("m", both)
     with pytest.raises(ValueError, match="residual_bits=6 > codebook_bits=4"):
         hf_vptq.layer_tensors("m", _random_vptq(rng, 16, 16, bits=4, residual_bits=6))
 
 
-def dataclass_replace(q: VPTQQuantized, rng, n_outliers: int) -> VPTQQuantized:
-    """``q`` with ``n_outliers`` outlier columns coded by a copy of its codebook."""
-    import dataclasses
-
-    cols = jnp.asarray(np.sort(rng.choice(q.d_in, n_outliers, replace=False)), jnp.int16)
-    return dataclasses.replace(q, outlier_columns=cols, outlier_codebook=q.codebook)
-
-
 def test_export_refuses_other_quantized_types_and_no_vptq_layer(tmp_path, rng):
-    from jaxquant.qarray import ScalarQuantized
-
     sq = ScalarQuantized(codes=jnp.zeros((8, 8), jnp.uint8), scales=jnp.ones((8, 1)), zeros=jnp.zeros((8, 1)),
                          bits=2, group_size=8, shape=(8, 8))
     with pytest.raises(TypeError, match="m.weight is a ScalarQuantized"):
@@ -246,11 +247,6 @@ def test_vptq_layers_in_a_transformers_model_match_our_logits(tmp_path, rng):
 
 
 def test_cli_export_hf_vptq(tmp_path, rng, capsys):
-    from jaxquant.models.llama import LlamaForCausalLM
-    from jaxquant.models.config import ModelConfig
-    from jaxquant.models.loading import save_pretrained
-    from jaxquant.io import save
-
     cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4,
                       num_kv_heads=2, head_dim=16, max_position_embeddings=64)
     model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
