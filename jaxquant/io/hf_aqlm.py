@@ -44,9 +44,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant.io.hf_model_dir import CONFIG_FILE, read_config, stored_floats, write_model_dir
+from jaxquant.io.hf_model_dir import CONFIG_FILE, read_config, split_layers, stored_floats, write_model_dir
 from jaxquant.io.safetensors import read_checkpoint_tensors
-from jaxquant.qarray import AdditiveQuantized, code_dtype, is_quantized
+from jaxquant.qarray import AdditiveQuantized, code_dtype
 
 QUANT_METHOD = "aqlm"
 _PARTS = ("codes", "codebooks", "scales")
@@ -233,28 +233,12 @@ def write_hf_aqlm(
         FileExistsError: ``out_dir`` exists and ``overwrite`` is false.
     """
 
+    arrays, flat, not_quantized = split_layers(tensors, AdditiveQuantized, "AQLM")
+    not_quantized |= set(extra_not_quantized)
     formats: dict[AqlmFormat, list[str]] = {}
-    flat: dict[str, np.ndarray] = {}
-    not_quantized = set(extra_not_quantized)
-    for name, x in tensors.items():
-        if isinstance(x, AdditiveQuantized):
-            if not name.endswith(".weight"):
-                raise ValueError(f"export: quantized tensor {name!r} must be a linear '<module>.weight'")
-            module = name[: -len(".weight")]
-            formats.setdefault(AqlmFormat.of(x), []).append(module)
-            flat.update(layer_tensors(module, x))
-        elif is_quantized(x):
-            raise TypeError(
-                f"export: {name} is a {type(x).__name__}; the Hugging Face AQLM format holds only "
-                "AdditiveQuantized layers (dequantize the others first)"
-            )
-        else:
-            arr = np.asarray(jax.device_get(x))
-            flat[name] = arr
-            if arr.ndim == 2 and name.endswith(".weight"):
-                not_quantized.add(name[: -len(".weight")])
-    if not formats:
-        raise ValueError("export: no AdditiveQuantized layer to export in the AQLM format")
+    for module, q in arrays.items():
+        formats.setdefault(AqlmFormat.of(q), []).append(module)
+        flat.update(layer_tensors(module, q))
     if len(formats) > 1:
         detail = "; ".join(f"{f}: {mods[:3]}" for f, mods in formats.items())
         raise ValueError(f"export: the AQLM format has one configuration per model, found {len(formats)}: {detail}")

@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxquant.atomic_files import atomic_write_json, commit_dir, staging_dir
 from jaxquant.io.safetensors import write_safetensors
+from jaxquant.qarray import is_quantized
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -52,6 +53,39 @@ def stored_floats(x: Any, dtype: Any, what: str) -> np.ndarray:
         raise ValueError(f"{what} overflows {np.dtype(dtype).name} (max |value| "
                          f"{np.abs(host.astype(np.float32)).max():.4g})")
     return out
+
+
+def split_layers(tensors: Mapping[str, Any], array_type: type, format_name: str
+                 ) -> tuple[dict[str, Any], dict[str, np.ndarray], set[str]]:
+    """Sort Hugging Face-named tensors for a format that stores ``array_type`` layers.
+
+    Returns:
+        ``(layers, dense, not_quantized)``: ``{module: array}`` for every ``<module>.weight``
+        holding an ``array_type``; every other tensor as a host array, by name; and the
+        modules of the dense 2-D ``*.weight`` tensors.
+
+    Raises:
+        ValueError: a quantized tensor not named ``<module>.weight``, or no ``array_type`` layer.
+        TypeError: a quantized array of another type.
+    """
+    layers: dict[str, Any] = {}
+    dense: dict[str, np.ndarray] = {}
+    not_quantized: set[str] = set()
+    for name, x in tensors.items():
+        if isinstance(x, array_type):
+            if not name.endswith(".weight"):
+                raise ValueError(f"export: quantized tensor {name!r} must be a linear '<module>.weight'")
+            layers[name[: -len(".weight")]] = x
+        elif is_quantized(x):
+            raise TypeError(f"export: {name} is a {type(x).__name__}; the Hugging Face {format_name} format holds "
+                            f"only {array_type.__name__} layers (dequantize the others first)")
+        else:
+            dense[name] = np.asarray(jax.device_get(x))
+            if dense[name].ndim == 2 and name.endswith(".weight"):
+                not_quantized.add(name[: -len(".weight")])
+    if not layers:
+        raise ValueError(f"export: no {array_type.__name__} layer to export in the {format_name} format")
+    return layers, dense, not_quantized
 
 
 def _shards(tensors: Mapping[str, np.ndarray], max_bytes: int | None) -> list[list[str]]:

@@ -38,9 +38,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxquant.io.hf_model_dir import stored_floats, write_model_dir
+from jaxquant.io.hf_model_dir import split_layers, stored_floats, write_model_dir
 from jaxquant.methods.vptq.array import VPTQQuantized
-from jaxquant.qarray import is_quantized
 
 QUANT_METHOD = "vptq"
 _WORD_BITS = 32
@@ -185,26 +184,12 @@ def write_hf_vptq(
         TypeError: a quantized array of another type.
         FileExistsError: ``out_dir`` exists and ``overwrite`` is false.
     """
-    flat: dict[str, np.ndarray] = {}
+    arrays, flat, not_quantized = split_layers(tensors, VPTQQuantized, "VPTQ")
     layers: dict[str, dict[str, Any]] = {}
-    not_quantized = set(extra_not_quantized)
-    for name, x in tensors.items():
-        if isinstance(x, VPTQQuantized):
-            if not name.endswith(".weight"):
-                raise ValueError(f"export: quantized tensor {name!r} must be a linear '<module>.weight'")
-            module = name[: -len(".weight")]
-            layer_flat, layers[module] = layer_tensors(module, x)
-            flat.update(layer_flat)
-        elif is_quantized(x):
-            raise TypeError(f"export: {name} is a {type(x).__name__}; the Hugging Face VPTQ format holds only "
-                            "VPTQQuantized layers (dequantize the others first)")
-        else:
-            arr = np.asarray(jax.device_get(x))
-            flat[name] = arr
-            if arr.ndim == 2 and name.endswith(".weight"):
-                not_quantized.add(name[: -len(".weight")])
-    if not layers:
-        raise ValueError("export: no VPTQQuantized layer to export in the VPTQ format")
+    for module, q in arrays.items():
+        layer_flat, layers[module] = layer_tensors(module, q)
+        flat.update(layer_flat)
+    not_quantized |= set(extra_not_quantized)
     cfg = {**config, "quantization_config": quantization_config(layers, not_quantized)}
     return write_model_dir(out_dir, flat, cfg, tokenizer_dir=tokenizer_dir, overwrite=overwrite,
                            max_shard_bytes=max_shard_bytes)
