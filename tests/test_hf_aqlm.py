@@ -24,6 +24,7 @@ from jaxquant.models.loading import save_pretrained
 from jaxquant.models import quantized_dirs
 from jaxquant.qarray import AdditiveQuantized, ScalarQuantized
 from jaxquant.select import flatten_with_paths
+from hf_models import quantize_decoder_linears, tiny_transformers_llama
 
 # orbax (0.12.8) closes its private asyncio loop while a thread may still schedule a
 # callback on it; the resulting "Event loop is closed" surfaces at garbage collection
@@ -45,25 +46,9 @@ def _random_aq(rng, d_out, d_in, *, m=2, bits=8, ig=8, og=1, layout="in_out", cb
     )
 
 
-def _set(state, path: str, value) -> None:
-    node = state
-    parts = path.split("/")
-    for k in parts[:-1]:
-        node = node[int(k) if k.isdigit() else k]
-    node[parts[-1]].set_value(value)
-
-
 def _quantize_linears(model, rng, **kw) -> dict[str, AdditiveQuantized]:
     """Replace every decoder linear kernel (not the head) by a random AdditiveQuantized."""
-    state = nnx.state(model, nnx.Param)
-    done = {}
-    for path, leaf in flatten_with_paths(state):
-        if path.endswith("kernel") and path.startswith("layers/"):
-            d_in, d_out = leaf.shape
-            done[path] = _random_aq(rng, d_out, d_in, **kw)
-            _set(state, path, done[path])
-    nnx.update(model, state)
-    return done
+    return quantize_decoder_linears(model, lambda path, d_out, d_in: _random_aq(rng, d_out, d_in, **kw))
 
 
 def _tiny_config(**kw) -> ModelConfig:
@@ -312,15 +297,7 @@ def _consumer_roundtrip(tmp_path, rng, *, m: int, bits: int, float32_codebooks: 
     numba = pytest.importorskip("numba")
     import transformers
 
-    from jaxquant.models.loading import from_pretrained
-
-    # A tiny random Llama written by transformers itself, loaded by jaxquant.
-    torch.manual_seed(0)
-    hf_cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      tie_word_embeddings=False)
-    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "src")
-    model = from_pretrained(tmp_path / "src")
+    model = tiny_transformers_llama(tmp_path / "src")
     cb_dtype = jnp.float32 if float32_codebooks else jnp.float16
     _quantize_linears(model, rng, m=m, bits=bits, cb_dtype=cb_dtype)
     out = quantized_dirs.export_hf_aqlm(model, tmp_path / "aqlm", tokenizer_dir=tmp_path / "src")

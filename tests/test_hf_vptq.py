@@ -25,7 +25,7 @@ from jaxquant.models.config import ModelConfig
 from jaxquant.models.llama import LlamaForCausalLM
 from jaxquant.models.loading import save_pretrained
 from jaxquant.qarray import ScalarQuantized
-from jaxquant.select import flatten_with_paths
+from hf_models import quantize_decoder_linears, tiny_transformers_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
@@ -71,18 +71,8 @@ _KINDS = {
 
 
 def _quantize_linears(model, rng) -> dict[str, VPTQQuantized]:
-    state = nnx.state(model, nnx.Param)
-    done = {}
-    for path, leaf in flatten_with_paths(state):
-        if path.endswith("kernel") and path.startswith("layers/"):
-            d_in, d_out = leaf.shape
-            done[path] = _random_vptq(rng, d_out, d_in, **_KINDS[path.split("/")[-2]])
-            node = state
-            for part in path.split("/")[:-1]:
-                node = node[int(part) if part.isdigit() else part]
-            node["kernel"].set_value(done[path])
-    nnx.update(model, state)
-    return done
+    return quantize_decoder_linears(
+        model, lambda path, d_out, d_in: _random_vptq(rng, d_out, d_in, **_KINDS[path.split("/")[-2]]))
 
 
 # ----------------------------------------------------------------------------- packing
@@ -212,14 +202,7 @@ def test_vptq_layers_in_a_transformers_model_match_our_logits(tmp_path, rng):
     import safetensors.torch
     import transformers
 
-    from jaxquant.models.loading import from_pretrained
-
-    torch.manual_seed(0)
-    hf_cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      tie_word_embeddings=False)
-    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "src")
-    model = from_pretrained(tmp_path / "src")
+    model = tiny_transformers_llama(tmp_path / "src")
     _quantize_linears(model, rng)
     out = quantized_dirs.export_hf_vptq(model, tmp_path / "vptq", tokenizer_dir=tmp_path / "src")
     config = json.loads((tmp_path / "vptq" / "config.json").read_text())
