@@ -8,12 +8,20 @@ import gguf
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gguf_files import CHAT_TEMPLATE, KV_HEADS, LAYERS, tokenizer_vocab, write_llama_gguf
+from gguf_files import (
+    CHAT_TEMPLATE,
+    KV_HEADS,
+    LAYERS,
+    quicker_transformers_gguf_loading,
+    tokenizer_vocab,
+    write_llama_gguf,
+)
 
 from jaxquant import known_models
 from jaxquant.cli import main
 from jaxquant.data import load_tokenizer
 from jaxquant.io.gguf import gguf_to_hf_name, is_gguf, read_gguf
+from jaxquant.io.gguf_file import read_gguf_file
 from jaxquant.models import from_pretrained, functional
 from jaxquant.models.files import write_model_files
 
@@ -64,6 +72,53 @@ def test_tensors_match_the_floats_they_were_made_from(mixed_file):
         assert err <= TYPE_TOLERANCE[ck.tensor_types[name]], (name, ck.tensor_types[name], err)
 
 
+def _assert_same_as_the_gguf_package(path) -> None:
+    """The fast reader gives what ``gguf.GGUFReader`` gives: every field's value and type,
+    every tensor's name, type, shape, data layout and bytes."""
+    ref, ours = gguf.GGUFReader(path), read_gguf_file(path)
+    fields = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    assert list(ours.metadata) == list(fields)
+    for key, value in fields.items():
+        assert ours.metadata[key] == value and type(ours.metadata[key]) is type(value), key
+        if isinstance(value, list):
+            assert [type(x) for x in ours.metadata[key]] == [type(x) for x in value], key
+    assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
+    for a, b in zip(ref.tensors, ours.tensors, strict=True):
+        assert (b.tensor_type, b.shape) == (a.tensor_type, tuple(int(d) for d in a.shape)), a.name
+        assert (b.data.dtype, b.data.shape) == (a.data.dtype, a.data.shape) and np.array_equal(b.data, a.data), a.name
+
+
+def test_the_fast_reader_matches_the_gguf_package(mixed_file, tmp_path):
+    _assert_same_as_the_gguf_package(mixed_file[0])
+    moe = tmp_path / "moe.gguf"
+    write_llama_gguf(moe, experts=4, arch="qwen2moe", types={"exps": Q.Q8_0})
+    _assert_same_as_the_gguf_package(moe)
+    # Every metadata value type, arrays of each, a nested array, and an alignment of 64.
+    odd = tmp_path / "odd.gguf"
+    w = gguf.GGUFWriter(os.fspath(odd), "llama")
+    w.add_custom_alignment(64)
+    for i, (kind, value) in enumerate([
+            (gguf.GGUFValueType.UINT8, 200), (gguf.GGUFValueType.INT8, -5), (gguf.GGUFValueType.UINT16, 60000),
+            (gguf.GGUFValueType.INT16, -300), (gguf.GGUFValueType.UINT32, 4_000_000_000),
+            (gguf.GGUFValueType.INT32, -7), (gguf.GGUFValueType.FLOAT32, 0.1), (gguf.GGUFValueType.BOOL, True),
+            (gguf.GGUFValueType.UINT64, 2**40), (gguf.GGUFValueType.INT64, -(2**40)),
+            (gguf.GGUFValueType.FLOAT64, 1e-300), (gguf.GGUFValueType.STRING, "héllo ✓")]):
+        w.add_key_value(f"x.scalar{i}", value, kind)
+    w.add_array("x.floats", [0.5, -1e-5, 3.25])
+    w.add_array("x.bools", [True, False, True])
+    w.add_array("x.strings", ["a", "", "ü"])
+    w.add_array("x.nested", [[1, 2], [3]])
+    w.add_array("x.empty", [])
+    w.add_tensor("t.f32", np.arange(12, dtype=np.float32).reshape(3, 4))
+    w.add_tensor("t.i32", np.arange(5, dtype=np.int32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    _assert_same_as_the_gguf_package(odd)
+    assert read_gguf_file(odd).metadata["x.scalar11"] == "héllo ✓"
+
+
 def test_config_from_metadata(mixed_file):
     path, hf, _ = mixed_file
     cfg = read_gguf(path, tensors=False).hf_config
@@ -73,9 +128,10 @@ def test_config_from_metadata(mixed_file):
     assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (1, 2)
 
 
-def test_logits_match_transformers_on_the_same_file(mixed_file):
+def test_logits_match_transformers_on_the_same_file(mixed_file, monkeypatch):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
+    quicker_transformers_gguf_loading(monkeypatch)
     path, _, _ = mixed_file
     ids = _tokens()
     ours = _logits(from_pretrained(path), ids)
@@ -157,9 +213,11 @@ def test_bad_files_are_refused_with_their_name(tmp_path):
     good = tmp_path / "good.gguf"
     write_llama_gguf(good)
     truncated = tmp_path / "cut.gguf"
-    truncated.write_bytes(good.read_bytes()[:2000])
-    with pytest.raises(ValueError, match="cut.gguf"):
-        read_gguf(truncated)
+    data = good.read_bytes()
+    for cut in (0, 6, 20, 2000, len(data) // 2, len(data) - 1):  # header, metadata, tensor table, tensor data
+        truncated.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="cut.gguf"):
+            read_gguf(truncated)
     assert main(["eval", str(truncated), "--text", "builtin"]) == 1
 
 

@@ -226,7 +226,11 @@ def test_qwen2_moe_layers_quantize_and_count_their_parameters(rng):
     tokens = _tokens(rng, t=9)
     stats = jq.calibrate(apply_fn, params, [tokens])
     assert int(stats["layers/0/mlp/shared_expert/up_proj/kernel"].count) == 2 * 9  # every token runs it
-    q = jq.quantize(params, stats, jq.GPTQ(bits=4, group_size=8))
+    flat = dict(jq.select.flatten_with_paths(params))
+    assert sorted(stats) == sorted(selected)
+    assert all(stats[p].xtx.shape == (flat[p].shape[0],) * 2 for p in selected)  # what GPTQ would need
+    # RTN: the quantized forward is the point here; GPTQ would compile its loop for each of the 9 shapes.
+    q = jq.quantize(params, stats, jq.RTN(bits=4, group_size=8))
     np.testing.assert_allclose(np.asarray(jax.jit(apply_fn)(q, tokens)), np.asarray(apply_fn(jq.dequantize(q), tokens)),
                                rtol=1e-5, atol=1e-5)
 

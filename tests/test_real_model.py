@@ -6,6 +6,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gguf_files import quicker_transformers_gguf_loading
 
 from jaxquant.data import load_tokenizer, read_text
 from jaxquant.known_models import resolve_model
@@ -21,9 +22,10 @@ def text_ids():
 
 
 @pytest.mark.slow
-def test_logits_match_transformers_on_the_real_gguf(text_ids):
+def test_logits_match_transformers_on_the_real_gguf(text_ids, monkeypatch):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
+    quicker_transformers_gguf_loading(monkeypatch)
     path = resolve_model(NAME)
     model = from_pretrained(NAME)
     assert (model.config.num_layers, model.config.hidden_size, model.config.vocab_size) == (30, 576, 49152)

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-GGUF_MAGIC = b"GGUF"
+from jaxquant.io.gguf_file import GGUF_MAGIC, GGUFFile, read_gguf_file
+
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen2moe")
 
 # (GGUF name, Hugging Face name); "{i}" stands for the layer index.
@@ -116,30 +117,18 @@ def gguf_to_hf_name(name: str, model_type: str | None = None) -> str | None:
     return None
 
 
-def _reader(path: str) -> Any:
-    try:
-        import gguf  # noqa: PLC0415 - only GGUF files need it
-    except ImportError:
-        raise ImportError("reading GGUF files needs the 'gguf' package: pip install gguf") from None
-    if not is_gguf(path):
-        raise ValueError(f"{path!r} is not a GGUF file (it does not start with the bytes 'GGUF')")
-    try:
-        return gguf.GGUFReader(path)
-    except (ValueError, IndexError, KeyError) as e:  # what the reader raises on a truncated or corrupt file
-        raise ValueError(f"corrupt GGUF file {path!r}: {e}") from None
+def _metadata(file: GGUFFile) -> dict[str, Any]:
+    # GGUF stores float32: keep a float's shortest decimal form (1e-05, not 9.9999997e-06).
+    return {key: float(str(np.float32(v))) if isinstance(v, float) else v for key, v in file.metadata.items()}
 
 
-def _field_value(field: Any) -> Any:
-    value = field.contents()
-    if isinstance(value, float):
-        # GGUF stores float32: keep its shortest decimal form (1e-05, not 9.9999997e-06).
-        return float(str(np.float32(value)))
-    return value.item() if isinstance(value, np.generic) else value
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Every metadata field of a GGUF file by key, as Python values (arrays as lists).
 
-
-def read_metadata(reader: Any) -> dict[str, Any]:
-    """Every metadata field of an open ``gguf.GGUFReader`` by key, as Python values."""
-    return {key: _field_value(field) for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    Raises:
+        ValueError: not a GGUF file, or a corrupt one.
+    """
+    return _metadata(read_gguf_file(path))
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -234,17 +223,17 @@ def read_gguf(path: str | os.PathLike, *, tensors: bool = True) -> GGUFCheckpoin
             dequantize (each message names the file and the tensor).
     """
     path = os.fspath(path)
-    reader = _reader(path)  # first: it names the package if gguf is missing
+    file = read_gguf_file(path)  # first: it names the package if gguf is missing
     from gguf.quants import dequantize  # noqa: PLC0415
 
-    meta = read_metadata(reader)
-    names = {t.name for t in reader.tensors}
+    meta = _metadata(file)
+    names = {t.name for t in file.tensors}
     hf_config = hf_config_from_metadata(meta, names, path)
     llama = meta["general.architecture"] == "llama"  # Mixtral files say llama too
     out: dict[str, np.ndarray] = {}
     types: dict[str, str] = {}
     experts = hf_config.get("num_local_experts") or hf_config.get("num_experts") or 0
-    for t in reader.tensors:
+    for t in file.tensors:
         hf = gguf_to_hf_name(t.name, hf_config["model_type"])
         if hf is None:
             raise ValueError(f"{path}: tensor {t.name!r} has no Hugging Face name in jaxquant's GGUF table")
@@ -318,7 +307,7 @@ def tokenizer_from_metadata(meta: dict[str, Any], path: str = "GGUF file") -> An
 def load_gguf_tokenizer(path: str | os.PathLike) -> Any:
     """The tokenizer stored in a GGUF file's metadata (see ``tokenizer_from_metadata``)."""
     path = os.fspath(path)
-    return tokenizer_from_metadata(read_metadata(_reader(path)), path)
+    return tokenizer_from_metadata(read_metadata(path), path)
 
 
 __all__ = [
