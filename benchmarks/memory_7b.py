@@ -2,7 +2,7 @@
 
 Llama-2-7B shapes (32 layers, hidden 4096, 32 heads, d_ff 11008, vocabulary 32000):
 6.74 G parameters, 27 GB in float32 — more than this machine's memory. The model is
-never built densely: ``nnx.eval_shape`` gives its graph and parameter shapes, and
+never built densely: ``abstract_model`` gives its graph and parameter shapes, and
 ``random_quantized_state`` puts random 2×8 g8 AQLM arrays (codes, codebooks, scales)
 where every linear kernel is. Embeddings and the head stay dense in ``--dense-dtype``
 (bfloat16 by default, as AQLM checkpoints keep them in 16 bits; ``--quantize-head``
@@ -38,7 +38,7 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).parent))
 from generate import RESULTS, machine_info, write_json  # noqa: E402  (sibling benchmark script)
 
-from jaxquant.models import LlamaForCausalLM, ModelConfig, generate  # noqa: E402
+from jaxquant.models import ModelConfig, abstract_model, generate  # noqa: E402
 from jaxquant.models.random_quantized import random_quantized_state, resident_bytes, use_matmul_impl  # noqa: E402
 from jaxquant.qarray import is_quantized, tree_bits  # noqa: E402
 from jaxquant.select import linear_kernels  # noqa: E402
@@ -90,8 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return linear_kernels(path, leaf) or (args.quantize_head and path == "lm_head/kernel")
 
     # Graph and shapes only: nothing of the 27 GB dense model is allocated.
-    abstract_model = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
-    graphdef, abstract = nnx.split(abstract_model)
+    graphdef, abstract = nnx.split(abstract_model(cfg))
     dense_f32_bytes = 4 * cfg.num_params()
     assert resident_bytes(abstract) == dense_f32_bytes
     planned = resident_bytes(random_quantized_state(abstract, 0, where=where, dense_dtype=dense_dtype, abstract=True))

@@ -3,7 +3,7 @@
 Mixtral-8x7B shapes (32 layers, hidden 4096, 8 experts of 14336 per layer, 2 picked per
 token, 32 query and 8 key/value heads, vocabulary 32000): 46.7 G parameters, 187 GB in
 float32 and about 23 GB at 4 bits per weight, both more than this machine's 24 GB. The
-model is never built densely: ``nnx.eval_shape`` gives its graph, attention kernels get
+model is never built densely: ``abstract_model`` gives its graph, attention kernels get
 random 4-bit AQLM arrays (2×8 g4) and stay resident with the router, norms and the
 bfloat16 embedding and head; each expert gets random 2-bit AQLM arrays (2×8 g8) that go
 straight into an ``ExpertStore`` on disk, one expert at a time. By default the store drops
@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from generate import RESULTS, machine_info, write_json  # noqa: E402  (sibling benchmark script)
 from memory_7b import _gib, _meminfo_bytes, _peak_rss_bytes  # noqa: E402
 
-from jaxquant.models import LlamaForCausalLM, ModelConfig  # noqa: E402
+from jaxquant.models import ModelConfig, abstract_model  # noqa: E402
 from jaxquant.models.offload import ExpertStore, OffloadedGenerator  # noqa: E402
 from jaxquant.models.random_quantized import random_quantized_state, resident_bytes  # noqa: E402
 from jaxquant.select import path_to_str  # noqa: E402
@@ -59,7 +59,7 @@ SHAPES = {
 
 def build(cfg: ModelConfig, directory: str, seed: int = 0, page_cache: bool = False) -> tuple[Any, Any, ExpertStore, float]:
     """The abstract model, its resident parameters and a disk store of its experts."""
-    model = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    model = abstract_model(cfg)
     _, abstract = nnx.split(model)
 
     def is_expert(path: str) -> bool:

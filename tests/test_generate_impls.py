@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxquant.models import LlamaForCausalLM, ModelConfig, generate
+from jaxquant.models import LlamaForCausalLM, ModelConfig, abstract_model, generate
 from jaxquant.models.random_quantized import (
     ImplLinear,
     random_additive,
@@ -41,12 +41,12 @@ def _make() -> LlamaForCausalLM:
 
 @functools.cache
 def _quantized_state() -> nnx.State:
-    _, abstract = nnx.split(nnx.eval_shape(_make))
+    _, abstract = nnx.split(abstract_model(FAST.model))
     return random_quantized_state(abstract, 3)
 
 
 def _model_with(impl: str | None, *, fallback: bool = False) -> LlamaForCausalLM:
-    model = nnx.eval_shape(_make)  # graph only: the weights come from `params`
+    model = abstract_model(FAST.model)  # graph only: the weights come from `params`
     if impl is not None:
         use_matmul_impl(model, impl, fallback=fallback)
     return model
@@ -176,7 +176,7 @@ def test_random_state_of_a_7b_shaped_model_is_under_a_twelfth_of_float32() -> No
         vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
         num_kv_heads=32, head_dim=128, max_position_embeddings=4096,
     )
-    _, abstract = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))))
+    _, abstract = nnx.split(abstract_model(cfg))
     dense_bytes = 4 * cfg.num_params()
     assert resident_bytes(abstract) == dense_bytes
     q_bf16 = random_quantized_state(abstract, 0, dense_dtype=jnp.bfloat16, abstract=True)

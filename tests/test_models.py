@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import jaxquant as jq
-from jaxquant.models import LlamaForCausalLM, ModelConfig, config_from_hf, functional
+from jaxquant.models import LlamaForCausalLM, ModelConfig, abstract_model, config_from_hf, functional
 from jaxquant.models.llama import apply_rotary, attention_mask, rotary_tables
 
 TINY = ModelConfig(hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -264,6 +264,16 @@ def test_expert_statistics_count_only_the_tokens_routed_to_the_expert(rng):
                                    rtol=1e-4, atol=1e-4)
         assert int(stats[f"layers/0/mlp/experts/{e}/down_proj/kernel"].count) == counts[e]
     assert int(stats["layers/0/mlp/router/kernel"].count) == 32
+
+
+def test_abstract_model_is_a_built_model_in_shapes_only():
+    for cfg in (TINY, QWEN2_MOE):
+        built = LlamaForCausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
+        abstract = abstract_model(cfg, jnp.bfloat16)
+        assert nnx.graphdef(abstract) == nnx.graphdef(built)
+        shapes = jax.tree.map(lambda x: (x.shape, x.dtype), nnx.state(abstract))
+        assert shapes == jax.tree.map(lambda x: (x.shape, x.dtype), nnx.state(built))
+        assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(abstract)))
 
 
 def test_config_hf_dict_round_trip():

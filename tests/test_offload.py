@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import jaxquant as jq
-from jaxquant.models import LlamaForCausalLM, ModelConfig, functional, generate
+from jaxquant.models import LlamaForCausalLM, ModelConfig, abstract_model, functional, generate
 from jaxquant.models.offload import ExpertCache, ExpertStore, OffloadedGenerator
 
 CFG = ModelConfig(architecture="mixtral", hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
@@ -92,7 +92,7 @@ def test_quantized_experts_offload_from_disk(model, tmp_path):
     # A quantized expert moves its codes (a byte each for RTN) and scales, not float32 weights.
     assert store.nbytes(0, 0) < 0.35 * 3 * 32 * 48 * 4
     assert jq.is_quantized(store.read(1, 2)["up_proj"]["kernel"].get_value())
-    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(CFG, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(CFG)
     gen = OffloadedGenerator(abstract, store, cache_size=2, params=q)
     try:
         np.testing.assert_array_equal(gen.generate(PROMPT, 6), want)

@@ -6,7 +6,7 @@ transformers provides configurations and tokenizers only; the model code is jaxq
 from jaxquant.models.blocks import LlamaBlockFn, LlamaBlocks
 from jaxquant.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, config_from_hf, load_config
 from jaxquant.models.generate import generate, sample_token
-from jaxquant.models.llama import KVCache, LlamaForCausalLM, functional
+from jaxquant.models.llama import KVCache, LlamaForCausalLM, abstract_model, functional
 from jaxquant.models.loading import from_pretrained, save_pretrained
 from jaxquant.models.names import EXPERT_NAME_TABLES, NAME_TABLE, hf_to_nnx_name, nnx_to_hf_name
 from jaxquant.models.quantized_dirs import export_hf_aqlm, export_hf_vptq, load_hf_aqlm, load_quantized_dir
@@ -20,6 +20,7 @@ __all__ = [
     "LlamaBlocks",
     "LlamaForCausalLM",
     "ModelConfig",
+    "abstract_model",
     "config_from_hf",
     "export_hf_aqlm",
     "export_hf_vptq",

@@ -39,7 +39,17 @@ from jaxquant.qarray import dequantize, is_quantized
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
 
 
+class _ShapesOnly(nnx.Rngs):
+    """The ``rngs`` of ``abstract_model``: weights start as zeros and no key is drawn
+    (drawing SmolLM2's 211 keys under ``eval_shape`` took 2.0 s of its 2.3 s)."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+
+
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any, std: float = 0.02) -> jax.Array:
+    if isinstance(rngs, _ShapesOnly):
+        return jnp.zeros(shape, dtype)
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
@@ -338,6 +348,12 @@ class LlamaForCausalLM(nnx.Module):
         """Logits ``[B, T, vocab]`` for token ids ``[B, T]`` (no cache)."""
         return self.forward(tokens)[0]
 
+
+
+def abstract_model(config: ModelConfig, dtype: Any = jnp.float32) -> LlamaForCausalLM:
+    """The model's structure with shape-only parameters (``jax.ShapeDtypeStruct``), to be
+    filled with ``nnx.update``: no memory allocated and no random numbers drawn."""
+    return nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=_ShapesOnly()))
 
 def tied_logits(x: jax.Array, embedding: Any) -> jax.Array:
     """Logits of a head tied to the embedding table ``[vocab, d]`` (dense or quantized)."""

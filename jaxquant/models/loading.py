@@ -27,7 +27,7 @@ from jaxquant.io.hf_aqlm import is_hf_aqlm
 from jaxquant.io.safetensors import INDEX_FILE, SINGLE_FILE, read_checkpoint_tensors, write_safetensors
 from jaxquant.known_models import resolve_model
 from jaxquant.models.config import ModelConfig, config_from_hf, load_config
-from jaxquant.models.llama import LlamaForCausalLM
+from jaxquant.models.llama import LlamaForCausalLM, abstract_model
 from jaxquant.models.names import hf_to_nnx_name, nnx_to_hf_name
 from jaxquant.models.quantized_dirs import load_hf_aqlm, load_quantized_dir
 from jaxquant.qarray import is_quantized
@@ -128,7 +128,7 @@ def from_pretrained(
     config = load_config(path) if config is None else config
     # Build the module abstractly: random initialisation of a large model would cost
     # seconds and memory only to be overwritten.
-    model = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    model = abstract_model(config, dtype)
     tensors = read_checkpoint_tensors(path)
     state = state_from_tensors(model, tensors, dtype=dtype, source=f"checkpoint {os.fspath(path)}")
     nnx.update(model, state)
@@ -138,7 +138,7 @@ def from_pretrained(
 def _load_gguf_model(path: str, dtype: Any, config: ModelConfig | None) -> LlamaForCausalLM:
     checkpoint = gguf.read_gguf(path)
     config = config_from_hf(checkpoint.hf_config) if config is None else config
-    model = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    model = abstract_model(config, dtype)
     nnx.update(model, state_from_tensors(model, checkpoint.tensors, dtype=dtype, source=f"GGUF file {path}"))
     return model
 
@@ -150,7 +150,7 @@ def _load_quantized_model(path: str | os.PathLike, dtype: Any) -> LlamaForCausal
     if not any(is_checkpoint(os.path.join(path, sub)) for sub in ("params", "checkpoint", "quantized")):
         return None
     config, params = load_quantized_dir(path)
-    model = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    model = abstract_model(config, dtype)
     nnx.update(model, params)
     return model
 
@@ -237,5 +237,5 @@ def _write_text(path: str, text: str) -> None:
 
 def expected_hf_names(config: ModelConfig) -> Iterable[str]:
     """The Hugging Face tensor names a checkpoint of ``config`` holds."""
-    model = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
+    model = abstract_model(config)
     return sorted(nnx_to_hf_name(p, config.architecture)[0] for p in _state_paths(nnx.state(model, nnx.Param)))

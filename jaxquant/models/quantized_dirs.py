@@ -22,7 +22,7 @@ from jaxquant.io.checkpoint import is_checkpoint, load
 from jaxquant.io.hf_aqlm import read_hf_aqlm, write_hf_aqlm
 from jaxquant.io.hf_vptq import write_hf_vptq
 from jaxquant.models.config import load_config
-from jaxquant.models.llama import LlamaForCausalLM
+from jaxquant.models.llama import LlamaForCausalLM, abstract_model
 from jaxquant.models.names import hf_to_nnx_name, nnx_to_hf_name
 from jaxquant.qarray import AdditiveQuantized, is_quantized, path_to_str
 from jaxquant.select import flatten_with_paths
@@ -135,7 +135,7 @@ def load_hf_aqlm(model_dir: str | os.PathLike, dtype: Any = jnp.float32) -> Any:
     model_dir = os.fspath(model_dir)
     config = load_config(model_dir)
     _, tensors = read_hf_aqlm(model_dir)
-    model = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    model = abstract_model(config, dtype)
     state = nnx.state(model, nnx.Param)
     expected = _nnx_params(state)
     mapped: dict[str, Any] = {}

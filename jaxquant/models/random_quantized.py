@@ -129,7 +129,7 @@ def random_quantized_state(
 
     Args:
         state: an NNX state (or any pytree) of arrays or ``jax.ShapeDtypeStruct`` leaves,
-            e.g. ``nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(cfg)))[1]``.
+            e.g. ``nnx.split(abstract_model(cfg))[1]``.
         seed: integer seed; each leaf draws from a stream derived from it and its path.
         num_codebooks: ``M`` of the random arrays.
         codebook_bits: ``B`` of the random arrays.
