@@ -205,8 +205,8 @@ def write_llama_gguf(path: str | os.PathLike, *, seed: int = 0, tied: bool = Fal
 
 def quicker_transformers_gguf_loading(monkeypatch: Any) -> None:
     """Memoize two pure steps of transformers' GGUF loader for one test: it builds gguf's
-    tensor name table once per module (about 400 times for a 30-layer Llama, 23 s of a
-    71 s load) and parses the file once for the config and again for the weights."""
+    tensor name table once per module (about 400 times for a 30-layer Llama) and parses
+    the file once for the config and again for the weights."""
     monkeypatch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map))
     readers: dict[str, Any] = {}
     original = gguf.GGUFReader

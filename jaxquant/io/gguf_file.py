@@ -1,12 +1,11 @@
 """A GGUF file's metadata and tensor table, parsed in one pass over a memory map.
 
-The ``gguf`` package's ``GGUFReader`` keeps a numpy view for every metadata item, so a
-tokenizer's 49,152 tokens and 48,900 merges cost about half a million views and several
-seconds per read. Here strings and arrays are decoded straight from the bytes; tensor data
-stay views of the memory map, laid out as ``GGUFReader`` lays them out (typed arrays for
-the plain types, rows of bytes for block-quantized ones), so ``gguf.quants.dequantize``
-reads them unchanged. ``tests/test_gguf.py`` checks both readers agree on every file the
-tests write and on the reference model.
+The ``gguf`` package's ``GGUFReader`` keeps a numpy view for every metadata item, which
+makes a tokenizer of tens of thousands of strings slow to read. Here strings and arrays are
+decoded straight from the bytes; tensor data stay views of the memory map, laid out as
+``GGUFReader`` lays them out (typed arrays for the plain types, rows of bytes for
+block-quantized ones), so ``gguf.quants.dequantize`` reads them unchanged.
+``tests/test_gguf.py`` checks that both readers agree.
 """
 
 from __future__ import annotations
