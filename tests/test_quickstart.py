@@ -13,7 +13,7 @@ from jaxquant import quickstart as qs
 from jaxquant.data import ByteTokenizer, load_tokenizer
 from jaxquant.finetune import distillation as distill_module
 from jaxquant.finetune import losses
-from jaxquant.models import LlamaForCausalLM, ModelConfig, abstract_model, from_pretrained, generate
+from jaxquant.models import ModelConfig, abstract_model, from_pretrained, generate
 from jaxquant.train import TrainConfig
 
 TINY = qs.QuickstartConfig(

@@ -22,7 +22,7 @@ from jaxquant.io.checkpoint import is_checkpoint, load
 from jaxquant.io.hf_aqlm import read_hf_aqlm, write_hf_aqlm
 from jaxquant.io.hf_vptq import write_hf_vptq
 from jaxquant.models.config import load_config
-from jaxquant.models.llama import LlamaForCausalLM, abstract_model
+from jaxquant.models.llama import abstract_model
 from jaxquant.models.names import hf_to_nnx_name, nnx_to_hf_name
 from jaxquant.qarray import AdditiveQuantized, is_quantized, path_to_str
 from jaxquant.select import flatten_with_paths
